@@ -1,0 +1,1 @@
+"""Cluster side: local Ray head, cluster launcher and KubeRay manifests."""

@@ -1,0 +1,1 @@
+"""Data stage: raw instruction data -> unified JSONL -> tokenized examples."""

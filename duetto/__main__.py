@@ -1,0 +1,5 @@
+import sys
+
+from duetto.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Serve stage: the generate-then-rerank ensemble as a Ray Serve app."""

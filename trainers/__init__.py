@@ -1,0 +1,1 @@
+"""Trainers stage: one GaLore or QLoRA trial as a Ray Train worker function."""

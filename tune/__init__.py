@@ -1,0 +1,1 @@
+"""Tune stage: Ray Tune sweeps over trials of both methods."""
