@@ -1,0 +1,83 @@
+"""The one config system: YAML + dotted overrides -> typed dataclasses, with errors naming the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from duetto.config import ConfigError, format_help, load_config, parse_override
+
+
+@dataclass
+class Inner:
+    rank: int = 8
+    """Rank of something."""
+    names: list[str] = field(default_factory=lambda: ["a"])
+    """Some names."""
+
+
+@dataclass
+class Outer:
+    lr: float = 1e-3
+    """Learning rate."""
+    mode: Literal["x", "y"] = "x"
+    """Mode."""
+    flag: bool = False
+    """A switch."""
+    limit: int | None = None
+    """Optional limit."""
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 2e-5\ninner:\n  rank: 4\n")
+    cfg = load_config(Outer, p, ["inner.names=[q_proj, v_proj]", "flag=true", "mode=y", "limit=3"])
+    assert cfg.lr == 2e-5 and isinstance(cfg.lr, float)  # YAML 1.1 would leave "2e-5" a string
+    assert cfg.inner.rank == 4 and cfg.inner.names == ["q_proj", "v_proj"]
+    assert cfg.flag is True and cfg.mode == "y" and cfg.limit == 3
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("inner.rnk=3", "unknown key inner.rnk"),
+        ("lr=fast", "lr: expected a number"),
+        ("inner.rank=1.5", "inner.rank: expected an integer"),
+        ("flag=maybe", "flag: expected true/false"),
+        ("mode=z", "mode: must be one of"),
+        ("inner=3", "inner: expected a mapping"),
+        ("novalue", "expected key=value"),
+    ],
+)
+def test_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(Outer, None, [override])
+
+
+def test_file_errors_name_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(Outer, p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Outer, p)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(Outer, tmp_path / "missing.yaml")
+    p.write_text("extra: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key extra"):
+        load_config(Outer, p)
+
+
+def test_docstrings_are_the_help():
+    text = format_help(Outer)
+    assert "inner.rank" in text and "Rank of something." in text and "Learning rate." in text
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=1e-5") == (["a", "b"], 1e-5)
+    assert parse_override("model=google/gemma-3-1b-it") == (["model"], "google/gemma-3-1b-it")
+    assert parse_override("x=[1, 2]") == (["x"], [1, 2])

@@ -1,0 +1,76 @@
+"""The two CPU traps of GUIDE §4, each checked against a reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_galore_8bit_steps_on_cpu_after_guard():
+    from galore_torch import GaLoreAdamW8bit
+
+    from duetto.trainers.compat import guard_galore_cuda_synchronize
+
+    if torch.cuda.is_available():
+        pytest.skip("the guard is a no-op with CUDA")
+    assert guard_galore_cuda_synchronize() is True
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    opt = GaLoreAdamW8bit([{"params": [w], "rank": 8, "update_proj_gap": 2, "scale": 1.0, "proj_type": "std"}], lr=1e-2)
+    before = w.detach().clone()
+    for _ in range(3):
+        (w**2).sum().backward()
+        opt.step()  # raised "Torch not compiled with CUDA enabled" before the guard
+        opt.zero_grad()
+    assert not torch.equal(before, w.detach())
+    assert (w.detach() ** 2).sum() < (before**2).sum()  # it descends
+    # torch itself is untouched: only galore's module sees the no-op synchronize
+    assert torch.cuda.synchronize.__module__ == "torch.cuda"
+
+
+def test_nf4_lora_gradients_match_fp32_reference_after_eval_forward(tiny_gemma_dir):
+    """After an eval (no-grad) forward, LoRA gradients through NF4 layers equal those of an fp32 model
+    holding the same dequantised weights and the same adapters."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from duetto.trainers.compat import disable_nf4_avx512bf16_repack
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    qmodel = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, quantization_config=nf4, dtype=torch.float32,
+                                                  device_map={"": "cpu"})
+    disable_nf4_avx512bf16_repack(qmodel)
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in qmodel.modules())
+    ref = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32)
+    ref_modules = dict(ref.named_modules())
+    n4 = 0
+    for name, module in qmodel.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            ref_modules[name].weight.data = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            n4 += 1
+    assert n4 > 0
+
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                init_lora_weights=False)  # random B too, so every LoRA gradient is non-zero
+    torch.manual_seed(0)
+    qpeft = get_peft_model(qmodel, LoraConfig(**lora))
+    rpeft = get_peft_model(ref, LoraConfig(**lora))
+    rpeft.load_state_dict({k: v for k, v in qpeft.state_dict().items() if "lora_" in k}, strict=False)
+
+    ids = torch.randint(5, 200, (2, 16))
+    qpeft.eval()
+    with torch.no_grad():
+        qpeft(input_ids=ids)  # the forward that repacks weights on AVX512-BF16 CPUs without the fix
+    qpeft.train()
+    for model in (qpeft, rpeft):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    qgrads = {n: p.grad for n, p in qpeft.named_parameters() if "lora_" in n}
+    rgrads = {n: p.grad for n, p in rpeft.named_parameters() if "lora_" in n}
+    assert qgrads and qgrads.keys() == rgrads.keys()
+    for n in qgrads:
+        assert qgrads[n] is not None and qgrads[n].abs().sum() > 0, n
+        torch.testing.assert_close(qgrads[n], rgrads[n], rtol=2e-3, atol=1e-5, msg=n)

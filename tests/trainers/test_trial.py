@@ -1,0 +1,212 @@
+"""Trials on the tiny Gemma-3: both methods and their variants train, evaluate, save and reload.
+
+Most tests use Ray Train's local mode (scaling.num_workers=0: the same worker function in this
+process) so they take seconds; the Ray-worker, DDP and recovery tests start a real local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from duetto.config import ConfigError, load_config
+from duetto.trainers.config import TrialConfig
+
+METRIC_TYPES = {
+    "method": str,
+    "train_loss": float,
+    "eval_loss": float,
+    "bleu4": float,
+    "rougeL": float,
+    "peak_memory_bytes": int,
+    "tokens_per_second": float,
+    "wall_seconds": float,
+    "trainable_params": int,
+    "total_params": int,
+    "num_train_examples": int,
+    "num_eval_examples": int,
+}
+
+
+def _cfg(tmp_path: Path, model_dir, data_files, *overrides: str) -> TrialConfig:
+    train, test = data_files
+    base = [
+        f"model={model_dir}",
+        f"data.train={train}",
+        f"data.test={test}",
+        f"output_dir={tmp_path / 'trial'}",
+        "max_seq_len=64",
+        "batch_size=4",
+        "max_steps=12",
+        "learning_rate=3e-3",
+        "logging_steps=2",
+        "report_every_steps=6",
+        "interim_eval_examples=2",
+        "eval.num_examples=4",
+        "eval.max_new_tokens=8",
+        "eval.loss_examples=16",
+        "scaling.num_workers=0",
+        "qlora.r=8",
+        "qlora.alpha=16",
+        "galore.rank=8",
+        "galore.update_proj_gap=4",
+        "galore.scale=1.0",
+    ]
+    return load_config(TrialConfig, None, base + list(overrides))
+
+
+def _run(cfg: TrialConfig) -> dict:
+    from duetto.trainers.trial import run_trial
+
+    metrics = run_trial(cfg)
+    out = Path(cfg.output_dir)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for key, tp in METRIC_TYPES.items():
+        assert key in on_disk, key
+        assert isinstance(on_disk[key], tp), (key, on_disk[key])
+    assert (out / "config.yaml").exists()
+    assert metrics["method"] == cfg.method
+    return on_disk
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("qlora", ["qlora.bits=8"]),
+        ("qlora", ["qlora.bits=4"]),
+        ("galore", ["galore.layerwise=true"]),
+        ("galore", ["galore.layerwise=false"]),
+    ],
+    ids=["qlora-8bit", "qlora-nf4", "galore-layerwise", "galore-ddp-capable"],
+)
+def test_method_trains_with_falling_loss_and_reloads(tmp_path, ray_local, tiny_gemma_dir, unified_data, method, extra):
+    cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, f"method={method}", *extra)
+    base = _run(load_config(TrialConfig, None, [f"model={tiny_gemma_dir}", f"data.train={unified_data[0]}",
+                                                f"data.test={unified_data[1]}", f"output_dir={tmp_path / 'base'}",
+                                                "method=baseline", "max_steps=0", "max_seq_len=64",
+                                                "eval.num_examples=4", "eval.max_new_tokens=8",
+                                                "eval.loss_examples=16", "scaling.num_workers=0"]))
+    m = _run(cfg)
+    # Training on the data must lower the held-out loss of a random model well below the baseline's.
+    assert m["eval_loss"] < base["eval_loss"] - 0.2, (base["eval_loss"], m["eval_loss"])
+    assert m["trainable_params"] > 0 and m["tokens_per_second"] > 0
+    if method == "qlora":
+        assert m["trainable_params"] < m["total_params"] / 2
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base_model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir)
+        reloaded = PeftModel.from_pretrained(base_model, m["model_dir"])
+        assert any("lora_" in n for n, _ in reloaded.named_parameters())
+    else:
+        assert m["trainable_params"] == m["total_params"]
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        reloaded = AutoModelForCausalLM.from_pretrained(m["model_dir"])
+        AutoTokenizer.from_pretrained(m["model_dir"])
+        assert reloaded.config.model_type == "gemma3_text"
+    assert math.isfinite(m["bleu4"]) and 0.0 <= m["rougeL"] <= 1.0
+
+
+def test_baseline_is_zero_steps_on_the_same_path(tmp_path, ray_local, tiny_gemma_dir, unified_data):
+    cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=baseline", "max_steps=0")
+    m = _run(cfg)
+    assert m["step"] == 0 and m["trainable_params"] == 0 and m["num_eval_examples"] == 4
+
+
+def test_layerwise_galore_rejects_ddp_and_accumulation(tmp_path, tiny_gemma_dir, unified_data):
+    with pytest.raises(ConfigError, match="layer-wise GaLore.*DDP"):
+        _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=galore", "scaling.num_workers=2")
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=galore", "gradient_accumulation_steps=4")
+    # non-layerwise GaLore may use both
+    _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=galore", "galore.layerwise=false", "scaling.num_workers=2")
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("method=lora", "method"),
+        ("qlora.bits=3", "qlora.bits"),
+        ("batch_size=two", "batch_size"),
+        ("learning_rate=-1", "learning_rate"),
+        ("qlora.rank=4", "unknown key qlora.rank"),
+        ("max_steps=-5", "max_steps"),
+        ("method=baseline", "max_steps"),
+    ],
+)
+def test_invalid_configs_name_the_key(tmp_path, tiny_gemma_dir, unified_data, override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        _cfg(tmp_path, tiny_gemma_dir, unified_data, override)
+
+
+def test_cli_trains_through_ray_workers(tmp_path, tiny_gemma_dir, unified_data):
+    """`duetto train` in a subprocess, with real Ray Train workers (local Ray started by the CLI)."""
+    import os
+    import subprocess
+    import sys
+
+    train, test = unified_data
+    cmd = [
+        sys.executable, "-m", "duetto", "train", "configs/qlora_study.yaml",
+        f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}",
+        f"output_dir={tmp_path / 'cli'}", "max_steps=4", "max_seq_len=64", "qlora.bits=4",
+        "eval.num_examples=2", "eval.max_new_tokens=4", "eval.loss_examples=8", "interim_eval_examples=0",
+        "scaling.cpus_per_worker=1",
+    ]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert metrics["method"] == "qlora" and metrics["step"] == 4 and metrics["world_size"] == 1
+    assert (tmp_path / "cli" / "model" / "adapter_config.json").exists()
+
+
+def test_cli_rejects_bad_config_with_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "duetto", "train", "configs/qlora_study.yaml", "qlora.bits=5"],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 2 and "qlora.bits" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_worker_ddp_qlora_on_cpu(tmp_path, ray_local, tiny_gemma_dir, unified_data):
+    cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=qlora", "qlora.bits=4", "scaling.num_workers=2",
+               "scaling.cpus_per_worker=1", "max_steps=8", "interim_eval_examples=0")
+    m = _run(cfg)
+    assert m["world_size"] == 2 and m["step"] == 8
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint(tmp_path, tiny_gemma_dir, unified_data, monkeypatch):
+    """A worker dying at step 8 restarts from the step-6 checkpoint, not from step 0."""
+    import ray
+
+    from duetto.trainers.trial import FAIL_AT_STEP_ENV
+
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "8")
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {FAIL_AT_STEP_ENV: "8"}})
+    try:
+        cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=qlora", "scaling.num_workers=1",
+                   "max_failures=1", "interim_eval_examples=0")
+        m = _run(cfg)
+    finally:
+        ray.shutdown()
+    assert (Path(cfg.output_dir) / ".injected_failure").exists()
+    assert m["step"] == 12
+    assert m["resumed_from_step"] == 6  # the step-6 report's checkpoint, not a restart from 0

@@ -1,0 +1,39 @@
+"""`duetto train CONFIG.yaml [key=value ...]`: one trial on Ray Train (local Ray, or the cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="trial YAML (e.g. configs/qlora_study.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. qlora.bits=4 max_steps=50")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from duetto.config import ConfigError, format_help, load_config, to_dict
+    from duetto.trainers.config import TrialConfig
+
+    if args.help_config:
+        print(format_help(TrialConfig))
+        return 0
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # only overrides were given
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(TrialConfig, config, overrides)
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    from duetto.trainers.trial import run_trial
+
+    try:
+        metrics = run_trial(cfg)
+    except ConfigError:
+        raise
+    keys = ("method", "train_loss", "eval_loss", "bleu4", "rougeL", "peak_memory_bytes", "tokens_per_second", "wall_seconds")
+    print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
+    print(f"saved: {metrics.get('model_dir')}")
+    return 0

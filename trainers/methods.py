@@ -1,0 +1,117 @@
+"""The two fine-tuning methods as small strategy objects.
+
+A method decides only how the model is built and which optimizer the HF Trainer uses; the training
+loop, evaluation, checkpointing and saving are shared (trainers/trial.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from duetto.trainers.compat import disable_nf4_avx512bf16_repack, guard_galore_cuda_synchronize
+from duetto.trainers.config import TrialConfig
+
+
+@dataclass
+class Built:
+    model: torch.nn.Module
+    trainer_args: dict[str, Any]
+    """Extra `TrainingArguments` fields this method needs (optimizer name and options)."""
+    trainable_params: int
+    total_params: int
+
+
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT: counts 4-bit packed weights correctly
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+class GaloreMethod:
+    """Full-parameter fine-tuning; GaLore projects the gradients of the attention/MLP weights."""
+
+    name = "galore"
+
+    def build(self, cfg: TrialConfig, model_path: str, dtype: torch.dtype, device: torch.device) -> Built:
+        from transformers import AutoModelForCausalLM
+
+        guard_galore_cuda_synchronize()
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        g = cfg.galore
+        optim = "galore_adamw_8bit_layerwise" if g.layerwise else "galore_adamw_8bit"
+        args = {
+            "optim": optim,
+            "optim_target_modules": list(g.target_modules),
+            "optim_args": f"rank={g.rank}, update_proj_gap={g.update_proj_gap}, scale={g.scale}, proj_type={g.proj_type}",
+        }
+        trainable, total = param_counts(model)
+        return Built(model, args, trainable, total)
+
+
+class QloraMethod:
+    """LoRA adapters on a frozen base quantised by bitsandbytes (LLM.int8 or NF4 + double quant)."""
+
+    name = "qlora"
+
+    def build(self, cfg: TrialConfig, model_path: str, dtype: torch.dtype, device: torch.device) -> Built:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = cfg.qlora
+        if q.bits == 8:
+            bnb = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            bnb = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        # Each DDP worker holds a whole copy of the base on its own device.
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, quantization_config=bnb, dtype=dtype, device_map={"": device}
+        )
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        disable_nf4_avx512bf16_repack(model)
+        targets: Any = q.target_modules
+        if list(targets) == ["all-linear"]:
+            targets = "all-linear"
+        lora = LoraConfig(
+            r=q.r, lora_alpha=q.alpha, lora_dropout=q.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
+        model = get_peft_model(model, lora)
+        trainable, total = param_counts(model)
+        return Built(model, {"optim": "adamw_torch"}, trainable, total)
+
+
+class BaselineMethod:
+    """The base model as it is: the study's Baseline row, evaluated through the same trial path."""
+
+    name = "baseline"
+
+    def build(self, cfg: TrialConfig, model_path: str, dtype: torch.dtype, device: torch.device) -> Built:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        trainable, total = param_counts(model)
+        return Built(model, {}, 0, total)
+
+
+METHODS = {"galore": GaloreMethod, "qlora": QloraMethod, "baseline": BaselineMethod}
+
+
+def get_method(name: str):
+    try:
+        return METHODS[name]()
+    except KeyError:
+        raise ValueError(f"method: unknown {name!r} (choose from {', '.join(METHODS)})") from None
