@@ -1,0 +1,332 @@
+"""Raw sources -> one cleaned, de-duplicated, shuffled train/test split in the unified JSONL schema.
+
+``prepare(DataConfig)`` reads every source (sources.py), strips and filters the examples, drops
+duplicates across sources (first occurrence in source order wins), shuffles with the seed, splits,
+and writes ``train.jsonl``, ``test.jsonl`` (and ``rejected.jsonl`` under ``on_error: skip``) plus
+``manifest.json`` last, each through a temp file and a rename. ``read_jsonl`` reads the unified files
+back for the later stages. docs/data.md is the user-facing description of every rule here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from duetto.config import ConfigError, to_dict
+from duetto.data.sources import DEFAULT_SPLIT, KINDS, DataError, Example, RowError, read_rows, resolve, to_examples
+
+#: the fields of every unified record, in the order they are written
+FIELDS = ("instruction", "input", "response", "source", "id")
+
+SourceKind = Literal["alpaca", "tulu", "ultrachat", "sharegpt", "jsonl"]
+assert set(SourceKind.__args__) == set(KINDS)  # type: ignore[attr-defined]
+
+
+@dataclass
+class SourceConfig:
+    kind: SourceKind
+    """the source's schema: alpaca | tulu | ultrachat | sharegpt | jsonl (already unified)"""
+    path: str
+    """a .json/.jsonl/.parquet file (relative paths resolve against the current directory), a local
+    `datasets` folder, or a Hugging Face dataset id such as tatsu-lab/alpaca (prefix hf: to force the hub)"""
+    name: str = ""
+    """the label in `source` and in the manifest; empty means the kind"""
+    split: str = ""
+    """the dataset split for hub/folder sources; empty means the kind's default (train, or train_sft for ultrachat)"""
+    limit: int | None = None
+    """read at most this many records (the first ones, in file order); null reads all"""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """the sources, in priority order: when two hold the same example, the earlier source keeps it"""
+    out: str = "duetto-runs/data"
+    """output folder for train.jsonl, test.jsonl, manifest.json (and rejected.jsonl)"""
+    train_size: int = 5000
+    """training examples wanted; fewer are written (with a warning) when the data runs short"""
+    test_size: int = 2000
+    """test examples wanted; taken first from the shuffled pool, so they do not depend on train_size"""
+    seed: int = 0
+    """seed of the shuffle that picks and orders the split"""
+    on_error: Literal["fail", "skip"] = "fail"
+    """bad records: fail stops naming FILE:LINE; skip writes them to rejected.jsonl and counts them"""
+    multi_turn: Literal["first", "all"] = "first"
+    """first: the first user turn and its answer; all: one example per assistant turn, history as input"""
+    max_chars: int | None = None
+    """drop examples whose instruction+input+response exceed this many characters (reason too_long); null keeps all"""
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("sources: at least one source is needed (e.g. --source alpaca=PATH)")
+        labels = Counter(s.label for s in self.sources)
+        for label, n in labels.items():
+            if n > 1:
+                raise ConfigError(f"sources: {n} sources are labelled {label!r}; give them distinct `name`s")
+        for i, s in enumerate(self.sources):
+            if not s.path:
+                raise ConfigError(f"sources[{i}].path: empty")
+            if s.limit is not None and s.limit < 1:
+                raise ConfigError(f"sources[{i}].limit: must be at least 1, got {s.limit}")
+        if self.train_size < 1:
+            raise ConfigError(f"train_size: must be at least 1, got {self.train_size}")
+        if self.test_size < 0:
+            raise ConfigError(f"test_size: must be 0 or more, got {self.test_size}")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise ConfigError(f"max_chars: must be at least 1 (or null), got {self.max_chars}")
+
+
+# ---------------------------------------------------------------------------------------- cleaning
+
+
+def clean(text: str) -> str:
+    return text.replace("\r\n", "\n").strip()
+
+
+def exact_key(ex: Example) -> bytes:
+    return hashlib.blake2b(json.dumps([ex.instruction, ex.input, ex.response]).encode(), digest_size=16).digest()
+
+
+def prompt_key(ex: Example) -> bytes:
+    """The prompt (instruction then input) with all whitespace removed and case folded.
+
+    Copies of a prompt join ``instruction`` and ``input`` with nothing (UltraChat's copies of Alpaca),
+    a space or a newline, and re-space or re-case it; removing whitespace makes them all one key.
+    The response is left out: one prompt with two answers teaches conflicting targets, and across
+    the split it would put a test prompt into training.
+    """
+    text = "".join((ex.instruction + ex.input).split()).casefold()
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def drop_reason(ex: Example, max_chars: int | None) -> str | None:
+    if not ex.instruction:
+        return "empty_instruction"
+    if not ex.response:
+        return "empty_response"
+    if max_chars is not None and len(ex.instruction) + len(ex.input) + len(ex.response) > max_chars:
+        return "too_long"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- prepare
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare(config: DataConfig, log: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Build the split described by ``config``; returns the manifest (also written to out/manifest.json).
+
+    Raises DataError (message ``FILE:LINE: reason``) on bad input under ``on_error: fail``, on
+    file-level problems under either mode, and when no example survives cleaning.
+    """
+    config.validate()
+    pool: list[dict[str, str]] = []
+    rejected: list[dict[str, Any]] = []
+    seen_exact: dict[bytes, str] = {}
+    seen_prompt: dict[bytes, str] = {}
+    per_source: dict[str, dict[str, Any]] = {}
+
+    for src in config.sources:
+        fmt, location = resolve(src.path, src.kind)
+        info: dict[str, Any] = {"kind": src.kind, "path": src.path, "format": fmt}
+        if fmt == "hub":
+            info["split"] = src.split or DEFAULT_SPLIT[src.kind]
+        else:
+            info["sha256"] = _sha256_file(location)
+        rows = examples = kept = 0
+        dropped: Counter[str] = Counter()
+        duplicate_of: Counter[str] = Counter()
+        for row in read_rows(src.path, src.kind, src.split, src.limit):
+            rows += 1
+            error = row.error
+            if error is None:
+                try:
+                    found = to_examples(src.kind, row.obj, row.ref, config.multi_turn)
+                except RowError as e:
+                    error = e
+            if error is not None:
+                if config.on_error == "fail":
+                    raise DataError(row.where, error.reason, error.code)
+                examples += 1  # a rejected record counts as one example dropped for its reason
+                dropped[error.code] += 1
+                rejected.append(
+                    {"source": src.label, "where": row.where, "reason": error.code, "message": error.reason, "raw": row.raw}
+                )
+                continue
+            for ex in found:
+                examples += 1
+                ex = Example(clean(ex.instruction), clean(ex.input), clean(ex.response), ex.id)
+                reason = drop_reason(ex, config.max_chars)
+                if reason is None:
+                    ek, pk = exact_key(ex), prompt_key(ex)
+                    first = seen_exact.get(ek) or seen_prompt.get(pk)
+                    if first is not None:
+                        reason = "duplicate_exact" if ek in seen_exact else "duplicate_prompt"
+                        duplicate_of[first] += 1
+                    else:
+                        seen_exact[ek] = seen_prompt[pk] = src.label
+                if reason is not None:
+                    dropped[reason] += 1
+                    continue
+                kept += 1
+                record = {"instruction": ex.instruction, "input": ex.input, "response": ex.response}
+                pool.append({**record, "source": src.label, "id": ex.id})
+        info.update(
+            rows_read=rows,
+            examples=examples,
+            kept=kept,
+            dropped=dict(sorted(dropped.items())),
+            duplicate_of=dict(sorted(duplicate_of.items())),
+        )
+        per_source[src.label] = info
+
+    if not pool:
+        raise DataError("sources", "no examples left after cleaning (see the dropped counts); nothing written", "empty")
+
+    notes: list[str] = []
+    test_n, train_n = split_sizes(len(pool), config.train_size, config.test_size, notes)
+    for note in notes:
+        log(f"warning: {note}")
+    random.Random(config.seed).shuffle(pool)
+    test, train = pool[:test_n], pool[test_n : test_n + train_n]
+    for label, info in per_source.items():
+        info["train"] = sum(r["source"] == label for r in train)
+        info["test"] = sum(r["source"] == label for r in test)
+
+    from duetto import __version__
+
+    totals: Counter[str] = Counter()
+    for info in per_source.values():
+        totals.update(info["dropped"])
+    manifest: dict[str, Any] = {
+        "tool": f"duetto {__version__}",
+        "config": to_dict(config),
+        "seed": config.seed,
+        "multi_turn": config.multi_turn,
+        "on_error": config.on_error,
+        "sources": per_source,
+        "dropped": dict(sorted(totals.items())),
+        "pool": len(pool),
+        "requested": {"train": config.train_size, "test": config.test_size},
+        "sizes": {"train": len(train), "test": len(test)},
+        "unused": len(pool) - len(train) - len(test),
+        "notes": notes,
+    }
+    files = {"train.jsonl": train, "test.jsonl": test}
+    if config.on_error == "skip":
+        files["rejected.jsonl"] = rejected
+    manifest["outputs"] = write_outputs(Path(config.out), files, manifest)
+    return manifest
+
+
+def split_sizes(n: int, train_size: int, test_size: int, notes: list[str]) -> tuple[int, int]:
+    """(test, train) counts from a pool of n; short pools keep the requested test share."""
+    wanted = train_size + test_size
+    if n >= wanted:
+        return test_size, train_size
+    test_n = int(n * test_size / wanted + 0.5)
+    if test_size > 0 and n >= 2:
+        test_n = min(max(test_n, 1), n - 1)
+    train_n = n - test_n
+    notes.append(
+        f"only {n} examples after cleaning, fewer than the {wanted} requested "
+        f"(train {train_size} + test {test_size}): wrote train {train_n} / test {test_n}, "
+        f"keeping the requested test share {test_size}/{wanted}"
+    )
+    return test_n, train_n
+
+
+def _jsonl_bytes(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_outputs(out: Path, files: dict[str, list[dict[str, Any]]], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write each file through a temp file and a rename; the manifest goes last.
+
+    The old manifest is removed first, so a run that dies half-way leaves a folder with no manifest
+    rather than new files vouched for by an old one.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    if "rejected.jsonl" not in files:
+        (out / "rejected.jsonl").unlink(missing_ok=True)  # left by an earlier skip run, not this one
+    outputs = {}
+    for name, records in files.items():
+        data = _jsonl_bytes(records)
+        _atomic_write(out / name, data)
+        outputs[name] = {"rows": len(records), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["outputs"] = outputs
+    _atomic_write(out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------- reading back
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, str]]:
+    """A unified JSONL file (train.jsonl / test.jsonl) -> records, each checked against the schema.
+
+    Raises DataError naming ``FILE:LINE`` for bad JSON, non-UTF-8 bytes, a missing, extra or
+    non-string field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "file not found", "file")
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(where, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})", "invalid_utf8") from None
+            except json.JSONDecodeError as e:
+                raise DataError(where, f"invalid JSON: {e.msg} (column {e.colno})", "invalid_json") from None
+            if not isinstance(obj, dict):
+                raise DataError(where, "expected a JSON object", "not_an_object")
+            for key in FIELDS:
+                if key not in obj:
+                    raise DataError(where, f"missing field {key!r}", "missing_field")
+                if not isinstance(obj[key], str):
+                    raise DataError(where, f"field {key!r} must be a string", "wrong_type")
+            extra = sorted(set(obj) - set(FIELDS))
+            if extra:
+                raise DataError(where, f"unknown field {extra[0]!r} (the schema has {', '.join(FIELDS)})", "wrong_type")
+            records.append(obj)
+    return records
