@@ -24,6 +24,8 @@ from duetto.data.sources import DEFAULT_SPLIT, KINDS, DataError, Example, RowErr
 
 #: the fields of every unified record, in the order they are written
 FIELDS = ("instruction", "input", "response", "source", "id")
+#: Provenance: written by `duetto data prepare`, optional in files users bring.
+OPTIONAL_FIELDS = ("source", "id")
 
 SourceKind = Literal["alpaca", "tulu", "ultrachat", "sharegpt", "jsonl"]
 assert set(SourceKind.__args__) == set(KINDS)  # type: ignore[attr-defined]
@@ -301,7 +303,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
     """A unified JSONL file (train.jsonl / test.jsonl) -> records, each checked against the schema.
 
     Raises DataError naming ``FILE:LINE`` for bad JSON, non-UTF-8 bytes, a missing, extra or
-    non-string field.
+    non-string field (``source`` and ``id`` may be absent).
     """
     path = Path(path)
     if not path.is_file():
@@ -322,6 +324,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
                 raise DataError(where, "expected a JSON object", "not_an_object")
             for key in FIELDS:
                 if key not in obj:
+                    if key in OPTIONAL_FIELDS:  # hand-made files in our schema may lack provenance
+                        continue
                     raise DataError(where, f"missing field {key!r}", "missing_field")
                 if not isinstance(obj[key], str):
                     raise DataError(where, f"field {key!r} must be a string", "wrong_type")

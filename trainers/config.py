@@ -110,6 +110,8 @@ class TrialConfig:
     precision: Literal["auto", "bf16", "bf16-mixed", "fp32"] = "auto"
     """bf16 = bf16 weights and compute (least memory; updates below bf16's resolution are lost);
     bf16-mixed = fp32 weights with bf16 autocast; auto = bf16 on GPU, fp32 on CPU. No fp16: Gemma 3 overflows."""
+    compile: bool = False
+    """torch.compile the model (HF `torch_compile`): fewer Python-issued kernels per step, slower first steps."""
     logging_steps: int = 10
     """Steps between loss logs."""
     report_every_steps: int = 0

@@ -248,13 +248,14 @@ def train_loop_per_worker(config: dict) -> None:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=autocast_bf16,
+        torch_compile=cfg.compile,
         # QLoRA turned checkpointing on in prepare_model_for_kbit_training already.
         gradient_checkpointing=cfg.gradient_checkpointing and cfg.method == "galore",
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -299,6 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_seconds = time.perf_counter() - t0
         train_loss = float(result.training_loss)
     collator.counting = False  # evaluation batches are not trained tokens
+    train_peak = peak_memory_bytes(device)  # before generation, whose KV cache is not a training cost
     tokens = _all_reduce_sum(collator.tokens, device)
 
     # --- evaluate --------------------------------------------------------------------------
@@ -324,7 +326,8 @@ def train_loop_per_worker(config: dict) -> None:
         "eval_loss": eval_loss,
         "bleu4": gen_metrics.get("bleu4", float("nan")),
         "rougeL": gen_metrics.get("rougeL", float("nan")),
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": train_peak,
+        "eval_peak_memory_bytes": peak_memory_bytes(device),
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
         "trained_tokens": int(tokens),
         "train_seconds": train_seconds,
@@ -384,7 +387,14 @@ def build_torch_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callb
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
-    use_gpu = _cluster_has_gpu() if s.use_gpu is None else s.use_gpu
+    if s.use_gpu is not None:
+        use_gpu = s.use_gpu
+    elif s.num_workers == 0:
+        import torch
+
+        use_gpu = torch.cuda.is_available()
+    else:
+        use_gpu = _cluster_has_gpu()
     resources = {"CPU": s.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = s.gpus_per_worker
@@ -420,7 +430,8 @@ def ensure_ray() -> None:
 
 def run_trial(cfg: TrialConfig, *, storage_path: str | None = None, name: str | None = None) -> dict:
     """Run one trial to the end on Ray Train and return its metrics (also in output_dir/metrics.json)."""
-    ensure_ray()
+    if cfg.scaling.num_workers > 0:  # local mode (0 workers) runs in this process: no cluster needed
+        ensure_ray()
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "trial.yaml")

@@ -1,0 +1,44 @@
+"""Model folders for GPU benchmarks: the study's google/gemma-3-1b-it architecture with random
+weights (GUIDE §5; no hub on the device) and SmolLM2 converted from a carried GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def gemma3_1b_random(out: str | Path, seed: int = 0) -> Path:
+    """gemma-3-1b-it's shape with random bf16 weights, and the tiny Gemma tokenizer (ids < vocab)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from duetto.models import build_tiny, load_tokenizer
+
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=262144,
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_hidden_layers=26,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)],
+    )
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tiny = build_tiny(out.parent / "tiny-gemma-tokenizer", style="gemma")
+    tok = load_tokenizer(str(tiny))
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
