@@ -1,0 +1,200 @@
+"""Prompt templates, tokenization and label masks: the one place that decides what a model sees.
+
+Two templates:
+
+- ``study`` (the seed study's): ``Instruction:\\n{instruction}\\n\\nInput:\\n{input}\\n\\nResponse:\\n{response}``,
+  the Input block left out when the input is empty; the response ends with the tokenizer's EOS.
+- ``chat``: the model's own chat template, one user message (instruction, then a blank line and the
+  input if any) and the generation prompt; the response ends with the template's end-of-turn token
+  (``<end_of_turn>``, ``<|im_end|>``, ...), EOS when the template has none.
+
+Labels: prompt tokens and padding are -100; the response and its stop token are learned. Prompt and
+response are tokenized separately and their ids concatenated, so the boundary is exact; the BOS a
+tokenizer adds goes in front once (not when the prompt text already starts with it, as Gemma's chat
+template does). Trainers, the reranker and generation all encode through this module, so training
+and inference see the same ids.
+
+Truncation to ``max_seq_len`` cuts the prompt first, from its left (BOS kept), because the end of
+the prompt holds the cue the response follows. The prompt keeps at least a quarter of the window;
+a response longer than what is left loses its tail, and the stop token is still appended so every
+example teaches at least one token (an all -100 row would give a NaN loss). Either cut sets
+``truncated``; ``count_truncated`` totals them for the data report.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Iterable, Sequence
+
+TEMPLATES = ("study", "chat")
+IGNORE_INDEX = -100
+
+_SENTINEL = "DUETTOxRESPONSExSENTINEL"
+_response_end_cache: "weakref.WeakKeyDictionary[Any, dict[str, str]]" = weakref.WeakKeyDictionary()
+
+
+def _check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+
+
+def _has_input(input: str | None) -> bool:
+    return bool(input and input.strip())
+
+
+def build_prompt(instruction: str, input: str = "", *, template: str = "study", tokenizer: Any = None) -> str:
+    """The prompt text, up to where the response starts."""
+    _check_template(template)
+    if template == "study":
+        if _has_input(input):
+            return f"Instruction:\n{instruction}\n\nInput:\n{input}\n\nResponse:\n"
+        return f"Instruction:\n{instruction}\n\nResponse:\n"
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", None)
+        raise ValueError(f"template 'chat' needs a tokenizer with a chat template (tokenizer: {name!r})")
+    content = f"{instruction}\n\n{input}" if _has_input(input) else instruction
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def _chat_turn_end(tokenizer) -> str | None:
+    """The special token the chat template writes right after an assistant message, if any."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False
+        )
+    except Exception:  # a template that cannot render an assistant turn: fall back to EOS
+        return None
+    at = text.find(_SENTINEL)
+    if at < 0:
+        return None
+    tail = text[at + len(_SENTINEL) :]
+    specials = set(tokenizer.all_special_tokens) | {str(t) for t in tokenizer.added_tokens_decoder.values()}
+    matches = [t for t in specials if t and tail.startswith(t)]
+    return max(matches, key=len) if matches else None
+
+
+def response_end(tokenizer, template: str = "study") -> str:
+    """Text appended after a response so the model learns to stop (EOS, or the chat end-of-turn)."""
+    _check_template(template)
+    try:
+        cache = _response_end_cache.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: compute every time
+        cache = {}
+    if template not in cache:
+        end = _chat_turn_end(tokenizer) if template == "chat" else None
+        end = end or tokenizer.eos_token
+        if not end:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end a response with")
+        cache[template] = end
+    return cache[template]
+
+
+def _special_prefix(tokenizer) -> list[int]:
+    """Ids the tokenizer puts in front of every text (Gemma: [<bos>]; SmolLM2: [])."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i : i + len(plain)] == plain:
+            return list(with_special[:i])
+    return []
+
+
+def encode_prompt(prompt: str, tokenizer) -> list[int]:
+    """Prompt ids exactly as training puts them before the response (BOS added once).
+
+    Generation must use this (or the same rule): tokenizing a study prompt with
+    ``add_special_tokens=False`` loses Gemma's BOS, and tokenizing a chat prompt with it doubles BOS.
+    """
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    prefix = _special_prefix(tokenizer)
+    if prefix and ids[: len(prefix)] != prefix:
+        ids = prefix + ids
+    return ids
+
+
+def encode_pair(prompt: str, response: str, tokenizer, *, template: str = "study", max_seq_len: int = 128) -> dict:
+    """Ids, attention mask and labels of ``prompt + response + stop`` (unpadded python lists).
+
+    Also ``prompt_len`` (prompt tokens kept) and ``truncated`` (the prompt or response was cut).
+    """
+    prompt_ids = encode_prompt(prompt, tokenizer)
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
+    stop_ids = list(tokenizer(response_end(tokenizer, template), add_special_tokens=False)["input_ids"])
+    prefix = _special_prefix(tokenizer)
+    head = len(prefix) if prefix and prompt_ids[: len(prefix)] == prefix else 0
+    if max_seq_len < head + len(stop_ids) + 1:
+        raise ValueError(f"max_seq_len={max_seq_len} leaves no room for a prompt (BOS + stop token need {head + len(stop_ids)})")
+
+    truncated = len(prompt_ids) + len(response_ids) + len(stop_ids) > max_seq_len
+    if truncated:
+        body = prompt_ids[head:]
+        room = max_seq_len - head - len(response_ids) - len(stop_ids)  # prompt body that fits beside the response
+        keep = min(len(body), max(room, max_seq_len // 4), max_seq_len - head - len(stop_ids))
+        prompt_ids = prompt_ids[:head] + (body[len(body) - keep :] if keep > 0 else [])
+        response_ids = response_ids[: max(0, max_seq_len - len(prompt_ids) - len(stop_ids))]
+
+    input_ids = prompt_ids + response_ids + stop_ids
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids + stop_ids,
+        "prompt_len": len(prompt_ids),
+        "truncated": truncated,
+    }
+
+
+def encode_example(example: dict, tokenizer, *, template: str = "study", max_seq_len: int = 128) -> dict:
+    """Encode one unified row (``instruction``, optional ``input``, ``response``) for training or scoring."""
+    missing = [k for k in ("instruction", "response") if not isinstance(example.get(k), str)]
+    if missing:
+        where = f" (id {example['id']!r})" if "id" in example else ""
+        raise ValueError(f"example{where} lacks string field(s) {', '.join(missing)}; keys: {sorted(example)}")
+    prompt = build_prompt(example["instruction"], example.get("input") or "", template=template, tokenizer=tokenizer)
+    return encode_pair(prompt, example["response"], tokenizer, template=template, max_seq_len=max_seq_len)
+
+
+def pad_batch(features: Sequence[dict], pad_id: int | None, *, side: str = "right") -> dict:
+    """Pad encoded features to one length; returns ``input_ids``, ``attention_mask`` (and ``labels``) tensors.
+
+    Labels are -100 wherever the attention mask is 0. Padding is found by the mask, never by
+    comparing ids with ``pad_id``: with pad = EOS (SmolLM2 upstream) that would unlearn the stop token.
+    """
+    import torch
+
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if pad_id is None:
+        raise ValueError("pad_id is None: give the tokenizer a pad token first (duetto.models.ensure_pad_token)")
+    if not features:
+        raise ValueError("pad_batch needs at least one feature")
+    width = max(len(f["input_ids"]) for f in features)
+    with_labels = all("labels" in f for f in features)
+    ids, masks, labels = [], [], []
+    for f in features:
+        n = len(f["input_ids"])
+        mask = list(f.get("attention_mask") or [1] * n)
+        row_labels = list(f["labels"]) if with_labels else None
+        if len(mask) != n or (row_labels is not None and len(row_labels) != n):
+            raise ValueError(f"feature lengths differ: input_ids {n}, attention_mask {len(mask)}, labels {len(row_labels or [])}")
+        fill = width - n
+
+        def pad(row: list[int], value: int) -> list[int]:
+            return row + [value] * fill if side == "right" else [value] * fill + row
+
+        ids.append(pad(list(f["input_ids"]), pad_id))
+        masks.append(pad(mask, 0))
+        if row_labels is not None:
+            labels.append(pad(row_labels, IGNORE_INDEX))
+    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(masks, dtype=torch.long)}
+    if with_labels:
+        label_tensor = torch.tensor(labels, dtype=torch.long)
+        label_tensor[batch["attention_mask"] == 0] = IGNORE_INDEX
+        batch["labels"] = label_tensor
+    return batch
+
+
+def count_truncated(features: Iterable[dict]) -> int:
+    """How many encoded features had their prompt or response cut."""
+    return sum(bool(f.get("truncated")) for f in features)

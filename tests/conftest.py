@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny Gemma-3- and SmolLM2-shaped models, built once per test session (offline, < 1 s each)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory):
+    """Folder of a 2-layer random Gemma 3 model + tokenizer (<pad>, <bos> added, <end_of_turn>, chat template)."""
+    from duetto.models import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny-gemma"), style="gemma", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm_dir(tmp_path_factory):
+    """Folder of a 2-layer random Llama model with a SmolLM2-style ChatML tokenizer (no pad, eos <|im_end|>)."""
+    from duetto.models import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny-smollm"), style="smollm", seed=0)
+
+
+@pytest.fixture
+def duetto_cache(tmp_path, monkeypatch):
+    """Point DUETTO_CACHE at an empty temp folder, so a test never touches the user's model cache."""
+    root = tmp_path / "duetto-cache"
+    monkeypatch.setenv("DUETTO_CACHE", str(root))
+    return root
