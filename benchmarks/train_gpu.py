@@ -49,7 +49,7 @@ def main() -> None:
                     f"model={path}", f"data.train={args.data}/train.jsonl", f"data.test={args.data}/test.jsonl",
                     f"output_dir={out}", f"max_steps={args.steps}", "eval.num_examples=16", "eval.max_new_tokens=32",
                     "eval.loss_examples=64", "interim_eval_examples=0", "report_every_steps=0", "logging_steps=50",
-                    "scaling.use_gpu=true", f"compile={str(compiled).lower()}", *VARIANTS[variant],
+                    f"compile={str(compiled).lower()}", *VARIANTS[variant],
                 ]
                 cfg = load_config(TrialConfig, "configs/galore_study.yaml" if "galore" in variant
                                   else "configs/qlora_study.yaml", overrides)
@@ -61,7 +61,7 @@ def main() -> None:
                            "steps": m["step"], "train_loss": m["train_loss"], "eval_loss": m["eval_loss"],
                            "trainable_params": m["trainable_params"], "device": m["device"]}
                 except Exception as e:  # one failing variant must not hide the others' figures
-                    row = {"run": tag, "error": f"{type(e).__name__}: {e}"[:500]}
+                    row = {"run": tag, "error": f"{type(e).__name__}: {e}"[-1500:]}
                 row["wall_seconds"] = time.perf_counter() - t0
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -125,6 +125,19 @@ def _all_reduce_sum(value: float, device) -> float:
     return float(t.item())
 
 
+def _leave_single_process_group() -> None:
+    """Ray Train opens a torch.distributed group even for one worker, so the HF Trainer would see
+    "distributed" and refuse layer-wise GaLore ("does not support DDP"). A group of one process
+    carries no gradients anywhere: drop it and the rank env vars, and the Trainer runs single-process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"):
+        os.environ.pop(var, None)
+
+
 def _report_callback_cls():
     """Built lazily so importing this module does not import transformers."""
     from transformers import TrainerCallback
@@ -238,6 +251,8 @@ def train_loop_per_worker(config: dict) -> None:
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
 
     # --- train -----------------------------------------------------------------------------
+    if world == 1:
+        _leave_single_process_group()
     every = cfg.report_every_steps
     strategy = "steps" if every > 0 else "epoch"
     layerwise = cfg.method == "galore" and cfg.galore.layerwise
