@@ -1,0 +1,221 @@
+"""ServeConfig: what `duetto serve` needs, as typed dataclasses (the docstrings are the help text).
+
+The same tree is the `args` of the Ray Serve app builder (`duetto.serve.app:build_app`), so a
+`serve run`/`serve deploy` config file and `duetto serve CONFIG.yaml` accept the same keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from duetto.config import ConfigError
+
+#: Scoring modes: "reranker" and "mix" are the ensemble; the other two exist for comparison.
+MODES = ("reranker", "mix", "generator", "reranker-greedy")
+
+
+@dataclass
+class EnsembleOptions:
+    k: int = 4
+    """Candidates sampled per request when the request does not say (`k`, or OpenAI `n`)."""
+    mode: Literal["reranker", "mix", "generator", "reranker-greedy"] = "reranker"
+    """reranker = pick the candidate the reranker likes best; mix = (1-weight)*reranker + weight*generator
+    log-prob; generator = the generator alone (its own best log-prob); reranker-greedy = the reranker
+    model decodes greedily on its own (no generator call)."""
+    weight: float = 0.5
+    """Weight of the generator's mean token log-prob in mode=mix (0 = reranker only, 1 = generator only)."""
+    max_new_tokens: int = 64
+    """Default generation budget per candidate."""
+    temperature: float = 0.8
+    """Default sampling temperature (0 = greedy: one candidate whatever k says)."""
+    top_p: float = 0.95
+    """Default nucleus-sampling mass."""
+
+    # Nested validate() raises ValueError: from_dict prefixes it with the section's dotted key.
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ValueError("k: must be >= 1")
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError("weight: must be in [0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature: must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p: must be in (0, 1]")
+
+
+@dataclass
+class Limits:
+    max_k: int = 16
+    """Largest k (or n) a request may ask for; more is a 422 naming the field."""
+    max_new_tokens: int = 512
+    """Largest max_new_tokens (or max_tokens) a request may ask for."""
+    max_context_tokens: int = 0
+    """Prompt + max_new_tokens must fit in this many tokens (0 = the smaller model's context length)."""
+    max_body_bytes: int = 1_000_000
+    """Request bodies larger than this are refused with 413 before they are parsed."""
+
+    def validate(self) -> None:
+        if self.max_k < 1 or self.max_new_tokens < 1:
+            raise ValueError("max_k / max_new_tokens: must be >= 1")
+        if self.max_context_tokens < 0 or self.max_body_bytes < 1:
+            raise ValueError("max_context_tokens must be >= 0 and max_body_bytes >= 1")
+
+
+@dataclass
+class DeploymentOptions:
+    num_replicas: int = 1
+    """Replicas of this deployment."""
+    num_cpus: float = 0.5
+    """CPUs reserved per replica. Fractions matter: on 2 cores the Ray default of 1 never schedules three deployments."""
+    num_gpus: float = 0.0
+    """GPUs per replica; 0.5 lets the generator and the reranker share one GPU. >0 also puts the model on CUDA."""
+    max_ongoing_requests: int = 32
+    """Requests one replica works on at once (must be >= max_batch_size so a full batch can form)."""
+    max_queued_requests: int = 64
+    """Requests waiting for a replica beyond that; more are refused with 503 (back-pressure), never left to hang."""
+    max_batch_size: int = 8
+    """@serve.batch: most concurrent requests merged into one model call."""
+    batch_wait_timeout_s: float = 0.01
+    """@serve.batch: how long the first request waits for others to join its batch."""
+
+    def validate(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError("num_replicas: must be >= 1")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("num_cpus / num_gpus: must be >= 0")
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size: must be >= 1")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests: {self.max_ongoing_requests} is below max_batch_size "
+                f"{self.max_batch_size}, so a full batch could never form"
+            )
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests: must be >= 1 (or -1 = unbounded, which can hang under overload)")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError("batch_wait_timeout_s: must be >= 0")
+
+
+@dataclass
+class IngressOptions:
+    """The FastAPI ingress only parses, counts tokens and awaits handles: little CPU, many requests in flight."""
+
+    num_replicas: int = 1
+    """Ingress replicas."""
+    num_cpus: float = 0.25
+    """CPUs reserved per ingress replica."""
+    max_ongoing_requests: int = 128
+    """Requests one ingress replica holds at once (each mostly awaits the model deployments)."""
+    max_queued_requests: int = 256
+    """Requests waiting for an ingress replica beyond that; more get 503 from the proxy."""
+
+    def validate(self) -> None:
+        if self.num_replicas < 1 or self.max_ongoing_requests < 1:
+            raise ValueError("num_replicas / max_ongoing_requests: must be >= 1")
+        if self.num_cpus < 0:
+            raise ValueError("num_cpus: must be >= 0")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests: must be >= 1 (or -1 = unbounded, which can hang under overload)")
+
+
+@dataclass
+class ServeConfig:
+    generator: str = ""
+    """What `duetto train` saved for the generator (a trial dir, its model/ dir, a PEFT adapter dir) or any HF model dir/id."""
+    reranker: str = ""
+    """The reranker: a trial dir (the GaLore full model), a model/ dir, or any HF causal LM dir/id."""
+    from_sweep: str = ""
+    """A sweep dir with best.json: its best QLoRA trial becomes the generator and its best GaLore trial the reranker (unless named above)."""
+    generator_template: str = ""
+    """Prompt template of the generator (study|chat); empty = the trial's config.yaml, else chat if the tokenizer has one."""
+    reranker_template: str = ""
+    """Prompt template of the reranker (study|chat); empty = its trial's config.yaml, else chat if the tokenizer has one."""
+    quantize: str = "auto"
+    """Base weights under a PEFT adapter: auto = the trial's qlora.bits on GPU, un-quantized on CPU (int8 on CPU is slow)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights dtype: auto = bfloat16 on GPU, float32 on CPU (Gemma 3 overflows in fp16, so it is not offered)."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds; 0.0.0.0 exposes it to the network (set an API key then)."""
+    port: int = 8000
+    """HTTP port."""
+    route_prefix: str = "/"
+    """URL prefix of the app."""
+    app_name: str = "duetto"
+    """Ray Serve application name."""
+    model_name: str = "duetto-ensemble"
+    """The id GET /v1/models lists and OpenAI-style requests may name."""
+    api_key: str = ""
+    """Bearer token checked on every route but /healthz (empty = read api_key_env; both empty = no auth)."""
+    api_key_env: str = "DUETTO_API_KEY"
+    """Environment variable holding the bearer token when api_key is empty (keeps secrets out of YAML)."""
+    request_timeout_s: float = 120.0
+    """End-to-end HTTP timeout of the Serve proxy (a request past it gets 408 instead of hanging)."""
+    ensemble: EnsembleOptions = field(default_factory=EnsembleOptions)
+    limits: Limits = field(default_factory=Limits)
+    generator_deployment: DeploymentOptions = field(default_factory=DeploymentOptions)
+    reranker_deployment: DeploymentOptions = field(default_factory=DeploymentOptions)
+    ingress_deployment: IngressOptions = field(default_factory=IngressOptions)
+
+    def validate(self) -> None:
+        for name in ("generator_template", "reranker_template"):
+            if getattr(self, name) not in ("", "study", "chat"):
+                raise ConfigError(f"{name}: must be study, chat or empty, got {getattr(self, name)!r}")
+        if self.quantize not in ("auto", "none", "8", "4"):
+            raise ConfigError(f"quantize: must be auto, none, 8 or 4, got {self.quantize!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port: must be in 1..65535, got {self.port}")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"route_prefix: must start with '/', got {self.route_prefix!r}")
+        if self.ensemble.k > self.limits.max_k:
+            raise ConfigError(f"ensemble.k: {self.ensemble.k} is above limits.max_k {self.limits.max_k}")
+        if self.ensemble.max_new_tokens > self.limits.max_new_tokens:
+            raise ConfigError(
+                f"ensemble.max_new_tokens: {self.ensemble.max_new_tokens} is above limits.max_new_tokens "
+                f"{self.limits.max_new_tokens}"
+            )
+        if self.request_timeout_s <= 0:
+            raise ConfigError("request_timeout_s: must be > 0")
+
+    def require_models(self) -> None:
+        """Called before launching (not at load time, so shipped YAMLs validate without trained models)."""
+        if not self.generator and not self.from_sweep:
+            raise ConfigError("generator: name a trained model (or from_sweep: a sweep dir)")
+        if not self.reranker and not self.from_sweep:
+            raise ConfigError("reranker: name a trained model (or from_sweep: a sweep dir)")
+
+    def resolved_api_key(self) -> str:
+        import os
+
+        return self.api_key or (os.environ.get(self.api_key_env, "") if self.api_key_env else "")
+
+
+def check_serve_app_file(path: str) -> list[ServeConfig]:
+    """Validate a Ray Serve config file (`serve run`/`serve deploy`/RayService) that runs our builder:
+    Ray's own schema for the file, then each duetto application's ``args`` as a ServeConfig."""
+    from pathlib import Path
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from duetto.config import read_yaml
+
+    data = read_yaml(path)
+    try:
+        schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(data)
+    except Exception as e:
+        raise ConfigError(f"{path}: not a valid Ray Serve config file: {e}") from None
+    from duetto.serve.app import config_from_args
+
+    configs = []
+    for i, app in enumerate(schema.applications):
+        if not app.import_path.startswith("duetto.serve.app:"):
+            continue
+        try:
+            configs.append(config_from_args(app.args))
+        except ConfigError as e:
+            raise ConfigError(f"{Path(path)}: applications[{i}].args: {e}") from None
+    if not configs:
+        raise ConfigError(f"{path}: no application imports duetto.serve.app:build_app")
+    return configs

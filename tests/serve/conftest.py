@@ -1,0 +1,61 @@
+"""Trial dirs shaped like what `duetto train` saves, built from the session's tiny models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def write_trial(out: Path, method: str, base: str, template: str, bits: int | None = None) -> None:
+    cfg = {"method": method, "model": str(base), "template": template, "max_seq_len": 128}
+    if bits is not None:
+        cfg["qlora"] = {"bits": bits}
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (out / "metrics.json").write_text(json.dumps({"eval_loss": 1.0, "model_dir": str(out / "model")}))
+
+
+@pytest.fixture(scope="session")
+def qlora_trial(tiny_gemma_dir, tmp_path_factory) -> Path:
+    """A QLoRA trial: model/ is a PEFT adapter over the tiny Gemma, with non-zero LoRA weights so
+    that applying it visibly changes the model (a freshly initialised LoRA is a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("qlora-trial")
+    base = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir)
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(out / "model")
+    AutoTokenizer.from_pretrained(tiny_gemma_dir).save_pretrained(out / "model")
+    write_trial(out, "qlora", str(tiny_gemma_dir), "study", bits=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def galore_trial(tiny_smollm_dir, tmp_path_factory) -> Path:
+    """A GaLore trial: model/ is a full model (the tiny SmolLM2-shaped Llama), chat template."""
+    out = tmp_path_factory.mktemp("galore-trial")
+    shutil.copytree(tiny_smollm_dir, out / "model")
+    write_trial(out, "galore", str(tiny_smollm_dir), "chat")
+    return out
+
+
+@pytest.fixture(scope="session")
+def load_lm():
+    """``load_lm(source, template="")`` -> a LoadedModel on CPU, loaded the way a deployment loads it."""
+    return _load_lm
+
+
+def _load_lm(source, template: str = ""):
+    from duetto.models import stop_token_ids
+    from duetto.serve.ensemble import LoadedModel
+    from duetto.serve.loading import load_for_inference, prompting_info
+
+    info = prompting_info(str(source), template)
+    model, tok = load_for_inference(info.spec, "cpu", tokenizer=info.tokenizer)
+    return LoadedModel(model, tok, info.template, stop_token_ids(tok, model.config), info.context, str(source))
