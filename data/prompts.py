@@ -30,7 +30,7 @@ TEMPLATES = ("study", "chat")
 IGNORE_INDEX = -100
 
 _SENTINEL = "DUETTOxRESPONSExSENTINEL"
-_response_end_cache: "weakref.WeakKeyDictionary[Any, dict[str, str]]" = weakref.WeakKeyDictionary()
+_tokenizer_cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def _check_template(template: str) -> None:
@@ -75,30 +75,41 @@ def _chat_turn_end(tokenizer) -> str | None:
     return max(matches, key=len) if matches else None
 
 
+def _cache(tokenizer) -> dict:
+    """Per-tokenizer memo (encode_* run once per example; these answers only change with the tokenizer)."""
+    try:
+        return _tokenizer_cache.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no memo
+        return {}
+
+
 def response_end(tokenizer, template: str = "study") -> str:
     """Text appended after a response so the model learns to stop (EOS, or the chat end-of-turn)."""
     _check_template(template)
-    try:
-        cache = _response_end_cache.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable: compute every time
-        cache = {}
-    if template not in cache:
+    key = ("end", template, getattr(tokenizer, "chat_template", None), tokenizer.eos_token)
+    memo = _cache(tokenizer)
+    if key not in memo:
         end = _chat_turn_end(tokenizer) if template == "chat" else None
         end = end or tokenizer.eos_token
         if not end:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end a response with")
-        cache[template] = end
-    return cache[template]
+        memo[key] = end
+    return memo[key]
 
 
 def _special_prefix(tokenizer) -> list[int]:
     """Ids the tokenizer puts in front of every text (Gemma: [<bos>]; SmolLM2: [])."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    for i in range(len(with_special) - len(plain) + 1):
-        if with_special[i : i + len(plain)] == plain:
-            return list(with_special[:i])
-    return []
+    key = ("prefix", tokenizer.bos_token_id)
+    memo = _cache(tokenizer)
+    if key not in memo:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        memo[key] = []
+        for i in range(len(with_special) - len(plain) + 1):
+            if with_special[i : i + len(plain)] == plain:
+                memo[key] = list(with_special[:i])
+                break
+    return list(memo[key])
 
 
 def encode_prompt(prompt: str, tokenizer) -> list[int]:

@@ -202,6 +202,17 @@ def test_resolve_model_builds_tiny_models_into_the_cache_once(duetto_cache):
     assert not [p for p in path.parent.iterdir() if p.is_dir() and p.name.startswith(".")]  # temp folders cleaned
 
 
+def test_concurrent_resolvers_build_one_tiny_model(duetto_cache):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(resolve_model, ["tiny-smollm"] * 4))
+    assert len(set(paths)) == 1
+    entries = sorted(p.name for p in (duetto_cache / "models").iterdir())
+    assert entries == [".tiny-smollm.lock", "tiny-smollm"]  # one build, no temp folder left behind
+    assert _tok(paths[0]).eos_token == "<|im_end|>"
+
+
 def test_resolve_model_passes_paths_and_hub_ids_through(tmp_path, duetto_cache):
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -73,8 +73,9 @@ def test_response_end_falls_back_to_eos_without_a_turn_token(tiny_gemma_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_gemma_dir)
+    assert response_end(tok, "chat") == "<end_of_turn>"
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    assert response_end(tok, "chat") == "<eos>"
+    assert response_end(tok, "chat") == "<eos>"  # the answer follows the template, not a stale memo
 
 
 # --- labels --------------------------------------------------------------------------------------
@@ -107,8 +108,9 @@ def test_bos_is_added_once(gemma_tok, smollm_tok):
     # SmolLM2 adds no BOS: the study prompt starts with its first word
     ids = encode_pair(build_prompt("Hi"), "Hello.", smollm_tok)["input_ids"]
     assert smollm_tok.convert_ids_to_tokens(ids[0]) == "Instruction"
-    ids = encode_pair(build_prompt("Hi", template="chat", tokenizer=smollm_tok), "Hello.", smollm_tok, template="chat")
-    assert ids[:2] != [ids[0], ids[0]]
+    # its chat template starts with <|im_start|>, which is also its bos_token: still not doubled
+    enc = encode_pair(build_prompt("Hi", template="chat", tokenizer=smollm_tok), "Hello.", smollm_tok, template="chat")
+    assert smollm_tok.decode(enc["input_ids"]).startswith("<|im_start|>system\n")
 
 
 def test_empty_input_leaves_out_the_input_block(tok):
