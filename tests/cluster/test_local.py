@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -222,3 +223,4 @@ def test_up_submit_status_down_leaves_other_rays_alone():
         if leftover is not None:
             local.stop(leftover)
         ray.shutdown()
+        shutil.rmtree(cdir, ignore_errors=True)
