@@ -142,6 +142,9 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     from duetto.serve.loading import models_from_sweep
     from duetto.trainers.evaluate import bleu4, bootstrap_ci, mean_rouge_l, paired_bootstrap
 
+    from duetto.trainers.methods import quiet_int8_cast_warning
+
+    quiet_int8_cast_warning()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     qlora_src, galore_src = (models_from_sweep(cfg.sweep) if cfg.sweep else (cfg.qlora, cfg.galore))
     rows = read_jsonl(cfg.test)

@@ -35,22 +35,20 @@ def generate_responses(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    old_sides = tokenizer.padding_side, tokenizer.truncation_side
-    # Generation continues from the right edge of every row, so pad and cut on the left: a long
-    # prompt loses its beginning, never the "Response:" cue it ends with.
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    from duetto.data.prompts import encode_prompt
+
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            chunk = list(prompts[i : i + batch_size])
-            enc = tokenizer(
-                chunk,
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-                truncation=max_prompt_tokens is not None,
-                max_length=max_prompt_tokens,
-            ).to(device)
+            # The prompt ids exactly as training saw them (BOS once), cut and padded on the left:
+            # generation continues from the right edge, and a long prompt loses its beginning,
+            # never the "Response:" cue it ends with.
+            ids = [encode_prompt(p, tokenizer) for p in prompts[i : i + batch_size]]
+            if max_prompt_tokens:
+                ids = [x[-max_prompt_tokens:] for x in ids]
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
+            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
             gen_kwargs: dict[str, Any] = dict(
                 max_new_tokens=max_new_tokens,
                 eos_token_id=stop,
@@ -63,11 +61,10 @@ def generate_responses(
             else:  # keep a model's sampling defaults from warning under greedy decoding
                 gen_kwargs.update(temperature=None, top_p=None, top_k=None)
             with torch.no_grad():
-                ids = model.generate(**enc, **gen_kwargs)
-            new = ids[:, enc["input_ids"].shape[1] :]
+                gen = model.generate(input_ids=input_ids, attention_mask=attention, **gen_kwargs)
+            new = gen[:, width:]
             out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side, tokenizer.truncation_side = old_sides
         if was_training:
             model.train()
     return out

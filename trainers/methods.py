@@ -54,6 +54,14 @@ class GaloreMethod:
         return Built(model, args, trainable, total)
 
 
+def quiet_int8_cast_warning() -> None:
+    """LLM.int8 warns "inputs will be cast ... to float16" on every matmul call: millions of log lines
+    per trial, which cost real time. Once is enough to know it happens."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+
+
 class QloraMethod:
     """LoRA adapters on a frozen base quantised by bitsandbytes (LLM.int8 or NF4 + double quant)."""
 
@@ -64,6 +72,7 @@ class QloraMethod:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         q = cfg.qlora
+        quiet_int8_cast_warning()
         if q.bits == 8:
             bnb = BitsAndBytesConfig(load_in_8bit=True)
         else:
