@@ -81,11 +81,15 @@ def build_random_gemma(out: Path, tokenizer_dir: str | None, seed: int, device: 
     from duetto.models import ensure_pad_token
 
     ensure_pad_token(tok)
-    cfg = Gemma3TextConfig(**GEMMA3_1B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Gemma3TextConfig(
+        **GEMMA3_1B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = Gemma3ForCausalLM(cfg).to(torch.bfloat16)
-    gen = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+    gen = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id
+    )
     if len(tok) < cfg.vocab_size:
         # a random model samples any of the 262k ids; keep to ids the tokenizer can turn into text
         gen.suppress_tokens = list(range(len(tok), cfg.vocab_size))
@@ -118,24 +122,24 @@ def build_models(args, work: Path) -> tuple[str, str]:
 def _percentiles(xs: list[float]) -> dict:
     from duetto.serve.bench import percentile
 
-    return {"mean": sum(xs) / len(xs), "p50": percentile(xs, 50), "p95": percentile(xs, 95), "p99": percentile(xs, 99), "max": max(xs)}
+    return {
+        "mean": sum(xs) / len(xs),
+        "p50": percentile(xs, 50),
+        "p95": percentile(xs, 95),
+        "p99": percentile(xs, 99),
+        "max": max(xs),
+    }
 
 
 def run_naive(gen_src: str, rer_src: str, args) -> dict:
     """Per request: generate k, score k, choose; strictly one request at a time."""
     import torch
 
-    from duetto.models import stop_token_ids
-    from duetto.serve.ensemble import EnsembleRequest, LoadedModel, ensemble_generate, generate_candidates, prompt_text
-    from duetto.serve.loading import load_for_inference, prompting_info
+    from duetto.serve.ensemble import EnsembleRequest, ensemble_generate, generate_candidates, prompt_text
+    from duetto.serve.loading import load_lm
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    lms = []
-    for src in (gen_src, rer_src):
-        info = prompting_info(src)
-        model, tok = load_for_inference(info.spec, device, tokenizer=info.tokenizer)
-        lms.append(LoadedModel(model, tok, info.template, stop_token_ids(tok, model.config), info.context, src))
-    gen, rer = lms
+    gen, rer = load_lm(gen_src, device=device), load_lm(rer_src, device=device)
 
     def sync() -> None:
         if device == "cuda":
@@ -172,7 +176,7 @@ def run_naive(gen_src: str, rer_src: str, args) -> dict:
         "plain_generate_8xk_tokens": sum(c.tokens for cs in out for c in cs),
         "device": device,
     }
-    del gen, rer, lms, model
+    del gen, rer
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -225,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--generator", help="trial dir / model dir / HF model (default: random gemma-3-1b-it)")
     p.add_argument("--reranker", help="trial dir / model dir / HF model (default: random gemma-3-1b-it, another seed)")
-    p.add_argument("--tokenizer", help="tokenizer dir for the random models (default: the tiny offline Gemma-style BPE)")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, k=2, 8 tokens, a few seconds of load")
+    p.add_argument(
+        "--tokenizer", help="tokenizer dir for the random models (default: the tiny offline Gemma-style BPE)"
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help="CPU smoke test: tiny models, k=2, 8 tokens, a few seconds of load"
+    )
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,8,16,32", help="comma-separated closed-loop client counts")
@@ -241,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.k, args.max_new_tokens = min(args.k, 2), min(args.max_new_tokens, 8)
         args.concurrency = args.concurrency if args.concurrency != "1,8,16,32" else "1,2"
-        args.duration, args.naive_requests, args.warmup, args.warmup_s = min(args.duration, 4.0), min(args.naive_requests, 3), 1, 2.0
+        args.duration, args.naive_requests, args.warmup, args.warmup_s = (
+            min(args.duration, 4.0),
+            min(args.naive_requests, 3),
+            1,
+            2.0,
+        )
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
 
     import torch
@@ -268,12 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         "serve": served,
     }  # fmt: skip
     rows = [("naive (sequential)", 1, naive["req_per_s"], naive["latency_ms"], {})]
-    rows += [(f"serve", r["concurrency"], r["req_per_s"], r["latency_ms"], r["errors"]) for r in served["runs"]]
+    rows += [("serve", r["concurrency"], r["req_per_s"], r["latency_ms"], r["errors"]) for r in served["runs"]]
     print(f"\nk={args.k}, {args.max_new_tokens} new tokens, {result['settings']['models']}, {env['gpu'] or 'CPU'}")
     print(f"{'pipeline':<20}{'conc':>5}{'req/s':>9}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}  errors")
     for name, c, rps, lat, errs in rows:
-        print(f"{name:<20}{c:>5}{rps:>9.2f}{lat['p50']:>10.0f}{lat['p95']:>10.0f}{lat['p99']:>10.0f}  {sum(errs.values())}")
-    print(f"plain HF generate, 8 prompts x {args.k} samples x {args.max_new_tokens} tokens: {naive['plain_generate_8xk_s']:.2f} s")
+        print(
+            f"{name:<20}{c:>5}{rps:>9.2f}{lat['p50']:>10.0f}{lat['p95']:>10.0f}{lat['p99']:>10.0f}  {sum(errs.values())}"
+        )
+    print(
+        f"plain HF generate, 8 prompts x {args.k} samples x {args.max_new_tokens} tokens: {naive['plain_generate_8xk_s']:.2f} s"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

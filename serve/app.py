@@ -52,27 +52,17 @@ class _ModelReplica:
     def _load(self, source: str, template: str, quantize: str, dtype: str, context_cap: int) -> None:
         import ray
 
-        from duetto.serve.ensemble import LoadedModel
-        from duetto.serve.loading import load_for_inference, pick_device, prompting_info
-        from duetto.models import stop_token_ids
+        from duetto.serve.loading import inspect_saved, load_lm, pick_device
 
         t0 = time.perf_counter()
-        info = prompting_info(source, template, context_cap)
         # the GPUs Ray actually assigned, so a Serve config file's ray_actor_options decide too
         self.device = pick_device(bool(ray.get_gpu_ids()))
-        model, tokenizer = load_for_inference(info.spec, self.device, dtype, quantize, tokenizer=info.tokenizer)
-        self.lm = LoadedModel(
-            model=model,
-            tokenizer=tokenizer,
-            template=info.template,
-            stop_ids=stop_token_ids(tokenizer, model.config),
-            max_seq_len=info.context,
-            name=source,
-        )
-        self.spec = info.spec
+        self.lm = load_lm(source, template, device=self.device, dtype=dtype, quantize=quantize, context_cap=context_cap)
+        self.spec = inspect_saved(source)
         self._lock = threading.Lock()
         self.load_s = time.perf_counter() - t0
-        log.info("loaded %s (%s, template=%s) on %s in %.1f s", source, type(model).__name__, info.template, self.device, self.load_s)
+        log.info("loaded %s (%s, template=%s) on %s in %.1f s", source, type(self.lm.model).__name__, self.lm.template,
+                 self.device, self.load_s)  # fmt: skip
 
     def _configure_batching(self, method: Any, opts: dict) -> None:
         method.set_max_batch_size(int(opts["max_batch_size"]))
@@ -120,7 +110,10 @@ class Generator(_ModelReplica):
         t0 = time.perf_counter()
         cands = await self._in_thread(sample_requests, self.lm, _requests_from(items))
         model_ms = (time.perf_counter() - t0) * 1000.0
-        return [{"candidates": [c.to_dict() for c in cs], "batch_requests": len(items), "model_ms": model_ms} for cs in cands]
+        return [
+            {"candidates": [c.to_dict() for c in cs], "batch_requests": len(items), "model_ms": model_ms}
+            for cs in cands
+        ]
 
 
 @serve.deployment(name="Reranker")
@@ -164,7 +157,10 @@ class Reranker(_ModelReplica):
         t0 = time.perf_counter()
         cands = await self._in_thread(lambda: sample_requests(self.lm, _requests_from(items), greedy=True))
         model_ms = (time.perf_counter() - t0) * 1000.0
-        return [{"candidates": [c.to_dict() for c in cs], "batch_requests": len(items), "model_ms": model_ms} for cs in cands]
+        return [
+            {"candidates": [c.to_dict() for c in cs], "batch_requests": len(items), "model_ms": model_ms}
+            for cs in cands
+        ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +174,13 @@ class ApiError(Exception):
         self.status, self.message, self.field, self.kind = status, message, field, kind
 
 
-def error_response(status: int, message: str, field: str | None = None, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    field: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict | None = None,
+) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "field": field, "param": field}}
     return JSONResponse(status_code=status, content=body, headers=headers)
 
@@ -268,7 +270,11 @@ def _chat_instruction(body: ChatCompletionRequest) -> str:
     system = [m.content for m in body.messages if m.role in ("system", "developer")]
     users = [i for i, m in enumerate(body.messages) if m.role == "user"]
     if any(m.role == "assistant" for m in body.messages) or len(users) != 1:
-        raise ApiError(422, "exactly one user message (plus optional system messages) is supported: the models answer single-turn instructions", "messages")
+        raise ApiError(
+            422,
+            "exactly one user message (plus optional system messages) is supported: the models answer single-turn instructions",
+            "messages",
+        )
     if users[0] != len(body.messages) - 1:
         raise ApiError(422, "the user message must be the last message", "messages")
     user = body.messages[users[0]].content
@@ -308,7 +314,12 @@ class Ingress:
     def _settings(self, *, instruction: str, input: str, k: int | None, max_new: int | None, temperature: float | None,
                   top_p: float | None, seed: int | None, mode: str | None, weight: float | None,
                   k_field: str, max_field: str, prompt_field: str) -> tuple[dict, str, float, int]:  # fmt: skip
-        from duetto.serve.ensemble import count_prompt_tokens, needs_generator, needs_reranker_scores, stop_suffix_tokens
+        from duetto.serve.ensemble import (
+            count_prompt_tokens,
+            needs_generator,
+            needs_reranker_scores,
+            stop_suffix_tokens,
+        )
 
         ens, lim = self.cfg.ensemble, self.cfg.limits
         k = ens.k if k is None else k
@@ -326,7 +337,13 @@ class Ingress:
             checks.append(("generator", self.gen_info, max_new))
         if needs_reranker_scores(mode) or mode == "reranker-greedy":
             # scoring appends the stop token(s) after the response
-            checks.append(("reranker", self.rer_info, max_new + stop_suffix_tokens(self.rer_info.tokenizer, self.rer_info.template)))
+            checks.append(
+                (
+                    "reranker",
+                    self.rer_info,
+                    max_new + stop_suffix_tokens(self.rer_info.tokenizer, self.rer_info.template),
+                )
+            )
         prompt_tokens = 0
         for name, info, budget in checks:
             n = count_prompt_tokens(info.tokenizer, info.template, instruction, input)
@@ -351,7 +368,12 @@ class Ingress:
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.cfg.model_name:
-            raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists {self.cfg.model_name!r}", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"model {model!r} is not served here; GET /v1/models lists {self.cfg.model_name!r}",
+                "model",
+                "model_not_found",
+            )
 
     # ---- the pipeline ------------------------------------------------------------------------
 
@@ -399,8 +421,13 @@ class Ingress:
         return {
             "response": cands[j].text,
             "candidates": [
-                {"text": c.text, "generator_logprob": c.generator_logprob, "reranker_score": c.reranker_score,
-                 "tokens": c.tokens, "finish_reason": c.finish_reason}
+                {
+                    "text": c.text,
+                    "generator_logprob": c.generator_logprob,
+                    "reranker_score": c.reranker_score,
+                    "tokens": c.tokens,
+                    "finish_reason": c.finish_reason,
+                }
                 for c in cands
             ],  # fmt: skip
             "chosen_index": j,
@@ -452,7 +479,11 @@ class Ingress:
     async def completions(self, body: CompletionRequest) -> dict:
         self._check_model(body.model)
         if body.stream:
-            raise ApiError(422, "streaming is not supported: the ensemble picks an answer only after all candidates finish", "stream")
+            raise ApiError(
+                422,
+                "streaming is not supported: the ensemble picks an answer only after all candidates finish",
+                "stream",
+            )
         request, mode, weight, prompt_tokens = self._settings(
             instruction=body.prompt, input="", k=body.n, max_new=body.max_tokens,
             temperature=body.temperature, top_p=body.top_p, seed=body.seed, mode=body.mode, weight=body.weight,
@@ -465,7 +496,9 @@ class Ingress:
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.cfg.model_name,
-            "choices": [{"text": out["response"], "index": 0, "logprobs": None, "finish_reason": chosen["finish_reason"]}],
+            "choices": [
+                {"text": out["response"], "index": 0, "logprobs": None, "finish_reason": chosen["finish_reason"]}
+            ],
             "usage": _usage(prompt_tokens, out),
             "duetto": _extension(out),
         }
@@ -474,7 +507,11 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest) -> dict:
         self._check_model(body.model)
         if body.stream:
-            raise ApiError(422, "streaming is not supported: the ensemble picks an answer only after all candidates finish", "stream")
+            raise ApiError(
+                422,
+                "streaming is not supported: the ensemble picks an answer only after all candidates finish",
+                "stream",
+            )
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise ApiError(422, "give max_tokens or max_completion_tokens, not both", "max_tokens")
         instruction = _chat_instruction(body)

@@ -76,7 +76,9 @@ def check_loopback(url: str) -> None:
         raise ValueError(f"--url: cannot resolve {host!r}: {e}") from None
     bad = [a for a in addrs if not ipaddress.ip_address(a.split("%")[0]).is_loopback]
     if bad:
-        raise ValueError(f"--url: {host} resolves to non-loopback {sorted(bad)}; the load generator only targets this machine")
+        raise ValueError(
+            f"--url: {host} resolves to non-loopback {sorted(bad)}; the load generator only targets this machine"
+        )
 
 
 def make_body(route: str, instruction: str, k: int | None, max_new_tokens: int | None, extra: dict | None) -> dict:

@@ -28,7 +28,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("serving")
     run.add_argument("--generator", help="trial dir / model dir / PEFT adapter / HF model that samples the candidates")
     run.add_argument("--reranker", help="trial dir / model dir / HF model that scores the candidates")
-    run.add_argument("--from-sweep", metavar="DIR", help="sweep dir: best QLoRA trial generates, best GaLore trial reranks")
+    run.add_argument(
+        "--from-sweep", metavar="DIR", help="sweep dir: best QLoRA trial generates, best GaLore trial reranks"
+    )
     run.add_argument("--mode", choices=["reranker", "mix", "generator", "reranker-greedy"], help="default scoring mode")
     run.add_argument("--weight", type=float, help="generator log-prob weight in mode=mix")
     run.add_argument("--quantize", choices=["auto", "none", "8", "4"], help="base weights under a PEFT adapter")
@@ -36,19 +38,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--port", type=int, help="HTTP port (default 8000)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="any config key, dotted (e.g. generator_deployment.num_gpus=0.5); repeatable")  # fmt: skip
-    run.add_argument("--address", default=None, help="Ray to join: auto = the `ray start` head on this machine, or HOST:PORT (default: $RAY_ADDRESS, else a private local Ray)")
+    run.add_argument(
+        "--address",
+        default=None,
+        help="Ray to join: auto = the `ray start` head on this machine, or HOST:PORT (default: $RAY_ADDRESS, else a private local Ray)",
+    )
     run.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     both = parser.add_argument_group("serving and bench")
     both.add_argument("--k", type=int, help="candidates per request (serving: the default; bench: what requests ask)")
-    both.add_argument("--max-new-tokens", type=int, help="tokens per candidate (serving: the default; bench: per request)")
-    both.add_argument("--api-key", default=None, help="bearer token (default: $DUETTO_API_KEY); serving checks it, bench sends it")
+    both.add_argument(
+        "--max-new-tokens", type=int, help="tokens per candidate (serving: the default; bench: per request)"
+    )
+    both.add_argument(
+        "--api-key", default=None, help="bearer token (default: $DUETTO_API_KEY); serving checks it, bench sends it"
+    )
     bench = parser.add_argument_group("bench (duetto serve bench ...)")
     bench.add_argument("--url", default=None, help="endpoint to load, loopback only (default http://127.0.0.1:8000)")
     bench.add_argument("--concurrency", type=int, default=None, help="closed-loop clients (default 4)")
     bench.add_argument("--duration", type=float, default=None, help="seconds to send requests (default 10)")
-    bench.add_argument("--route", choices=["generate", "completions", "chat"], default=None, help="API route (default generate)")
-    bench.add_argument("--extra", default=None, help="JSON object merged into every request body (e.g. '{\"mode\": \"mix\"}')")
+    bench.add_argument(
+        "--route", choices=["generate", "completions", "chat"], default=None, help="API route (default generate)"
+    )
+    bench.add_argument(
+        "--extra", default=None, help='JSON object merged into every request body (e.g. \'{"mode": "mix"}\')'
+    )
     bench.add_argument("--timeout", type=float, default=None, help="per-request timeout in seconds (default 120)")
     bench.add_argument("--json-out", default=None, metavar="PATH", help="also write the result as JSON")
 
@@ -65,7 +79,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         from duetto.serve.bench import bench_main
 
-        defaults = {"url": "http://127.0.0.1:8000", "concurrency": 4, "duration": 10.0, "route": "generate", "timeout": 120.0}
+        defaults = {
+            "url": "http://127.0.0.1:8000",
+            "concurrency": 4,
+            "duration": 10.0,
+            "route": "generate",
+            "timeout": 120.0,
+        }
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)

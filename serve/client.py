@@ -77,12 +77,16 @@ class EnsembleClient:
 
     def complete(self, prompt: str, **options: Any) -> dict:
         """POST /v1/completions (OpenAI fields: n, max_tokens, temperature, top_p, seed, model)."""
-        return self._send("POST", "/v1/completions", {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}})
+        return self._send(
+            "POST", "/v1/completions", {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
+        )
 
     def chat(self, messages: list[dict[str, str]], **options: Any) -> dict:
         """POST /v1/chat/completions with OpenAI-style messages."""
         return self._send(
-            "POST", "/v1/chat/completions", {"messages": messages, **{k: v for k, v in options.items() if v is not None}}
+            "POST",
+            "/v1/chat/completions",
+            {"messages": messages, **{k: v for k, v in options.items() if v is not None}},
         )
 
     def models(self) -> dict:

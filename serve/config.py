@@ -203,7 +203,11 @@ def check_serve_app_file(path: str) -> list[ServeConfig]:
 
     data = read_yaml(path)
     try:
-        schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(data)
+        schema = (
+            ServeDeploySchema.model_validate(data)
+            if hasattr(ServeDeploySchema, "model_validate")
+            else ServeDeploySchema.parse_obj(data)
+        )
     except Exception as e:
         raise ConfigError(f"{path}: not a valid Ray Serve config file: {e}") from None
     from duetto.serve.app import config_from_args

@@ -174,7 +174,10 @@ def generate_candidates(
         # Step by step, so a 262k vocabulary never needs a steps x rows x vocab tensor.
         gen_ids = out.sequences[:, enc["input_ids"].shape[1] :]
         logp = torch.stack(
-            [torch.log_softmax(step.float(), dim=-1).gather(-1, gen_ids[:, t : t + 1]).squeeze(-1) for t, step in enumerate(out.logits)],
+            [
+                torch.log_softmax(step.float(), dim=-1).gather(-1, gen_ids[:, t : t + 1]).squeeze(-1)
+                for t, step in enumerate(out.logits)
+            ],
             dim=1,
         ).cpu()
         del out.logits
@@ -318,7 +321,9 @@ def _settings_groups(requests: Sequence[EnsembleRequest]) -> dict[tuple, list[in
     return groups
 
 
-def sample_requests(lm: LoadedModel, requests: Sequence[EnsembleRequest], *, greedy: bool = False) -> list[list[Candidate]]:
+def sample_requests(
+    lm: LoadedModel, requests: Sequence[EnsembleRequest], *, greedy: bool = False
+) -> list[list[Candidate]]:
     """Candidates for each request from ``lm``, one generate call per group of equal settings.
     greedy=True decodes one greedy answer per request (the reranker-greedy comparison mode)."""
     out: list[list[Candidate]] = [[] for _ in requests]
@@ -335,11 +340,19 @@ def sample_requests(lm: LoadedModel, requests: Sequence[EnsembleRequest], *, gre
 
 
 def score_requests(
-    lm: LoadedModel, requests: Sequence[EnsembleRequest], candidates: Sequence[Sequence[Candidate]], *, batch_rows: int = 32
+    lm: LoadedModel,
+    requests: Sequence[EnsembleRequest],
+    candidates: Sequence[Sequence[Candidate]],
+    *,
+    batch_rows: int = 32,
 ) -> None:
     """Set ``reranker_score`` on every candidate: one padded scoring pass over all of them."""
     pairs = [(r.instruction, r.input, c.text) for r, cs in zip(requests, candidates) for c in cs]
-    scores = iter(score_candidates(lm.model, lm.tokenizer, pairs, template=lm.template, max_seq_len=lm.max_seq_len, batch_rows=batch_rows))
+    scores = iter(
+        score_candidates(
+            lm.model, lm.tokenizer, pairs, template=lm.template, max_seq_len=lm.max_seq_len, batch_rows=batch_rows
+        )
+    )
     for cs in candidates:
         for c in cs:
             c.reranker_score = next(scores)
@@ -385,7 +398,10 @@ def ensemble_generate(
         j = choose(cs, mode, weight)
         results.append(
             EnsembleResult(
-                response=cs[j].text, candidates=cs, chosen_index=j, mode=mode,
+                response=cs[j].text,
+                candidates=cs,
+                chosen_index=j,
+                mode=mode,
                 timings_ms={"generate": t_gen, "score": t_score, "total": t_gen + t_score},
             )  # fmt: skip
         )

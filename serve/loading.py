@@ -93,7 +93,9 @@ def inspect_saved(source: str | Path) -> SavedModel:
             raise ConfigError(f"{adapter_cfg_file}: not valid JSON: {e}") from None
         base = adapter_cfg.get("base_model_name_or_path") or trial_cfg.get("model")
         if not base:
-            raise ConfigError(f"{adapter_cfg_file}: base_model_name_or_path is empty and no trial config names the base")
+            raise ConfigError(
+                f"{adapter_cfg_file}: base_model_name_or_path is empty and no trial config names the base"
+            )
         spec.adapter, spec.base = True, str(base)
     elif not (model_dir / "config.json").is_file():
         raise ConfigError(f"{model_dir}: neither config.json (a full model) nor adapter_config.json (a PEFT adapter)")
@@ -113,7 +115,9 @@ def models_from_sweep(sweep_dir: str | Path) -> tuple[str, str]:
     for method in ("qlora", "galore"):
         entry = best.get(method) if isinstance(best, dict) else None
         if not isinstance(entry, dict) or not (entry.get("trial_dir") or entry.get("model_dir")):
-            raise ConfigError(f"{best_file}: no {method} entry with trial_dir/model_dir (the sweep found no finished {method} trial)")
+            raise ConfigError(
+                f"{best_file}: no {method} entry with trial_dir/model_dir (the sweep found no finished {method} trial)"
+            )
         picked.append(str(entry.get("trial_dir") or entry.get("model_dir")))
     return picked[0], picked[1]
 
@@ -246,3 +250,22 @@ def prompting_info(source: str, template_override: str = "", context_cap: int = 
     if context_cap > 0:
         context = min(context, context_cap)
     return PromptingInfo(spec, tokenizer, default_template(spec, tokenizer, template_override), context)
+
+
+def load_lm(source: str, template: str = "", *, device: str = "cpu", dtype: str = "auto", quantize: str = "auto",
+            context_cap: int = 0):  # fmt: skip
+    """Everything the ensemble functions need for one model (a ``duetto.serve.ensemble.LoadedModel``):
+    the deployments, the benchmark and the report load models through this one function."""
+    from duetto.models import stop_token_ids
+    from duetto.serve.ensemble import LoadedModel
+
+    info = prompting_info(source, template, context_cap)
+    model, tokenizer = load_for_inference(info.spec, device, dtype, quantize, tokenizer=info.tokenizer)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        template=info.template,
+        stop_ids=stop_token_ids(tokenizer, model.config),
+        max_seq_len=info.context,
+        name=str(source),
+    )

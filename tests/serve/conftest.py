@@ -29,7 +29,9 @@ def qlora_trial(tiny_gemma_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("qlora-trial")
     base = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir)
     torch.manual_seed(1)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(out / "model")
     AutoTokenizer.from_pretrained(tiny_gemma_dir).save_pretrained(out / "model")
     write_trial(out, "qlora", str(tiny_gemma_dir), "study", bits=8)
@@ -52,10 +54,6 @@ def load_lm():
 
 
 def _load_lm(source, template: str = ""):
-    from duetto.models import stop_token_ids
-    from duetto.serve.ensemble import LoadedModel
-    from duetto.serve.loading import load_for_inference, prompting_info
+    from duetto.serve.loading import load_lm
 
-    info = prompting_info(str(source), template)
-    model, tok = load_for_inference(info.spec, "cpu", tokenizer=info.tokenizer)
-    return LoadedModel(model, tok, info.template, stop_token_ids(tok, model.config), info.context, str(source))
+    return load_lm(str(source), template, device="cpu")

@@ -171,11 +171,33 @@ BAD_REQUESTS = [
     ("completions-prompt-list", "/v1/completions", {"prompt": ["a", "b"]}, 422, "prompt"),
     ("completions-prompt-too-long", "/v1/completions", {"prompt": LONG}, 422, "prompt"),
     ("chat-no-messages", "/v1/chat/completions", {"messages": []}, 422, "messages"),
-    ("chat-bad-role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
-    ("chat-multi-turn", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                                              {"role": "user", "content": "c"}]}, 422, "messages"),  # fmt: skip
-    ("chat-both-max-tokens", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2,
-                                                      "max_completion_tokens": 2}, 422, "max_tokens"),  # fmt: skip
+    (
+        "chat-bad-role",
+        "/v1/chat/completions",
+        {"messages": [{"role": "robot", "content": "hi"}]},
+        422,
+        "messages.0.role",
+    ),
+    (
+        "chat-multi-turn",
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ]
+        },
+        422,
+        "messages",
+    ),  # fmt: skip
+    (
+        "chat-both-max-tokens",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2, "max_completion_tokens": 2},
+        422,
+        "max_tokens",
+    ),  # fmt: skip
 ]
 
 
@@ -197,11 +219,17 @@ def test_unknown_route_and_method(http):
     assert r.status_code == 405 and "error" in r.json()
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/nothing"])
+@pytest.mark.parametrize(
+    "path", ["/v1/models", "/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/nothing"]
+)
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}],
                          ids=["missing", "wrong", "not-bearer"])  # fmt: skip
 def test_token_checked_on_every_route_but_health(http, path, headers):
-    r = http.post(path, json={"instruction": "hi"}, headers=headers) if path != "/v1/models" else http.get(path, headers=headers)
+    r = (
+        http.post(path, json={"instruction": "hi"}, headers=headers)
+        if path != "/v1/models"
+        else http.get(path, headers=headers)
+    )
     assert r.status_code == 401
     assert r.json()["error"]["type"] == "authentication_error"
     assert r.headers["www-authenticate"] == "Bearer"
@@ -228,7 +256,9 @@ def test_overload_is_503_not_a_hang(served, http):
     url, _ = served
 
     async def flood():
-        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60, limits=httpx.Limits(max_connections=40)) as c:
+        async with httpx.AsyncClient(
+            base_url=url, headers=AUTH, timeout=60, limits=httpx.Limits(max_connections=40)
+        ) as c:
             return await asyncio.gather(*[
                 c.post("/v1/generate", json={"instruction": "Tell a story.", "k": 2, "max_new_tokens": 8}) for _ in range(30)
             ])  # fmt: skip
@@ -249,7 +279,9 @@ def test_bounded_load_run_has_no_errors(served):
     result = asyncio.run(run_load(url, concurrency=2, duration_s=3.0, k=2, max_new_tokens=4, api_key=KEY))
     assert result.errors == {}, result
     assert result.ok >= 2 and result.ok == result.requests
-    assert 0 < result.latency_ms["p50"] <= result.latency_ms["p95"] <= result.latency_ms["p99"] <= result.latency_ms["max"]
+    assert (
+        0 < result.latency_ms["p50"] <= result.latency_ms["p95"] <= result.latency_ms["p99"] <= result.latency_ms["max"]
+    )
     assert result.req_per_s > 0
 
 

@@ -34,7 +34,10 @@ def test_serve_app_file_is_a_valid_ray_serve_config():
     path = CONFIGS / "serve_app.yaml"
     assert path.read_text().splitlines()[0] == "# serve run configs/serve_app.yaml"
     (cfg,) = check_serve_app_file(str(path))
-    assert cfg.generator_deployment.num_gpus == 0.5 and cfg.from_sweep == load_config(ServeConfig, CONFIGS / "serve.yaml").from_sweep
+    assert (
+        cfg.generator_deployment.num_gpus == 0.5
+        and cfg.from_sweep == load_config(ServeConfig, CONFIGS / "serve.yaml").from_sweep
+    )
 
 
 def test_serve_app_file_errors_name_the_key(tmp_path):
@@ -49,7 +52,10 @@ def test_serve_app_file_errors_name_the_key(tmp_path):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["generator_deployment.max_batch_size=16", "generator_deployment.max_ongoing_requests=8"], "max_ongoing_requests: 8 is below"),
+        (
+            ["generator_deployment.max_batch_size=16", "generator_deployment.max_ongoing_requests=8"],
+            "max_ongoing_requests: 8 is below",
+        ),
         (["ensemble.k=20"], "ensemble.k: 20 is above limits.max_k"),
         (["ensemble.weight=1.5"], "ensemble.weight"),
         (["quantize=3"], "quantize"),
@@ -92,7 +98,9 @@ def test_serve_fails_before_ray_on_missing_models(tmp_path, capsys):
 def test_from_sweep_fills_only_what_is_not_named(tmp_path, qlora_trial, galore_trial):
     from duetto.serve.app import resolve_sources
 
-    (tmp_path / "best.json").write_text(json.dumps({"galore": {"trial_dir": str(galore_trial)}, "qlora": {"trial_dir": str(qlora_trial)}}))
+    (tmp_path / "best.json").write_text(
+        json.dumps({"galore": {"trial_dir": str(galore_trial)}, "qlora": {"trial_dir": str(qlora_trial)}})
+    )
     cfg = resolve_sources(load_config(ServeConfig, None, [f"from_sweep={tmp_path}"]))
     assert (cfg.generator, cfg.reranker) == (str(qlora_trial), str(galore_trial))
     cfg = resolve_sources(load_config(ServeConfig, None, [f"from_sweep={tmp_path}", f"reranker={qlora_trial}"]))

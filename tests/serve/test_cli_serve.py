@@ -128,7 +128,9 @@ def test_serve_run_config_file(qlora_trial, galore_trial, tmp_path):
         while not lines.empty():
             tail.append(lines.get())
         assert status == 200, "".join(tail[-40:])
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"instruction": "hi", "k": 2, "max_new_tokens": 3}, timeout=120)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/generate", json={"instruction": "hi", "k": 2, "max_new_tokens": 3}, timeout=120
+        )
         assert r.status_code == 200 and len(r.json()["candidates"]) == 2
     finally:
         _stop(proc)

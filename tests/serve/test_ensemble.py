@@ -18,7 +18,11 @@ from duetto.serve.ensemble import (
 PAIRS = [
     ("What is the capital of France?", "", "The capital of France is Paris."),
     ("Give a synonym for the word big.", "", "A synonym for big is large."),
-    ("Summarize the following text in one sentence.", "Plants need sunlight, water and air to grow.", "Plants need light."),
+    (
+        "Summarize the following text in one sentence.",
+        "Plants need sunlight, water and air to grow.",
+        "Plants need light.",
+    ),
     ("Name three colors of the rainbow.", "", "Red"),
 ]
 
@@ -75,9 +79,12 @@ def test_generator_logprob_is_the_models_raw_logprob(which, request):
             assert c.generator_logprob == pytest.approx(_reference_logprobs(lm, prompt, c.token_ids), abs=1e-4)
             # not the sampler's temperature-warped distribution
             assert c.generator_logprob != pytest.approx(_reference_logprobs(lm, prompt, c.token_ids, 0.5), abs=1e-3)
-            assert c.text == lm.tokenizer.decode(
-                [t for t in c.token_ids if t not in lm.stop_ids], skip_special_tokens=True
-            ).strip()
+            assert (
+                c.text
+                == lm.tokenizer.decode(
+                    [t for t in c.token_ids if t not in lm.stop_ids], skip_special_tokens=True
+                ).strip()
+            )
 
 
 def test_greedy_batch_equals_each_prompt_alone(gemma):
@@ -118,8 +125,14 @@ def test_reranker_changes_the_choice(tiny_smollm_dir, load_lm):
     from duetto.data.prompts import encode_example
 
     lm = load_lm(tiny_smollm_dir, "chat")
-    question, good, bad = "What is the capital of Italy?", "The capital of Italy is Rome.", "Monday, Tuesday and Friday."
-    before = score_candidates(lm.model, lm.tokenizer, [(question, "", good), (question, "", bad)], template="chat", max_seq_len=128)
+    question, good, bad = (
+        "What is the capital of Italy?",
+        "The capital of Italy is Rome.",
+        "Monday, Tuesday and Friday.",
+    )
+    before = score_candidates(
+        lm.model, lm.tokenizer, [(question, "", good), (question, "", bad)], template="chat", max_seq_len=128
+    )
     enc = encode_example({"instruction": question, "response": good}, lm.tokenizer, template="chat", max_seq_len=128)
     ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor([enc["labels"]])
     torch.manual_seed(0)
@@ -130,10 +143,15 @@ def test_reranker_changes_the_choice(tiny_smollm_dir, load_lm):
         lm.model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
     lm.model.eval()
-    after = score_candidates(lm.model, lm.tokenizer, [(question, "", good), (question, "", bad)], template="chat", max_seq_len=128)
+    after = score_candidates(
+        lm.model, lm.tokenizer, [(question, "", good), (question, "", bad)], template="chat", max_seq_len=128
+    )
     assert after[0] > before[0] + 1.0 and after[0] > after[1] + 1.0
     # the generator liked the bad answer better
-    cands = [Candidate(bad, generator_logprob=-0.2, reranker_score=after[1]), Candidate(good, generator_logprob=-2.5, reranker_score=after[0])]
+    cands = [
+        Candidate(bad, generator_logprob=-0.2, reranker_score=after[1]),
+        Candidate(good, generator_logprob=-2.5, reranker_score=after[0]),
+    ]
     assert choose(cands, "generator") == 0
     assert choose(cands, "reranker") == 1
     assert choose(cands, "mix", 0.2) == 1
@@ -155,7 +173,8 @@ def test_ensemble_generate_end_to_end(gemma, smollm):
     # the reranker scores are the reranker's, not the generator's
     texts = [(reqs[0].instruction, "", c.text) for c in res[0].candidates]
     assert [c.reranker_score for c in res[0].candidates] == pytest.approx(
-        score_candidates(smollm.model, smollm.tokenizer, texts, template="chat", max_seq_len=smollm.max_seq_len), abs=1e-5
+        score_candidates(smollm.model, smollm.tokenizer, texts, template="chat", max_seq_len=smollm.max_seq_len),
+        abs=1e-5,
     )
     # a seed makes the candidates reproducible, whatever else is in the batch
     again = ensemble_generate(gemma, smollm, [reqs[0]], mode="generator")

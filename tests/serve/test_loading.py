@@ -54,7 +54,9 @@ def test_adapter_is_applied_and_merged_exactly(qlora_trial, tiny_gemma_dir):
     ids = torch.tensor([tok("What is the capital of Peru?")["input_ids"]])
     with torch.no_grad():
         plain = base(input_ids=ids).logits
-        unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gemma_dir), spec.path)(input_ids=ids).logits
+        unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gemma_dir), spec.path)(
+            input_ids=ids
+        ).logits
         got = merged(input_ids=ids).logits
     assert torch.allclose(got, unmerged, atol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-3)  # the adapter really changes the model
