@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +36,20 @@ def duetto_cache(tmp_path, monkeypatch):
     root = tmp_path / "duetto-cache"
     monkeypatch.setenv("DUETTO_CACHE", str(root))
     return root
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def unified_data(tmp_path_factory) -> tuple[str, str]:
+    """96 train / 24 test rows of real Alpaca data in our unified schema (short rows, so 64 tokens hold most)."""
+    src = SHARED / "alpaca_en_demo.json"
+    if not src.exists():
+        pytest.skip(f"{src} not found (CI copies ../shared beside the checkout)")
+    rows = [r for r in json.loads(src.read_text()) if len(r["instruction"]) + len(r["output"]) < 240]
+    rows = [{"instruction": r["instruction"], "input": r["input"], "response": r["output"]} for r in rows[:120]]
+    d = tmp_path_factory.mktemp("unified")
+    for name, part in (("train.jsonl", rows[:96]), ("test.jsonl", rows[96:])):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    return str(d / "train.jsonl"), str(d / "test.jsonl")
