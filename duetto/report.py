@@ -76,14 +76,10 @@ class ReportConfig:
 
 
 def _load_lm(source: str, device: str, template: str = ""):
-    from duetto.models import stop_token_ids
-    from duetto.serve.ensemble import LoadedModel
-    from duetto.serve.loading import load_for_inference, prompting_info
+    """The model as the endpoint loads it, plus what the trial saved about it."""
+    from duetto.serve.loading import inspect_saved, load_lm
 
-    info = prompting_info(source, template)
-    model, tok = load_for_inference(info.spec, device, "auto", "auto", tokenizer=info.tokenizer)
-    return LoadedModel(model=model, tokenizer=tok, template=info.template,
-                       stop_ids=stop_token_ids(tok, model.config), max_seq_len=info.context, name=source), info.spec
+    return load_lm(source, template, device=device), inspect_saved(source)
 
 
 def _decode(lm, rows: list[dict], cfg: ReportConfig, *, generator=None, reranker=None, ensemble: bool = False):
