@@ -284,7 +284,8 @@ def test_unknown_source_kind_is_a_config_error():
 @pytest.mark.parametrize(
     "line,reason",
     [
-        ('{"instruction": "Q", "input": "", "response": "A", "source": "s"}', "missing field 'id'"),
+        ('{"instruction": "Q", "response": "A", "source": "s", "id": "1"}', "missing field 'input'"),
+        ('{"instruction": "Q", "input": "", "response": "A", "id": 3}', "field 'id' must be a string"),
         ('{"instruction": "Q", "input": "", "response": 4, "source": "s", "id": "1"}', "field 'response' must be a string"),
         ('{"instruction": "Q", "input": "", "response": "A", "source": "s", "id": "1", "extra": 1}', "unknown field 'extra'"),
         ('{"instruction": "Q"', "invalid JSON"),
@@ -298,3 +299,10 @@ def test_read_jsonl_checks_the_schema(tmp_path, line, reason):
         read_jsonl(path)
     path.write_text(f"{good}\n", encoding="utf-8")
     assert read_jsonl(path) == [json.loads(good)]
+
+
+def test_read_jsonl_accepts_files_without_provenance(tmp_path):
+    """Hand-made files in our schema need not carry `source`/`id` (`duetto data prepare` writes them)."""
+    p = tmp_path / "mine.jsonl"
+    p.write_text('{"instruction": "Q", "input": "", "response": "A"}\n')
+    assert read_jsonl(p) == [{"instruction": "Q", "input": "", "response": "A"}]
