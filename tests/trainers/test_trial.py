@@ -202,6 +202,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, tiny_gemma_dir, unified
     from duetto.trainers.trial import FAIL_AT_STEP_ENV
 
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "8")
+    ray.shutdown()  # a Ray of another test may still be up: this one needs the env var in its workers
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {FAIL_AT_STEP_ENV: "8"}})
     try:
         cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=qlora", "scaling.num_workers=1",
