@@ -66,6 +66,7 @@ def phase(args, method: str, trials: int, work: Path) -> dict:
     return {
         "trials": trials,
         "gpus_per_trial": sweep.resources.gpus_per_trial,
+        "cpus_per_trial": sweep.resources.cpus_per_trial,
         "per_trial_tokens_per_second": [round(m["tokens_per_second"], 1) for m in metrics],
         "aggregate_tokens_per_second": round(sum(m["tokens_per_second"] for m in metrics), 1),
         "trained_tokens": tokens,
@@ -104,8 +105,9 @@ def main() -> None:
         alone = phase(args, method, 1, Path(args.work))
         speedup = together["aggregate_tokens_per_second"] / alone["aggregate_tokens_per_second"]
         report["methods"][method] = {"concurrent": together, "alone": alone, "aggregate_speedup": round(speedup, 2)}
+        share = f"{together['cpus_per_trial']:g} CPU" if args.cpu else f"{together['gpus_per_trial']:g} GPU"
         print(
-            f"{method}: {args.trials} trials at {together['gpus_per_trial']} GPU each: "
+            f"{method}: {args.trials} trials at {share} each: "
             f"{together['aggregate_tokens_per_second']:.0f} tok/s together "
             f"({', '.join(f'{x:.0f}' for x in together['per_trial_tokens_per_second'])}) vs "
             f"{alone['aggregate_tokens_per_second']:.0f} tok/s alone = x{speedup:.2f}; end to end "

@@ -1,0 +1,244 @@
+"""Run, or resume, a sweep: one Ray Tune ``Tuner`` whose trials each build and fit one TorchTrainer.
+
+Ray 2.60 runs Train V2, where ``Tuner(TorchTrainer(...))`` is refused; the supported pattern is a
+function trainable (``sweep_trial``) that builds the trial's TorchTrainer and forwards its reports to
+Tune through ``TuneReportCallback``. The TorchTrainer stores its run under the Tune trial's own folder
+with a fixed name, so whenever Tune runs a trial again (a retry after an error, or ``--resume`` after
+the driver died) the TorchTrainer finds its run there and continues from its last checkpoint.
+
+Layout of a sweep folder (Tune's experiment directory)::
+
+    sweep.yaml        the SweepConfig as run (``--resume`` and ``report`` read it)
+    base_trial.yaml   the resolved base TrialConfig every trial starts from
+    <method>_<id>/    one Tune trial: params.json, result.json, progress.csv, TensorBoard events,
+                      and the trial's own model/, config.yaml, metrics.json, train/ (Ray Train run)
+    results.csv, results.md, best.json, pareto.png    written when the sweep ends
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from duetto.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
+from duetto.tune.spec import SweepConfig, base_trial_dict, check_resources, gpus_per_trial, param_space, total_trials, trial_config
+
+SWEEP_FILE = "sweep.yaml"
+BASE_FILE = "base_trial.yaml"
+TRAIN_RUN_NAME = "train"
+
+
+# ------------------------------------------------------------------------------------------------
+# the Tune trial (runs in a Tune actor)
+# ------------------------------------------------------------------------------------------------
+
+
+def sweep_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> None:
+    """One Tune trial = one TorchTrainer run of ``base`` + the sampled ``config["trial"]``.
+
+    The trial writes into ``<sweep_dir>/<trial name>``, not ``tune.get_context().get_trial_dir()``:
+    the latter is a staging folder inside this Ray session's temp dir, gone after a restart, while
+    a resumed trial must find its TorchTrainer run (and checkpoints) again.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from duetto.trainers.trial import build_torch_trainer
+
+    trial_dir = str(Path(sweep_dir, tune.get_context().get_trial_name()))
+    cfg = trial_config(base, config["trial"], output_dir=trial_dir)
+    trainer = build_torch_trainer(cfg, storage_path=trial_dir, name=TRAIN_RUN_NAME, callbacks=[TuneReportCallback()])
+    trainer.fit()  # raises when the run fails past its worker retries, so Tune sees the error
+
+
+def trial_name(trial) -> str:
+    """``galore_3f2a1_00004``: the method first, so tables and folders group by method."""
+    method = (trial.config.get("trial") or {}).get("method", "trial")
+    return f"{method}_{trial.trial_id}"
+
+
+def _trainable(sweep: SweepConfig, base: dict[str, Any], sweep_dir: Path):
+    from ray import tune
+
+    fn = tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_dir))
+    return tune.with_resources(fn, {"cpu": sweep.resources.driver_cpus})
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray
+# ------------------------------------------------------------------------------------------------
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join a running cluster (``address``, RAY_ADDRESS, or the job's own under `ray job submit`),
+    else start a local Ray with the given CPUs/GPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        if num_cpus is not None or num_gpus is not None:
+            raise ConfigError("--num-cpus/--num-gpus size a local Ray; a joined cluster has its own resources")
+        ray.init(address=address)
+    else:
+        _start_local(num_cpus, num_gpus)
+
+
+def _start_local(num_cpus: int | None, num_gpus: int | None) -> None:
+    """A private local Ray whose every process knows its own address.
+
+    Train V2 frees the worker placement group of a trial that ASHA killed only after its
+    PlacementGroupCleaner actor asks the State API (served by the dashboard) whether the trial's
+    controller is dead. That actor finds the cluster through RAY_ADDRESS, else through whichever Ray
+    started last on the machine; with a second Ray around (other sweeps, tests, a `ray start` head)
+    it asks the wrong one, gives up, and every stopped trial keeps its CPUs/GPUs until the sweep
+    starves. So: the dashboard on, the GCS on a port chosen here, and RAY_ADDRESS pointing at it in
+    the environment the Ray daemons (and so all workers) inherit. ``address="local"`` makes ray.init
+    itself ignore that RAY_ADDRESS and start a new Ray rather than join another one.
+    """
+    import socket
+
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+    try:
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _cluster() -> tuple[dict[str, float], list[dict[str, float]]]:
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return dict(ray.cluster_resources()), nodes
+
+
+# ------------------------------------------------------------------------------------------------
+# new sweep / resume
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(base: dict[str, Any]) -> None:
+    for key in ("train", "test"):
+        path = Path(base["data"][key])
+        if not path.is_file():
+            raise ConfigError(f"base.data.{key}: {path} does not exist (run `duetto data prepare` or set the path)")
+
+
+def _tuner(sweep: SweepConfig, base: dict[str, Any], max_concurrent: int):
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from duetto.tune.scheduler import build_scheduler
+
+    return tune.Tuner(
+        _trainable(sweep, base, sweep.sweep_dir()),
+        param_space=param_space(sweep),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.resolved_mode,
+            scheduler=build_scheduler(sweep),
+            # Given a search_alg instance, Tune ignores TuneConfig.max_concurrent_trials: the limit goes here.
+            search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent),
+            num_samples=1,  # the grid in param_space already repeats each method num_samples times
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.sweep_dir().name,
+            storage_path=str(sweep.sweep_dir().parent),
+            failure_config=tune.FailureConfig(max_failures=sweep.failures.trial_retries, fail_fast=sweep.failures.fail_fast),
+            verbose=sweep.verbose,
+        ),
+    )
+
+
+def prepare(sweep: SweepConfig) -> dict[str, Any]:
+    """Everything checkable before Ray: the base trial, its data, its model (fetched or built once here,
+    not by N concurrent trials)."""
+    base = base_trial_dict(sweep)
+    _check_inputs(base)
+    from duetto.models import resolve_model
+
+    base["model"] = resolve_model(base["model"])
+    return base
+
+
+def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> Path:
+    """Run a new sweep to the end; return its folder (results are written there)."""
+    sweep_dir = sweep.sweep_dir()
+    if any(sweep_dir.glob("experiment_state-*.json")):
+        raise ConfigError(
+            f"storage_path: {sweep_dir} already holds a sweep; finish it with `duetto sweep --resume {sweep_dir}`, "
+            "or choose another name/storage_path"
+        )
+    base = prepare(sweep)
+    connect(address, num_cpus, num_gpus)
+    cluster, nodes = _cluster()
+    fits = check_resources(sweep, cluster, nodes)
+    concurrent = sweep.max_concurrent_trials or fits
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    resolved = from_dict(SweepConfig, {**to_dict(sweep), "storage_path": str(sweep_dir)})
+    dump_yaml(resolved, sweep_dir / SWEEP_FILE)
+    (sweep_dir / BASE_FILE).write_text(yaml.safe_dump(base, sort_keys=False))
+    print(
+        f"duetto sweep: {total_trials(sweep)} trials ({', '.join(f'{m} x{sweep.samples_for(m)}' for m in sweep.methods)}), "
+        f"{gpus_per_trial(sweep, cluster):g} GPU + {sweep.resources.cpus_per_trial:g} CPU per trial, "
+        f"{concurrent} at a time, {sweep.scheduler.type} on {sweep.metric} ({sweep.resolved_mode}) -> {sweep_dir}",
+        flush=True,
+    )
+    _tuner(sweep, base, concurrent).fit()
+    return sweep_dir
+
+
+def load_sweep_dir(sweep_dir: str | Path) -> tuple[SweepConfig, dict[str, Any]]:
+    """The SweepConfig and base trial a sweep folder was started with."""
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    path = sweep_dir / SWEEP_FILE
+    if not path.is_file():
+        raise ConfigError(f"{sweep_dir}: not a duetto sweep folder (no {SWEEP_FILE}); give the folder `duetto sweep` printed")
+    sweep = load_config(SweepConfig, path)
+    base = yaml.safe_load((sweep_dir / BASE_FILE).read_text())
+    return sweep, base
+
+
+def resume_sweep(
+    sweep_dir: str | Path, *, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+    retry_errored: bool = False,
+) -> Path:
+    """Finish a sweep whose driver stopped: finished trials stay as they are, unfinished ones run on
+    from their TorchTrainer checkpoints, errored ones are retried only with ``retry_errored``."""
+    from ray import tune
+
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    sweep, base = load_sweep_dir(sweep_dir)
+    if not tune.Tuner.can_restore(str(sweep_dir)):
+        raise ConfigError(f"{sweep_dir}: Tune saved no experiment state there yet, so there is nothing to resume; start it again")
+    connect(address, num_cpus, num_gpus)
+    cluster, nodes = _cluster()
+    check_resources(sweep, cluster, nodes)
+    print(f"duetto sweep: resuming {sweep_dir}", flush=True)
+    tuner = tune.Tuner.restore(
+        str(sweep_dir),
+        trainable=_trainable(sweep, base, sweep_dir),
+        resume_unfinished=True,
+        resume_errored=retry_errored,
+    )
+    tuner.fit()
+    return sweep_dir
