@@ -95,7 +95,7 @@ def main() -> None:
 
     import ray
 
-    from duetto.tune.sweep import connect
+    from duetto.ray_connect import connect
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     connect(num_cpus=args.num_cpus if args.cpu else None, num_gpus=0 if args.cpu else None)

@@ -430,23 +430,12 @@ def build_torch_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callb
     )
 
 
-def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (or the job's), else start an embedded local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(include_dashboard=False)
-
-
 def run_trial(cfg: TrialConfig, *, storage_path: str | None = None, name: str | None = None) -> dict:
     """Run one trial to the end on Ray Train and return its metrics (also in output_dir/metrics.json)."""
     if cfg.scaling.num_workers > 0:  # local mode (0 workers) runs in this process: no cluster needed
-        ensure_ray()
+        from duetto.ray_connect import connect
+
+        connect()
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "trial.yaml")
