@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -145,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
     from duetto.tune.spec import load_sweep
     from duetto.tune.sweep import start_sweep
 
+    import torch
+
     config = args.config or str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
-    sweep = load_sweep(config, [
+    on_gpu = ["resources.gpus_per_trial=0.5"] if torch.cuda.is_available() else []
+    sweep = load_sweep(config, [*on_gpu,
         f"base.model={model_path}", f"base.data.train={data_dir / 'train.jsonl'}",
         f"base.data.test={data_dir / 'test.jsonl'}", f"storage_path={out / 'sweep'}", *args.overrides,
     ])
@@ -166,10 +168,16 @@ def run(args: argparse.Namespace) -> int:
     from duetto.serve.client import EnsembleClient, format_answer
     from duetto.serve.config import ServeConfig
 
+    import ray
+
     port = args.port or _free_port()
+    # Fractional CPUs: on 2 cores three replicas asking 1 CPU each never schedule. With a GPU, the
+    # generator and the reranker share it.
+    gpu = 0.5 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     cfg = from_dict(ServeConfig, {
         "from_sweep": str(sweep_dir), "port": port, "quantize": "auto",
-        "generator_deployment": {"num_cpus": 0.25}, "reranker_deployment": {"num_cpus": 0.25},
+        "generator_deployment": {"num_cpus": 0.25, "num_gpus": gpu},
+        "reranker_deployment": {"num_cpus": 0.25, "num_gpus": gpu},
         "ingress_deployment": {"num_cpus": 0.25},
     })
     url = start(cfg)
@@ -190,7 +198,5 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(3600)
     finally:
         serve.shutdown()
-        import ray
-
         ray.shutdown()
     return 0
