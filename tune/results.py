@@ -152,8 +152,10 @@ def write_markdown(sweep, rows: list[dict[str, Any]], best: dict[str, dict[str, 
     lines = [
         f"# Sweep `{sweep.name}`",
         "",
-        f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
-        f"chosen by **{sweep.metric}** ({sweep.resolved_mode}); scheduler {sweep.scheduler.type}.",
+        (
+            f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+            f"chosen by **{sweep.metric}** ({sweep.resolved_mode}); scheduler {sweep.scheduler.type}."
+        ),
         "Rows that stopped early show their last interim report (BLEU/ROUGE on the interim rows only).",
         "",
         "| trial | method | hyper-parameters | bleu4 | rougeL | eval_loss | peak mem (GiB) | tokens/s | wall (s) | status |",

@@ -21,18 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from duetto.tune.spec import (
-    SweepConfig,
-    base_trial_dict,
-    check_resources,
-    gpus_per_trial,
-    param_space,
-    total_trials,
-    trial_config,
-)
 
 from duetto.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from duetto.ray_connect import connect
+from duetto.tune.spec import SweepConfig, base_trial_dict, check_resources, gpus_per_trial, param_space, total_trials, trial_config
 
 SWEEP_FILE = "sweep.yaml"
 BASE_FILE = "base_trial.yaml"
@@ -51,9 +43,10 @@ def sweep_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) ->
     the latter is a staging folder inside this Ray session's temp dir, gone after a restart, while
     a resumed trial must find its TorchTrainer run (and checkpoints) again.
     """
-    from duetto.trainers.trial import build_torch_trainer
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from duetto.trainers.trial import build_torch_trainer
 
     trial_dir = str(Path(sweep_dir, tune.get_context().get_trial_name()))
     cfg = trial_config(base, config["trial"], output_dir=trial_dir)
@@ -99,9 +92,10 @@ def _check_inputs(base: dict[str, Any]) -> None:
 
 
 def _tuner(sweep: SweepConfig, base: dict[str, Any], max_concurrent: int):
-    from duetto.tune.scheduler import build_scheduler
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from duetto.tune.scheduler import build_scheduler
 
     return tune.Tuner(
         _trainable(sweep, base, sweep.sweep_dir()),

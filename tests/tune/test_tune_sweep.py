@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +106,27 @@ def test_sweep_tiny_end_to_end(tmp_path, tiny_gemma_dir, sweep_data, duetto_cli)
     assert json.loads((sweep_dir / "best.json").read_text()) == best
 
 
+def test_a_trial_that_keeps_failing_is_retried_then_reported(tmp_path, tiny_gemma_dir, sweep_data, duetto_cli):
+    """LoRA on a module the model lacks passes the config checks but fails when the trial builds its
+    model: Tune must run it 1 + trial_retries times, then the sweep exits 1 and says why."""
+    sweep_dir = tmp_path / "sweep"
+    path = _tiny_sweep(
+        tmp_path / "s.yaml", tiny_gemma_dir, sweep_data, sweep_dir, num_samples=1,
+        methods={"qlora": {"learning_rate": 1e-3, "target_modules": ["nope_proj"]}},
+        **{"failures.trial_retries": 1, "failures.worker_retries": 0, "scheduler.type": "fifo"},
+    )
+    proc = duetto_cli("sweep", str(path), "--num-cpus", "2")
+    assert proc.returncode == 1, _fail(proc)
+    (row,) = _rows(sweep_dir)
+    assert (row["status"], row["failures"]) == ("error", "2"), row
+    assert "nope_proj" in row["error"], row
+    assert "nope_proj" in (Path(row["trial_dir"]) / "error.txt").read_text()
+    assert f"FAILED {row['trial']}" in proc.stdout
+    md = (sweep_dir / "results.md").read_text()
+    assert "## Errors" in md and "2 failed attempts" in md
+    assert json.loads((sweep_dir / "best.json").read_text()) == {}
+
+
 def _trial_dirs(sweep_dir: Path, method: str) -> list[Path]:
     return sorted(p for p in sweep_dir.glob(f"{method}_*") if p.is_dir())
 
@@ -115,7 +137,7 @@ def _terminated(sweep_dir: Path) -> set[str]:
 
     try:
         return {Path(t.path).name for t in ExperimentAnalysis(str(sweep_dir)).trials if t.status == "TERMINATED"}
-    except Exception:  # the state file is being rewritten right now; ask again
+    except Exception:  # noqa: BLE001 - the state file may be half rewritten this instant; ask again
         return set()
 
 
@@ -131,25 +153,24 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, tiny_
            "methods.galore.learning_rate": 3e-3, "methods.qlora.learning_rate": 3e-2},
     )
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "duetto", "sweep", str(path), "--num-cpus", "2"], cwd=REPO,
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 1500
-        while time.time() < deadline:
-            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-6000:]
-            galore, qlora = _trial_dirs(sweep_dir, "galore"), _trial_dirs(sweep_dir, "qlora")
-            if galore and qlora and list((qlora[0] / "train").glob("checkpoint_*")):
-                if galore[0].name in _terminated(sweep_dir):
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "duetto", "sweep", str(path), "--num-cpus", "2"], cwd=REPO,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 1500
+            while time.time() < deadline:
+                assert driver.poll() is None, (tmp_path / "first.log").read_text()[-6000:]
+                galore, qlora = _trial_dirs(sweep_dir, "galore"), _trial_dirs(sweep_dir, "qlora")
+                checkpointed = bool(qlora) and bool(list((qlora[0] / "train").glob("checkpoint_*")))
+                if galore and checkpointed and galore[0].name in _terminated(sweep_dir):
                     break
-            time.sleep(1)
-        else:
-            pytest.fail("the sweep never reached: GaLore finished and QLoRA checkpointed")
-    finally:
-        # The driver's own session holds it and the local Ray it started: our processes only.
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-        log.close()
+                time.sleep(1)
+            else:
+                pytest.fail("the sweep never reached: GaLore finished and QLoRA checkpointed")
+        finally:
+            # The driver's own session holds it and the local Ray it started: our processes only.
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
     galore, qlora = galore[0], qlora[0]
     galore_results = (galore / "result.json").read_text()
     galore_metrics = (galore / "metrics.json").stat().st_mtime_ns
@@ -230,12 +251,13 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_gemma_dir, sweep_dat
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(venv_bin / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-         *[f"--{k}={v}" for k, v in ports.items()]],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(tmp_path / "head.log", "w") as head_log:
+        head = subprocess.Popen(
+            [str(venv_bin / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+             *[f"--{k}={v}" for k, v in ports.items()]],
+            env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         deadline = time.time() + 180
@@ -256,7 +278,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_gemma_dir, sweep_dat
              "duetto", "sweep", "configs/sweep_tiny.yaml", f"base.model={tiny_gemma_dir}", f"base.data.train={train}",
              f"base.data.test={test}", f"storage_path={sweep_dir}", "num_samples=1", "scheduler.type=fifo",
              "base.max_steps=8"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=1500, check=False,
         )
         assert submit.returncode == 0, _fail(submit)
         assert "succeeded" in submit.stdout
@@ -268,3 +290,4 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_gemma_dir, sweep_dat
     finally:
         _stop_head(head)
     assert not _session_pids(head.pid), "processes of the test's head survived"
+    shutil.rmtree(temp_dir, ignore_errors=True)
