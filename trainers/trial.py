@@ -398,7 +398,7 @@ def _cluster_has_gpu() -> bool:
 
 def build_torch_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callbacks: list | None = None):
     """The TorchTrainer for one trial (the sweep builds one per Tune trial with this)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
@@ -425,6 +425,9 @@ def build_torch_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callb
             name=name,
             storage_path=str(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Resuming needs only the newest checkpoint; full GaLore checkpoints of every report of
+            # every trial of a sweep would fill a disk (Train V2 keeps all by default).
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
     )
