@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from duetto.config import ConfigError, to_dict
+from duetto.files import file_sha256
 from duetto.data.sources import DEFAULT_SPLIT, KINDS, DataError, Example, RowError, read_rows, resolve, to_examples
 
 #: the fields of every unified record, in the order they are written
@@ -129,14 +130,6 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prepare(config: DataConfig, log: Callable[[str], None] = _stderr) -> dict[str, Any]:
     """Build the split described by ``config``; returns the manifest (also written to out/manifest.json).
 
@@ -156,7 +149,7 @@ def prepare(config: DataConfig, log: Callable[[str], None] = _stderr) -> dict[st
         if fmt == "hub":
             info["split"] = src.split or DEFAULT_SPLIT[src.kind]
         else:
-            info["sha256"] = _sha256_file(location)
+            info["sha256"] = file_sha256(location)
         rows = examples = kept = 0
         dropped: Counter[str] = Counter()
         duplicate_of: Counter[str] = Counter()

