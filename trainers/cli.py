@@ -14,7 +14,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from duetto.config import ConfigError, format_help, load_config, to_dict
+    from duetto.config import format_help, load_config, to_dict
     from duetto.trainers.config import TrialConfig
 
     if args.help_config:
@@ -29,10 +29,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from duetto.trainers.trial import run_trial
 
-    try:
-        metrics = run_trial(cfg)
-    except ConfigError:
-        raise
+    metrics = run_trial(cfg)
     keys = ("method", "train_loss", "eval_loss", "bleu4", "rougeL", "peak_memory_bytes", "tokens_per_second", "wall_seconds")
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
     print(f"saved: {metrics.get('model_dir')}")

@@ -371,7 +371,7 @@ def train_loop_per_worker(config: dict) -> None:
                 tokenizer.save_pretrained(str(model_dir))
             resolved = to_dict(cfg)
             resolved["model"] = model_path
-            (out / "config.yaml").write_text(__import__("yaml").safe_dump(resolved, sort_keys=False))
+            dump_yaml(resolved, out / "config.yaml")
             with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
                 for row, pred in zip(gen_rows, predictions):
                     f.write(json.dumps({"instruction": row["instruction"], "input": row.get("input", ""),
