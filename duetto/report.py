@@ -75,6 +75,11 @@ class ReportConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+def _log(msg: str) -> None:
+    # a 365-example report takes minutes on a GPU: say where it is
+    print(f"[duetto report {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def _load_lm(source: str, device: str, template: str = ""):
     """The model as the endpoint loads it, plus what the trial saved about it."""
     from duetto.serve.loading import inspect_saved, load_lm
@@ -107,6 +112,7 @@ def _decode(lm, rows: list[dict], cfg: ReportConfig, *, generator=None, reranker
             for cands in sample_requests(lm, reqs, greedy=True):
                 texts.append(cands[0].text)
                 info.append({})
+    _log(f"{'ensemble' if ensemble else lm.name}: {len(rows)} examples in {time.perf_counter() - t0:.0f} s")
     return texts, (time.perf_counter() - t0) / max(1, len(rows)), info
 
 
@@ -136,7 +142,7 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
 
     from duetto.data.unify import read_jsonl
     from duetto.serve.loading import models_from_sweep
-    from duetto.trainers.evaluate import bleu4, bootstrap_ci, mean_rouge_l, paired_bootstrap
+    from duetto.trainers.evaluate import METRICS, bootstrap_ci, paired_bootstrap
 
     from duetto.trainers.methods import quiet_int8_cast_warning
 
@@ -169,23 +175,20 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
         del lm
 
     n = cfg.bootstrap
-    for s in systems.values():
-        s["bleu4"] = bootstrap_ci(s["texts"], refs, bleu4, n_resamples=n, seed=cfg.seed)
-        s["rougeL"] = bootstrap_ci(s["texts"], refs, mean_rouge_l, n_resamples=n, seed=cfg.seed)
-    base = systems["Baseline"]["texts"]
-    tests: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    stats = {name: {m: stat(s["texts"], refs) for m, (stat, _) in METRICS.items()} for name, s in systems.items()}
     for name, s in systems.items():
-        if name == "Baseline":
-            continue
-        for metric, fn in (("bleu4", bleu4), ("rougeL", mean_rouge_l)):
-            tests.append({"a": "Baseline", "b": name, "metric": metric,
-                          **paired_bootstrap(base, s["texts"], refs, fn, n_resamples=n, seed=cfg.seed)})
+        for m, (_, from_sums) in METRICS.items():
+            s[m] = bootstrap_ci(stats[name][m], from_sums, n_resamples=n, seed=cfg.seed)
     better = max(("QLoRA", "GaLore"), key=lambda k: systems[k]["rougeL"][0])
     ens_name = next(k for k in systems if k.startswith("Ensemble"))
-    for metric, fn in (("bleu4", bleu4), ("rougeL", mean_rouge_l)):
-        tests.append({"a": better, "b": ens_name, "metric": metric,
-                      **paired_bootstrap(systems[better]["texts"], systems[ens_name]["texts"], refs, fn,
-                                         n_resamples=n, seed=cfg.seed)})
+    pairs = [("Baseline", name) for name in systems if name != "Baseline"] + [(better, ens_name)]
+    tests: list[dict[str, Any]] = []
+    for a, b in pairs:
+        for m, (_, from_sums) in METRICS.items():
+            tests.append({"a": a, "b": b, "metric": m,
+                          **paired_bootstrap(stats[a][m], stats[b][m], from_sums, n_resamples=n, seed=cfg.seed)})
+    _log(f"scored {len(systems)} systems, {len(tests)} paired tests, {n} resamples in {time.perf_counter() - t0:.1f} s")
 
     resources = {}
     for name, spec in (("QLoRA", q_spec), ("GaLore", g_spec)):

@@ -7,10 +7,10 @@ study used. ROUGE-L is rouge-score's F-measure averaged over examples (0-1), wit
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -92,35 +92,66 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
     return {"bleu4": bleu4(predictions, references), "rougeL": sum(r) / len(r)}
 
 
+# Bootstrap over examples without re-scoring text: each metric is a sum of per-example statistics
+# (sacrebleu's n-gram counts and lengths; one ROUGE-L F per example), so a resample is an index
+# draw and a sum. Re-running sacrebleu and rouge-score on every resample took over ten minutes for
+# one 365-example report on the H200 machine; this takes well under a second. sacrebleu's own
+# significance tests (sacrebleu.significance) resample the same statistics the same way.
+
+
+def bleu_stats(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """(n, 10) per-example BLEU statistics: hypothesis and reference length, 4 matched and 4 total n-gram counts."""
+    from sacrebleu.metrics.bleu import BLEU
+
+    return np.asarray(BLEU()._extract_corpus_statistics(list(predictions), [list(references)]), dtype=np.int64)
+
+
+def bleu_from_sums(sums: np.ndarray, n: int) -> np.ndarray:
+    """Corpus BLEU (0-100) of each row of summed statistics; equals sacrebleu.corpus_bleu on those examples."""
+    from sacrebleu.metrics.bleu import BLEU
+
+    metric = BLEU()
+    return np.array([metric._compute_score_from_stats(row).score for row in np.atleast_2d(sums)])
+
+
+def rouge_stats(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """(n, 1) per-example ROUGE-L F-measures."""
+    return np.asarray(rouge_l_scores(predictions, references), dtype=np.float64).reshape(-1, 1)
+
+
+def rouge_from_sums(sums: np.ndarray, n: int) -> np.ndarray:
+    return np.atleast_2d(sums)[:, 0] / max(1, n)
+
+
+#: name -> (per-example statistics, score of summed statistics)
+METRICS: dict[str, tuple[Callable[[Sequence[str], Sequence[str]], np.ndarray], Callable[[np.ndarray, int], np.ndarray]]] = {
+    "bleu4": (bleu_stats, bleu_from_sums),
+    "rougeL": (rouge_stats, rouge_from_sums),
+}
+
+
 def bootstrap_ci(
-    predictions: Sequence[str],
-    references: Sequence[str],
-    metric: Callable[[list[str], list[str]], float],
+    stats: np.ndarray,
+    from_sums: Callable[[np.ndarray, int], np.ndarray],
     *,
     n_resamples: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
 ) -> tuple[float, float, float]:
-    """(point estimate, low, high): percentile bootstrap over examples."""
-    rng = random.Random(seed)
-    n = len(predictions)
-    preds, refs = list(predictions), list(references)
-    point = metric(preds, refs)
-    stats = []
-    for _ in range(n_resamples):
-        idx = [rng.randrange(n) for _ in range(n)]
-        stats.append(metric([preds[i] for i in idx], [refs[i] for i in idx]))
-    stats.sort()
-    lo = stats[int((alpha / 2) * n_resamples)]
-    hi = stats[min(n_resamples - 1, int((1 - alpha / 2) * n_resamples))]
-    return point, lo, hi
+    """(point estimate, low, high): percentile bootstrap over examples of per-example ``stats``."""
+    n = len(stats)
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    point = float(from_sums(stats.sum(axis=0), n)[0])
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    lo, hi = np.quantile(from_sums(stats[idx].sum(axis=1), n), [alpha / 2, 1 - alpha / 2])
+    return point, float(lo), float(hi)
 
 
 def paired_bootstrap(
-    preds_a: Sequence[str],
-    preds_b: Sequence[str],
-    references: Sequence[str],
-    metric: Callable[[list[str], list[str]], float],
+    stats_a: np.ndarray,
+    stats_b: np.ndarray,
+    from_sums: Callable[[np.ndarray, int], np.ndarray],
     *,
     n_resamples: int = 1000,
     seed: int = 0,
@@ -130,23 +161,14 @@ def paired_bootstrap(
     Returns the observed delta, its 95% interval, and p = share of resamples where B is not better
     (one-sided: small p means B beats A).
     """
-    rng = random.Random(seed)
-    n = len(references)
-    a, b, r = list(preds_a), list(preds_b), list(references)
-    observed = metric(b, r) - metric(a, r)
-    deltas = []
-    for _ in range(n_resamples):
-        idx = [rng.randrange(n) for _ in range(n)]
-        ri = [r[i] for i in idx]
-        deltas.append(metric([b[i] for i in idx], ri) - metric([a[i] for i in idx], ri))
-    deltas.sort()
-    p = sum(1 for d in deltas if d <= 0) / n_resamples
-    return {
-        "delta": observed,
-        "low": deltas[int(0.025 * n_resamples)],
-        "high": deltas[min(n_resamples - 1, int(0.975 * n_resamples))],
-        "p_not_better": p,
-    }
+    n = len(stats_a)
+    if n != len(stats_b):
+        raise ValueError(f"paired bootstrap over {n} and {len(stats_b)} examples")
+    observed = float(from_sums(stats_b.sum(axis=0), n)[0] - from_sums(stats_a.sum(axis=0), n)[0])
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    deltas = from_sums(stats_b[idx].sum(axis=1), n) - from_sums(stats_a[idx].sum(axis=1), n)
+    lo, hi = np.quantile(deltas, [0.025, 0.975])
+    return {"delta": observed, "low": float(lo), "high": float(hi), "p_not_better": float(np.mean(deltas <= 0))}
 
 
 def mean_rouge_l(predictions: list[str], references: list[str]) -> float:
