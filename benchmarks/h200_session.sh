@@ -1,99 +1,105 @@
 #!/usr/bin/env bash
-# One device session's GPU work for issues 3, 4, 5 and 7, on a 2-GPU H200 machine, as two lanes that
-# run side by side (one GPU each) so that every throughput figure is still measured alone on its GPU.
+# One device session's GPU work (issues 3, 4, 5, 7) on a 2-GPU H200 machine: two lanes, one GPU each,
+# run side by side, so that every throughput figure is still measured alone on its GPU. A lane is a
+# list of the jobs below, run in order; a failed job is logged and the lane goes on.
 #
-#   lane 0 (GPU 0): prep (SmolLM2 from its GGUF, the shared data) -> GaLore study trial (914 steps)
-#                   -> wait for lane 1's QLoRA study trial -> `duetto report` of the study (issue 7)
-#                   -> serve_bench.py on the two study models (issue 5)
-#                   -> train_gpu.py: gemma-3-1b-it-shaped GaLore, SmolLM2 NF4 (issue 3)
-#                   -> optional: the real `duetto sweep configs/sweep_study.yaml` search (RUN_SEARCH=1)
-#   lane 1 (GPU 1): QLoRA int8 study trial (914 steps) -> train_gpu.py: gemma-3-1b-it-shaped QLoRA
-#                   int8 and NF4 (issue 3) -> sweep_gpu.py: 4 trials sharing the GPU vs 1 alone (issue 4)
+#   prep          SmolLM2-135M-Instruct from its GGUF + the shared data, unified and split (seed 0)
+#   study-galore  the study's GaLore trial (configs/galore_study.yaml, 914 steps)        -> issues 3, 7
+#   study-qlora   the study's QLoRA int8 trial (configs/qlora_study.yaml, 914 steps)     -> issues 3, 7
+#   report        `duetto report` of the study, once both study trials exist            -> issue 7
+#   serve-bench   serve_bench.py: random gemma-3-1b-it x2 (SERVE_MODELS=study: the two study trials)
+#   serve-bench-study  serve_bench.py on the two study trials                             -> issue 5
+#   train-gemma   train_gpu.py on the gemma-3-1b-it architecture, GEMMA_VARIANTS          -> issue 3
+#   sweep-gpu     sweep_gpu.py: 4 trials sharing the GPU vs one alone, both methods       -> issue 4
+#   sweep-search  the real `duetto sweep configs/sweep_study.yaml` (ASHA search)          -> issues 4, 7
 #
-# Usage on the device (the lanes are detached with setsid, so they outlive the `run` call that starts
-# them; later calls only look):
-#   bash benchmarks/h200_session.sh start GGUF SHARED_DATA_DIR   # copies the tree, launches both lanes
-#   bash benchmarks/h200_session.sh status                       # lane progress; packs $OUT/results.tgz
-#
-# Everything lands in $R (/tmp/results): logs/, study/ (the report), *.json benchmark figures.
+# On the device (lanes detach with setsid and outlive the `run` call that starts them; later calls
+# only look, and each look packs $OUT/results.tgz):
+#   LANE0="prep study-galore report" LANE1="study-qlora" \
+#     bash benchmarks/h200_session.sh start GGUF SHARED_DATA_DIR
+#   bash benchmarks/h200_session.sh status
+# A lane other than lane 0 waits for prep. Session of 2026-11-28: LANE0="prep study-galore report
+# serve-bench-study ..." LANE1="study-qlora train-gemma sweep-gpu" (benchmarks/results/README.md).
 set -u
 SRC=/tmp/duetto-src W=/tmp/study R=/tmp/results M=/tmp/bench-models
 TRAIN_STEPS=${TRAIN_STEPS:-100} SWEEP_STEPS=${SWEEP_STEPS:-150} SERVE_SECONDS=${SERVE_SECONDS:-20}
+GEMMA_VARIANTS=${GEMMA_VARIANTS:-galore,qlora-int8,qlora-nf4}
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 # LLM.int8 and HF deprecation lines drown the progress lines; the filtered copy is what comes back.
 NOISE='MatMul8bitLt|inputs will be cast|warnings.warn\(|FutureWarning|UserWarning|DeprecationWarning|gradient_checkpointing_enable|token.authentication|RAY_AUTH'
 
-job() {  # job NAME CMD...: run one step of a lane, log it, never stop the lane on failure
-  local name=$1; shift
+job() {  # job NAME: run one step of a lane, log it, never stop the lane on failure
+  local name=$1
   echo "== $(date +%T) start $name"
-  "$@" >"$R/logs/$name.log" 2>&1
+  "do_$name" >"$R/logs/$name.log" 2>&1
   local rc=$?
   echo "== $(date +%T) end $name rc=$rc"
-  return $rc
+  [ $rc = 0 ] && touch "$R/$name.done" || touch "$R/$name.failed"
 }
 
-gemma() {  # the gemma-3-1b-it architecture with random weights, built in this lane's own folder
+wait_for() { while [ ! -e "$R/$1.done" ] && [ ! -e "$R/$1.failed" ]; do sleep 3; done; }
+
+do_prep() { python3 benchmarks/study_gpu.py prep --gguf "$GGUF" --shared "$SHARED" --work $W; }
+do_study-galore() { python3 benchmarks/study_gpu.py train --methods galore --work $W; }
+do_study-qlora() { python3 benchmarks/study_gpu.py train --methods qlora --work $W; }
+do_report() {
+  wait_for study-galore; wait_for study-qlora
+  python3 benchmarks/study_gpu.py report --work $W --out $R/study
+}
+do_serve-bench() {
+  python3 benchmarks/serve_bench.py --duration "$SERVE_SECONDS" --out $R/serve_bench_gemma1b_h200.json
+}
+do_serve-bench-study() {
+  wait_for study-galore; wait_for study-qlora
+  python3 benchmarks/serve_bench.py --generator $W/qlora_study --reranker $W/galore_study \
+    --duration "$SERVE_SECONDS" --out $R/serve_bench_smollm2_h200.json
+}
+do_train-gemma() {
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_models import gemma3_1b_random; \
-print(gemma3_1b_random('$M/$1/gemma3-1b-random'))"
+gemma3_1b_random('$M/$LANE/gemma3-1b-random')" &&
+  python3 benchmarks/train_gpu.py --data $W/data --steps "$TRAIN_STEPS" --variants "$GEMMA_VARIANTS" \
+    --model gemma3-1b-random=$M/$LANE/gemma3-1b-random --work /tmp/bench-$LANE --out $R/train_gpu_gemma_$LANE.json
+}
+do_sweep-gpu() {
+  python3 benchmarks/sweep_gpu.py --trials 4 --steps "$SWEEP_STEPS" --model $W/models/smollm2-135m-instruct \
+    --data $W/data --out $R/sweep_gpu_h200.json
+}
+do_sweep-search() {
+  duetto sweep configs/sweep_study.yaml "base.model=$W/models/smollm2-135m-instruct" \
+    "base.data.train=$W/data/train.jsonl" "base.data.test=$W/data/test.jsonl" storage_path=$R/sweeps &&
+  cp $R/sweeps/study/results.md $R/sweeps/study/results.csv $R/sweeps/study/best.json $R/ 2>/dev/null; true
 }
 
-lane0() {
-  export CUDA_VISIBLE_DEVICES=0
-  job prep python3 benchmarks/study_gpu.py prep --gguf "$1" --shared "$2" --work $W
-  touch $R/prep.done
-  job study-galore python3 benchmarks/study_gpu.py train --methods galore --work $W
-  while [ ! -e $R/study-qlora.done ]; do sleep 5; done
-  job report python3 benchmarks/study_gpu.py report --work $W --out $R/study
-  job serve-bench python3 benchmarks/serve_bench.py --generator $W/qlora_study --reranker $W/galore_study \
-    --duration "$SERVE_SECONDS" --out $R/serve_bench_h200.json
-  job gemma-lane0 gemma lane0
-  job train-gemma-galore python3 benchmarks/train_gpu.py --data $W/data --steps "$TRAIN_STEPS" \
-    --model gemma3-1b-random=$M/lane0/gemma3-1b-random --variants galore --work /tmp/bench0 \
-    --out $R/train_gpu_gemma_galore.json
-  job train-smollm2-nf4 python3 benchmarks/train_gpu.py --data $W/data --steps "$TRAIN_STEPS" \
-    --model smollm2=$W/models/smollm2-135m-instruct --variants qlora-nf4 --work /tmp/bench0 \
-    --out $R/train_gpu_smollm2_nf4.json
-  if [ "${RUN_SEARCH:-0}" = 1 ]; then
-    job sweep-search duetto sweep configs/sweep_study.yaml "base.model=$W/models/smollm2-135m-instruct" \
-      "base.data.train=$W/data/train.jsonl" "base.data.test=$W/data/test.jsonl" storage_path=$R/sweeps
-  fi
-  echo "== lane0 done"
-}
-
-lane1() {
-  export CUDA_VISIBLE_DEVICES=1
-  while [ ! -e $R/prep.done ]; do sleep 2; done
-  job study-qlora python3 benchmarks/study_gpu.py train --methods qlora --work $W
-  touch $R/study-qlora.done
-  job gemma-lane1 gemma lane1
-  job train-gemma-qlora python3 benchmarks/train_gpu.py --data $W/data --steps "$TRAIN_STEPS" \
-    --model gemma3-1b-random=$M/lane1/gemma3-1b-random --variants qlora-int8,qlora-nf4 --work /tmp/bench1 \
-    --out $R/train_gpu_gemma_qlora.json
-  job sweep-gpu python3 benchmarks/sweep_gpu.py --trials 4 --steps "$SWEEP_STEPS" \
-    --model $W/models/smollm2-135m-instruct --data $W/data --out $R/sweep_gpu_h200.json
-  echo "== lane1 done"
+lane() {  # lane N JOB...
+  LANE=lane$1; shift
+  export CUDA_VISIBLE_DEVICES=${LANE#lane}
+  [ "$LANE" = lane0 ] || wait_for prep
+  for j in "$@"; do job "$j"; done
+  echo "== $LANE done"
 }
 
 case "${1:-}" in
 start)
   # Run from a private copy: later `run` calls re-sync the checkout under the running lanes.
+  export GGUF=$2 SHARED=$(realpath "$3")
   rm -rf $SRC && cp -a . $SRC && cd $SRC || exit 1
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
   mkdir -p $R/logs
-  setsid nohup bash benchmarks/h200_session.sh lane0 "$2" "$(realpath "$3")" >$R/lane0.out 2>&1 </dev/null &
-  setsid nohup bash benchmarks/h200_session.sh lane1 >$R/lane1.out 2>&1 </dev/null &
+  setsid nohup bash benchmarks/h200_session.sh lane 0 ${LANE0:-prep study-galore serve-bench report} \
+    >$R/lane0.out 2>&1 </dev/null &
+  setsid nohup bash benchmarks/h200_session.sh lane 1 ${LANE1:-study-qlora sweep-search} \
+    >$R/lane1.out 2>&1 </dev/null &
   echo "lanes started from $SRC"
   ;;
-lane0) cd $SRC && lane0 "$2" "$3" ;;
-lane1) cd $SRC && lane1 ;;
+lane) cd $SRC && shift && lane "$@" ;;
 status)
   date +%T
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
-  for lane in lane0 lane1; do
-    echo "---- $lane"; cat $R/$lane.out 2>/dev/null
-    current=$(grep -o 'start [a-z0-9-]*' $R/$lane.out 2>/dev/null | tail -1 | cut -d' ' -f2)
+  for out in $R/lane*.out; do
+    echo "---- $out"; cat "$out"
+    current=$(grep -o 'start [a-z0-9-]*' "$out" | tail -1 | cut -d' ' -f2)
     [ -n "$current" ] && grep -avE "$NOISE" "$R/logs/$current.log" | tail -n "${TAIL:-8}" | cut -c1-400
   done
   mkdir -p $R/logs-filtered
@@ -103,5 +109,5 @@ status)
     ls -la "$OUT"
   fi
   ;;
-*) echo "usage: $0 start GGUF SHARED_DIR | status" >&2; exit 2 ;;
+*) echo "usage: $0 start GGUF SHARED_DIR | status   (LANE0=/LANE1= job lists: see the header)" >&2; exit 2 ;;
 esac
