@@ -23,7 +23,7 @@
 set -u
 SRC=/tmp/duetto-src W=/tmp/study R=/tmp/results M=/tmp/bench-models
 TRAIN_STEPS=${TRAIN_STEPS:-100} SWEEP_STEPS=${SWEEP_STEPS:-150} SERVE_SECONDS=${SERVE_SECONDS:-20}
-GEMMA_VARIANTS=${GEMMA_VARIANTS:-galore,qlora-int8,qlora-nf4}
+GEMMA_VARIANTS=${GEMMA_VARIANTS:-qlora-int8-noupcast,qlora-nf4-noupcast}
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
@@ -87,7 +87,7 @@ start)
   rm -rf $SRC && cp -a . $SRC && cd $SRC || exit 1
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
   mkdir -p $R/logs
-  setsid nohup bash benchmarks/h200_session.sh lane 0 ${LANE0:-prep study-galore serve-bench report} \
+  setsid nohup bash benchmarks/h200_session.sh lane 0 ${LANE0:-prep study-galore serve-bench report train-gemma} \
     >$R/lane0.out 2>&1 </dev/null &
   setsid nohup bash benchmarks/h200_session.sh lane 1 ${LANE1:-study-qlora sweep-search} \
     >$R/lane1.out 2>&1 </dev/null &

@@ -20,6 +20,9 @@ VARIANTS = {
     "galore": ["method=galore", "learning_rate=1e-5", "galore.layerwise=true"],
     "qlora-int8": ["method=qlora", "learning_rate=2e-5", "qlora.bits=8"],
     "qlora-nf4": ["method=qlora", "learning_rate=2e-5", "qlora.bits=4"],
+    # the same without PEFT's fp32 copy of the unquantized weights (qlora.upcast_fp32=false)
+    "qlora-int8-noupcast": ["method=qlora", "learning_rate=2e-5", "qlora.bits=8", "qlora.upcast_fp32=false"],
+    "qlora-nf4-noupcast": ["method=qlora", "learning_rate=2e-5", "qlora.bits=4", "qlora.upcast_fp32=false"],
 }
 
 

@@ -49,6 +49,10 @@ class QloraOptions:
     """Dropout on the LoRA branch."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module names that get LoRA adapters ("all-linear" is accepted as one entry)."""
+    upcast_fp32: bool = True
+    """PEFT's `prepare_model_for_kbit_training` casts every weight left unquantized (embeddings, norms,
+    a tied LM head) to fp32. false keeps them in the compute dtype: 2 bytes less per such weight
+    (0.6 GiB for gemma-3-1b's 262k x 1152 embedding), at the cost of bf16 norms."""
 
 
 @dataclass

@@ -105,11 +105,17 @@ class QloraMethod:
         model = AutoModelForCausalLM.from_pretrained(
             model_path, quantization_config=bnb, dtype=dtype, device_map={"": device}
         )
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        if q.upcast_fp32:
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=cfg.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        else:  # the same preparation without its fp32 copy of every unquantized weight
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         disable_nf4_avx512bf16_repack(model)
         targets: Any = q.target_modules
         if list(targets) == ["all-linear"]:

@@ -74,3 +74,29 @@ def test_nf4_lora_gradients_match_fp32_reference_after_eval_forward(tiny_gemma_d
     for n in qgrads:
         assert qgrads[n] is not None and qgrads[n].abs().sum() > 0, n
         torch.testing.assert_close(qgrads[n], rgrads[n], rtol=2e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_qlora_upcast_switch_keeps_unquantized_weights_in_compute_dtype(tiny_gemma_dir, unified_data, upcast):
+    """qlora.upcast_fp32=false skips PEFT's fp32 copy of the embeddings and norms; LoRA still learns."""
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.methods import QloraMethod
+
+    cfg = load_config(TrialConfig, None, [
+        "method=qlora", f"model={tiny_gemma_dir}", f"data.train={unified_data[0]}", f"data.test={unified_data[1]}",
+        "qlora.bits=8", f"qlora.upcast_fp32={str(upcast).lower()}",
+    ])  # fmt: skip
+    model = QloraMethod().build(cfg, str(tiny_gemma_dir), torch.bfloat16, torch.device("cpu")).model
+    emb = model.get_input_embeddings().weight
+    assert emb.dtype == (torch.float32 if upcast else torch.bfloat16) and not emb.requires_grad
+    norms = {p.dtype for n, p in model.named_parameters() if "norm" in n}
+    assert norms == {torch.float32 if upcast else torch.bfloat16}
+    model.train()
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad for p in lora)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
