@@ -12,6 +12,8 @@
 #   train-gemma   train_gpu.py on the gemma-3-1b-it architecture, GEMMA_VARIANTS          -> issue 3
 #   sweep-gpu     sweep_gpu.py: 4 trials sharing the GPU vs one alone, both methods       -> issue 4
 #   sweep-search  the real `duetto sweep configs/sweep_study.yaml` (ASHA search)          -> issues 4, 7
+#   best-galore / best-qlora  full 2-epoch trials at the best settings sweep-search found  -> issue 7
+#   report-best   `duetto report` of those two trials                                     -> issue 7
 #
 # On the device (lanes detach with setsid and outlive the `run` call that starts them; later calls
 # only look, and each look packs $OUT/results.tgz):
@@ -70,6 +72,13 @@ do_sweep-search() {
   duetto sweep configs/sweep_study.yaml "base.model=$W/models/smollm2-135m-instruct" \
     "base.data.train=$W/data/train.jsonl" "base.data.test=$W/data/test.jsonl" storage_path=$R/sweeps &&
   cp $R/sweeps/study/results.md $R/sweeps/study/results.csv $R/sweeps/study/best.json $R/ 2>/dev/null; true
+}
+
+do_best-galore() { wait_for sweep-search; python3 benchmarks/study_gpu.py train --methods galore --work $W --from-sweep $R/sweeps/study; }
+do_best-qlora() { wait_for sweep-search; python3 benchmarks/study_gpu.py train --methods qlora --work $W --from-sweep $R/sweeps/study; }
+do_report-best() {
+  wait_for best-galore; wait_for best-qlora
+  python3 benchmarks/study_gpu.py report --work $W --trials best --out $R/study_best
 }
 
 lane() {  # lane N JOB...
