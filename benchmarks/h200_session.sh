@@ -10,6 +10,7 @@
 #   serve-bench   serve_bench.py: random gemma-3-1b-it x2 (SERVE_MODELS=study: the two study trials)
 #   serve-bench-study  serve_bench.py on the two study trials                             -> issue 5
 #   train-gemma   train_gpu.py on the gemma-3-1b-it architecture, GEMMA_VARIANTS          -> issue 3
+#   train-smollm2-compile  train_gpu.py on SmolLM2, GaLore, plain and with compile=true     -> issue 3
 #   sweep-gpu     sweep_gpu.py: 4 trials sharing the GPU vs one alone, both methods       -> issue 4
 #   sweep-search  the real `duetto sweep configs/sweep_study.yaml` (ASHA search)          -> issues 4, 7
 #   best-galore / best-qlora  full 2-epoch trials at the best settings sweep-search found  -> issue 7
@@ -64,6 +65,10 @@ gemma3_1b_random('$M/$LANE/gemma3-1b-random')" &&
   python3 benchmarks/train_gpu.py --data $W/data --steps "$TRAIN_STEPS" --variants "$GEMMA_VARIANTS" \
     --model gemma3-1b-random=$M/$LANE/gemma3-1b-random --work /tmp/bench-$LANE --out $R/train_gpu_gemma_$LANE.json
 }
+do_train-smollm2-compile() {
+  python3 benchmarks/train_gpu.py --data $W/data --steps "$TRAIN_STEPS" --variants galore --compile \
+    --model smollm2=$W/models/smollm2-135m-instruct --work /tmp/bench-$LANE --out $R/train_gpu_smollm2_compile.json
+}
 do_sweep-gpu() {
   python3 benchmarks/sweep_gpu.py --trials 4 --steps "$SWEEP_STEPS" --model $W/models/smollm2-135m-instruct \
     --data $W/data --out $R/sweep_gpu_h200.json
@@ -96,7 +101,7 @@ start)
   rm -rf $SRC && cp -a . $SRC && cd $SRC || exit 1
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
   mkdir -p $R/logs
-  setsid nohup bash benchmarks/h200_session.sh lane 0 ${LANE0:-prep study-galore serve-bench report train-gemma} \
+  setsid nohup bash benchmarks/h200_session.sh lane 0 ${LANE0:-prep study-galore serve-bench report train-gemma train-smollm2-compile} \
     >$R/lane0.out 2>&1 </dev/null &
   setsid nohup bash benchmarks/h200_session.sh lane 1 ${LANE1:-study-qlora sweep-search} \
     >$R/lane1.out 2>&1 </dev/null &

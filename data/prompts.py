@@ -166,8 +166,9 @@ def encode_example(example: dict, tokenizer, *, template: str = "study", max_seq
     return encode_pair(prompt, example["response"], tokenizer, template=template, max_seq_len=max_seq_len)
 
 
-def pad_batch(features: Sequence[dict], pad_id: int | None, *, side: str = "right") -> dict:
-    """Pad encoded features to one length; returns ``input_ids``, ``attention_mask`` (and ``labels``) tensors.
+def pad_batch(features: Sequence[dict], pad_id: int | None, *, side: str = "right", width: int = 0) -> dict:
+    """Pad encoded features to one length (the longest, or ``width`` when given: one fixed shape for
+    torch.compile); returns ``input_ids``, ``attention_mask`` (and ``labels``) tensors.
 
     Labels are -100 wherever the attention mask is 0. Padding is found by the mask, never by
     comparing ids with ``pad_id``: with pad = EOS (SmolLM2 upstream) that would unlearn the stop token.
@@ -180,7 +181,10 @@ def pad_batch(features: Sequence[dict], pad_id: int | None, *, side: str = "righ
         raise ValueError("pad_id is None: give the tokenizer a pad token first (duetto.models.ensure_pad_token)")
     if not features:
         raise ValueError("pad_batch needs at least one feature")
-    width = max(len(f["input_ids"]) for f in features)
+    longest = max(len(f["input_ids"]) for f in features)
+    if width and longest > width:
+        raise ValueError(f"a feature of {longest} tokens does not fit the fixed width {width}")
+    width = width or longest
     with_labels = all("labels" in f for f in features)
     ids, masks, labels = [], [], []
     for f in features:

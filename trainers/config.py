@@ -115,7 +115,8 @@ class TrialConfig:
     """bf16 = bf16 weights and compute (least memory; updates below bf16's resolution are lost);
     bf16-mixed = fp32 weights with bf16 autocast; auto = bf16 on GPU, fp32 on CPU. No fp16: Gemma 3 overflows."""
     compile: bool = False
-    """torch.compile the model (HF `torch_compile`): fewer Python-issued kernels per step, slower first steps."""
+    """torch.compile the model (HF `torch_compile`): fewer Python-issued kernels per step, slower first steps.
+    Every batch is then padded to max_seq_len, so the compiled graph sees one shape."""
     logging_steps: int = 10
     """Steps between loss logs."""
     report_every_steps: int = 0

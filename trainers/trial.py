@@ -91,17 +91,21 @@ class EncodedDataset:
 
 
 class CountingCollator:
-    """Pads a batch (labels -100 on padding, by attention mask) and counts the real tokens trained."""
+    """Pads a batch (labels -100 on padding, by attention mask) and counts the real tokens trained.
 
-    def __init__(self, pad_id: int):
+    ``width`` pads every batch to one fixed length: compiled models then see one shape instead of
+    recompiling for every new longest example (measured on the H200: ~60 s per step otherwise)."""
+
+    def __init__(self, pad_id: int, width: int = 0):
         self.pad_id = pad_id
+        self.width = width
         self.tokens = 0
         self.counting = True
 
     def __call__(self, features: list[dict]) -> dict:
         from duetto.data.prompts import pad_batch
 
-        batch = pad_batch(features, self.pad_id, side="right")
+        batch = pad_batch(features, self.pad_id, side="right", width=self.width)
         if self.counting:
             self.tokens += int(batch["attention_mask"].sum())
         return batch
@@ -291,7 +295,7 @@ def train_loop_per_worker(config: dict) -> None:
         remove_unused_columns=False,
         **built.trainer_args,
     )
-    collator = CountingCollator(tokenizer.pad_token_id)
+    collator = CountingCollator(tokenizer.pad_token_id, width=cfg.max_seq_len if cfg.compile else 0)
     interim = gen_rows[: cfg.interim_eval_examples] if cfg.interim_eval_examples > 0 else []
     callback = _report_callback_cls()(cfg, tokenizer, interim, rank)
     trainer = Trainer(

@@ -213,3 +213,13 @@ def test_max_seq_len_must_leave_room(gemma_tok):
         encode_pair(build_prompt("Hi"), "Hello.", gemma_tok, max_seq_len=2)
     tight = encode_pair(build_prompt("Hi"), "Hello.", gemma_tok, max_seq_len=3)
     assert len(tight["input_ids"]) == 3 and tight["labels"][-1] == gemma_tok.eos_token_id
+
+
+def test_pad_batch_to_a_fixed_width(gemma_tok):
+    feats = [{"input_ids": encode_prompt(build_prompt(q), gemma_tok)} for q in ("Hi", "Name three colors.")]
+    longest = max(len(f["input_ids"]) for f in feats)
+    batch = pad_batch(feats, gemma_tok.pad_token_id, width=longest + 7)
+    assert batch["input_ids"].shape == (2, longest + 7)
+    assert batch["attention_mask"].sum().item() == sum(len(f["input_ids"]) for f in feats)
+    with pytest.raises(ValueError, match="fixed width"):
+        pad_batch(feats, gemma_tok.pad_token_id, width=longest - 1)

@@ -213,3 +213,23 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, tiny_gemma_dir, unified
     assert (Path(cfg.output_dir) / ".injected_failure").exists()
     assert m["step"] == 12
     assert m["resumed_from_step"] == 6  # the step-6 report's checkpoint, not a restart from 0
+
+
+@pytest.mark.slow  # inductor compiles on CPU: ~75 s on 2 cores
+def test_compiled_trial_sees_one_batch_shape(tmp_path, tiny_gemma_dir, unified_data, monkeypatch):
+    """compile=true pads every batch to max_seq_len, so torch.compile sees one shape, not one per batch."""
+    from duetto.trainers import trial
+
+    shapes = set()
+    real = trial.CountingCollator.__call__
+
+    def spy(self, features):
+        batch = real(self, features)
+        shapes.add(tuple(batch["input_ids"].shape))
+        return batch
+
+    monkeypatch.setattr(trial.CountingCollator, "__call__", spy)
+    m = _run(_cfg(tmp_path, tiny_gemma_dir, unified_data, "method=galore", "galore.layerwise=false", "max_steps=4",
+                  "report_every_steps=0", "interim_eval_examples=0", "compile=true"))
+    assert {s[1] for s in shapes} == {64}, shapes  # max_seq_len=64 in _cfg
+    assert m["step"] == 4 and math.isfinite(m["train_loss"])
