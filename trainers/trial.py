@@ -165,6 +165,8 @@ def _report_callback_cls():
             from transformers.trainer_utils import get_last_checkpoint
 
             metrics: dict[str, Any] = {"step": state.global_step, "epoch": float(state.epoch or 0.0)}
+            if model is not None:  # so far, before generation; a trial ASHA stops still shows its memory
+                metrics["peak_memory_bytes"] = peak_memory_bytes(next(model.parameters()).device)
             for log in state.log_history:
                 if "loss" in log:
                     metrics["train_loss"] = float(log["loss"])

@@ -75,8 +75,9 @@ def test_sweep_tiny_end_to_end(tmp_path, tiny_gemma_dir, sweep_data, duetto_cli)
         trial_dir = Path(r["trial_dir"])
         assert trial_dir.parent == sweep_dir
         assert list(trial_dir.glob("events.out.tfevents.*")), "no TensorBoard log"
+        assert float(r["peak_memory_bytes"]) > 0  # reported as it trains: stopped trials show it too
         if r["status"] == "completed":
-            assert float(r["peak_memory_bytes"]) > 0 and float(r["tokens_per_second"]) > 0 and float(r["wall_seconds"]) > 0
+            assert float(r["tokens_per_second"]) > 0 and float(r["wall_seconds"]) > 0
             assert r["bleu4"] != "" and r["rougeL"] != ""
             assert Path(r["model_dir"]).is_dir()
         else:
