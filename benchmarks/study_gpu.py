@@ -65,6 +65,12 @@ def train(args, work: Path, model_dir: Path, data: Path) -> None:
             # the sweep's trials were cut short (max_steps) and evaluated as they went (for ASHA):
             # train the winner's settings for the study's full 2 epochs instead
             trial_cfg = Path(best[method]["trial_dir"]) / "config.yaml"
+            if not trial_cfg.is_file():  # best.json kept from an earlier machine: its own copy of the config
+                import yaml
+
+                trial_cfg = work / f"{method}_best_config.yaml"
+                trial_cfg.parent.mkdir(parents=True, exist_ok=True)
+                trial_cfg.write_text(f"# duetto train\n{yaml.safe_dump(best[method]['config'], sort_keys=False)}")
             cfg = load_config(TrialConfig, str(trial_cfg), [
                 *common, "max_steps=-1", "epochs=2", "report_every_steps=0", "interim_eval_examples=0",
                 "scaling.gpus_per_worker=1", *args.set])
@@ -95,7 +101,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/study")
     ap.add_argument("--out", default="docs/results/study")
     ap.add_argument("--methods", default="qlora,galore")
-    ap.add_argument("--from-sweep", help="train: at the best settings of this sweep folder (its best.json)")
+    ap.add_argument("--from-sweep", help="train: at the best settings of this sweep folder (its best.json, "
+                    "also a copy of it alone)")
     ap.add_argument("--trials", choices=["study", "best"], default="study", help="report: which trials")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override of the trial (train) or report config, e.g. for a CPU smoke run")
