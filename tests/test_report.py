@@ -55,8 +55,20 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
         best = max(range(3), key=lambda i: cands[i]["reranker_score"])
         assert r["ensemble_chosen_index"] == best
     md = (tmp_path / "rep" / "report.md").read_text()
-    for heading in ("## Quality", "## Paired bootstrap tests", "## Resources", "## Examples", "## Set-up"):
+    for heading in ("## Quality", "## Paired bootstrap tests", "## What these numbers support", "## Resources",
+                    "## Examples", "## Set-up"):
         assert heading in md
+    # every paired test is read out in words, each with its own verdict
+    reading = md.split("## What these numbers support")[1].split("## Resources")[0]
+    assert reading.count("\n- ") >= len(report["tests"])
+    for t in report["tests"]:
+        verdict = "beats" if t["low"] > 0 else "is worse than" if t["high"] < 0 else "no detectable difference"
+        assert f"{t['b']} {verdict}" in reading or (verdict.startswith("no") and f"{t['b']} vs {t['a']}" in reading)
+    prov = report["provenance"]
+    assert len(prov["data"]["test_sha256"]) == 64
+    assert prov["trials"]["QLoRA"]["qlora.bits"] == 4 and prov["trials"]["GaLore"]["galore.rank"] == 8
+    assert prov["trials"]["QLoRA"]["seed"] == prov["trials"]["GaLore"]["seed"]
+    assert report["versions"]["rouge-score"][0].isdigit() and report["versions"]["sacrebleu"][0].isdigit()
 
 
 def test_report_config_needs_both_trials():
