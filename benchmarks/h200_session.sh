@@ -37,7 +37,7 @@
 set -u
 SRC=/tmp/duetto-src W=/tmp/study R=/tmp/results M=/tmp/bench-models
 TRAIN_STEPS=${TRAIN_STEPS:-100} SWEEP_STEPS=${SWEEP_STEPS:-150} SERVE_SECONDS=${SERVE_SECONDS:-20}
-GEMMA_VARIANTS=${GEMMA_VARIANTS:-qlora-int8-noupcast,qlora-nf4-noupcast}
+GEMMA_VARIANTS=${GEMMA_VARIANTS:-qlora-int8,qlora-int8-noupcast}
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
@@ -53,7 +53,10 @@ job() {  # job NAME: run one step of a lane, log it, never stop the lane on fail
   [ $rc = 0 ] && touch "$R/$name.done" || touch "$R/$name.failed"
 }
 
-wait_for() { while [ ! -e "$R/$1.done" ] && [ ! -e "$R/$1.failed" ]; do sleep 3; done; }
+wait_for() {  # a job of either lane; one that no lane runs would be waited for forever
+  grep -qw -- "$1" $R/lanes || { echo "waits for $1, which no lane runs" >&2; return 1; }
+  while [ ! -e "$R/$1.done" ] && [ ! -e "$R/$1.failed" ]; do sleep 3; done
+}
 
 do_prep() { python3 benchmarks/study_gpu.py prep --gguf "$GGUF" --shared "$SHARED" --work $W; }
 do_study-galore() { python3 benchmarks/study_gpu.py train --methods galore --work $W; }
@@ -86,8 +89,8 @@ do_sweep-gpu() {
 }
 do_sweep-search() {
   duetto sweep configs/sweep_study.yaml "base.model=$W/models/smollm2-135m-instruct" \
-    "base.data.train=$W/data/train.jsonl" "base.data.test=$W/data/test.jsonl" storage_path=$R/sweeps &&
-  cp $R/sweeps/study/results.md $R/sweeps/study/results.csv $R/sweeps/study/best.json $R/ 2>/dev/null; true
+    "base.data.train=$W/data/train.jsonl" "base.data.test=$W/data/test.jsonl" storage_path=$R/sweeps || return
+  cp $R/sweeps/study/results.md $R/sweeps/study/results.csv $R/sweeps/study/best.json $R/ 2>/dev/null || true
 }
 
 do_demo() { DUETTO_CACHE=$W duetto demo --out /tmp/demo; }
@@ -109,15 +112,18 @@ lane() {  # lane N JOB...
 case "${1:-}" in
 start)
   # Run from a private copy: later `run` calls re-sync the checkout under the running lanes.
-  export GGUF=$2 SHARED=$(realpath "$3")
+  export GGUF=$(realpath "$2") SHARED=$(realpath "$3")
+  for f in $R/lane*.pid; do [ -e "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && { echo "lanes still running" >&2; exit 1; }; done
   rm -rf $SRC && cp -a . $SRC && cd $SRC || exit 1
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
-  mkdir -p $R/logs
-  setsid nohup bash benchmarks/h200_session.sh lane 0 ${LANE0:-prep study-galore serve-bench report train-gemma train-smollm2-compile} \
-    >$R/lane0.out 2>&1 </dev/null &
-  setsid nohup bash benchmarks/h200_session.sh lane 1 ${LANE1:-study-qlora sweep-search demo} \
-    >$R/lane1.out 2>&1 </dev/null &
-  echo "lanes started from $SRC"
+  mkdir -p $R/logs && rm -f $R/*.done $R/*.failed  # markers of an earlier start would release waiters
+  L0=${LANE0:-prep study-galore serve-bench report train-gemma} L1=${LANE1:-study-qlora sweep-search train-smollm2-compile}
+  echo "$L0 $L1" >$R/lanes
+  setsid nohup bash benchmarks/h200_session.sh lane 0 $L0 >$R/lane0.out 2>&1 </dev/null &
+  echo $! >$R/lane0.pid
+  setsid nohup bash benchmarks/h200_session.sh lane 1 $L1 >$R/lane1.out 2>&1 </dev/null &
+  echo $! >$R/lane1.pid
+  echo "lanes started from $SRC: [$L0] [$L1]"
   ;;
 lane) cd $SRC && shift && lane "$@" ;;
 status)

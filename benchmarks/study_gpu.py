@@ -68,6 +68,9 @@ def train(args, work: Path, model_dir: Path, data: Path) -> None:
             if not trial_cfg.is_file():  # best.json kept from an earlier machine: its own copy of the config
                 import yaml
 
+                if not best[method].get("config"):
+                    raise SystemExit(f"{args.from_sweep}/best.json: {method} has neither {trial_cfg} nor a config")
+
                 trial_cfg = work / f"{method}_best_config.yaml"
                 trial_cfg.parent.mkdir(parents=True, exist_ok=True)
                 trial_cfg.write_text(f"# duetto train\n{yaml.safe_dump(best[method]['config'], sort_keys=False)}")

@@ -151,7 +151,10 @@ def _provenance(test_path: str, specs: dict[str, Any]) -> dict[str, Any]:
     data: dict[str, Any] = {"test": str(test), "test_sha256": file_sha256(test)}
     manifest = test.parent / "manifest.json"
     if manifest.is_file():
-        m = json.loads(manifest.read_text())
+        try:
+            m = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{manifest}: not valid JSON ({e})") from None
         data["split_seed"] = m.get("seed")
         data["sources"] = [f"{s.get('kind')}: {s.get('path')}" for s in (m.get("config") or {}).get("sources", [])]
         data["manifest"] = str(manifest)
@@ -161,6 +164,8 @@ def _provenance(test_path: str, specs: dict[str, Any]) -> dict[str, Any]:
         if not (spec.trial_dir and cfg_file.is_file()):
             continue
         cfg = yaml.safe_load(cfg_file.read_text()) or {}
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{cfg_file}: expected a trial config mapping, got {type(cfg).__name__}")
         entry = {k: cfg.get(k) for k in TRIAL_KEYS if k in cfg}
         entry.update({f"{cfg.get('method')}.{k}": (cfg.get(cfg.get("method")) or {}).get(k)
                       for k in METHOD_KEYS.get(cfg.get("method"), ())})  # fmt: skip
@@ -174,7 +179,7 @@ def _reading(report: dict[str, Any]) -> list[str]:
     systems, tests = report["systems"], report["tests"]
     lines = []
     for t in tests:
-        metric = {"bleu4": "BLEU-4", "rougeL": "ROUGE-L"}[t["metric"]]
+        metric = {"bleu4": "BLEU-4", "rougeL": "ROUGE-L"}.get(t["metric"], t["metric"])
         span = f"Δ {t['delta']:+.3f}, 95% interval [{t['low']:+.3f}, {t['high']:+.3f}]"
         if t["low"] > 0:
             verdict = f"**{t['b']} beats {t['a']} on {metric}** ({span}); the interval excludes 0."
@@ -193,8 +198,11 @@ def _reading(report: dict[str, Any]) -> list[str]:
         f"- ROUGE-L points: {values} (the study: Baseline 0.15, QLoRA 0.16, GaLore 0.19). The study's order "
         f"Baseline < QLoRA < GaLore {'holds' if strict else 'does not hold'} in these point estimates; an order "
         "counts as a finding only where the paired interval above excludes 0.",
-        f"- Each row is one training run (one seed) evaluated on one split of {n} examples: the intervals cover "
-        "the choice of test examples, not run-to-run training noise.",
+        f"- Each trained row is one training run (one seed), and every row is evaluated on one split of {n} "
+        "examples: the intervals cover the choice of test examples, not run-to-run training noise.",
+        f"- {len(tests)} tests at 95% each, without correction for multiple comparisons: expect about one in "
+        "twenty intervals to exclude 0 by chance. The ensemble is tested against whichever single model "
+        "scored higher ROUGE-L on these same examples.",
         "- The study's figures came from google/gemma-3-1b-it on its own 5k train / 2k test data: set the absolute "
         "numbers here beside them only where model, data and decoding match; the comparisons between rows "
         "do not depend on that.",
@@ -210,7 +218,7 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     import torch
 
     from duetto.data.unify import read_jsonl
-    from duetto.serve.loading import models_from_sweep
+    from duetto.serve.loading import inspect_saved, models_from_sweep
     from duetto.trainers.evaluate import METRICS, bootstrap_ci, paired_bootstrap
 
     from duetto.trainers.methods import quiet_int8_cast_warning
@@ -224,6 +232,9 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    # read before minutes of decoding, so a bad manifest or trial config fails first
+    provenance = _provenance(cfg.test, {"QLoRA": inspect_saved(qlora_src), "GaLore": inspect_saved(galore_src),
+                                        **{label: inspect_saved(src) for label, src in cfg.extra.items()}})
     systems: dict[str, dict[str, Any]] = {}
     base_lm, _ = _load_lm(cfg.baseline, device, cfg.template)
     texts, lat, _ = _decode(base_lm, rows, cfg)
@@ -279,7 +290,7 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
         "systems": {k: {kk: vv for kk, vv in v.items() if kk not in ("texts", "info")} for k, v in systems.items()},
         "tests": tests,
         "resources": resources,
-        "provenance": _provenance(cfg.test, {"QLoRA": q_spec, "GaLore": g_spec}),
+        "provenance": provenance,
         "versions": _versions(),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))

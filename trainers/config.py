@@ -52,7 +52,8 @@ class QloraOptions:
     upcast_fp32: bool = True
     """PEFT's `prepare_model_for_kbit_training` casts every weight left unquantized (embeddings, norms,
     a tied LM head) to fp32. false keeps them in the compute dtype: 2 bytes less per such weight
-    (0.6 GiB for gemma-3-1b's 262k x 1152 embedding), at the cost of bf16 norms."""
+    (0.6 GiB for gemma-3-1b's 262k x 1152 embedding), at the cost of bf16 norms. No effect where the
+    weights are fp32 anyway (CPU, precision bf16-mixed)."""
 
 
 @dataclass

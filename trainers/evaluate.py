@@ -103,7 +103,8 @@ def bleu_stats(predictions: Sequence[str], references: Sequence[str]) -> np.ndar
     """(n, 10) per-example BLEU statistics: hypothesis and reference length, 4 matched and 4 total n-gram counts."""
     from sacrebleu.metrics.bleu import BLEU
 
-    return np.asarray(BLEU()._extract_corpus_statistics(list(predictions), [list(references)]), dtype=np.int64)
+    stats = BLEU()._extract_corpus_statistics(list(predictions), [list(references)]) if predictions else []
+    return np.asarray(stats, dtype=np.int64).reshape(-1, 10)
 
 
 def bleu_from_sums(sums: np.ndarray, n: int) -> np.ndarray:
@@ -121,6 +122,15 @@ def rouge_stats(predictions: Sequence[str], references: Sequence[str]) -> np.nda
 
 def rouge_from_sums(sums: np.ndarray, n: int) -> np.ndarray:
     return np.atleast_2d(sums)[:, 0] / max(1, n)
+
+
+def _resample_counts(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """(B, n): how often each example is drawn in each resample. ``counts @ stats`` is then every
+    resample's summed statistics without materialising B x n x d copies of them."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    counts = np.zeros((n_resamples, n), dtype=np.int64)
+    np.add.at(counts, (np.arange(n_resamples)[:, None], idx), 1)
+    return counts
 
 
 #: name -> (per-example statistics, score of summed statistics)
@@ -143,8 +153,8 @@ def bootstrap_ci(
     if n == 0:
         return 0.0, 0.0, 0.0
     point = float(from_sums(stats.sum(axis=0), n)[0])
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-    lo, hi = np.quantile(from_sums(stats[idx].sum(axis=1), n), [alpha / 2, 1 - alpha / 2])
+    counts = _resample_counts(n, n_resamples, seed)
+    lo, hi = np.quantile(from_sums(counts @ stats, n), [alpha / 2, 1 - alpha / 2])
     return point, float(lo), float(hi)
 
 
@@ -164,9 +174,11 @@ def paired_bootstrap(
     n = len(stats_a)
     if n != len(stats_b):
         raise ValueError(f"paired bootstrap over {n} and {len(stats_b)} examples")
+    if n == 0:
+        return {"delta": 0.0, "low": 0.0, "high": 0.0, "p_not_better": 1.0}
     observed = float(from_sums(stats_b.sum(axis=0), n)[0] - from_sums(stats_a.sum(axis=0), n)[0])
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-    deltas = from_sums(stats_b[idx].sum(axis=1), n) - from_sums(stats_a[idx].sum(axis=1), n)
+    counts = _resample_counts(n, n_resamples, seed)
+    deltas = from_sums(counts @ stats_b, n) - from_sums(counts @ stats_a, n)
     lo, hi = np.quantile(deltas, [0.025, 0.975])
     return {"delta": observed, "low": float(lo), "high": float(hi), "p_not_better": float(np.mean(deltas <= 0))}
 

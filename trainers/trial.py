@@ -151,8 +151,22 @@ def _report_callback_cls():
 
         def __init__(self, cfg: TrialConfig, tokenizer, interim_rows: list[dict], rank: int):
             self.cfg, self.tokenizer, self.rows, self.rank = cfg, tokenizer, interim_rows, rank
+            self.train_peak = 0
+            """Peak GPU memory of the training steps alone: the allocator's peak is reset as each step
+            begins and read as it ends, so HF's evaluation passes between steps (eval batches with
+            full-vocabulary logits) and interim generation never count as training memory."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
 
         def on_step_end(self, args, state, control, **kwargs):
+            import torch
+
+            if torch.cuda.is_available():
+                self.train_peak = max(self.train_peak, int(torch.cuda.max_memory_allocated()))
             fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
             marker = Path(self.cfg.output_dir) / ".injected_failure"
             if fail_at and state.global_step == fail_at and not marker.exists():
@@ -165,8 +179,8 @@ def _report_callback_cls():
             from transformers.trainer_utils import get_last_checkpoint
 
             metrics: dict[str, Any] = {"step": state.global_step, "epoch": float(state.epoch or 0.0)}
-            if model is not None:  # so far, before generation; a trial ASHA stops still shows its memory
-                metrics["peak_memory_bytes"] = peak_memory_bytes(next(model.parameters()).device)
+            if model is not None:  # so far; a trial ASHA stops still shows its memory
+                metrics["peak_memory_bytes"] = self.train_peak or peak_memory_bytes(next(model.parameters()).device)
             for log in state.log_history:
                 if "loss" in log:
                     metrics["train_loss"] = float(log["loss"])
@@ -321,7 +335,8 @@ def train_loop_per_worker(config: dict) -> None:
         train_seconds = time.perf_counter() - t0
         train_loss = float(result.training_loss)
     collator.counting = False  # evaluation batches are not trained tokens
-    train_peak = peak_memory_bytes(device)  # before generation, whose KV cache is not a training cost
+    # GPU: the training steps' own peak; CPU: the process's peak RSS so far (before generation)
+    train_peak = callback.train_peak if on_gpu and callback.train_peak else peak_memory_bytes(device)
     tokens = _all_reduce_sum(collator.tokens, device)
 
     # --- evaluate --------------------------------------------------------------------------

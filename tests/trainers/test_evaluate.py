@@ -57,3 +57,11 @@ def test_paired_bootstrap_rejects_unequal_lengths():
     stat, from_sums = METRICS["rougeL"]
     with pytest.raises(ValueError, match="3 and 2"):
         paired_bootstrap(stat(["a"] * 3, ["a"] * 3), stat(["a"] * 2, ["a"] * 2), from_sums)
+
+
+def test_empty_inputs_give_zero_not_a_crash():
+    for stat, from_sums in METRICS.values():
+        empty = stat([], [])
+        assert len(empty) == 0
+        assert bootstrap_ci(empty, from_sums) == (0.0, 0.0, 0.0)
+        assert paired_bootstrap(empty, empty, from_sums)["delta"] == 0.0
