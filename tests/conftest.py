@@ -53,3 +53,21 @@ def unified_data(tmp_path_factory) -> tuple[str, str]:
     for name, part in (("train.jsonl", rows[:96]), ("test.jsonl", rows[96:])):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     return str(d / "train.jsonl"), str(d / "test.jsonl")
+
+
+@pytest.fixture
+def free_ports():
+    """free_ports(n) -> n distinct free loopback ports (all held open while chosen, so none repeats)."""
+    import socket
+
+    def pick(n: int) -> list[int]:
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            return [s.getsockname()[1] for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+
+    return pick

@@ -144,25 +144,16 @@ def test_commands_without_a_cluster(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_up_submit_status_down_leaves_other_rays_alone():
+def test_up_submit_status_down_leaves_other_rays_alone(free_ports):
     import ray
 
     # A short --dir: Ray's unix socket paths live under it (tmp_path is too long for them).
     cdir = Path(tempfile.mkdtemp(prefix="dc-", dir="/tmp"))
-    port, dash = _free_ports(2)
+    port, dash = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
 

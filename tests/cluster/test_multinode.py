@@ -14,7 +14,6 @@ directory named after the trial.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from pathlib import Path
 
@@ -103,18 +102,10 @@ def _checkpoints(trial_dir: Path) -> int:
     return len(snapshot.get("checkpoint_results", []))
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
-def test_sweep_spreads_over_nodes_and_survives_losing_one(tmp_path, tiny_gemma_dir, small_unified_data, monkeypatch):
+def test_sweep_spreads_over_nodes_and_survives_losing_one(tmp_path, tiny_gemma_dir, small_unified_data, monkeypatch,
+                                                         free_ports):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -131,7 +122,7 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tmp_path, tiny_gemma_d
     # asks the state API whether a controller died with its node) would otherwise pick any Ray on this
     # machine: fix the GCS port and hand every process of this cluster its address. The dashboard is
     # what serves that state API; without it the dead trial's placement group is never freed.
-    gcs_port, dashboard_port = _free_ports(2)
+    gcs_port, dashboard_port = free_ports(2)
     address = f"{ray.util.get_node_ip_address()}:{gcs_port}"
     monkeypatch.setenv("RAY_ADDRESS", address)
     cluster = Cluster(initialize_head=True, head_node_args={

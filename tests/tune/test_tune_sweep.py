@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -194,15 +193,6 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, tiny_
 # ------------------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -240,12 +230,12 @@ def _stop_head(head: subprocess.Popen) -> None:
         time.sleep(0.5)
 
 
-def test_ray_job_submit_against_a_local_head(tmp_path, tiny_gemma_dir, sweep_data):
+def test_ray_job_submit_against_a_local_head(tmp_path, tiny_gemma_dir, sweep_data, free_ports):
     venv_bin = Path(sys.executable).parent
     ports = dict(zip(
         ["port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
          "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"],
-        _free_ports(9),
+        free_ports(9),
     ))
     # Ray's unix socket paths must stay under 107 bytes: a short temp dir of our own, not pytest's.
     temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
