@@ -80,13 +80,6 @@ def _log(msg: str) -> None:
     print(f"[duetto report {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _load_lm(source: str, device: str, template: str = ""):
-    """The model as the endpoint loads it, plus what the trial saved about it."""
-    from duetto.serve.loading import inspect_saved, load_lm
-
-    return load_lm(source, template, device=device), inspect_saved(source)
-
-
 def _decode(lm, rows: list[dict], cfg: ReportConfig, *, generator=None, reranker=None, ensemble: bool = False):
     """Answers for every row, in batches; returns (texts, seconds per example, extra per-row info)."""
     from duetto.serve.ensemble import EnsembleRequest, ensemble_generate, sample_requests
@@ -218,7 +211,7 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     import torch
 
     from duetto.data.unify import read_jsonl
-    from duetto.serve.loading import inspect_saved, models_from_sweep
+    from duetto.serve.loading import inspect_saved, load_lm, models_from_sweep
     from duetto.trainers.evaluate import METRICS, bootstrap_ci, paired_bootstrap
 
     from duetto.trainers.methods import quiet_int8_cast_warning
@@ -233,25 +226,25 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     # read before minutes of decoding, so a bad manifest or trial config fails first
-    provenance = _provenance(cfg.test, {"QLoRA": inspect_saved(qlora_src), "GaLore": inspect_saved(galore_src),
-                                        **{label: inspect_saved(src) for label, src in cfg.extra.items()}})
+    specs = {"QLoRA": inspect_saved(qlora_src), "GaLore": inspect_saved(galore_src),
+             **{label: inspect_saved(src) for label, src in cfg.extra.items()}}
+    provenance = _provenance(cfg.test, specs)
     systems: dict[str, dict[str, Any]] = {}
-    base_lm, _ = _load_lm(cfg.baseline, device, cfg.template)
+    base_lm = load_lm(cfg.baseline, cfg.template, device=device)  # loaded as the endpoint loads it
     texts, lat, _ = _decode(base_lm, rows, cfg)
     systems["Baseline"] = {"texts": texts, "latency_s": lat, "source": cfg.baseline}
     del base_lm
-    q_lm, q_spec = _load_lm(qlora_src, device)
-    g_lm, g_spec = _load_lm(galore_src, device)
-    for name, lm, spec in (("QLoRA", q_lm, q_spec), ("GaLore", g_lm, g_spec)):
+    q_lm, g_lm = load_lm(qlora_src, device=device), load_lm(galore_src, device=device)
+    for name, lm in (("QLoRA", q_lm), ("GaLore", g_lm)):
         texts, lat, _ = _decode(lm, rows, cfg)
-        systems[name] = {"texts": texts, "latency_s": lat, "source": spec.trial_dir or spec.path}
+        systems[name] = {"texts": texts, "latency_s": lat, "source": specs[name].trial_dir or specs[name].path}
     texts, lat, info = _decode(None, rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True)
     systems["Ensemble (QLoRA top-k → GaLore re-rank)"] = {"texts": texts, "latency_s": lat, "info": info,
                                                        "source": f"{qlora_src} + {galore_src}"}
     for label, src in cfg.extra.items():
-        lm, spec = _load_lm(src, device)
+        lm = load_lm(src, device=device)
         texts, lat, _ = _decode(lm, rows, cfg)
-        systems[label] = {"texts": texts, "latency_s": lat, "source": spec.trial_dir or spec.path}
+        systems[label] = {"texts": texts, "latency_s": lat, "source": specs[label].trial_dir or specs[label].path}
         del lm
 
     n = cfg.bootstrap
@@ -271,7 +264,7 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     _log(f"scored {len(systems)} systems, {len(tests)} paired tests, {n} resamples in {time.perf_counter() - t0:.1f} s")
 
     resources = {}
-    for name, spec in (("QLoRA", q_spec), ("GaLore", g_spec)):
+    for name, spec in ((k, specs[k]) for k in ("QLoRA", "GaLore")):
         mfile = Path(spec.trial_dir or "", "metrics.json")
         resources[name] = json.loads(mfile.read_text()) if spec.trial_dir and mfile.exists() else {}
 

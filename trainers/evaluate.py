@@ -183,11 +183,6 @@ def paired_bootstrap(
     return {"delta": observed, "low": float(lo), "high": float(hi), "p_not_better": float(np.mean(deltas <= 0))}
 
 
-def mean_rouge_l(predictions: list[str], references: list[str]) -> float:
-    s = rouge_l_scores(predictions, references)
-    return sum(s) / len(s) if s else 0.0
-
-
 def evaluate_generation(
     model,
     tokenizer,
