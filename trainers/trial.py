@@ -90,25 +90,22 @@ class EncodedDataset:
         return self.items[i]
 
 
-class CountingCollator:
-    """Pads a batch (labels -100 on padding, by attention mask) and counts the real tokens trained.
+class PaddingCollator:
+    """Pads a batch (labels -100 on padding, by attention mask).
 
     ``width`` pads every batch to one fixed length: compiled models then see one shape instead of
-    recompiling for every new longest example (measured on the H200: ~60 s per step otherwise)."""
+    recompiling for every new longest example (measured on the H200: ~60 s per step otherwise).
+    Trained tokens are counted by the Trainer (``include_num_input_tokens_seen``), not here: the
+    Trainer collates its evaluation batches with this same collator."""
 
     def __init__(self, pad_id: int, width: int = 0):
         self.pad_id = pad_id
         self.width = width
-        self.tokens = 0
-        self.counting = True
 
     def __call__(self, features: list[dict]) -> dict:
         from duetto.data.prompts import pad_batch
 
-        batch = pad_batch(features, self.pad_id, side="right", width=self.width)
-        if self.counting:
-            self.tokens += int(batch["attention_mask"].sum())
-        return batch
+        return pad_batch(features, self.pad_id, side="right", width=self.width)
 
 
 def _read_rows(path: str, limit: int = 0) -> list[dict]:
@@ -116,17 +113,6 @@ def _read_rows(path: str, limit: int = 0) -> list[dict]:
 
     rows = read_jsonl(path)
     return rows[:limit] if limit and limit > 0 else rows
-
-
-def _all_reduce_sum(value: float, device) -> float:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([float(value)], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return float(t.item())
 
 
 def _leave_single_process_group() -> None:
@@ -155,18 +141,37 @@ def _report_callback_cls():
             """Peak GPU memory of the training steps alone: the allocator's peak is reset as each step
             begins and read as it ends, so HF's evaluation passes between steps (eval batches with
             full-vocabulary logits) and interim generation never count as training memory."""
+            self.step_seconds = 0.0
+            """Time inside the optimizer steps alone (forward, backward, update), summed: the
+            evaluation passes, interim generation and checkpoints that run between steps are not
+            training time. The GPU is synchronised at each step's end so its queued work counts."""
+            self.tokens_at_start = 0  # the Trainer's token count when this run began (non-zero on resume)
+            self._step_t0 = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.tokens_at_start = int(state.num_input_tokens_seen or 0)
+
+        def trained_tokens(self, state) -> int:
+            """Non-padding tokens of this run's training batches, all ranks (the Trainer gathers them)."""
+            return int(state.num_input_tokens_seen or 0) - self.tokens_at_start
+
+        def tokens_per_second(self, state) -> float:
+            return self.trained_tokens(state) / self.step_seconds if self.step_seconds > 0 else 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+            self._step_t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             import torch
 
             if torch.cuda.is_available():
+                torch.cuda.synchronize()
                 self.train_peak = max(self.train_peak, int(torch.cuda.max_memory_allocated()))
+            self.step_seconds += time.perf_counter() - self._step_t0
             fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
             marker = Path(self.cfg.output_dir) / ".injected_failure"
             if fail_at and state.global_step == fail_at and not marker.exists():
@@ -179,8 +184,10 @@ def _report_callback_cls():
             from transformers.trainer_utils import get_last_checkpoint
 
             metrics: dict[str, Any] = {"step": state.global_step, "epoch": float(state.epoch or 0.0)}
-            if model is not None:  # so far; a trial ASHA stops still shows its memory
+            if model is not None:  # so far; a trial ASHA stops still shows its memory and speed
                 metrics["peak_memory_bytes"] = self.train_peak or peak_memory_bytes(next(model.parameters()).device)
+            if self.step_seconds > 0:
+                metrics["tokens_per_second"] = self.tokens_per_second(state)
             for log in state.log_history:
                 if "loss" in log:
                     metrics["train_loss"] = float(log["loss"])
@@ -309,9 +316,11 @@ def train_loop_per_worker(config: dict) -> None:
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        # counted in the training loop only, gathered over ranks, carried across a resume
+        include_num_input_tokens_seen="non_padding",
         **built.trainer_args,
     )
-    collator = CountingCollator(tokenizer.pad_token_id, width=cfg.max_seq_len if cfg.compile else 0)
+    collator = PaddingCollator(tokenizer.pad_token_id, width=cfg.max_seq_len if cfg.compile else 0)
     interim = gen_rows[: cfg.interim_eval_examples] if cfg.interim_eval_examples > 0 else []
     callback = _report_callback_cls()(cfg, tokenizer, interim, rank)
     trainer = Trainer(
@@ -328,16 +337,15 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = prepare_trainer(trainer)
 
     train_loss = float("nan")
-    train_seconds = 0.0
+    train_wall = 0.0
     if cfg.max_steps != 0:
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume_from)
-        train_seconds = time.perf_counter() - t0
+        train_wall = time.perf_counter() - t0
         train_loss = float(result.training_loss)
-    collator.counting = False  # evaluation batches are not trained tokens
     # GPU: the training steps' own peak; CPU: the process's peak RSS so far (before generation)
     train_peak = callback.train_peak if on_gpu and callback.train_peak else peak_memory_bytes(device)
-    tokens = _all_reduce_sum(collator.tokens, device)
+    tokens = callback.trained_tokens(trainer.state)
 
     # --- evaluate --------------------------------------------------------------------------
     eval_loss = float(trainer.evaluate()["eval_loss"])
@@ -364,9 +372,10 @@ def train_loop_per_worker(config: dict) -> None:
         "rougeL": gen_metrics.get("rougeL", float("nan")),
         "peak_memory_bytes": train_peak,
         "eval_peak_memory_bytes": peak_memory_bytes(device),
-        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
-        "trained_tokens": int(tokens),
-        "train_seconds": train_seconds,
+        "tokens_per_second": callback.tokens_per_second(trainer.state),
+        "trained_tokens": tokens,
+        "train_seconds": callback.step_seconds,
+        "train_wall_seconds": train_wall,  # trainer.train() end to end: evaluations and checkpoints too
         "wall_seconds": time.perf_counter() - started,
         "trainable_params": built.trainable_params,
         "total_params": built.total_params,

@@ -215,20 +215,38 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, tiny_gemma_dir, unified
     assert m["resumed_from_step"] == 6  # the step-6 report's checkpoint, not a restart from 0
 
 
+def test_trained_tokens_and_seconds_count_training_steps_only(tmp_path, tiny_gemma_dir, unified_data):
+    """Evaluation passes inside trainer.train() (here one after every step) add neither tokens nor time:
+    trained tokens are exactly the training rows' non-padding tokens, once per epoch."""
+    from duetto.models import ensure_pad_token, load_tokenizer
+    from duetto.trainers.trial import EncodedDataset, _read_rows
+
+    cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=galore", "galore.layerwise=true", "data.limit_train=8",
+               "max_steps=-1", "epochs=2", "report_every_steps=1", "interim_eval_examples=0")  # fmt: skip
+    m = _run(cfg)
+    tok = ensure_pad_token(load_tokenizer(tiny_gemma_dir))
+    ds = EncodedDataset(_read_rows(unified_data[0], 8), tok, cfg.template, cfg.max_seq_len)
+    per_epoch = sum(len(ds[i]["input_ids"]) for i in range(len(ds)))
+    assert m["step"] == 4  # 8 rows, batch 4, 2 epochs: and 4 evaluation passes of 16 rows in between
+    assert m["trained_tokens"] == 2 * per_epoch
+    assert 0 < m["train_seconds"] < m["train_wall_seconds"]
+    assert m["tokens_per_second"] == pytest.approx(m["trained_tokens"] / m["train_seconds"])
+
+
 @pytest.mark.slow  # inductor compiles on CPU: ~75 s on 2 cores
 def test_compiled_trial_sees_one_batch_shape(tmp_path, tiny_gemma_dir, unified_data, monkeypatch):
     """compile=true pads every batch to max_seq_len, so torch.compile sees one shape, not one per batch."""
     from duetto.trainers import trial
 
     shapes = set()
-    real = trial.CountingCollator.__call__
+    real = trial.PaddingCollator.__call__
 
     def spy(self, features):
         batch = real(self, features)
         shapes.add(tuple(batch["input_ids"].shape))
         return batch
 
-    monkeypatch.setattr(trial.CountingCollator, "__call__", spy)
+    monkeypatch.setattr(trial.PaddingCollator, "__call__", spy)
     m = _run(_cfg(tmp_path, tiny_gemma_dir, unified_data, "method=galore", "galore.layerwise=false", "max_steps=4",
                   "report_every_steps=0", "interim_eval_examples=0", "compile=true"))
     assert {s[1] for s in shapes} == {64}, shapes  # max_seq_len=64 in _cfg
