@@ -62,8 +62,8 @@ def train(args, work: Path, model_dir: Path, data: Path) -> None:
         else:
             if method not in best:
                 raise SystemExit(f"{args.from_sweep}/best.json: no completed {method} trial")
-            # the sweep's trials were cut short (max_steps) and evaluated as they went (for ASHA):
-            # train the winner's settings for the study's full 2 epochs instead
+            # the sweep's trials were cut short (max_steps) and scored on rows held out of train (for
+            # ASHA): train the winner's settings on all train rows for the study's full 2 epochs instead
             trial_cfg = Path(best[method]["trial_dir"]) / "config.yaml"
             if not trial_cfg.is_file():  # best.json kept from an earlier machine: its own copy of the config
                 import yaml
@@ -76,7 +76,7 @@ def train(args, work: Path, model_dir: Path, data: Path) -> None:
                 trial_cfg.write_text(f"# duetto train\n{yaml.safe_dump(best[method]['config'], sort_keys=False)}")
             cfg = load_config(TrialConfig, str(trial_cfg), [
                 *common, "max_steps=-1", "epochs=2", "report_every_steps=0", "interim_eval_examples=0",
-                "scaling.gpus_per_worker=1", *args.set])
+                "data.val_size=0", "scaling.gpus_per_worker=1", *args.set])
             print(f"{method}: best settings of {args.from_sweep} from {trial_cfg}", flush=True)
         m = run_trial(cfg)
         print(json.dumps({k: m.get(k) for k in METRIC_KEYS}), flush=True)

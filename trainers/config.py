@@ -16,9 +16,13 @@ class DataPaths:
     train: str = "duetto-runs/data/train.jsonl"
     """Unified JSONL written by `duetto data prepare` (instruction, input, response)."""
     test: str = "duetto-runs/data/test.jsonl"
-    """Held-out split: eval_loss and the generation metrics are computed on it."""
+    """Held-out split: eval_loss and the generation metrics are computed on it (unless val_size is set)."""
     limit_train: int = 0
     """Use only the first N training rows (0 = all). For smoke runs."""
+    val_size: float = 0
+    """Hold out the last rows of the training file as a validation split and evaluate on it instead
+    of the test split: a fraction (< 1) or a row count. Sweeps choose their best trials on it, so the
+    test split stays unseen until the report. 0 = evaluate on the test split."""
 
 
 @dataclass
@@ -134,6 +138,8 @@ class TrialConfig:
     scaling: ScalingOptions = field(default_factory=ScalingOptions)
 
     def validate(self) -> None:
+        if self.data.val_size < 0 or (self.data.val_size >= 1 and self.data.val_size != int(self.data.val_size)):
+            raise ConfigError(f"data.val_size: a fraction in [0, 1) or a whole row count, got {self.data.val_size}")
         if self.batch_size < 1:
             raise ConfigError("batch_size: must be >= 1")
         if self.max_seq_len < 8:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from duetto.config import dump_yaml, from_dict, to_dict
+from duetto.config import ConfigError, dump_yaml, from_dict, to_dict
 from duetto.trainers.config import TrialConfig
 
 #: Fault injection for recovery tests: fail once when this step is reached (marker file beside it).
@@ -113,6 +113,17 @@ def _read_rows(path: str, limit: int = 0) -> list[dict]:
 
     rows = read_jsonl(path)
     return rows[:limit] if limit and limit > 0 else rows
+
+
+def split_validation(train_rows: list[dict], val_size: float, source: str) -> tuple[list[dict], list[dict]]:
+    """(train, validation): the last ``val_size`` rows (a fraction < 1, or a count) are held out.
+    `duetto data prepare` has already shuffled the file with its seed, so the tail is a random sample,
+    and every trial of a sweep holds out the same rows."""
+    n = int(round(val_size * len(train_rows))) if val_size < 1 else int(val_size)
+    if n < 1 or n >= len(train_rows):
+        raise ConfigError(f"data.val_size={val_size:g}: {source} has {len(train_rows)} training rows, "
+                          f"which leaves {len(train_rows) - n} to train on and {n} to validate on")  # fmt: skip
+    return train_rows[:-n], train_rows[-n:]
 
 
 def _leave_single_process_group() -> None:
@@ -265,9 +276,12 @@ def train_loop_per_worker(config: dict) -> None:
     model_path = resolve_model(cfg.model)
     tokenizer = ensure_pad_token(load_tokenizer(model_path))
     train_rows = _read_rows(cfg.data.train, cfg.data.limit_train)
-    test_rows = _read_rows(cfg.data.test)
-    gen_rows = test_rows[: cfg.eval.num_examples] if cfg.eval.num_examples > 0 else test_rows
-    loss_rows = test_rows[: cfg.eval.loss_examples] if cfg.eval.loss_examples > 0 else test_rows
+    if cfg.data.val_size:
+        train_rows, held_out = split_validation(train_rows, cfg.data.val_size, cfg.data.train)
+    else:
+        held_out = _read_rows(cfg.data.test)
+    gen_rows = held_out[: cfg.eval.num_examples] if cfg.eval.num_examples > 0 else held_out
+    loss_rows = held_out[: cfg.eval.loss_examples] if cfg.eval.loss_examples > 0 else held_out
     train_ds = EncodedDataset(train_rows, tokenizer, cfg.template, cfg.max_seq_len)
     eval_ds = EncodedDataset(loss_rows, tokenizer, cfg.template, cfg.max_seq_len)
 
@@ -381,6 +395,7 @@ def train_loop_per_worker(config: dict) -> None:
         "total_params": built.total_params,
         "num_train_examples": len(train_ds),
         "num_eval_examples": len(gen_rows),
+        "eval_split": "validation" if cfg.data.val_size else "test",
         "truncated_train_examples": train_ds.truncated,
         "step": int(trainer.state.global_step),
         "resumed_from_step": resumed_from_step,

@@ -215,6 +215,35 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, tiny_gemma_dir, unified
     assert m["resumed_from_step"] == 6  # the step-6 report's checkpoint, not a restart from 0
 
 
+def test_split_validation_holds_out_the_tail():
+    from duetto.trainers.trial import split_validation
+
+    rows = [{"i": i} for i in range(20)]
+    train, val = split_validation(rows, 0.25, "t.jsonl")
+    assert [r["i"] for r in val] == [15, 16, 17, 18, 19] and len(train) == 15
+    assert len(split_validation(rows, 3, "t.jsonl")[1]) == 3
+    for bad in (20, 0.01):  # nothing left to train on; rounds to 0 validation rows
+        with pytest.raises(ConfigError, match=r"data.val_size.*t.jsonl has 20 training rows"):
+            split_validation(rows, bad, "t.jsonl")
+    for bad in ("-1", "2.5"):
+        with pytest.raises(ConfigError, match="data.val_size"):
+            load_config(TrialConfig, None, [f"data.val_size={bad}"])
+
+
+def test_validation_split_replaces_the_test_split_in_trial_evaluation(tmp_path, tiny_gemma_dir, unified_data):
+    """With data.val_size the trial never reads a test row: it scores rows held out of train."""
+    from duetto.data.unify import read_jsonl
+
+    test_instructions = {r["instruction"] for r in read_jsonl(unified_data[1])}
+    m = _run(_cfg(tmp_path, tiny_gemma_dir, unified_data, "method=galore", "data.limit_train=24", "data.val_size=6",
+                  "max_steps=2", "report_every_steps=0", "interim_eval_examples=0"))  # fmt: skip
+    assert (m["eval_split"], m["num_train_examples"], m["num_eval_examples"]) == ("validation", 18, 4)
+    scored = [json.loads(line) for line in (tmp_path / "trial" / "predictions.jsonl").read_text().splitlines()]
+    held_out = read_jsonl(unified_data[0])[18:24]
+    assert [p["instruction"] for p in scored] == [r["instruction"] for r in held_out[:4]]
+    assert not test_instructions & {p["instruction"] for p in scored}
+
+
 def test_trained_tokens_and_seconds_count_training_steps_only(tmp_path, tiny_gemma_dir, unified_data):
     """Evaluation passes inside trainer.train() (here one after every step) add neither tokens nor time:
     trained tokens are exactly the training rows' non-padding tokens, once per epoch."""
