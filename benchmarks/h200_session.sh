@@ -13,9 +13,12 @@
 #   train-gemma   train_gpu.py on the gemma-3-1b-it architecture, GEMMA_VARIANTS          -> issue 3
 #   train-smollm2-compile  train_gpu.py on SmolLM2, GaLore, plain and with compile=true     -> issue 3
 #   sweep-gpu     sweep_gpu.py: 4 trials sharing the GPU vs one alone, both methods       -> issue 4
-#   sweep-search  the real `duetto sweep configs/sweep_study.yaml` (ASHA search)          -> issues 4, 7
+#   sweep-search  the real `duetto sweep configs/sweep_study.yaml` (ASHA search, on SWEEP_GPUS,
+#                 extra overrides SWEEP_SET), chosen on a validation split held out of train  -> issues 4, 7
+#   wait-sweep    nothing: waits for sweep-search (for lanes whose GPU the sweep is using)
 #   best-galore / best-qlora  full 2-epoch trials at the best settings sweep-search found  -> issue 7
 #   report-best   `duetto report` of those two trials                                     -> issue 7
+#   serve-bench-best  serve_bench.py on the two best-settings trials                      -> issue 5
 #   demo          the README's `duetto demo` on the GPU (model from prep's cache; the data found
 #                 at ../shared/data beside the copy, i.e. /tmp/shared/data: put the files there)
 #
@@ -88,24 +91,31 @@ do_sweep-gpu() {
   python3 benchmarks/sweep_gpu.py --trials 4 --steps "$SWEEP_STEPS" --model $W/models/smollm2-135m-instruct \
     --data $W/data --out $R/sweep_gpu_h200.json
 }
-do_sweep-search() {  # on SWEEP_GPUS if set (the 4-GPU plan: 2,3, whose lanes wait for it)
-  CUDA_VISIBLE_DEVICES=${SWEEP_GPUS:-$CUDA_VISIBLE_DEVICES} duetto sweep configs/sweep_study.yaml "base.model=$W/models/smollm2-135m-instruct" \
-    "base.data.train=$W/data/train.jsonl" "base.data.test=$W/data/test.jsonl" storage_path=$R/sweeps || return
-  cp $R/sweeps/study/results.md $R/sweeps/study/results.csv $R/sweeps/study/best.json $R/ 2>/dev/null || true
+do_sweep-search() {  # on SWEEP_GPUS if set (then the lanes of those GPUs start with wait-sweep)
+  CUDA_VISIBLE_DEVICES=${SWEEP_GPUS:-$CUDA_VISIBLE_DEVICES} duetto sweep configs/sweep_study.yaml \
+    "base.model=$W/models/smollm2-135m-instruct" "base.data.train=$W/data/train.jsonl" \
+    "base.data.test=$W/data/test.jsonl" storage_path=$R/sweeps ${SWEEP_SET:-} || return
+  cp $R/sweeps/results.md $R/sweeps/results.csv $R/sweeps/best.json $R/  # the sweep folder itself stays there
 }
+do_wait-sweep() { wait_for sweep-search; }
 
 do_demo() { DUETTO_CACHE=$W duetto demo --out /tmp/demo; }
 do_best-galore() {
   wait_for sweep-search
-  python3 benchmarks/study_gpu.py train --methods galore --work $W --from-sweep $R/sweeps/study && keep_metrics galore_best
+  python3 benchmarks/study_gpu.py train --methods galore --work $W --from-sweep $R/sweeps && keep_metrics galore_best
 }
 do_best-qlora() {
   wait_for sweep-search
-  python3 benchmarks/study_gpu.py train --methods qlora --work $W --from-sweep $R/sweeps/study && keep_metrics qlora_best
+  python3 benchmarks/study_gpu.py train --methods qlora --work $W --from-sweep $R/sweeps && keep_metrics qlora_best
 }
 do_report-best() {
   wait_for best-galore; wait_for best-qlora
   python3 benchmarks/study_gpu.py report --work $W --trials best --out $R/study_best
+}
+do_serve-bench-best() {
+  wait_for best-galore; wait_for best-qlora
+  python3 benchmarks/serve_bench.py --generator $W/qlora_best --reranker $W/galore_best \
+    --duration "$SERVE_SECONDS" --out $R/serve_bench_smollm2_best_h200.json
 }
 
 lane() {  # lane N JOB...: on GPU N
@@ -125,14 +135,18 @@ start)
   rm -rf $SRC && cp -a . $SRC && cd $SRC || exit 1
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
   mkdir -p $R/logs && rm -f $R/*.done $R/*.failed  # markers of an earlier start would release waiters
-  # Default plan by GPU count. 4 GPUs: the study (0, 1), the sweep over two GPUs (2,3: eight trials at
-  # 0.25 GPU at once), then the best settings' trials on 2 and 3. 2 GPUs: the study and the benches.
+  # Default plan by GPU count: the best settings (issue 7) and the serve figures (issue 5); the study
+  # trials and their report are in docs/results/study. The sweep takes every GPU first (8 trials at
+  # once), then the two best-settings trials train side by side and their report follows. The serve
+  # bench runs after the sweep on a GPU of its own, next to two trainings only (the load of the CPUs
+  # is recorded with it: launch-bound decoding slowed by ~3x when a sweep and torch.compile shared them).
   if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
-    : "${LANE0=prep study-galore report serve-bench-study}" "${LANE1=study-qlora serve-bench train-gemma}"
-    : "${LANE2=sweep-search best-qlora report-best}" "${LANE3=best-galore train-smollm2-compile}"
-    export SWEEP_GPUS=${SWEEP_GPUS-2,3}
+    : "${LANE0=prep sweep-search best-galore report-best}" "${LANE1=wait-sweep best-qlora}"
+    : "${LANE2=wait-sweep serve-bench serve-bench-best}"
+    export SWEEP_GPUS=${SWEEP_GPUS-0,1,2,3} SWEEP_SET=${SWEEP_SET-resources.gpus_per_trial=0.5}
   else
-    : "${LANE0=prep study-galore report serve-bench-study sweep-search}" "${LANE1=study-qlora serve-bench train-gemma}"
+    : "${LANE0=prep sweep-search best-galore report-best}" "${LANE1=wait-sweep best-qlora serve-bench}"
+    export SWEEP_GPUS=${SWEEP_GPUS-0,1}
   fi
   echo "${LANE0:-} ${LANE1:-} ${LANE2:-} ${LANE3:-}" >$R/lanes
   for n in 0 1 2 3; do

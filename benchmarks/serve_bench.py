@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "ray": ray.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpus": os.cpu_count(),
+        # launch-bound decoding slows down when other jobs load the CPUs: keep the load beside the figures
+        "loadavg_1min_start": os.getloadavg()[0],
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         gen_src, rer_src = build_models(args, Path(tmp))
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         naive = run_naive(gen_src, rer_src, args)
         _log(f"naive: {naive['req_per_s']:.2f} req/s, p50 {naive['latency_ms']['p50']:.0f} ms")
         served = run_serve(gen_src, rer_src, args)
+    env["loadavg_1min_end"] = os.getloadavg()[0]
     result = {
         "settings": {"k": args.k, "max_new_tokens": args.max_new_tokens, "models": "tiny" if args.tiny else
                      ("given" if args.generator else "random gemma-3-1b-it x2"), "generator": args.generator,
