@@ -207,6 +207,67 @@ def _fmt_ci(point: float, lo: float, hi: float, digits: int) -> str:
     return f"{point:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def ensemble_choices(rows: list[dict], *, weight: float = 0.5, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """ROUGE-L of the candidate each way of choosing would have returned, from the stored candidates
+    (``outputs.jsonl`` rows: ``reference`` and ``ensemble_candidates``). It separates what sampling
+    costs from what re-ranking buys: a random pick (the mean over the k), the reranker's pick (what
+    the ensemble returned), the generator's own pick (serve mode ``generator``), the ``mix`` mode,
+    and the best candidate against the reference (an upper bound no chooser can pass). ROUGE-L
+    only: it is a mean of per-example scores, so "a random pick" is exact; corpus BLEU is not."""
+    import numpy as np
+
+    from duetto.serve.ensemble import Candidate, choose
+    from duetto.trainers.evaluate import bootstrap_ci, paired_bootstrap, rouge_from_sums, rouge_l_scores
+
+    rows = [r for r in rows if r.get("ensemble_candidates")]
+    if not rows:
+        return {}
+    cands = [[Candidate(**{k: c.get(k) for k in ("text", "generator_logprob", "reranker_score")})
+              for c in r["ensemble_candidates"]] for r in rows]  # fmt: skip
+    flat_refs = [r["reference"] for r, cs in zip(rows, cands) for _ in cs]
+    flat = rouge_l_scores([c.text for cs in cands for c in cs], flat_refs)
+    scores, i = [], 0
+    for cs in cands:
+        scores.append(flat[i : i + len(cs)])
+        i += len(cs)
+    has_gen = all(c.generator_logprob is not None for cs in cands for c in cs)
+    picks = {
+        "any one candidate (mean over the k: a random pick)": [sum(s) / len(s) for s in scores],
+        "the reranker's pick (mode reranker: what the ensemble returned)":
+            [s[choose(cs, "reranker")] for cs, s in zip(cands, scores)],
+    }  # fmt: skip
+    if has_gen:
+        picks["the generator's own pick (mode generator)"] = [s[choose(cs, "generator")] for cs, s in zip(cands, scores)]
+        picks[f"mode mix, weight {weight:g}"] = [s[choose(cs, "mix", weight)] for cs, s in zip(cands, scores)]
+    picks["the best candidate against the reference (upper bound)"] = [max(s) for s in scores]
+    stats = {name: np.asarray(v, dtype=np.float64).reshape(-1, 1) for name, v in picks.items()}
+    random_pick, reranker = list(stats)[:2]
+    tests = [{"a": random_pick, "b": name, **paired_bootstrap(stats[random_pick], stats[name], rouge_from_sums,
+                                                               n_resamples=n_resamples, seed=seed)}
+             for name in list(stats)[1:-1]]  # fmt: skip
+    return {
+        "k": max(len(cs) for cs in cands),
+        "num_examples": len(rows),
+        "rougeL": {name: bootstrap_ci(st, rouge_from_sums, n_resamples=n_resamples, seed=seed) for name, st in stats.items()},
+        "tests": tests,
+    }
+
+
+def render_choices(choices: dict) -> list[str]:
+    if not choices:
+        return []
+    L = ["## How the ensemble chose among its candidates", "",
+         f"Each of the {choices['num_examples']} prompts got k={choices['k']} sampled candidates. ROUGE-L F of the one each "
+         "way of choosing returns, on the same candidates, with 95% bootstrap intervals:", "",
+         "| choice | ROUGE-L F (0-1) |", "|---|---|"]  # fmt: skip
+    L += [f"| {name} | {_fmt_ci(*ci, 3)} |" for name, ci in choices["rougeL"].items()]
+    L += ["", "Paired against a random pick (B − A):", ""]
+    for t in choices["tests"]:
+        verdict = ("better" if t["low"] > 0 else "worse" if t["high"] < 0 else "no detectable difference")
+        L.append(f"- {t['b']}: Δ {t['delta']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]: {verdict}")
+    return L
+
+
 def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     import torch
 
@@ -276,12 +337,16 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
             rec["ensemble_candidates"] = ens_info.get("candidates")
             rec["ensemble_chosen_index"] = ens_info.get("chosen_index")
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    with open(out / "outputs.jsonl", encoding="utf-8") as f:
+        choices = ensemble_choices([json.loads(line) for line in f], weight=cfg.ensemble.weight, n_resamples=n,
+                                   seed=cfg.seed)  # fmt: skip
     report = {
         "config": {k: v for k, v in cfg.__dict__.items() if k != "ensemble"} | {"ensemble": cfg.ensemble.__dict__},
         "command": command,
         "num_examples": len(rows),
         "systems": {k: {kk: vv for kk, vv in v.items() if kk not in ("texts", "info")} for k, v in systems.items()},
         "tests": tests,
+        "ensemble_choices": choices,
         "resources": resources,
         "provenance": provenance,
         "versions": _versions(),
@@ -314,6 +379,8 @@ def render_markdown(report: dict, rows: list[dict], systems: dict[str, dict]) ->
         L.append(f"| {t['a']} | {t['b']} | {t['metric']} | {t['delta']:+.3f} | [{t['low']:+.3f}, {t['high']:+.3f}] "
                  f"| {t['p_not_better']:.3f} | {reading} |")
     L += ["", "## What these numbers support", "", *_reading(report)]
+    if report.get("ensemble_choices"):
+        L += ["", *render_choices(report["ensemble_choices"])]
     L += ["", "## Resources", "", "| system | peak train memory (GiB) | trainable params | trained tokens/s | "
           "train wall (s) | generation latency (ms / example) |", "|---|---|---|---|---|---|"]
     for name, s in report["systems"].items():

@@ -56,8 +56,12 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
         assert r["ensemble_chosen_index"] == best
     md = (tmp_path / "rep" / "report.md").read_text()
     for heading in ("## Quality", "## Paired bootstrap tests", "## What these numbers support", "## Resources",
-                    "## Examples", "## Set-up"):
+                    "## Examples", "## Set-up", "## How the ensemble chose among its candidates"):
         assert heading in md
+    # the reranker's pick, re-scored from the stored candidates, is the ensemble row itself
+    picks = report["ensemble_choices"]["rougeL"]
+    ens = next(v for k, v in systems.items() if k.startswith("Ensemble"))
+    assert picks["the reranker's pick (mode reranker: what the ensemble returned)"][0] == pytest.approx(ens["rougeL"][0])
     # every paired test is read out in words, each with its own verdict
     reading = md.split("## What these numbers support")[1].split("## Resources")[0]
     assert reading.count("\n- ") >= len(report["tests"])
@@ -76,3 +80,27 @@ def test_report_config_needs_both_trials():
 
     with pytest.raises(ConfigError, match="qlora / galore"):
         load_config(ReportConfig, None, ["qlora=x"])
+
+
+def test_ensemble_choices_separate_sampling_from_reranking():
+    """Two prompts, two candidates each: the reranker prefers the wrong one, the generator the right one."""
+    from duetto.report import ensemble_choices, render_choices
+
+    def cand(text, gen, rer):
+        return {"text": text, "generator_logprob": gen, "reranker_score": rer}
+
+    rows = [
+        {"reference": "the cat sat on the mat", "ensemble_candidates": [cand("the cat sat on the mat", -0.1, -2.0),
+                                                                        cand("a dog ran far away", -3.0, -0.5)]},
+        {"reference": "water boils at one hundred degrees", "ensemble_candidates": [
+            cand("boils at one hundred", -0.2, -1.0), cand("ice is cold", -2.0, -0.1)]},
+    ]
+    c = ensemble_choices(rows, weight=0.5, n_resamples=50)
+    r = {name.split(" (")[0]: ci[0] for name, ci in c["rougeL"].items()}
+    assert r["the reranker's pick"] == 0.0  # both wrong picks share no word with their reference
+    assert r["the generator's own pick"] == r["the best candidate against the reference"] > r["any one candidate"] > 0
+    assert r["mode mix, weight 0.5"] == r["the generator's own pick"]  # (-0.1-2.0)/2 > (-3.0-0.5)/2, and so on
+    assert [t["b"].split(" (")[0] for t in c["tests"]] == ["the reranker's pick", "the generator's own pick",
+                                                          "mode mix, weight 0.5"]
+    assert "## How the ensemble chose among its candidates" in "\n".join(render_choices(c))
+    assert ensemble_choices([{"reference": "x", "ensemble_candidates": None}]) == {}
