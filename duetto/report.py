@@ -382,7 +382,7 @@ def render_markdown(report: dict, rows: list[dict], systems: dict[str, dict]) ->
     if report.get("ensemble_choices"):
         L += ["", *render_choices(report["ensemble_choices"])]
     L += ["", "## Resources", "", "| system | peak train memory (GiB) | trainable params | trained tokens/s | "
-          "train wall (s) | generation latency (ms / example) |", "|---|---|---|---|---|---|"]
+          "train time (s, optimizer steps) | generation latency (ms / example) |", "|---|---|---|---|---|---|"]
     for name, s in report["systems"].items():
         r = report["resources"].get(name, {})
         mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "–"
