@@ -18,13 +18,14 @@ from duetto.report import ensemble_choices, render_choices
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("outputs", help="a report's outputs.jsonl")
+    ap.add_argument("--mode", default="reranker", help="the report config's ensemble.mode")
     ap.add_argument("--weight", type=float, default=0.5, help="mode mix's weight (the report config's ensemble.weight)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the markdown here")
     args = ap.parse_args()
     rows = [json.loads(line) for line in Path(args.outputs).read_text(encoding="utf-8").splitlines() if line.strip()]
-    choices = ensemble_choices(rows, weight=args.weight, n_resamples=args.bootstrap, seed=args.seed)
+    choices = ensemble_choices(rows, mode=args.mode, weight=args.weight, n_resamples=args.bootstrap, seed=args.seed)
     if not choices:
         raise SystemExit(f"{args.outputs}: no row has ensemble_candidates")
     text = "\n".join([f"Re-scored from `{args.outputs}` by `benchmarks/ensemble_choices.py`.", "",

@@ -140,12 +140,15 @@ start)
   # once), then the two best-settings trials train side by side and their report follows. The serve
   # bench runs after the sweep on a GPU of its own, next to two trainings only (the load of the CPUs
   # is recorded with it: launch-bound decoding slowed by ~3x when a sweep and torch.compile shared them).
-  if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
-    : "${LANE0=prep sweep-search best-galore report-best}" "${LANE1=wait-sweep best-qlora}"
-    : "${LANE2=wait-sweep serve-bench serve-bench-best}"
+  # Only when no lane is given: a LANEn set by hand means the caller chose every lane.
+  if [ -n "${LANE0:-}${LANE1:-}${LANE2:-}${LANE3:-}" ]; then
+    :
+  elif [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
+    LANE0="prep sweep-search best-galore report-best" LANE1="wait-sweep best-qlora"
+    LANE2="wait-sweep serve-bench serve-bench-best"
     export SWEEP_GPUS=${SWEEP_GPUS-0,1,2,3} SWEEP_SET=${SWEEP_SET-resources.gpus_per_trial=0.5}
   else
-    : "${LANE0=prep sweep-search best-galore report-best}" "${LANE1=wait-sweep best-qlora serve-bench}"
+    LANE0="prep sweep-search best-galore report-best" LANE1="wait-sweep best-qlora serve-bench serve-bench-best"
     export SWEEP_GPUS=${SWEEP_GPUS-0,1}
   fi
   echo "${LANE0:-} ${LANE1:-} ${LANE2:-} ${LANE3:-}" >$R/lanes

@@ -128,8 +128,8 @@ def _versions() -> dict[str, str]:
 
 
 #: What each trial's config.yaml says about how it was trained (shown in the report's set-up).
-TRIAL_KEYS = ("method", "model", "learning_rate", "epochs", "max_steps", "batch_size", "max_seq_len", "seed",
-              "template", "gradient_checkpointing", "precision")  # fmt: skip
+TRIAL_KEYS = ("method", "model", "data", "learning_rate", "epochs", "max_steps", "batch_size", "max_seq_len",
+              "seed", "template", "gradient_checkpointing", "precision")  # fmt: skip
 METHOD_KEYS = {"qlora": ("bits", "r", "alpha", "dropout", "target_modules", "upcast_fp32"),
                "galore": ("rank", "update_proj_gap", "scale", "layerwise", "target_modules")}  # fmt: skip
 
@@ -207,13 +207,15 @@ def _fmt_ci(point: float, lo: float, hi: float, digits: int) -> str:
     return f"{point:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def ensemble_choices(rows: list[dict], *, weight: float = 0.5, n_resamples: int = 1000, seed: int = 0) -> dict:
+def ensemble_choices(rows: list[dict], *, mode: str = "reranker", weight: float = 0.5, n_resamples: int = 1000,
+                     seed: int = 0) -> dict:
     """ROUGE-L of the candidate each way of choosing would have returned, from the stored candidates
-    (``outputs.jsonl`` rows: ``reference`` and ``ensemble_candidates``). It separates what sampling
-    costs from what re-ranking buys: a random pick (the mean over the k), the reranker's pick (what
-    the ensemble returned), the generator's own pick (serve mode ``generator``), the ``mix`` mode,
-    and the best candidate against the reference (an upper bound no chooser can pass). ROUGE-L
-    only: it is a mean of per-example scores, so "a random pick" is exact; corpus BLEU is not."""
+    (``outputs.jsonl`` rows: ``reference``, ``ensemble_candidates``, ``ensemble_chosen_index``). It
+    separates what sampling costs from what re-ranking buys: a random pick (the mean over the k),
+    what the ensemble returned (in its ``mode``), the reranker's pick, the generator's own pick, the
+    ``mix`` mode, and the best candidate against the reference (an upper bound no chooser can
+    pass). A way whose scores were not stored (no reranker scores in mode generator) is left out.
+    ROUGE-L only: it is a mean of per-example scores, so "a random pick" is exact; corpus BLEU is not."""
     import numpy as np
 
     from duetto.serve.ensemble import Candidate, choose
@@ -230,27 +232,31 @@ def ensemble_choices(rows: list[dict], *, weight: float = 0.5, n_resamples: int 
     for cs in cands:
         scores.append(flat[i : i + len(cs)])
         i += len(cs)
+    has_rer = all(c.reranker_score is not None for cs in cands for c in cs)
     has_gen = all(c.generator_logprob is not None for cs in cands for c in cs)
-    picks = {
-        "any one candidate (mean over the k: a random pick)": [sum(s) / len(s) for s in scores],
-        "the reranker's pick (mode reranker: what the ensemble returned)":
-            [s[choose(cs, "reranker")] for cs, s in zip(cands, scores)],
-    }  # fmt: skip
-    if has_gen:
-        picks["the generator's own pick (mode generator)"] = [s[choose(cs, "generator")] for cs, s in zip(cands, scores)]
-        picks[f"mode mix, weight {weight:g}"] = [s[choose(cs, "mix", weight)] for cs, s in zip(cands, scores)]
+    returned = [s[int(r.get("ensemble_chosen_index") or 0)] for r, s in zip(rows, scores)]
+    picks = {RANDOM_PICK: [sum(s) / len(s) for s in scores], f"what the ensemble returned (mode {mode})": returned}
+    ways = [("the reranker's pick (mode reranker)", "reranker", has_rer),
+            ("the generator's own pick (mode generator)", "generator", has_gen),
+            (f"mode mix, weight {weight:g}", "mix", has_rer and has_gen)]  # fmt: skip
+    for name, way, available in ways:
+        if available and way != mode:
+            picks[name] = [s[choose(cs, way, weight)] for cs, s in zip(cands, scores)]
     picks["the best candidate against the reference (upper bound)"] = [max(s) for s in scores]
     stats = {name: np.asarray(v, dtype=np.float64).reshape(-1, 1) for name, v in picks.items()}
-    random_pick, reranker = list(stats)[:2]
-    tests = [{"a": random_pick, "b": name, **paired_bootstrap(stats[random_pick], stats[name], rouge_from_sums,
+    tests = [{"a": RANDOM_PICK, "b": name, **paired_bootstrap(stats[RANDOM_PICK], stats[name], rouge_from_sums,
                                                                n_resamples=n_resamples, seed=seed)}
              for name in list(stats)[1:-1]]  # fmt: skip
     return {
         "k": max(len(cs) for cs in cands),
         "num_examples": len(rows),
+        "mode": mode,
         "rougeL": {name: bootstrap_ci(st, rouge_from_sums, n_resamples=n_resamples, seed=seed) for name, st in stats.items()},
         "tests": tests,
     }
+
+
+RANDOM_PICK = "any one candidate (mean over the k: a random pick)"
 
 
 def render_choices(choices: dict) -> list[str]:
@@ -338,8 +344,8 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
             rec["ensemble_chosen_index"] = ens_info.get("chosen_index")
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     with open(out / "outputs.jsonl", encoding="utf-8") as f:
-        choices = ensemble_choices([json.loads(line) for line in f], weight=cfg.ensemble.weight, n_resamples=n,
-                                   seed=cfg.seed)  # fmt: skip
+        choices = ensemble_choices([json.loads(line) for line in f], mode=cfg.ensemble.mode,
+                                   weight=cfg.ensemble.weight, n_resamples=n, seed=cfg.seed)  # fmt: skip
     report = {
         "config": {k: v for k, v in cfg.__dict__.items() if k != "ensemble"} | {"ensemble": cfg.ensemble.__dict__},
         "command": command,

@@ -61,7 +61,7 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     # the reranker's pick, re-scored from the stored candidates, is the ensemble row itself
     picks = report["ensemble_choices"]["rougeL"]
     ens = next(v for k, v in systems.items() if k.startswith("Ensemble"))
-    assert picks["the reranker's pick (mode reranker: what the ensemble returned)"][0] == pytest.approx(ens["rougeL"][0])
+    assert picks["what the ensemble returned (mode reranker)"][0] == pytest.approx(ens["rougeL"][0])
     # every paired test is read out in words, each with its own verdict
     reading = md.split("## What these numbers support")[1].split("## Resources")[0]
     assert reading.count("\n- ") >= len(report["tests"])
@@ -90,17 +90,26 @@ def test_ensemble_choices_separate_sampling_from_reranking():
         return {"text": text, "generator_logprob": gen, "reranker_score": rer}
 
     rows = [
-        {"reference": "the cat sat on the mat", "ensemble_candidates": [cand("the cat sat on the mat", -0.1, -2.0),
-                                                                        cand("a dog ran far away", -3.0, -0.5)]},
-        {"reference": "water boils at one hundred degrees", "ensemble_candidates": [
+        {"reference": "the cat sat on the mat", "ensemble_chosen_index": 1, "ensemble_candidates": [
+            cand("the cat sat on the mat", -0.1, -2.0), cand("a dog ran far away", -3.0, -0.5)]},
+        {"reference": "water boils at one hundred degrees", "ensemble_chosen_index": 1, "ensemble_candidates": [
             cand("boils at one hundred", -0.2, -1.0), cand("ice is cold", -2.0, -0.1)]},
     ]
-    c = ensemble_choices(rows, weight=0.5, n_resamples=50)
+    c = ensemble_choices(rows, mode="reranker", weight=0.5, n_resamples=50)
     r = {name.split(" (")[0]: ci[0] for name, ci in c["rougeL"].items()}
-    assert r["the reranker's pick"] == 0.0  # both wrong picks share no word with their reference
+    assert r["what the ensemble returned"] == 0.0  # both wrong picks share no word with their reference
+    assert "the reranker's pick" not in r  # the same as what was returned in mode reranker
     assert r["the generator's own pick"] == r["the best candidate against the reference"] > r["any one candidate"] > 0
     assert r["mode mix, weight 0.5"] == r["the generator's own pick"]  # (-0.1-2.0)/2 > (-3.0-0.5)/2, and so on
-    assert [t["b"].split(" (")[0] for t in c["tests"]] == ["the reranker's pick", "the generator's own pick",
+    assert [t["b"].split(" (")[0] for t in c["tests"]] == ["what the ensemble returned", "the generator's own pick",
                                                           "mode mix, weight 0.5"]
     assert "## How the ensemble chose among its candidates" in "\n".join(render_choices(c))
+    # mode generator stores no reranker scores: the rows that need them are left out, not a crash
+    for row in rows:
+        row["ensemble_chosen_index"] = 0
+        for cd in row["ensemble_candidates"]:
+            cd["reranker_score"] = None
+    r = {name.split(" (")[0]: ci[0] for name, ci in ensemble_choices(rows, mode="generator", n_resamples=50)["rougeL"].items()}
+    assert set(r) == {"any one candidate", "what the ensemble returned", "the best candidate against the reference"}
+    assert r["what the ensemble returned"] == r["the best candidate against the reference"]
     assert ensemble_choices([{"reference": "x", "ensemble_candidates": None}]) == {}

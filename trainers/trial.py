@@ -194,7 +194,8 @@ def _report_callback_cls():
             import ray.train
             from transformers.trainer_utils import get_last_checkpoint
 
-            metrics: dict[str, Any] = {"step": state.global_step, "epoch": float(state.epoch or 0.0)}
+            metrics: dict[str, Any] = {"step": state.global_step, "epoch": float(state.epoch or 0.0),
+                                       "eval_split": "validation" if self.cfg.data.val_size else "test"}
             if model is not None:  # so far; a trial ASHA stops still shows its memory and speed
                 metrics["peak_memory_bytes"] = self.train_peak or peak_memory_bytes(next(model.parameters()).device)
             if self.step_seconds > 0:

@@ -70,6 +70,7 @@ def collect(sweep_dir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
             failures=trial.num_failures,  # attempts that raised; Tune re-ran the trial after each but the last
             reports=last.get("training_iteration"),
             step=source.get("step"),
+            eval_split=source.get("eval_split", ""),
             error=_error_line(trial_dir) if status == ERROR else "",
             trial_dir=str(trial_dir),
             model_dir=(final or {}).get("model_dir", ""),
@@ -142,6 +143,16 @@ def _hyper(row: dict[str, Any], keys: list[str]) -> str:
     return ", ".join(f"{k.split('.')[-1]}={_fmt(row.get(k), k)}" for k in keys)
 
 
+def _split_note(rows: list[dict[str, Any]]) -> str:
+    """Which rows the metrics were computed on: the test split means the choice has seen it."""
+    splits = sorted({r.get("eval_split") for r in rows if r.get("eval_split")})
+    if splits == ["validation"]:
+        return " on a validation split held out of train (data.val_size)"
+    if splits == ["test"]:
+        return " on the **test** split (set base.data.val_size to keep the test split unseen)"
+    return f" on the {' / '.join(splits)} splits" if splits else ""
+
+
 def write_markdown(sweep, rows: list[dict[str, Any]], best: dict[str, dict[str, Any]], path: Path) -> None:
     from duetto.tune.spec import space_keys
 
@@ -154,7 +165,7 @@ def write_markdown(sweep, rows: list[dict[str, Any]], best: dict[str, dict[str, 
         "",
         (
             f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
-            f"chosen by **{sweep.metric}** ({sweep.resolved_mode}); scheduler {sweep.scheduler.type}."
+            f"chosen by **{sweep.metric}** ({sweep.resolved_mode}){_split_note(rows)}; scheduler {sweep.scheduler.type}."
         ),
         "Rows that stopped early show their last interim report (BLEU/ROUGE on the interim rows only).",
         "",

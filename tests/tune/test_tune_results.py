@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from duetto.tune.results import COMPLETED, ERROR, STOPPED, best_per_method, pareto_front, write_csv
+from duetto.tune.results import COMPLETED, ERROR, STOPPED, _split_note, best_per_method, pareto_front, write_csv
 
 
 def _trial(trial_id: str, method: str):
@@ -89,3 +89,10 @@ def test_csv_has_every_column_of_every_row(tmp_path):
     assert [r["trial"] for r in back] == ["g1", "q1"]
     assert back[0]["galore.rank"] == "8" and back[0]["qlora.r"] == ""
     assert back[1]["qlora.r"] == "4" and back[1]["rougeL"] == ""
+
+
+def test_results_say_which_split_chose_the_trials():
+    assert "validation split" in _split_note([{"eval_split": "validation"}, {"eval_split": ""}])
+    assert "**test** split" in _split_note([{"eval_split": "test"}]) and "val_size" in _split_note([{"eval_split": "test"}])
+    assert _split_note([{"eval_split": "test"}, {"eval_split": "validation"}]) == " on the test / validation splits"
+    assert _split_note([{}]) == ""

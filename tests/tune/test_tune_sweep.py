@@ -58,7 +58,7 @@ def test_sweep_tiny_end_to_end(tmp_path, tiny_gemma_dir, sweep_data, duetto_cli)
     path = _tiny_sweep(
         tmp_path / "s.yaml", tiny_gemma_dir, sweep_data, sweep_dir, num_samples=1,
         **{"methods.galore.learning_rate": {"grid": [3e-3, 1e-8, 1e-8]},
-           "methods.qlora.learning_rate": {"grid": [3e-2, 1e-8, 1e-8]}},
+           "methods.qlora.learning_rate": {"grid": [3e-2, 1e-8, 1e-8]}, "base.data.val_size": 8},
     )
     proc = duetto_cli("sweep", str(path), "--num-cpus", "2")
     assert proc.returncode == 0, _fail(proc)
@@ -71,6 +71,7 @@ def test_sweep_tiny_end_to_end(tmp_path, tiny_gemma_dir, sweep_data, duetto_cli)
     assert "stopped early" in statuses, "ASHA stopped no trial"
     for r in rows:
         assert float(r["eval_loss"]) > 0 and r["learning_rate"]
+        assert r["eval_split"] == "validation"  # chosen on rows held out of train: the test split stays unseen
         trial_dir = Path(r["trial_dir"])
         assert trial_dir.parent == sweep_dir
         assert list(trial_dir.glob("events.out.tfevents.*")), "no TensorBoard log"
@@ -96,6 +97,7 @@ def test_sweep_tiny_end_to_end(tmp_path, tiny_gemma_dir, sweep_data, duetto_cli)
     assert (sweep_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (sweep_dir / "results.md").read_text()
     assert all(r["trial"] in md for r in rows) and "Best trial per method" in md
+    assert "on a validation split held out of train" in md
 
     before = (sweep_dir / "results.csv").read_text()
     (sweep_dir / "results.csv").unlink()
