@@ -188,10 +188,16 @@ def test_cli_rejects_bad_config_with_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_two_worker_ddp_qlora_on_cpu(tmp_path, ray_local, tiny_gemma_dir, unified_data):
+    from duetto.models import ensure_pad_token, load_tokenizer
+    from duetto.trainers.trial import EncodedDataset, _read_rows
+
     cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=qlora", "qlora.bits=4", "scaling.num_workers=2",
-               "scaling.cpus_per_worker=1", "max_steps=8", "interim_eval_examples=0")
+               "scaling.cpus_per_worker=1", "data.limit_train=32", "max_steps=-1", "epochs=1", "interim_eval_examples=0")
     m = _run(cfg)
-    assert m["world_size"] == 2 and m["step"] == 8
+    assert m["world_size"] == 2 and m["step"] == 4  # 32 rows, 2 ranks x batch 4
+    # every row trained once, on one rank or the other: the count is gathered over both
+    ds = EncodedDataset(_read_rows(unified_data[0], 32), ensure_pad_token(load_tokenizer(tiny_gemma_dir)), cfg.template, 64)
+    assert m["trained_tokens"] == sum(len(ds[i]["input_ids"]) for i in range(len(ds)))
 
 
 @pytest.mark.slow
