@@ -207,6 +207,9 @@ def _fmt_ci(point: float, lo: float, hi: float, digits: int) -> str:
     return f"{point:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+RANDOM_PICK = "any one candidate (mean over the k: a random pick)"
+
+
 def ensemble_choices(rows: list[dict], *, mode: str = "reranker", weight: float = 0.5, n_resamples: int = 1000,
                      seed: int = 0) -> dict:
     """ROUGE-L of the candidate each way of choosing would have returned, from the stored candidates
@@ -254,9 +257,6 @@ def ensemble_choices(rows: list[dict], *, mode: str = "reranker", weight: float 
         "rougeL": {name: bootstrap_ci(st, rouge_from_sums, n_resamples=n_resamples, seed=seed) for name, st in stats.items()},
         "tests": tests,
     }
-
-
-RANDOM_PICK = "any one candidate (mean over the k: a random pick)"
 
 
 def render_choices(choices: dict) -> list[str]:
