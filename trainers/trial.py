@@ -119,7 +119,7 @@ def split_validation(train_rows: list[dict], val_size: float, source: str) -> tu
     """(train, validation): the last ``val_size`` rows (a fraction < 1, or a count) are held out.
     `duetto data prepare` has already shuffled the file with its seed, so the tail is a random sample,
     and every trial of a sweep holds out the same rows."""
-    n = int(round(val_size * len(train_rows))) if val_size < 1 else int(val_size)
+    n = round(val_size * len(train_rows)) if val_size < 1 else int(val_size)
     if n < 1 or n >= len(train_rows):
         raise ConfigError(f"data.val_size={val_size:g}: {source} has {len(train_rows)} training rows, "
                           f"which leaves {len(train_rows) - n} to train on and {n} to validate on")  # fmt: skip
