@@ -335,17 +335,17 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
         mfile = Path(spec.trial_dir or "", "metrics.json")
         resources[name] = json.loads(mfile.read_text()) if spec.trial_dir and mfile.exists() else {}
 
+    records = []
+    for i, row in enumerate(rows):
+        ens_info = systems[ens_name]["info"][i]
+        records.append({"instruction": row["instruction"], "input": row.get("input", ""), "reference": row["response"],
+                        **{name: s["texts"][i] for name, s in systems.items()},
+                        "ensemble_candidates": ens_info.get("candidates"),
+                        "ensemble_chosen_index": ens_info.get("chosen_index")})  # fmt: skip
     with open(out / "outputs.jsonl", "w", encoding="utf-8") as f:
-        for i, row in enumerate(rows):
-            rec = {"instruction": row["instruction"], "input": row.get("input", ""), "reference": row["response"],
-                   **{name: s["texts"][i] for name, s in systems.items()}}
-            ens_info = systems[ens_name]["info"][i]
-            rec["ensemble_candidates"] = ens_info.get("candidates")
-            rec["ensemble_chosen_index"] = ens_info.get("chosen_index")
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    with open(out / "outputs.jsonl", encoding="utf-8") as f:
-        choices = ensemble_choices([json.loads(line) for line in f], mode=cfg.ensemble.mode,
-                                   weight=cfg.ensemble.weight, n_resamples=n, seed=cfg.seed)  # fmt: skip
+        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+    choices = ensemble_choices(records, mode=cfg.ensemble.mode, weight=cfg.ensemble.weight, n_resamples=n,
+                               seed=cfg.seed)  # fmt: skip
     report = {
         "config": {k: v for k, v in cfg.__dict__.items() if k != "ensemble"} | {"ensemble": cfg.ensemble.__dict__},
         "command": command,

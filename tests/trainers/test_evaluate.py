@@ -11,6 +11,7 @@ import sacrebleu
 
 from duetto.trainers.evaluate import METRICS, bleu4, bootstrap_ci, paired_bootstrap, rouge_l_scores
 
+
 def mean_rouge_l(predictions: list[str], references: list[str]) -> float:  # the re-scoring reference
     return float(np.mean(rouge_l_scores(predictions, references)))
 
