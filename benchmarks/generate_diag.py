@@ -6,7 +6,7 @@ Times, on one model, the same 8 x k x N sampling call several ways, each twice (
 of that variant; warm: the second): duetto's `generate_candidates` (what the bench and the server
 run), HF `generate` with and without `output_logits` and `disable_compile=True`, and smaller batches
 new to the process. After each it records how many frames torch.compile has captured, to tell HF's
-auto-compile apart from other first-call costs. Prints one JSON object.
+auto-compile apart from other first-call costs. Prints a line per variant, then one JSON object.
 
     python benchmarks/generate_diag.py --model DIR [--model DIR ...] [--out FILE]
 """

@@ -38,8 +38,8 @@
 #   then polls: sleep 400; TAIL=4 bash benchmarks/h200_session.sh status   ($OUT/results.tgz each time)
 # Between calls do nothing else: the machine goes back 30 s after a call ends and the lanes die with it
 # (session 4 lost its best-settings trials and report that way). Measured on 4 GPUs (session 4): prep 37 s,
-# sweep-search 5 min 19 s, best-galore 8 min 24 s, best-qlora (NF4) about 9 min, serve-bench 4 min 50 s;
-# the study report took 7 min in session 3, under load. The default plan needs about 21-23 of the 30 minutes.
+# sweep-search 5 min 19 s, best-galore 8 min 24 s, best-qlora (NF4) about 10 min, serve-bench 4 min 50 s;
+# the study report took 7 min in session 3, under load. The default plan needs about 23-25 of the 30 minutes.
 # A lane other than lane 0 waits for prep. Without LANE0..LANE3 the plan below follows the GPU count.
 set -u
 SRC=/tmp/duetto-src W=/tmp/study R=/tmp/results M=/tmp/bench-models

@@ -223,7 +223,8 @@ def run_serve(gen_src: str, rer_src: str, args) -> dict:
         for c in args.concurrency:
             r = asyncio.run(run_load(url, concurrency=c, duration_s=args.duration, k=args.k, max_new_tokens=args.max_new_tokens,
                                      timeout_s=600))  # fmt: skip
-            _log(f"serve c={c}: {r.req_per_s:.2f} req/s, p50 {r.latency_ms['p50']:.0f} ms, errors {r.errors}")
+            _log(f"serve c={c}: {r.req_per_s:.2f} req/s, p50 {r.latency_ms['p50']:.0f} ms, errors {r.errors}, "
+                 f"requests per model call {r.batch_requests_mean}")
             runs.append(r.to_dict())
     finally:
         serve.shutdown()

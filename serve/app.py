@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from duetto.config import apply_overrides, from_dict, read_yaml, to_dict
 from duetto.serve.config import DeploymentOptions, ServeConfig
+from duetto.serve.merge import PARK_SLOTS
 from duetto.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 log = logging.getLogger("duetto.serve")
@@ -43,6 +44,11 @@ HEALTH_TIMEOUT_S = 5.0
 # --------------------------------------------------------------------------------------------
 # Model deployments
 # --------------------------------------------------------------------------------------------
+
+
+class _ParkedBatchesFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_concurrent_batches" not in record.getMessage()
 
 
 class _ModelReplica:
@@ -64,9 +70,18 @@ class _ModelReplica:
         log.info("loaded %s (%s, template=%s) on %s in %.1f s", source, type(self.lm.model).__name__, self.lm.template,
                  self.device, self.load_s)  # fmt: skip
 
-    def _configure_batching(self, method: Any, opts: dict) -> None:
+    def _configure_batching(self, method: Any, opts: dict, run: Any) -> Any:
+        """Serve's batching settings for ``method``, and the MergedCalls its batches share the model through."""
+        from duetto.serve.merge import MergedCalls
+
         method.set_max_batch_size(int(opts["max_batch_size"]))
         method.set_batch_wait_timeout_s(float(opts["batch_wait_timeout_s"]))
+        # Ray warns that max_batch_size x max_concurrent_batches exceeds max_ongoing_requests; parked
+        # batches never run side by side (see serve/merge.py), so the warning does not apply here.
+        serve_log = logging.getLogger("ray.serve")
+        if not any(isinstance(f, _ParkedBatchesFilter) for f in serve_log.filters):
+            serve_log.addFilter(_ParkedBatchesFilter())
+        return MergedCalls(run, int(opts["max_batch_size"]))
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         def locked() -> Any:
@@ -96,22 +111,22 @@ def _requests_from(items: list[dict]):
 @serve.deployment(name="Generator")
 class Generator(_ModelReplica):
     def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict):
+        from duetto.serve.ensemble import sample_requests
+
         self._load(source, template, quantize, dtype, context_cap)
-        self._configure_batching(self._generate_batch, options)
+        self._generate_merged = self._configure_batching(
+            self._generate_batch, options, lambda items: self._in_thread(sample_requests, self.lm, _requests_from(items))
+        )
 
     async def generate(self, request: dict) -> dict:
         """One request ({instruction, input, k, max_new_tokens, temperature, top_p, seed}) -> its candidates."""
         return await self._generate_batch(request)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
     async def _generate_batch(self, items: list[dict]) -> list[dict]:
-        from duetto.serve.ensemble import sample_requests
-
-        t0 = time.perf_counter()
-        cands = await self._in_thread(sample_requests, self.lm, _requests_from(items))
-        model_ms = (time.perf_counter() - t0) * 1000.0
+        cands, call = await self._generate_merged(items)
         return [
-            {"candidates": [c.to_dict() for c in cs], "batch_requests": len(items), "model_ms": model_ms}
+            {"candidates": [c.to_dict() for c in cs], "batch_requests": call.requests, "model_ms": call.model_ms}
             for cs in cands
         ]
 
@@ -119,9 +134,15 @@ class Generator(_ModelReplica):
 @serve.deployment(name="Reranker")
 class Reranker(_ModelReplica):
     def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict):
+        from duetto.serve.ensemble import sample_requests
+
         self._load(source, template, quantize, dtype, context_cap)
-        self._configure_batching(self._score_batch, options)
-        self._configure_batching(self._greedy_batch, options)
+        self._score_merged = self._configure_batching(self._score_batch, options, self._score_items)
+        self._greedy_merged = self._configure_batching(
+            self._greedy_batch,
+            options,
+            lambda items: self._in_thread(lambda: sample_requests(self.lm, _requests_from(items), greedy=True)),
+        )
 
     async def score(self, request: dict) -> dict:
         """{instruction, input, texts: [...]} -> {scores: [...]}: mean log-likelihood per response token."""
@@ -131,34 +152,32 @@ class Reranker(_ModelReplica):
         """The reranker-greedy comparison mode: the reranker model answers on its own, greedily."""
         return await self._greedy_batch(request)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, items: list[dict]) -> list[dict]:
+    async def _score_items(self, items: list[dict]) -> list[list[float]]:
+        """One padded scoring pass over every text of every item -> each item's scores."""
         from duetto.serve.ensemble import score_candidates
 
         pairs = [(it["instruction"], it.get("input", ""), text) for it in items for text in it["texts"]]
-        t0 = time.perf_counter()
         flat = await self._in_thread(
             lambda: score_candidates(
                 self.lm.model, self.lm.tokenizer, pairs, template=self.lm.template, max_seq_len=self.lm.max_seq_len
             )
         )
-        model_ms = (time.perf_counter() - t0) * 1000.0
         out, i = [], 0
         for it in items:
-            n = len(it["texts"])
-            out.append({"scores": flat[i : i + n], "batch_requests": len(items), "model_ms": model_ms})
-            i += n
+            out.append(flat[i : i + len(it["texts"])])
+            i += len(it["texts"])
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _greedy_batch(self, items: list[dict]) -> list[dict]:
-        from duetto.serve.ensemble import sample_requests
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
+    async def _score_batch(self, items: list[dict]) -> list[dict]:
+        scores, call = await self._score_merged(items)
+        return [{"scores": s, "batch_requests": call.requests, "model_ms": call.model_ms} for s in scores]
 
-        t0 = time.perf_counter()
-        cands = await self._in_thread(lambda: sample_requests(self.lm, _requests_from(items), greedy=True))
-        model_ms = (time.perf_counter() - t0) * 1000.0
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
+    async def _greedy_batch(self, items: list[dict]) -> list[dict]:
+        cands, call = await self._greedy_merged(items)
         return [
-            {"candidates": [c.to_dict() for c in cs], "batch_requests": len(items), "model_ms": model_ms}
+            {"candidates": [c.to_dict() for c in cs], "batch_requests": call.requests, "model_ms": call.model_ms}
             for cs in cands
         ]
 

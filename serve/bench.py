@@ -49,6 +49,8 @@ class BenchResult:
     errors: dict[str, int] = field(default_factory=dict)
     req_per_s: float = 0.0
     latency_ms: dict[str, float] = field(default_factory=dict)
+    batch_requests_mean: dict[str, float] = field(default_factory=dict)
+    """Mean number of requests each model call merged, per model, as the answers report it (Serve batching at work)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +121,7 @@ async def run_load(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    batch_sizes: dict[str, list[int]] = {}
     sent = 0
     start = deadline = 0.0
 
@@ -139,6 +142,8 @@ async def run_load(
                 continue
             if resp.status_code == 200:
                 latencies.append((time.perf_counter() - t0) * 1000.0)
+                for who, n in _batch_sizes(resp).items():
+                    batch_sizes.setdefault(who, []).append(n)
             else:
                 errors[f"http_{resp.status_code}"] += 1
 
@@ -165,7 +170,19 @@ async def run_load(
             "p99": percentile(latencies, 99),
             "max": max(latencies) if latencies else math.nan,
         },
+        batch_requests_mean={who: sum(ns) / len(ns) for who, ns in sorted(batch_sizes.items())},
     )
+
+
+def _batch_sizes(resp: Any) -> dict[str, int]:
+    """{model: requests in the call that served this one}: /v1/generate's "batch", or the OpenAI routes'
+    "duetto" extension; {} for any other answer."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return {}
+    batch = body.get("batch", body.get("duetto", {}).get("batch")) if isinstance(body, dict) else None
+    return {str(k): int(v) for k, v in batch.items()} if isinstance(batch, dict) else {}
 
 
 def format_result(r: BenchResult) -> str:
@@ -176,7 +193,7 @@ def format_result(r: BenchResult) -> str:
         f"  throughput {r.req_per_s:.2f} req/s\n"
         f"  latency ms  p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}  "
         f"mean {lat['mean']:.1f}  max {lat['max']:.1f}"
-    )
+    ) + "".join(f"\n  {who}: {n:.1f} requests per model call (mean)" for who, n in r.batch_requests_mean.items())
 
 
 def bench_main(args: Any) -> int:

@@ -283,6 +283,8 @@ def test_bounded_load_run_has_no_errors(served):
         0 < result.latency_ms["p50"] <= result.latency_ms["p95"] <= result.latency_ms["p99"] <= result.latency_ms["max"]
     )
     assert result.req_per_s > 0
+    assert set(result.batch_requests_mean) == {"generator", "reranker"}
+    assert all(n >= 1 for n in result.batch_requests_mean.values())
 
 
 def test_python_client_and_query_command(served, capsys):

@@ -51,11 +51,13 @@ class _Server(BaseHTTPRequestHandler):
             _Server.bodies.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
         time.sleep(0.02)
         code = 503 if n % 3 == 0 else 200
+        # what the app reports: how many requests the model call that served this one held
+        out = json.dumps({"batch": {"generator": 1 + n % 2, "reranker": 4}} if code == 200 else {}).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", "2")
+        self.send_header("Content-Length", str(len(out)))
         self.end_headers()
-        self.wfile.write(b"{}")
+        self.wfile.write(out)
 
     def log_message(self, *args):
         pass
@@ -77,6 +79,8 @@ def test_run_load_counts_ok_errors_and_latency():
     assert 15 <= r.latency_ms["p50"] <= r.latency_ms["p95"] <= r.latency_ms["p99"] <= r.latency_ms["max"]
     assert r.req_per_s == pytest.approx(r.ok / r.duration_s, rel=1e-3)  # duration_s is rounded to ms
     assert 1.0 <= r.duration_s < 3.0  # in-flight requests finish after the deadline, bounded
+    assert r.batch_requests_mean["reranker"] == 4.0
+    assert 1.0 < r.batch_requests_mean["generator"] < 2.0  # a mix of 1s and 2s
     first = _Server.bodies[0]
     assert first["path"] == "/v1/generate" and first["auth"] == "Bearer tok" and first["k"] == 2
 
