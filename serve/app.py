@@ -47,13 +47,17 @@ HEALTH_TIMEOUT_S = 5.0
 
 
 class _ParkedBatchesFilter(logging.Filter):
+    """Drops Ray's warning that max_batch_size x max_concurrent_batches exceeds max_ongoing_requests."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "max_concurrent_batches" not in record.getMessage()
+        msg = record.getMessage()
+        return not ("max_concurrent_batches" in msg and "max_ongoing_requests" in msg)
 
 
 class _ModelReplica:
     """Loads one model for a replica; sync model calls run in a worker thread under one lock, so the
-    event loop keeps accepting requests (and forming the next batch) while the model computes."""
+    event loop keeps accepting requests (and forming the next batch) while the model computes. The
+    batches formed meanwhile are parked and merged into the next call (serve/merge.py)."""
 
     def _load(self, source: str, template: str, quantize: str, dtype: str, context_cap: int) -> None:
         import ray

@@ -181,8 +181,13 @@ def _batch_sizes(resp: Any) -> dict[str, int]:
         body = resp.json()
     except ValueError:
         return {}
-    batch = body.get("batch", body.get("duetto", {}).get("batch")) if isinstance(body, dict) else None
-    return {str(k): int(v) for k, v in batch.items()} if isinstance(batch, dict) else {}
+    if not isinstance(body, dict):
+        return {}
+    ext = body.get("duetto")
+    batch = body.get("batch") or (ext.get("batch") if isinstance(ext, dict) else None)
+    if not isinstance(batch, dict):
+        return {}
+    return {str(k): v for k, v in batch.items() if isinstance(v, int)}
 
 
 def format_result(r: BenchResult) -> str:
