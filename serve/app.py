@@ -54,6 +54,10 @@ class _ParkedBatchesFilter(logging.Filter):
         return not ("max_concurrent_batches" in msg and "max_ongoing_requests" in msg)
 
 
+#: Set in a request dict whose caller has gone (see _ModelReplica._batched).
+_CLIENT_GONE = "_duetto_client_gone"
+
+
 class _ModelReplica:
     """Loads one model for a replica; sync model calls run in a worker thread under one lock, so the
     event loop keeps accepting requests (and forming the next batch) while the model computes. The
@@ -85,7 +89,17 @@ class _ModelReplica:
         serve_log = logging.getLogger("ray.serve")
         if not any(isinstance(f, _ParkedBatchesFilter) for f in serve_log.filters):
             serve_log.addFilter(_ParkedBatchesFilter())
-        return MergedCalls(run, int(opts["max_batch_size"]))
+        return MergedCalls(run, int(opts["max_batch_size"]), dropped=lambda item: item.get(_CLIENT_GONE, False))
+
+    @staticmethod
+    async def _batched(method: Any, request: dict) -> dict:
+        """``await method(request)``; a request whose caller goes away is marked, so that the model call
+        that takes it from the parked batches skips it (Serve itself only skips it when a batch starts)."""
+        try:
+            return await method(request)
+        except asyncio.CancelledError:
+            request[_CLIENT_GONE] = True
+            raise
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         def locked() -> Any:
@@ -106,10 +120,18 @@ class _ModelReplica:
         }
 
 
+def _candidates_answer(cands: Any, call: Any) -> dict | None:
+    """One request's answer from a model call; None for a request whose caller has gone (it was skipped)."""
+    if cands is None:
+        return None
+    return {"candidates": [c.to_dict() for c in cands], "batch_requests": call.requests, "model_ms": call.model_ms}
+
+
 def _requests_from(items: list[dict]):
     from duetto.serve.ensemble import EnsembleRequest
 
-    return [EnsembleRequest(**item) for item in items]
+    # without the gone-mark, which a caller may set while its request is already in a model call
+    return [EnsembleRequest(**{key: v for key, v in item.items() if key != _CLIENT_GONE}) for item in items]
 
 
 @serve.deployment(name="Generator")
@@ -124,15 +146,12 @@ class Generator(_ModelReplica):
 
     async def generate(self, request: dict) -> dict:
         """One request ({instruction, input, k, max_new_tokens, temperature, top_p, seed}) -> its candidates."""
-        return await self._generate_batch(request)
+        return await self._batched(self._generate_batch, request)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
     async def _generate_batch(self, items: list[dict]) -> list[dict]:
         cands, call = await self._generate_merged(items)
-        return [
-            {"candidates": [c.to_dict() for c in cs], "batch_requests": call.requests, "model_ms": call.model_ms}
-            for cs in cands
-        ]
+        return [_candidates_answer(cs, call) for cs in cands]
 
 
 @serve.deployment(name="Reranker")
@@ -150,11 +169,11 @@ class Reranker(_ModelReplica):
 
     async def score(self, request: dict) -> dict:
         """{instruction, input, texts: [...]} -> {scores: [...]}: mean log-likelihood per response token."""
-        return await self._score_batch(request)
+        return await self._batched(self._score_batch, request)
 
     async def greedy(self, request: dict) -> dict:
         """The reranker-greedy comparison mode: the reranker model answers on its own, greedily."""
-        return await self._greedy_batch(request)
+        return await self._batched(self._greedy_batch, request)
 
     async def _score_items(self, items: list[dict]) -> list[list[float]]:
         """One padded scoring pass over every text of every item -> each item's scores."""
@@ -175,15 +194,14 @@ class Reranker(_ModelReplica):
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
     async def _score_batch(self, items: list[dict]) -> list[dict]:
         scores, call = await self._score_merged(items)
-        return [{"scores": s, "batch_requests": call.requests, "model_ms": call.model_ms} for s in scores]
+        # None: a request whose caller has gone, skipped by the model call (nobody reads its answer)
+        return [None if s is None else {"scores": s, "batch_requests": call.requests, "model_ms": call.model_ms}
+                for s in scores]  # fmt: skip
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
     async def _greedy_batch(self, items: list[dict]) -> list[dict]:
         cands, call = await self._greedy_merged(items)
-        return [
-            {"candidates": [c.to_dict() for c in cs], "batch_requests": call.requests, "model_ms": call.model_ms}
-            for cs in cands
-        ]
+        return [_candidates_answer(cs, call) for cs in cands]
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class BenchResult:
     req_per_s: float = 0.0
     latency_ms: dict[str, float] = field(default_factory=dict)
     batch_requests_mean: dict[str, float] = field(default_factory=dict)
-    """Mean number of requests each model call merged, per model, as the answers report it (Serve batching at work)."""
+    """Mean requests per model call, per model (Serve batching at work), from the answers' reports."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,7 +170,8 @@ async def run_load(
             "p99": percentile(latencies, 99),
             "max": max(latencies) if latencies else math.nan,
         },
-        batch_requests_mean={who: sum(ns) / len(ns) for who, ns in sorted(batch_sizes.items())},
+        # a call of n requests is reported by its n answers: each weighs 1/n, so the sum counts calls
+        batch_requests_mean={who: len(ns) / sum(1 / n for n in ns) for who, ns in sorted(batch_sizes.items())},
     )
 
 
@@ -187,7 +188,7 @@ def _batch_sizes(resp: Any) -> dict[str, int]:
     batch = body.get("batch") or (ext.get("batch") if isinstance(ext, dict) else None)
     if not isinstance(batch, dict):
         return {}
-    return {str(k): v for k, v in batch.items() if isinstance(v, int)}
+    return {str(k): v for k, v in batch.items() if isinstance(v, int) and v > 0}
 
 
 def format_result(r: BenchResult) -> str:

@@ -80,7 +80,9 @@ def test_run_load_counts_ok_errors_and_latency():
     assert r.req_per_s == pytest.approx(r.ok / r.duration_s, rel=1e-3)  # duration_s is rounded to ms
     assert 1.0 <= r.duration_s < 3.0  # in-flight requests finish after the deadline, bounded
     assert r.batch_requests_mean["reranker"] == 4.0
-    assert 1.0 < r.batch_requests_mean["generator"] < 2.0  # a mix of 1s and 2s
+    # answers alternate between calls of 1 and of 2 requests: 2 answers per call of 2, so per call
+    # the mean is below the answers' plain average (1.5)
+    assert 1.0 < r.batch_requests_mean["generator"] < 1.5
     first = _Server.bodies[0]
     assert first["path"] == "/v1/generate" and first["auth"] == "Bearer tok" and first["k"] == 2
 

@@ -102,3 +102,20 @@ def test_results_must_match_the_requests():
         asyncio.run(merged(["a", "b", "c"]))
     with pytest.raises(ValueError, match="max_items"):
         MergedCalls(short, max_items=0)
+
+
+def test_requests_whose_caller_left_are_skipped():
+    model = SlowModel()
+    gone = {"b"}
+    merged = MergedCalls(model, max_items=16, dropped=lambda item: item in gone)
+    results = asyncio.run(_staggered(merged, [["a"], ["b", "c"], ["b"]]))
+    assert model.calls == [["a"], ["c"]]  # b never reaches the model
+    assert [r for r, _ in results] == [["out:a"], [None, "out:c"], [None]]
+    assert [info.requests for _, info in results] == [1, 1, 1]
+
+
+def test_a_call_with_only_gone_requests_runs_no_model():
+    model = SlowModel()
+    merged = MergedCalls(model, max_items=4, dropped=lambda item: True)
+    result, info = asyncio.run(merged(["x", "y"]))
+    assert model.calls == [] and result == [None, None] and info.requests == 0
