@@ -119,3 +119,24 @@ def test_a_call_with_only_gone_requests_runs_no_model():
     merged = MergedCalls(model, max_items=4, dropped=lambda item: True)
     result, info = asyncio.run(merged(["x", "y"]))
     assert model.calls == [] and result == [None, None] and info.requests == 0
+
+
+def test_a_replica_marks_the_request_of_a_caller_that_left():
+    """The deployments' methods mark a cancelled caller's request: the mark is what `dropped` reads."""
+    from duetto.serve.app import _CLIENT_GONE, _ModelReplica, _requests_from
+
+    async def parked_forever(request):
+        await asyncio.sleep(60)
+
+    async def scenario(request):
+        task = asyncio.create_task(_ModelReplica._batched(parked_forever, request))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    request = {"instruction": "hi", "k": 2}
+    asyncio.run(scenario(request))
+    assert request[_CLIENT_GONE] is True
+    # a request marked while already inside a model call still builds (the mark is not a request field)
+    assert _requests_from([request])[0].instruction == "hi"
