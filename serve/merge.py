@@ -99,7 +99,7 @@ class MergedCalls:
                 else:
                     done.set_exception(e)
                     done.exception()  # its caller may be gone: no "exception never retrieved" noise
-            if cancelled:
+            if not isinstance(e, Exception):  # cancellation, interpreter exit: not the model's error
                 raise
             return
         info = CallInfo(requests=len(live), model_ms=(time.perf_counter() - t0) * 1000.0)
