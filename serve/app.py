@@ -120,11 +120,9 @@ class _ModelReplica:
         }
 
 
-def _candidates_answer(cands: Any, call: Any) -> dict | None:
-    """One request's answer from a model call; None for a request whose caller has gone (it was skipped)."""
-    if cands is None:
-        return None
-    return {"candidates": [c.to_dict() for c in cands], "batch_requests": call.requests, "model_ms": call.model_ms}
+def _answer(call: Any, **fields: Any) -> dict:
+    """One request's answer from a model call (``call``: its merge.CallInfo)."""
+    return {**fields, "batch_requests": call.requests, "model_ms": call.model_ms}
 
 
 def _requests_from(items: list[dict]):
@@ -151,7 +149,8 @@ class Generator(_ModelReplica):
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
     async def _generate_batch(self, items: list[dict]) -> list[dict]:
         cands, call = await self._generate_merged(items)
-        return [_candidates_answer(cs, call) for cs in cands]
+        # None: a request whose caller has gone, skipped by the model call (nobody reads its answer)
+        return [None if cs is None else _answer(call, candidates=[c.to_dict() for c in cs]) for cs in cands]
 
 
 @serve.deployment(name="Reranker")
@@ -194,14 +193,12 @@ class Reranker(_ModelReplica):
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
     async def _score_batch(self, items: list[dict]) -> list[dict]:
         scores, call = await self._score_merged(items)
-        # None: a request whose caller has gone, skipped by the model call (nobody reads its answer)
-        return [None if s is None else {"scores": s, "batch_requests": call.requests, "model_ms": call.model_ms}
-                for s in scores]  # fmt: skip
+        return [None if s is None else _answer(call, scores=s) for s in scores]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
     async def _greedy_batch(self, items: list[dict]) -> list[dict]:
         cands, call = await self._greedy_merged(items)
-        return [_candidates_answer(cs, call) for cs in cands]
+        return [None if cs is None else _answer(call, candidates=[c.to_dict() for c in cs]) for cs in cands]
 
 
 # --------------------------------------------------------------------------------------------
