@@ -16,9 +16,12 @@
 #   sweep-search  the real `duetto sweep configs/sweep_study.yaml` (ASHA search, on SWEEP_GPUS,
 #                 extra overrides SWEEP_SET), chosen on a validation split held out of train  -> issues 4, 7
 #   wait-sweep    nothing: waits for sweep-search (for lanes whose GPU the sweep is using)
-#   best-galore / best-qlora  full 2-epoch trials at the best settings sweep-search found  -> issue 7
+#   best-galore / best-qlora  full 2-epoch trials at the best settings sweep-search found, or, with
+#                 SWEEP_FROM=DIR, those of a sweep kept from an earlier machine (its best.json)  -> issue 7
 #   report-best   `duetto report` of those two trials                                     -> issue 7
 #   serve-bench-best  serve_bench.py on the two best-settings trials                      -> issue 5
+#   gemma-prep    Gemma-3-270M from its GGUF (waits for $GEMMA_GGUF.ready: the upload calls write it)
+#   gemma-study-galore / gemma-study-qlora / gemma-report  the study on Gemma-3-270M, on prep's split  -> issue 7
 #   demo          the README's `duetto demo` on the GPU (model from prep's cache; the data found
 #                 at ../shared/data beside the copy, i.e. /tmp/shared/data: put the files there)
 #
@@ -42,7 +45,8 @@
 # the study report took 7 min in session 3, under load. The default plan needs about 23-25 of the 30 minutes.
 # A lane other than lane 0 waits for prep. Without LANE0..LANE3 the plan below follows the GPU count.
 set -u
-SRC=/tmp/duetto-src W=/tmp/study R=/tmp/results M=/tmp/bench-models
+SRC=/tmp/duetto-src W=/tmp/study WG=/tmp/study-gemma R=/tmp/results M=/tmp/bench-models
+GEMMA_GGUF=${GEMMA_GGUF:-/tmp/upload/gemma-3-270m-q4_k_m.gguf}
 TRAIN_STEPS=${TRAIN_STEPS:-100} SWEEP_STEPS=${SWEEP_STEPS:-150} SERVE_SECONDS=${SERVE_SECONDS:-20}
 GEMMA_VARIANTS=${GEMMA_VARIANTS:-qlora-int8,qlora-int8-noupcast}
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
@@ -66,7 +70,7 @@ wait_for() {  # a job of either lane; one that no lane runs would be waited for 
 }
 
 do_prep() { python3 benchmarks/study_gpu.py prep --gguf "$GGUF" --shared "$SHARED" --work $W; }
-keep_metrics() { cp "$W/$1/metrics.json" "$R/metrics_$1.json"; }  # comes back even if a report is cut off
+keep_metrics() { cp "${2:-$W}/$1/metrics.json" "$R/metrics_${3:-}$1.json"; }  # comes back even if a report is cut off
 do_study-galore() { python3 benchmarks/study_gpu.py train --methods galore --work $W && keep_metrics galore_study; }
 do_study-qlora() { python3 benchmarks/study_gpu.py train --methods qlora --work $W && keep_metrics qlora_study; }
 do_report() {
@@ -105,12 +109,31 @@ do_wait-sweep() { wait_for sweep-search; }
 
 do_demo() { DUETTO_CACHE=$W duetto demo --out /tmp/demo; }
 do_best-galore() {
-  wait_for sweep-search
-  python3 benchmarks/study_gpu.py train --methods galore --work $W --from-sweep $R/sweeps && keep_metrics galore_best
+  [ -n "${SWEEP_FROM:-}" ] || wait_for sweep-search
+  python3 benchmarks/study_gpu.py train --methods galore --work $W --from-sweep "${SWEEP_FROM:-$R/sweeps}" &&
+    keep_metrics galore_best
 }
 do_best-qlora() {
-  wait_for sweep-search
-  python3 benchmarks/study_gpu.py train --methods qlora --work $W --from-sweep $R/sweeps && keep_metrics qlora_best
+  [ -n "${SWEEP_FROM:-}" ] || wait_for sweep-search
+  python3 benchmarks/study_gpu.py train --methods qlora --work $W --from-sweep "${SWEEP_FROM:-$R/sweeps}" &&
+    keep_metrics qlora_best
+}
+GEMMA=(--model gemma-3-270m --work $WG --data $W/data)  # the same split as SmolLM2's (made by prep)
+do_gemma-prep() {
+  while [ ! -e "$GEMMA_GGUF.ready" ]; do sleep 3; done
+  python3 benchmarks/study_gpu.py prep "${GEMMA[@]}" --gguf "$GEMMA_GGUF"
+}
+do_gemma-study-galore() {
+  wait_for gemma-prep
+  python3 benchmarks/study_gpu.py train "${GEMMA[@]}" --methods galore && keep_metrics galore_study $WG gemma_
+}
+do_gemma-study-qlora() {
+  wait_for gemma-prep
+  python3 benchmarks/study_gpu.py train "${GEMMA[@]}" --methods qlora && keep_metrics qlora_study $WG gemma_
+}
+do_gemma-report() {
+  wait_for gemma-study-galore; wait_for gemma-study-qlora
+  python3 benchmarks/study_gpu.py report "${GEMMA[@]}" --out $R/study_gemma
 }
 do_report-best() {
   wait_for best-galore; wait_for best-qlora
@@ -147,6 +170,11 @@ start)
   # Only when no lane is given: a LANEn set by hand means the caller chose every lane.
   if [ -n "${LANE0:-}${LANE1:-}${LANE2:-}${LANE3:-}" ]; then
     :
+  elif [ -n "${SWEEP_FROM:-}" ] && [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
+    # No sweep: the best settings of a kept sweep train at once; Gemma-3-270M's study fills GPUs 2 and 3
+    # once its GGUF is uploaded (in calls made while lanes 0 and 1 run).
+    LANE0="prep best-galore report-best" LANE1="best-qlora serve-bench"
+    LANE2="gemma-prep gemma-study-galore gemma-report" LANE3="gemma-study-qlora"
   elif [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
     LANE0="prep sweep-search best-galore report-best" LANE1="wait-sweep best-qlora"
     LANE2="wait-sweep serve-bench serve-bench-best"

@@ -1,6 +1,7 @@
 """The study reproduced on a GPU (issue 7), through the product's own code paths.
 
-Stage `prep`: convert SmolLM2-135M-Instruct from its GGUF and prepare the shared data (seed 0).
+Stage `prep`: convert the model (`--model`: SmolLM2-135M-Instruct, or Gemma-3-270M) from its GGUF and
+prepare the shared data (seed 0; `--data` points a second model's work folder at the same split).
 Stage `train`: prep, then run the study-config trials (configs/qlora_study.yaml,
 configs/galore_study.yaml: seq 128, batch 2, 2 epochs, QLoRA int8 r4 a8 lr 2e-5, GaLore layer-wise
 8-bit lr 1e-5) into WORK/{method}_study. With `--from-sweep DIR` it trains instead at the best
@@ -14,6 +15,7 @@ stages can run in separate device calls; after one `prep`, `train --methods qlor
     python benchmarks/study_gpu.py report --work /tmp/study --out $OUT/study
     python benchmarks/study_gpu.py train  --work /tmp/study --from-sweep SWEEP_DIR
     python benchmarks/study_gpu.py report --work /tmp/study --trials best --out $OUT/study_best
+    python benchmarks/study_gpu.py train  --model gemma-3-270m --gguf FILE --work /tmp/gemma --data /tmp/study/data
     # CPU smoke run of the same path: add --set scaling.use_gpu=false --set max_steps=3 (train) and
     # --set num_examples=8 --set bootstrap=50 (report)
 """
@@ -35,7 +37,7 @@ def prep(args, work: Path, model_dir: Path, data: Path) -> None:
     from duetto.models import fetch
 
     t0 = time.perf_counter()
-    fetch("smollm2-135m-instruct", work / "models", gguf=args.gguf)
+    fetch(args.model, work / "models", gguf=args.gguf)
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
     if not (data / "manifest.json").exists():
         shared = Path(args.shared)
@@ -91,7 +93,7 @@ def report(args, work: Path, model_dir: Path, data: Path) -> None:
         f"baseline={model_dir}", f"qlora={work}/qlora_{tag}", f"galore={work}/galore_{tag}",
         f"test={data}/test.jsonl", f"out={args.out}", *args.set])  # fmt: skip
     r = build_report(cfg, command="duetto report configs/report_study.yaml "
-                     f"baseline=<smollm2-135m-instruct> qlora=<qlora_{tag}> galore=<galore_{tag}>")  # fmt: skip
+                     f"baseline=<{args.model}> qlora=<qlora_{tag}> galore=<galore_{tag}>")  # fmt: skip
     for name, s in r["systems"].items():
         print(name, s["bleu4"], s["rougeL"], flush=True)
 
@@ -99,7 +101,10 @@ def report(args, work: Path, model_dir: Path, data: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("stage", choices=["prep", "train", "report"])
-    ap.add_argument("--gguf", help="SmolLM2-135M-Instruct.Q4_1.gguf (pinned sha256 is checked)")
+    ap.add_argument("--model", choices=["smollm2-135m-instruct", "gemma-3-270m"], default="smollm2-135m-instruct",
+                    help="the fetch name of the base model (docs/models.md)")
+    ap.add_argument("--gguf", help="the model's GGUF file, e.g. SmolLM2-135M-Instruct.Q4_1.gguf (pinned sha256 is checked)")
+    ap.add_argument("--data", help="the prepared split (default WORK/data; made there by prep if missing)")
     ap.add_argument("--shared", help="folder with the three shared data files")
     ap.add_argument("--work", default="/tmp/study")
     ap.add_argument("--out", default="docs/results/study")
@@ -111,8 +116,8 @@ def main() -> None:
                     help="extra override of the trial (train) or report config, e.g. for a CPU smoke run")
     args = ap.parse_args()
     work = Path(args.work)
-    model_dir = work / "models" / "smollm2-135m-instruct"
-    data = work / "data"
+    model_dir = work / "models" / args.model
+    data = Path(args.data) if args.data else work / "data"
     if args.stage in ("prep", "train") and not args.from_sweep:
         prep(args, work, model_dir, data)
     if args.stage == "train":
