@@ -38,7 +38,7 @@ def main() -> None:
     refs = [r["reference"] for r in runs["a"]]
     if refs != [r["reference"] for r in runs["b"]]:
         raise SystemExit(f"{args.a} and {args.b}: the references differ, so these are not the same test split")
-    print(f"| A | B | metric | Δ (B − A) | 95% interval | p(B not better) |\n|---|---|---|---|---|---|")
+    print("| A | B | metric | Δ (B − A) | 95% interval | p(B not better) |\n|---|---|---|---|---|---|")
     for pair in args.pair:
         spec, _, within = pair.partition("@")
         x, _, y = spec.partition(":")
