@@ -396,6 +396,11 @@ def render_markdown(report: dict, rows: list[dict], systems: dict[str, dict]) ->
         tps = f"{r['tokens_per_second']:.0f}" if r.get("tokens_per_second") else "–"
         wall = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else "–"
         L.append(f"| {name} | {mem} | {tp} | {tps} | {wall} | {s['latency_s'] * 1000:.0f} |")
+    # measured on an H200: the first generate at each new batch shape costs ~3 s more (generate_diag.py),
+    # so the system decoded first carries those one-time costs for the ones after it
+    L += ["", f"Generation latency is one decoding pass over all {report['num_examples']} rows divided by their "
+          f"number, in this order: {', '.join(report['systems'])}. On a GPU the first system decoded also pays "
+          "the process's one-time cost of each new batch shape, so read its latency as an upper bound."]
     L += ["", "## Examples", ""]
     names = list(systems)
     L += ["| instruction | reference | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]

@@ -64,6 +64,8 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     assert picks["what the ensemble returned (mode reranker)"][0] == pytest.approx(ens["rougeL"][0])
     # every paired test is read out in words, each with its own verdict
     reading = md.split("## What these numbers support")[1].split("## Resources")[0]
+    resources = md.split("## Resources")[1].split("## Examples")[0]
+    assert f"in this order: {', '.join(report['systems'])}" in resources  # the latency caveat names the order
     assert reading.count("\n- ") >= len(report["tests"])
     for t in report["tests"]:
         verdict = "beats" if t["low"] > 0 else "is worse than" if t["high"] < 0 else "no detectable difference"
