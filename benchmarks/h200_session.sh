@@ -178,11 +178,13 @@ start)
   # Only when no lane is given: a LANEn set by hand means the caller chose every lane.
   if [ -n "${LANE0:-}${LANE1:-}${LANE2:-}${LANE3:-}" ]; then
     :
-  elif [ -n "${SWEEP_FROM:-}" ] && [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
-    # No sweep: the best settings of a kept sweep train at once; Gemma-3-270M's study fills GPUs 2 and 3
-    # once its GGUF is uploaded (in calls made while lanes 0 and 1 run).
+  elif [ -n "${SWEEP_FROM:-}" ]; then
+    # No sweep: the best settings of a kept sweep train at once (session 5's plan, on 2 GPUs). With 4,
+    # Gemma-3-270M's study fills GPUs 2 and 3 once its GGUF is uploaded (calls made while lanes 0, 1 run).
     LANE0="prep best-galore report-best" LANE1="best-qlora serve-bench"
-    LANE2="gemma-prep gemma-study-galore gemma-report" LANE3="gemma-study-qlora"
+    if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
+      LANE2="gemma-prep gemma-study-galore gemma-report" LANE3="gemma-study-qlora"
+    fi
   elif [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
     LANE0="prep sweep-search best-galore report-best" LANE1="wait-sweep best-qlora"
     LANE2="wait-sweep serve-bench serve-bench-best"
