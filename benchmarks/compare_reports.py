@@ -19,8 +19,18 @@ from pathlib import Path
 
 
 def _rows(path: str) -> list[dict]:
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not rows:
+        raise SystemExit(f"{path}: no rows")
+    return rows
 
 
 def main() -> None:

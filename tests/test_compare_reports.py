@@ -48,3 +48,11 @@ def test_names_the_missing_system(tmp_path):
     a = _write(tmp_path / "a.jsonl", {"GaLore": REFS})
     r = _run(a, a, "--pair", "QLoRA")
     assert r.returncode != 0 and "no system 'QLoRA'" in r.stderr
+
+
+def test_names_the_file_and_line_of_a_bad_row(tmp_path):
+    a = _write(tmp_path / "a.jsonl", {"GaLore": REFS})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(Path(a).read_text().replace('"q2"', "q2", 1))
+    r = _run(a, str(bad), "--pair", "GaLore")
+    assert r.returncode != 0 and f"{bad}:3: invalid JSON" in r.stderr
