@@ -1,6 +1,9 @@
 """The one console script, ``duetto``: a table of subcommands, each owned by its stage.
 
-Every module named here exposes ``configure(parser)`` (adds its arguments) and ``run(args) -> int``.
+Every module named here exposes ``configure(parser)`` (adds its arguments) and ``run(args) -> int``;
+a module whose command has actions (``duetto sweep run|resume|report``) may also expose
+``legacy_argv(argv) -> argv``, which turns the spellings users typed before the actions existed
+(``duetto sweep FILE``) into the action form.
 Those modules import only the standard library and light helpers at import time, so ``duetto --help``
 stays fast; torch, transformers and ray load inside ``run``.
 """
@@ -39,10 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Apply the command's ``legacy_argv`` (if it has one) to the words after the command name."""
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        legacy = getattr(module, "legacy_argv", None)
+        if legacy is not None:
+            return [argv[0], *legacy(argv[1:])]
+    return argv
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(normalize_argv(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(normalize_argv(argv))
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

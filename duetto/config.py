@@ -170,16 +170,48 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` texts to a nested mapping (values parsed as YAML scalars)."""
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
-            node = nxt
-        node[path[-1]] = value
+        try:
+            set_dotted(data, ".".join(path), value)
+        except ConfigError as e:
+            raise ConfigError(f"override {text!r}: {e}") from None
     return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``key="a.b"``, creating sections on the way."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{part} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"galore.rank": 8, "eval": {...}}`` -> nested dicts (dotted keys split, at any depth)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        try:
+            set_dotted(out, str(key), nest(value) if isinstance(value, dict) else value)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    return out
+
+
+def merge_dicts(into: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge into a copy: sections merge, values replace."""
+    out = dict(into)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _fix_yaml_floats(obj: Any) -> Any:
@@ -212,14 +244,91 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return _fix_yaml_floats(data)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (optional) + dotted overrides -> validated dataclass ``cls``."""
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    flags: dict[str, Any] | None = None,
+) -> T:
+    """The one way every command builds its config: defaults, then the YAML file (optional), then
+    ``flags`` (dotted key -> value from named CLI flags or builder args; None = not given; values are
+    set as given, never re-parsed, so a token like ``0123`` stays a string), then dotted ``key=value``
+    overrides. Returns the validated dataclass; errors name the file and the dotted key."""
     data = read_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides or []))
     try:
+        data = merge_dicts(data, nest({k: v for k, v in (flags or {}).items() if v is not None}))
+        data = apply_overrides(data, list(overrides or []))
         return from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# CLI flags generated from the config classes
+# --------------------------------------------------------------------------------------------
+
+_FLAG_PREFIX = "config_flag:"
+
+
+def field_info(cls: type, key: str) -> tuple[Any, Any, str]:
+    """(type, default, help) of the dotted field ``key`` of dataclass ``cls``."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise KeyError(f"{cls.__name__} has no field {part!r} (in {key!r})")
+        tp = typing.get_type_hints(cls)[part]
+        if i < len(parts) - 1:
+            cls = tp
+            continue
+        f = fields[part]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        return tp, default, field_docs(cls).get(part, "")
+    raise KeyError(key)
+
+
+def _flag_type(tp: Any) -> tuple[Any, list | None]:
+    """argparse ``type`` and ``choices`` for a field annotation (Optional unwrapped)."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else str
+    if get_origin(tp) is Literal:
+        choices = list(get_args(tp))
+        return type(choices[0]), choices
+    if tp in (int, float, str):
+        return tp, None
+    return str, None
+
+
+def add_config_flags(parser: Any, cls: type, keys: Any) -> None:
+    """Named flags for some fields of ``cls``: ``keys`` lists dotted keys (flag ``--last-part``) or
+    ``(flag_name, dotted_key)`` pairs. Type, choices, default and help come from the dataclass, so a
+    flag never restates a default by hand. ``config_flags(args)`` gives the values for ``load_config``."""
+    import argparse
+
+    for item in keys:
+        name, key = item if isinstance(item, tuple) else (item.rsplit(".", 1)[-1], item)
+        tp, default, doc = field_info(cls, key)
+        flag = "--" + name.replace("_", "-")
+        shown = f" (default: {default!r})" if default not in (None, "", [], {}) else ""
+        common: dict[str, Any] = {"dest": f"{_FLAG_PREFIX}{key}", "default": None, "help": f"{doc}{shown}".replace("%", "%%")}
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            continue
+        arg_type, choices = _flag_type(tp)
+        metavar = None if choices else key.rsplit(".", 1)[-1].upper()
+        parser.add_argument(flag, type=arg_type, choices=choices, metavar=metavar, **common)
+
+
+def config_flags(args: Any) -> dict[str, Any]:
+    """The dotted values of the flags ``add_config_flags`` made that the user gave (None = not given)."""
+    return {k[len(_FLAG_PREFIX):]: v for k, v in vars(args).items() if k.startswith(_FLAG_PREFIX) and v is not None}
 
 
 def dump_yaml(obj: Any, path: str | Path) -> None:

@@ -37,3 +37,21 @@ def test_help_imports_nothing_heavy():
 def test_no_command_prints_help_and_fails():
     proc = subprocess.run([sys.executable, "-m", "duetto"], capture_output=True, text=True)
     assert proc.returncode == 2 and "COMMAND" in proc.stdout
+
+
+def test_actions_and_the_spellings_users_already_type():
+    from duetto.cli import parse_args
+
+    def action(*argv):
+        args = parse_args(list(argv))
+        return args.sweep_action if argv[0] == "sweep" else args.serve_action
+
+    assert action("sweep", "run", "configs/sweep_tiny.yaml", "num_samples=1") == "run"
+    old = parse_args(["sweep", "configs/sweep_tiny.yaml", "num_samples=1"])
+    assert (old.sweep_action, old.config, old.overrides) == ("run", "configs/sweep_tiny.yaml", ["num_samples=1"])
+    old = parse_args(["sweep", "--resume", "runs/s", "--retry-errored"])
+    assert (old.sweep_action, old.sweep_dir, old.retry_errored) == ("resume", "runs/s", True)
+    assert parse_args(["sweep", "resume", "runs/s"]).sweep_dir == "runs/s"
+    assert parse_args(["sweep", "report", "runs/s"]).sweep_dir == "runs/s"
+    assert action("serve", "--generator", "g") == "run" and action("serve", "configs/serve.yaml") == "run"
+    assert action("serve", "bench", "--duration", "1") == "bench"

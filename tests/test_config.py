@@ -81,3 +81,24 @@ def test_parse_override_values():
     assert parse_override("a.b=1e-5") == (["a", "b"], 1e-5)
     assert parse_override("model=google/gemma-3-1b-it") == (["model"], "google/gemma-3-1b-it")
     assert parse_override("x=[1, 2]") == (["x"], [1, 2])
+
+
+def test_load_config_layers_yaml_then_flags_then_overrides(tmp_path):
+    """One order everywhere: defaults < YAML < named flags < dotted overrides; flag strings stay strings."""
+    import argparse
+
+    from duetto.config import add_config_flags, config_flags, load_config
+    from duetto.serve.config import ServeConfig
+
+    path = tmp_path / "s.yaml"
+    path.write_text("port: 9001\nensemble:\n  k: 2\n  mode: mix\n")
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, ServeConfig, ["port", "api_key", ("k", "ensemble.k")])
+    args = parser.parse_args(["--port", "9002", "--api-key", "0123"])
+    assert config_flags(args) == {"port": 9002, "api_key": "0123"}  # --k not given: not a layer
+    cfg = load_config(ServeConfig, path, ["ensemble.k=5"], flags=config_flags(args))
+    assert (cfg.port, cfg.api_key, cfg.ensemble.k, cfg.ensemble.mode) == (9002, "0123", 5, "mix")
+    cfg = load_config(ServeConfig, path, ["port=9003"], flags=config_flags(args))
+    assert cfg.port == 9003
+    with pytest.raises(ConfigError, match=rf"{path}: unknown key ensemble.kk"):
+        load_config(ServeConfig, path, flags={"ensemble.kk": 1})

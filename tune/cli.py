@@ -1,9 +1,10 @@
 """`duetto sweep`: run a sweep file, resume a stopped sweep, or rebuild a sweep's results.
 
-    duetto sweep configs/sweep_tiny.yaml [key=value ...]   new sweep (starts a local Ray or joins one)
-    duetto sweep --resume duetto-runs/sweeps/tiny           finish a sweep whose driver died
-    duetto sweep report duetto-runs/sweeps/tiny             rewrite results.csv/.md, best.json, pareto.png
+    duetto sweep run configs/sweep_tiny.yaml [key=value ...]   new sweep (starts a local Ray or joins one)
+    duetto sweep resume duetto-runs/sweeps/tiny                 finish a sweep whose driver died
+    duetto sweep report duetto-runs/sweeps/tiny                 rewrite results.csv/.md, best.json, pareto.png
 
+`duetto sweep FILE ...` and `duetto sweep --resume DIR` still mean `run` and `resume`.
 Exit status: 0 when every trial completed or was stopped early by ASHA, 1 when any trial failed for
 good (the results still list it, with its error), 2 for a bad sweep file.
 """
@@ -12,19 +13,43 @@ from __future__ import annotations
 
 import argparse
 
+ACTIONS = ("run", "resume", "report")
+
+
+def legacy_argv(argv: list[str]) -> list[str]:
+    """`duetto sweep FILE ...` -> `run FILE ...`; `duetto sweep ... --resume DIR ...` -> `resume DIR ...`."""
+    if argv and argv[0] in (*ACTIONS, "-h", "--help"):
+        return argv
+    if "--resume" in argv:
+        i = argv.index("--resume")
+        return ["resume", *argv[i + 1 : i + 2], *argv[:i], *argv[i + 2 :]]
+    return ["run", *argv]
+
+
+def _ray_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join (e.g. auto, or ray://host:10001); default: RAY_ADDRESS, else a local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this command starts (default: all)")
+    p.add_argument("--num-gpus", type=int, help="GPUs of the local Ray this command starts (default: all)")
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
-    parser.add_argument("config", nargs="?", help="sweep YAML (e.g. configs/sweep_study.yaml), or `report`")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. num_samples=2 base.max_steps=100; after `report`: the sweep folder")
-    parser.add_argument("--resume", metavar="SWEEP_DIR", help="finish the sweep in this folder (Tuner.restore)")
-    parser.add_argument("--retry-errored", action="store_true", help="with --resume: also re-run trials that had failed")
-    parser.add_argument("--address", help="Ray cluster to join (e.g. auto, or ray://host:10001); default: RAY_ADDRESS, else a local Ray")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this command starts (default: all)")
-    parser.add_argument("--num-gpus", type=int, help="GPUs of the local Ray this command starts (default: all)")
-    parser.add_argument("--dry-run", action="store_true", help="check the sweep file and print what would run; start nothing")
-    parser.add_argument("--help-config", action="store_true", help="list every sweep key with its default and meaning")
+    sub = parser.add_subparsers(dest="sweep_action", metavar="ACTION", required=True)
+    run = sub.add_parser("run", help="run a sweep file (the default action)", description="Run a sweep file with Ray Tune.")
+    run.add_argument("config", nargs="?", help="sweep YAML (e.g. configs/sweep_study.yaml)")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. num_samples=2 base.max_steps=100")
+    run.add_argument("--dry-run", action="store_true", help="check the sweep file and print what would run; start nothing")
+    run.add_argument("--help-config", action="store_true", help="list every sweep key with its default and meaning")
+    _ray_flags(run)
+    resume = sub.add_parser("resume", help="finish a stopped sweep (Tuner.restore)",
+                            description="Finish the sweep in SWEEP_DIR; its sweep file and overrides are saved there.")  # fmt: skip
+    resume.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    resume.add_argument("--retry-errored", action="store_true", help="also re-run trials that had failed")
+    _ray_flags(resume)
+    report = sub.add_parser("report", help="rewrite a sweep's results.csv/.md, best.json, pareto.png",
+                            description="Rebuild the results of the sweep in SWEEP_DIR from its trial folders.")  # fmt: skip
+    report.add_argument("sweep_dir", metavar="SWEEP_DIR")
 
 
 def _print_summary(summary: dict) -> None:
@@ -51,28 +76,23 @@ def _finish(sweep_dir) -> int:
 def run(args: argparse.Namespace) -> int:
     from duetto.config import ConfigError, format_help
 
-    from duetto.tune.spec import SweepConfig
+    if args.sweep_action == "report":
+        return _finish(args.sweep_dir)
+    ray_args = {"address": args.address, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
+    if args.sweep_action == "resume":
+        from duetto.tune.sweep import resume_sweep
+
+        return _finish(resume_sweep(args.sweep_dir, retry_errored=args.retry_errored, **ray_args))
+    from duetto.tune.spec import SweepConfig, load_sweep, space_keys, total_trials
 
     if args.help_config:
         print(format_help(SweepConfig))
         return 0
-    ray_args = {"address": args.address, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
-    if args.config == "report":
-        if len(args.overrides) != 1:
-            raise ConfigError("usage: duetto sweep report SWEEP_DIR")
-        return _finish(args.overrides[0])
-    if args.resume:
-        if args.config or args.overrides:
-            raise ConfigError("--resume takes only the sweep folder: the sweep file and overrides it ran with are saved there")
-        from duetto.tune.sweep import resume_sweep
-
-        return _finish(resume_sweep(args.resume, retry_errored=args.retry_errored, **ray_args))
     if not args.config:
-        raise ConfigError("give a sweep file (e.g. configs/sweep_tiny.yaml), --resume SWEEP_DIR, or report SWEEP_DIR")
-    config, overrides = args.config, list(args.overrides)
-    from duetto.tune.spec import load_sweep, space_keys, total_trials
-
-    sweep = load_sweep(config, overrides)
+        raise ConfigError("give a sweep file (e.g. duetto sweep run configs/sweep_tiny.yaml)")
+    if "=" in args.config:
+        raise ConfigError(f"{args.config!r} is an override; the sweep file comes first (duetto sweep run FILE key=value ...)")
+    sweep = load_sweep(args.config, list(args.overrides))
     if args.dry_run:
         import yaml
 

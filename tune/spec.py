@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from duetto.config import ConfigError, from_dict, load_config, read_yaml, to_dict
+from duetto.config import ConfigError, from_dict, load_config, merge_dicts, nest, read_yaml, to_dict
 from duetto.trainers.config import TrialConfig
 
 METHODS = ("galore", "qlora")
@@ -182,7 +182,7 @@ def base_trial_dict(sweep: SweepConfig) -> dict[str, Any]:
     if "method" in sweep.base:
         raise ConfigError("base.method: each trial's method is the methods section its space comes from; remove it")
     try:
-        data = merge(data, nest(sweep.base))
+        data = merge_dicts(data, nest(sweep.base))
     except ConfigError as e:
         raise ConfigError(f"base: {e}") from None
     r = sweep.resources
@@ -210,31 +210,6 @@ def base_trial_dict(sweep: SweepConfig) -> dict[str, Any]:
     if model.exists():
         out["model"] = str(model.resolve())
     out.pop("method")
-    return out
-
-
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"galore.rank": 8, "eval": {...}}`` -> nested dicts (dotted keys split)."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        parts = str(key).split(".")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part} is not a section")
-        node[parts[-1]] = nest(value) if isinstance(value, dict) else value
-    return out
-
-
-def merge(into: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: sections merge, values replace."""
-    out = dict(into)
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
     return out
 
 
@@ -328,7 +303,7 @@ def check_space(method: str, space: dict[str, Any], base: dict[str, Any]) -> Non
     start = {k: v[0] for k, v in edges.items()}
     trials = [start] + [{**start, k: v} for k, vals in edges.items() for v in vals[1:]]
     for values in trials:
-        data = merge(base, nest({**fixed, **values}))
+        data = merge_dicts(base, nest({**fixed, **values}))
         data["method"] = method
         try:
             from_dict(TrialConfig, data)
@@ -400,7 +375,7 @@ def space_keys(sweep: SweepConfig) -> dict[str, list[str]]:
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], output_dir: str) -> TrialConfig:
     """The TrialConfig of one Tune trial: base + its sampled params, writing into its own folder."""
-    data = merge(base, nest({k: v for k, v in params.items() if k != "method"}))
+    data = merge_dicts(base, nest({k: v for k, v in params.items() if k != "method"}))
     data["method"] = params["method"]
     data["output_dir"] = output_dir
     return from_dict(TrialConfig, data)

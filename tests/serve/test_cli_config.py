@@ -17,9 +17,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    cli.configure(p)
-    return p.parse_args(argv)
+    from duetto.cli import parse_args
+
+    return parse_args(["serve", *argv])
 
 
 @pytest.mark.parametrize("name", ["serve.yaml", "serve_tiny.yaml"])
@@ -108,10 +108,23 @@ def test_from_sweep_fills_only_what_is_not_named(tmp_path, qlora_trial, galore_t
 
 
 def test_bench_and_serve_options_do_not_mix(capsys):
-    assert cli.run(_parse(["bench", "--port", "9000"])) == 2
-    assert "--port only apply when serving" in capsys.readouterr().err
-    assert cli.run(_parse(["--generator", "g", "--reranker", "r", "--concurrency", "3"])) == 2
-    assert "only apply to `duetto serve bench`" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _parse(["bench", "--port", "9000"])
+    assert e.value.code == 2 and "unrecognized arguments: --port" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _parse(["--generator", "g", "--reranker", "r", "--concurrency", "3"])
+    assert e.value.code == 2 and "unrecognized arguments: --concurrency" in capsys.readouterr().err
+
+
+def test_run_is_the_default_action_and_flags_come_from_the_config_class(capsys):
+    old, new = _parse(["--generator", "g", "--k", "3"]), _parse(["run", "--generator", "g", "--k", "3"])
+    assert vars(old) == vars(new) and old.serve_action == "run"
+    assert _parse(["bench"]).serve_action == "bench"
+    with pytest.raises(SystemExit):
+        _parse(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # the help of --k is ServeConfig's field docstring and its default, not a hand-written copy
+    assert "Candidates sampled per request when the request does not say" in text and "(default: 4)" in text
 
 
 def test_bench_refuses_non_loopback_and_unbounded_runs(capsys):
