@@ -1,8 +1,9 @@
 """``duetto data prepare`` (raw sources -> train/test JSONL + manifest) and ``duetto data stats``.
 
 Settings come from a DataConfig: defaults, then ``--config`` YAML, then the flags, then ``key=value``
-overrides. ``--source`` flags replace the YAML's source list. Only the standard library and the
-light config module load at import time.
+overrides, all through ``duetto.config.load_config``; the named flags are generated from DataConfig.
+``--source`` flags replace the YAML's source list. Only the standard library and the light config
+and data modules load when the parser is built.
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ from collections import Counter
 from typing import Any
 
 KIND_HELP = "alpaca | tulu | ultrachat | sharegpt | jsonl"
+#: how `stats` counts rows that carry no `source` (hand-made files need not)
+NO_SOURCE = "(no source)"
+#: DataConfig fields that get a named flag of `prepare` (help and default come from the dataclass)
+FLAGS = ["out", "train_size", "test_size", "seed", "on_error", "multi_turn", "max_chars"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from duetto.config import add_config_flags
+    from duetto.data.unify import DataConfig
+
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     p = sub.add_parser(
         "prepare",
@@ -32,16 +40,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "dataset id; NAME:KIND=PATH labels it NAME. Repeat for several, earliest first in priority. "
         "Replaces the sources of --config.",
     )
-    p.add_argument("--out", metavar="DIR", help="output folder (default duetto-runs/data)")
-    p.add_argument("--train-size", type=int, metavar="N", help="training examples (default 5000)")
-    p.add_argument("--test-size", type=int, metavar="N", help="test examples (default 2000)")
-    p.add_argument("--seed", type=int, metavar="S", help="shuffle seed (default 0)")
-    p.add_argument("--on-error", choices=["fail", "skip"], help="bad records: stop (default) or set aside in rejected.jsonl")
-    p.add_argument("--multi-turn", choices=["first", "all"], help="conversations: first turn only (default) or every turn")
-    p.add_argument("--max-chars", type=int, metavar="N", help="drop examples longer than N characters in all")
+    add_config_flags(p, DataConfig, FLAGS)
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
-    s = sub.add_parser("stats", help="check unified JSONL files against the schema and count rows per source")
+    s = sub.add_parser("stats", help="check files against the unified schema and count rows per source")
     s.add_argument("files", nargs="+", metavar="FILE")
     parser.set_defaults(_data_parser=parser)
 
@@ -64,27 +66,13 @@ def parse_source(text: str) -> dict[str, Any]:
 
 
 def build_config(args: argparse.Namespace):
-    from duetto.config import ConfigError, apply_overrides, from_dict, read_yaml
+    from duetto.config import config_flags, load_config
     from duetto.data.unify import DataConfig
 
-    data = read_yaml(args.config) if args.config else {}
-    flags = {
-        "out": args.out,
-        "train_size": args.train_size,
-        "test_size": args.test_size,
-        "seed": args.seed,
-        "on_error": args.on_error,
-        "multi_turn": args.multi_turn,
-        "max_chars": args.max_chars,
-    }
-    data.update({k: v for k, v in flags.items() if v is not None})
+    flags = config_flags(args)
     if args.source:
-        data["sources"] = [parse_source(s) for s in args.source]
-    data = apply_overrides(data, list(args.overrides))
-    try:
-        return from_dict(DataConfig, data)
-    except ConfigError as e:
-        raise ConfigError(f"{args.config}: {e}" if args.config else str(e)) from None
+        flags["sources"] = [parse_source(s) for s in args.source]
+    return load_config(DataConfig, args.config, list(args.overrides), flags=flags)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,7 +121,7 @@ def _stats(args: argparse.Namespace) -> int:
             print(f"duetto data stats: error: {e}", file=sys.stderr)
             status = 1
             continue
-        by_source = Counter(r["source"] for r in records)
+        by_source = Counter(r.get("source", NO_SOURCE) for r in records)
         parts = ", ".join(f"{k} {v}" for k, v in sorted(by_source.items()))
         print(f"{path}: {len(records)} rows ({parts or 'empty'})")
     return status

@@ -14,11 +14,14 @@ tokenizer adds goes in front once (not when the prompt text already starts with 
 template does). Trainers, the reranker and generation all encode through this module, so training
 and inference see the same ids.
 
-Truncation to ``max_seq_len`` cuts the prompt first, from its left (BOS kept), because the end of
-the prompt holds the cue the response follows. The prompt keeps at least a quarter of the window;
-a response longer than what is left loses its tail, and the stop token is still appended so every
-example teaches at least one token (an all -100 row would give a NaN loss). Either cut sets
-``truncated``; ``count_truncated`` totals them for the data report.
+Truncation has one rule for prompts, in training and at inference (``cut_prompt``): keep the BOS
+and the prompt's *tail*, because the end of the prompt holds the cue the response follows. A
+training example (``encode_pair``) cuts the prompt first, keeping at least a quarter of
+``max_seq_len``; a response longer than what is left loses its tail, and the stop token is still
+appended so every example teaches at least one token (an all -100 row would give a NaN loss).
+Either cut sets ``truncated``; ``count_truncated`` totals them for the data report. Generation
+cuts a prompt to the trained model's ``max_seq_len`` with the same rule (``encode_prompt(...,
+max_tokens=)``), so trial evaluation, the report and the endpoint give a model the same ids.
 """
 
 from __future__ import annotations
@@ -112,17 +115,33 @@ def _special_prefix(tokenizer) -> list[int]:
     return list(memo[key])
 
 
-def encode_prompt(prompt: str, tokenizer) -> list[int]:
-    """Prompt ids exactly as training puts them before the response (BOS added once).
+def encode_prompt(prompt: str, tokenizer, max_tokens: int | None = None) -> list[int]:
+    """Prompt ids exactly as training puts them before the response (BOS added once), cut to at most
+    ``max_tokens`` by ``cut_prompt`` when given.
 
-    Generation must use this (or the same rule): tokenizing a study prompt with
-    ``add_special_tokens=False`` loses Gemma's BOS, and tokenizing a chat prompt with it doubles BOS.
+    Generation must use this: tokenizing a study prompt with ``add_special_tokens=False`` loses
+    Gemma's BOS, tokenizing a chat prompt with it doubles BOS, and ``ids[-n:]`` drops BOS.
     """
     ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     prefix = _special_prefix(tokenizer)
     if prefix and ids[: len(prefix)] != prefix:
         ids = prefix + ids
-    return ids
+    return ids if max_tokens is None else cut_prompt(ids, tokenizer, max_tokens)
+
+
+def _head(ids: list[int], tokenizer) -> int:
+    """How many leading ids are the tokenizer's special prefix (BOS), which a cut never removes."""
+    prefix = _special_prefix(tokenizer)
+    return len(prefix) if prefix and ids[: len(prefix)] == prefix else 0
+
+
+def cut_prompt(ids: list[int], tokenizer, max_tokens: int) -> list[int]:
+    """The one truncation rule for prompt ids: BOS (when present) + the last ids, ``max_tokens`` in all."""
+    if len(ids) <= max_tokens:
+        return ids
+    head = _head(ids, tokenizer)
+    keep = max(0, max_tokens - head)
+    return ids[:head] + (ids[len(ids) - keep :] if keep else [])
 
 
 def encode_pair(prompt: str, response: str, tokenizer, *, template: str = "study", max_seq_len: int = 128) -> dict:
@@ -133,17 +152,15 @@ def encode_pair(prompt: str, response: str, tokenizer, *, template: str = "study
     prompt_ids = encode_prompt(prompt, tokenizer)
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
     stop_ids = list(tokenizer(response_end(tokenizer, template), add_special_tokens=False)["input_ids"])
-    prefix = _special_prefix(tokenizer)
-    head = len(prefix) if prefix and prompt_ids[: len(prefix)] == prefix else 0
+    head = _head(prompt_ids, tokenizer)
     if max_seq_len < head + len(stop_ids) + 1:
         raise ValueError(f"max_seq_len={max_seq_len} leaves no room for a prompt (BOS + stop token need {head + len(stop_ids)})")
 
     truncated = len(prompt_ids) + len(response_ids) + len(stop_ids) > max_seq_len
     if truncated:
-        body = prompt_ids[head:]
         room = max_seq_len - head - len(response_ids) - len(stop_ids)  # prompt body that fits beside the response
-        keep = min(len(body), max(room, max_seq_len // 4), max_seq_len - head - len(stop_ids))
-        prompt_ids = prompt_ids[:head] + (body[len(body) - keep :] if keep > 0 else [])
+        keep = min(max(room, max_seq_len // 4), max_seq_len - head - len(stop_ids))
+        prompt_ids = cut_prompt(prompt_ids, tokenizer, head + max(keep, 0))
         response_ids = response_ids[: max(0, max_seq_len - len(prompt_ids) - len(stop_ids))]
 
     input_ids = prompt_ids + response_ids + stop_ids

@@ -233,11 +233,11 @@ def to_examples(kind: str, obj: Any, ref: str, multi_turn: str = "first") -> lis
     """One record of schema ``kind`` -> its examples (one, or one per assistant turn under ``all``)."""
     if not isinstance(obj, dict):
         raise RowError("not_an_object", f"expected a JSON object, got {_type(obj)}")
-    if kind in ("alpaca", "jsonl"):
-        instruction = _text(obj, "instruction")
-        inp = _text(obj, "input", required=False)
-        response = _text(obj, "output" if kind == "alpaca" else "response")
-        return [Example(instruction, inp, response, _ref(obj, "id", ref))]
+    if kind == "jsonl":
+        rec = unified_record(obj)
+        return [Example(rec["instruction"], rec["input"], rec["response"], rec.get("id") or ref)]
+    if kind == "alpaca":
+        return [Example(_text(obj, "instruction"), _text(obj, "input", required=False), _text(obj, "output"), _ref(obj, "id", ref))]
     if kind == "tulu":
         turns = _turns(obj, "messages", "role", "content", CHAT_ROLES)
         return _pairs(turns, _ref(obj, "id", ref), multi_turn)
@@ -248,6 +248,21 @@ def to_examples(kind: str, obj: Any, ref: str, multi_turn: str = "first") -> lis
         turns = _turns(obj, "conversations", "from", "value", SHAREGPT_ROLES)
         return _pairs(turns, _ref(obj, "id", ref), multi_turn)
     raise ValueError(f"unknown source kind {kind!r}")  # configs are validated before we get here
+
+
+def unified_record(obj: Any) -> dict[str, str]:
+    """A record of the unified schema -> ``{instruction, input, response}``, plus ``source``/``id`` when present.
+
+    Every reader of unified files checks rows here (``prepare --source jsonl=``, ``read_jsonl``): a
+    missing or null ``input`` is ""; an integer ``id`` is kept as text; other keys are ignored.
+    """
+    if not isinstance(obj, dict):
+        raise RowError("not_an_object", f"expected a JSON object, got {_type(obj)}")
+    rec = {"instruction": _text(obj, "instruction"), "input": _text(obj, "input", required=False), "response": _text(obj, "response")}
+    for key in ("source", "id"):
+        if obj.get(key) is not None:
+            rec[key] = str(obj[key]) if key == "id" and type(obj[key]) is int else _text(obj, key)
+    return rec
 
 
 def _type(v: Any) -> str:

@@ -3,8 +3,9 @@
 ``prepare(DataConfig)`` reads every source (sources.py), strips and filters the examples, drops
 duplicates across sources (first occurrence in source order wins), shuffles with the seed, splits,
 and writes ``train.jsonl``, ``test.jsonl`` (and ``rejected.jsonl`` under ``on_error: skip``) plus
-``manifest.json`` last, each through a temp file and a rename. ``read_jsonl`` reads the unified files
-back for the later stages. docs/data.md is the user-facing description of every rule here.
+``manifest.json`` last, each through a temp file and a rename. ``read_jsonl`` reads unified files
+back for the later stages, with the schema check of the ``jsonl`` source kind. docs/data.md is the
+user-facing description of every rule here.
 """
 
 from __future__ import annotations
@@ -21,12 +22,7 @@ from typing import Any, Callable, Literal
 
 from duetto.config import ConfigError, to_dict
 from duetto.files import file_sha256
-from duetto.data.sources import DEFAULT_SPLIT, KINDS, DataError, Example, RowError, read_rows, resolve, to_examples
-
-#: the fields of every unified record, in the order they are written
-FIELDS = ("instruction", "input", "response", "source", "id")
-#: Provenance: written by `duetto data prepare`, optional in files users bring.
-OPTIONAL_FIELDS = ("source", "id")
+from duetto.data.sources import DEFAULT_SPLIT, KINDS, DataError, Example, RowError, read_rows, resolve, to_examples, unified_record
 
 SourceKind = Literal["alpaca", "tulu", "ultrachat", "sharegpt", "jsonl"]
 assert set(SourceKind.__args__) == set(KINDS)  # type: ignore[attr-defined]
@@ -293,37 +289,26 @@ def write_outputs(out: Path, files: dict[str, list[dict[str, Any]]], manifest: d
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, str]]:
-    """A unified JSONL file (train.jsonl / test.jsonl) -> records, each checked against the schema.
+    """A file in the unified schema (train.jsonl / test.jsonl, or any file ``prepare`` reads as
+    ``jsonl``) -> its records; an empty file has none.
 
-    Raises DataError naming ``FILE:LINE`` for bad JSON, non-UTF-8 bytes, a missing, extra or
-    non-string field (``source`` and ``id`` may be absent).
+    Every row passes ``unified_record`` (sources.py), the check ``prepare --source jsonl=`` makes:
+    ``input`` may be absent (read as ""), ``source`` and ``id`` are kept when present, other keys are
+    dropped. Raises DataError naming ``FILE:LINE`` and the field.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "file not found", "file")
     records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
+    try:
+        for row in read_rows(str(path), "jsonl"):
             try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(where, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})", "invalid_utf8") from None
-            except json.JSONDecodeError as e:
-                raise DataError(where, f"invalid JSON: {e.msg} (column {e.colno})", "invalid_json") from None
-            if not isinstance(obj, dict):
-                raise DataError(where, "expected a JSON object", "not_an_object")
-            for key in FIELDS:
-                if key not in obj:
-                    if key in OPTIONAL_FIELDS:  # hand-made files in our schema may lack provenance
-                        continue
-                    raise DataError(where, f"missing field {key!r}", "missing_field")
-                if not isinstance(obj[key], str):
-                    raise DataError(where, f"field {key!r} must be a string", "wrong_type")
-            extra = sorted(set(obj) - set(FIELDS))
-            if extra:
-                raise DataError(where, f"unknown field {extra[0]!r} (the schema has {', '.join(FIELDS)})", "wrong_type")
-            records.append(obj)
+                if row.error is not None:
+                    raise row.error
+                records.append(unified_record(row.obj))
+            except RowError as e:
+                raise DataError(row.where, e.reason, e.code) from None
+    except DataError as e:
+        if e.code != "empty_file":
+            raise
     return records

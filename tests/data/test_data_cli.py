@@ -104,4 +104,29 @@ def test_stats(tmp_path, run_cli):
     bad.write_text('{"instruction": "Q"}\n', encoding="utf-8")
     p = run_cli("stats", str(good), str(bad))
     assert p.returncode == 1
-    assert f"{good}: 1 rows (alpaca 1)" in p.stdout and f"{bad}:1: missing field 'input'" in p.stderr
+    assert f"{good}: 1 rows (alpaca 1)" in p.stdout and f"{bad}:1: missing field 'response'" in p.stderr
+
+
+def test_stats_counts_rows_without_source(tmp_path, run_cli):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"instruction": "Q", "response": "A"}\n{"instruction": "R", "response": "B", "source": "x"}\n', encoding="utf-8")
+    p = run_cli("stats", str(mine))
+    assert p.returncode == 0, p.stderr
+    assert f"{mine}: 2 rows ((no source) 1, x 1)" in p.stdout and "Traceback" not in p.stderr
+
+
+def test_prepare_flags_come_from_the_config_class(tmp_path, run_cli):
+    """Flag help shows the dataclass's default; flags override the YAML; overrides override flags."""
+    p = run_cli("prepare", "--help")
+    assert p.returncode == 0 and "(default: 5000)" in p.stdout and "--max-chars" in p.stdout
+    src = tmp_path / "s.jsonl"
+    src.write_text("".join(f'{{"instruction": "Q{i}", "response": "A{i}"}}\n' for i in range(10)), encoding="utf-8")
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(f"sources: [{{kind: alpaca, path: nowhere.json}}]\nout: {tmp_path / 'yaml'}\ntrain_size: 1\ntest_size: 1\n")
+    out = tmp_path / "o"
+    p = run_cli("prepare", "--config", str(cfg), "--source", f"jsonl={src}", "--out", str(out), "--train-size", "6", "test_size=2")
+    assert p.returncode == 0, p.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["sizes"] == {"train": 6, "test": 2} and list(m["sources"]) == ["jsonl"]
+    p = run_cli("prepare", "--source", f"jsonl={src}", "--out", str(out), "--on-error", "maybe")
+    assert p.returncode == 2 and "invalid choice: 'maybe'" in p.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -284,10 +285,13 @@ def test_unknown_source_kind_is_a_config_error():
 @pytest.mark.parametrize(
     "line,reason",
     [
-        ('{"instruction": "Q", "response": "A", "source": "s", "id": "1"}', "missing field 'input'"),
-        ('{"instruction": "Q", "input": "", "response": "A", "id": 3}', "field 'id' must be a string"),
+        ('{"input": "", "response": "A", "source": "s", "id": "1"}', "missing field 'instruction'"),
+        ('{"instruction": "Q", "input": "", "source": "s", "id": "1"}', "missing field 'response'"),
+        ('{"instruction": "Q", "input": 2, "response": "A"}', "field 'input' must be a string, got a number"),
+        ('{"instruction": "Q", "input": "", "response": "A", "id": [3]}', "field 'id' must be a string, got an array"),
         ('{"instruction": "Q", "input": "", "response": 4, "source": "s", "id": "1"}', "field 'response' must be a string"),
-        ('{"instruction": "Q", "input": "", "response": "A", "source": "s", "id": "1", "extra": 1}', "unknown field 'extra'"),
+        ('{"instruction": "Q", "input": "", "response": "A", "source": 1}', "field 'source' must be a string, got a number"),
+        ('["Q", "A"]', "expected a JSON object, got an array"),
         ('{"instruction": "Q"', "invalid JSON"),
     ],
 )
@@ -295,7 +299,7 @@ def test_read_jsonl_checks_the_schema(tmp_path, line, reason):
     good = '{"instruction": "Q", "input": "", "response": "A", "source": "s", "id": "1"}'
     path = tmp_path / "train.jsonl"
     path.write_text(f"{good}\n{line}\n", encoding="utf-8")
-    with pytest.raises(DataError, match=f"^{path}:2: .*{reason}"):
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: .*{re.escape(reason)}"):
         read_jsonl(path)
     path.write_text(f"{good}\n", encoding="utf-8")
     assert read_jsonl(path) == [json.loads(good)]
@@ -306,3 +310,9 @@ def test_read_jsonl_accepts_files_without_provenance(tmp_path):
     p = tmp_path / "mine.jsonl"
     p.write_text('{"instruction": "Q", "input": "", "response": "A"}\n')
     assert read_jsonl(p) == [{"instruction": "Q", "input": "", "response": "A"}]
+
+
+def test_read_jsonl_reads_input_as_optional_and_ignores_extra_keys(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    p.write_text('{"instruction": "Q", "response": "A", "id": 7, "lang": "en"}\n{"instruction": "R", "input": null, "response": "B"}\n')
+    assert read_jsonl(p) == [{"instruction": "Q", "input": "", "response": "A", "id": "7"}, {"instruction": "R", "input": "", "response": "B"}]
