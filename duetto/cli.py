@@ -22,8 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("duetto.tune.cli", "run (or resume, or report) a Ray Tune sweep over both methods"),
     "serve": ("duetto.serve.cli", "serve the generate-then-rerank ensemble over HTTP (and benchmark it)"),
     "query": ("duetto.serve.client", "send one request to a running ensemble endpoint"),
-    "report": ("duetto.report", "evaluate baseline, QLoRA, GaLore and the ensemble with confidence intervals"),
-    "demo": ("duetto.demo", "the whole product end to end on a local Ray: data, sweep, serve, query"),
+    "report": ("duetto.workflows.report", "evaluate baseline, QLoRA, GaLore and the ensemble with confidence intervals"),
+    "demo": ("duetto.workflows.demo", "the whole product end to end on a local Ray: data, sweep, serve, query"),
     "cluster": ("duetto.cluster.local", "start, stop or inspect a local Ray head for `ray job submit`"),
 }
 
