@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from duetto.trainers.evaluate import METRICS, paired_bootstrap
+    from duetto.workflows.stats import METRICS, paired_bootstrap
 
     runs = {"a": _rows(args.a), "b": _rows(args.b)}
     refs = [r["reference"] for r in runs["a"]]

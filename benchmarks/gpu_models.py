@@ -11,7 +11,8 @@ def gemma3_1b_random(out: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-    from duetto.models import build_tiny, load_tokenizer
+    from duetto.models import load_tokenizer
+    from duetto.tiny_model import build_tiny
 
     out = Path(out)
     if (out / "config.json").exists():

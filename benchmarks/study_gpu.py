@@ -34,7 +34,7 @@ METRIC_KEYS = ("method", "train_loss", "eval_loss", "bleu4", "rougeL", "peak_mem
 def prep(args, work: Path, model_dir: Path, data: Path) -> None:
     from duetto.config import load_config
     from duetto.data.unify import DataConfig, prepare
-    from duetto.models import fetch
+    from duetto.model_fetch import fetch
 
     t0 = time.perf_counter()
     fetch(args.model, work / "models", gguf=args.gguf)
@@ -86,7 +86,7 @@ def train(args, work: Path, model_dir: Path, data: Path) -> None:
 
 def report(args, work: Path, model_dir: Path, data: Path) -> None:
     from duetto.config import load_config
-    from duetto.report import ReportConfig, build_report
+    from duetto.workflows.report import ReportConfig, build_report
 
     tag = args.trials
     cfg = load_config(ReportConfig, "configs/report_study.yaml", [

@@ -40,6 +40,8 @@ from duetto.cluster.processes import MARKER_ENV, cluster_processes, role, stop
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
 SWEEP_FILE = "configs/sweep_study.yaml"
+#: Where a sweep without storage_path keeps its folder (as tune/spec.py SWEEPS_ROOT; cluster reads no tune code).
+SWEEPS_ROOT = "duetto-runs/sweeps"
 AUTH_MODES = ("token", "disabled")
 #: Ray puts unix sockets at TEMP/session_<date>_<pid>/sockets/plasma_store; Linux caps such a path at
 #: 107 bytes, and Ray's own error for a longer one is obscure.
@@ -49,7 +51,7 @@ _MAX_SOCKET_PATH = 107
 
 def default_dir() -> Path:
     """``$DUETTO_CACHE/cluster`` (``~/.cache/duetto/cluster``): state, token and Ray's temp dir."""
-    from duetto.models import cache_root
+    from duetto.model_cache import cache_root
 
     return cache_root() / "cluster"
 
@@ -314,7 +316,8 @@ def submit_command(state: ClusterState | None = None, sweep_file: str = SWEEP_FI
     ``--working-dir .`` uploads the checkout, so the job sees the same configs; it leaves out what
     .gitignore ignores (duetto-runs/, .venv/), and the job runs inside Ray's copy of it. So the
     sweep's folder and its data are given as absolute paths into this checkout: results land here,
-    not in Ray's temp dir, and the data the upload left out is found.
+    not in Ray's temp dir, and the data the upload left out is found. They are read from the YAML's
+    plain keys (the sweep itself validates the rest when it starts).
     """
     cmd = ["ray", "job", "submit"]
     if state is not None:
@@ -322,12 +325,24 @@ def submit_command(state: ClusterState | None = None, sweep_file: str = SWEEP_FI
     cmd += ["--working-dir", ".", "--", "duetto", "sweep", sweep_file]
     if not Path(sweep_file).is_file():
         return cmd
-    from duetto.tune.spec import base_trial_dict, load_sweep
+    storage, data = sweep_paths(sweep_file)
+    return cmd + [f"storage_path={storage}", f"base.data.train={data['train']}", f"base.data.test={data['test']}"]
 
-    sweep = load_sweep(sweep_file)
-    base = base_trial_dict(sweep)  # data paths made absolute against the cwd
-    return cmd + [f"storage_path={sweep.sweep_dir()}", f"base.data.train={base['data']['train']}",
-                  f"base.data.test={base['data']['test']}"]  # fmt: skip
+
+def sweep_paths(sweep_file: str) -> tuple[Path, dict[str, Path]]:
+    """(sweep folder, {"train", "test"} data files) of a sweep YAML, absolute against the cwd: its
+    ``storage_path`` (else ``duetto-runs/sweeps/<name>``), and ``base.data`` over the ``data`` of its
+    ``trial_config`` over the trial defaults."""
+    from duetto.config import merge_dicts, nest, read_yaml
+    from duetto.trainers.config import DataPaths
+
+    sweep = nest(read_yaml(sweep_file))
+    storage = Path(sweep.get("storage_path") or f"{SWEEPS_ROOT}/{sweep.get('name') or 'sweep'}")
+    data = {"train": DataPaths.train, "test": DataPaths.test}
+    if sweep.get("trial_config"):
+        data = merge_dicts(data, nest(read_yaml(sweep["trial_config"])).get("data") or {})
+    data = merge_dicts(data, (sweep.get("base") or {}).get("data") or {})
+    return storage.expanduser().resolve(), {k: Path(data[k]).expanduser().resolve() for k in ("train", "test")}
 
 
 def _submit_text(state: ClusterState) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+#: What `pip install .` builds from: pyproject's package-dir folders and the readme it names.
+SOURCES = ("duetto", "data", "trainers", "tune", "serve", "cluster", "workflows", "configs")
+
+
+def test_the_demo_config_is_package_data():
+    from duetto.workflows.demo import demo_config
+
+    shipped = demo_config()
+    assert shipped.read_text() == (ROOT / "configs" / "demo.yaml").read_text()
+    assert shipped.read_text().startswith("# duetto demo\n")
+
+
+def test_a_plain_install_finds_the_demo_config_without_a_checkout(tmp_path):
+    # built from a copy: setuptools' build/ folder in a checkout can hold files deleted since
+    src, target = tmp_path / "src", tmp_path / "site"
+    for name in SOURCES:
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(target), str(src)], check=True, capture_output=True)
+    shutil.rmtree(src)
+    code = "from duetto.workflows.demo import demo_config; print(demo_config())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(target)),
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out) == target / "duetto" / "configs" / "demo.yaml"
+    assert Path(out).read_text() == (ROOT / "configs" / "demo.yaml").read_text()
 
 
 @pytest.mark.slow

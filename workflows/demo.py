@@ -9,6 +9,7 @@ second run does not fetch again and nothing outside ``duetto-runs/`` is touched.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import socket
 import subprocess
@@ -34,6 +35,12 @@ SHARED_FILES = {
 
 def _stage(n: int, text: str, t0: float) -> None:
     print(f"\n[{n}/{STAGES}] {text}  (t={time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+def demo_config() -> Path:
+    """The shipped ``configs/demo.yaml``: package data of ``duetto.configs``, so an installed duetto
+    finds it without a checkout."""
+    return Path(str(importlib.resources.files("duetto.configs") / "demo.yaml"))
 
 
 def find_shared_data() -> Path | None:
@@ -81,7 +88,7 @@ def _free_port() -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="demo sweep YAML (default: configs/demo.yaml in the checkout)")
+    parser.add_argument("--config", default=None, help="demo sweep YAML (default: the shipped configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the demo sweep")
     parser.add_argument("--out", default=None, help="run folder (default: duetto-runs/demo-<time>)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (fetch name, path or hub id)")
@@ -139,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    config = args.config or str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    config = args.config or str(demo_config())
     on_gpu = ["resources.gpus_per_trial=0.5"] if torch.cuda.is_available() else []
     sweep = load_sweep(config, [*on_gpu,
         f"base.model={model_path}", f"base.data.train={data_dir / 'train.jsonl'}",

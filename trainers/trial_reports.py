@@ -1,0 +1,118 @@
+"""How a trial talks to Ray Train while the HF Trainer runs: on every save a ``ray.train.report`` with
+step, losses and interim BLEU/ROUGE (rank 0 attaches the HF checkpoint), plus the measurements the
+metrics need (training-step peak memory and time, trained tokens) and a fault injection for tests.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from duetto.trainers.config import TrialConfig
+
+#: Fault injection for recovery tests: fail once when this step is reached (marker file beside it).
+FAIL_AT_STEP_ENV = "DUETTO_FAIL_AT_STEP"
+
+
+def peak_memory_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def report_callback_cls():
+    """Built lazily so importing this module does not import transformers."""
+    from transformers import TrainerCallback
+
+    class DuettoReportCallback(TrainerCallback):
+        """On every HF save: interim generation metrics (rank 0), then a Ray report on all ranks."""
+
+        def __init__(self, cfg: TrialConfig, tokenizer, interim_rows: list[dict], rank: int):
+            self.cfg, self.tokenizer, self.rows, self.rank = cfg, tokenizer, interim_rows, rank
+            self.train_peak = 0
+            """Peak GPU memory of the training steps alone: the allocator's peak is reset as each step
+            begins and read as it ends, so HF's evaluation passes between steps (eval batches with
+            full-vocabulary logits) and interim generation never count as training memory."""
+            self.step_seconds = 0.0
+            """Time inside the optimizer steps alone (forward, backward, update), summed: the
+            evaluation passes, interim generation and checkpoints that run between steps are not
+            training time. The GPU is synchronised at each step's end so its queued work counts."""
+            self.tokens_at_start = 0  # the Trainer's token count when this run began (non-zero on resume)
+            self._step_t0 = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.tokens_at_start = int(state.num_input_tokens_seen or 0)
+
+        def trained_tokens(self, state) -> int:
+            """Non-padding tokens of this run's training batches, all ranks (the Trainer gathers them)."""
+            return int(state.num_input_tokens_seen or 0) - self.tokens_at_start
+
+        def tokens_per_second(self, state) -> float:
+            return self.trained_tokens(state) / self.step_seconds if self.step_seconds > 0 else 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self._step_t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                self.train_peak = max(self.train_peak, int(torch.cuda.max_memory_allocated()))
+            self.step_seconds += time.perf_counter() - self._step_t0
+            fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
+            marker = Path(self.cfg.output_dir) / ".injected_failure"
+            if fail_at and state.global_step == fail_at and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(str(fail_at))
+                raise RuntimeError(f"injected failure at step {fail_at} ({FAIL_AT_STEP_ENV})")
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            import ray.train
+            from transformers.trainer_utils import get_last_checkpoint
+
+            metrics: dict[str, Any] = {"step": state.global_step, "epoch": float(state.epoch or 0.0),
+                                       "eval_split": "validation" if self.cfg.data.val_size else "test"}
+            if model is not None:  # so far; a trial ASHA stops still shows its memory and speed
+                metrics["peak_memory_bytes"] = self.train_peak or peak_memory_bytes(next(model.parameters()).device)
+            if self.step_seconds > 0:
+                metrics["tokens_per_second"] = self.tokens_per_second(state)
+            for log in state.log_history:
+                if "loss" in log:
+                    metrics["train_loss"] = float(log["loss"])
+                if "eval_loss" in log:
+                    metrics["eval_loss"] = float(log["eval_loss"])
+            if self.rows and self.rank == 0 and model is not None:
+                from duetto.trainers.evaluate import evaluate_generation
+
+                m, _ = evaluate_generation(
+                    model,
+                    self.tokenizer,
+                    self.rows,
+                    template=self.cfg.template,
+                    max_seq_len=self.cfg.max_seq_len,
+                    max_new_tokens=self.cfg.eval.max_new_tokens,
+                    batch_size=self.cfg.eval.batch_size,
+                )
+                metrics.update(m)
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                source = get_last_checkpoint(args.output_dir) if self.rank == 0 else None
+                if source:
+                    shutil.copytree(source, Path(tmp, "checkpoint"))
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint)
+
+    return DuettoReportCallback
+
