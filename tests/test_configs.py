@@ -66,3 +66,12 @@ def test_config_names_its_command_and_loads(path):
     if path.name in words:
         assert f"configs/{path.name}" in first
     _load(words[1], path)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.read_text().startswith(("# duetto sweep", "# duetto demo"))],
+                         ids=lambda p: p.name)
+def test_shipped_sweeps_choose_on_validation_rows(path):
+    """A sweep that picks its best trials on test.jsonl leaves the report no unseen split."""
+    from duetto.tune.spec import base_trial_dict, load_sweep
+
+    assert base_trial_dict(load_sweep(path))["data"]["val_size"] > 0, f"{path.name}: set base.data.val_size"
