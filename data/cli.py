@@ -27,9 +27,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     p = sub.add_parser(
         "prepare",
-        help="read sources, clean, de-duplicate, split; write train.jsonl, test.jsonl, manifest.json",
+        help="read sources, clean, de-duplicate, split; write train.jsonl, test.jsonl, dropped.jsonl, manifest.json",
         description="Read the sources, clean and de-duplicate them, shuffle with the seed and write "
-        "DIR/train.jsonl, DIR/test.jsonl and DIR/manifest.json (docs/data.md).",
+        "DIR/train.jsonl, DIR/test.jsonl, DIR/dropped.jsonl (each dropped example and why) and "
+        "DIR/manifest.json (docs/data.md).",
     )
     p.add_argument("--config", metavar="YAML", help="a DataConfig YAML (e.g. configs/data_shared.yaml)")
     p.add_argument(
@@ -106,6 +107,8 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"{label:<12} {info['rows_read']:>7} {info['kept']:>7} {info['train']:>7} {info['test']:>7}  {dropped}")
     outs = ", ".join(f"{name} ({o['rows']})" for name, o in manifest["outputs"].items())
     print(f"wrote {config.out}/: {outs}, manifest.json (pool {manifest['pool']}, unused {manifest['unused']})")
+    if manifest["outputs"]["dropped.jsonl"]["rows"]:
+        print(f"each example dropped in cleaning (empty, too long, duplicate) is listed in {config.out}/dropped.jsonl")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,7 +40,11 @@ CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 ROLE_LABEL = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 FILE_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+ACCEPTED_SHAPES = "expected a JSON array of records (in a .json file) or JSON Lines (one object per line)"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# a JSON string, or one bracket outside strings: enough to find where a nested value ends without recursion
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 
 class DataError(Exception):
@@ -49,6 +54,9 @@ class DataError(Exception):
         self.where, self.reason, self.code = where, reason, code
         super().__init__(f"{where}: {reason}")
 
+    def __reduce__(self):  # pickling (a Ray worker raising it) rebuilds it from its fields, not the message
+        return type(self), (self.where, self.reason, self.code)
+
 
 class RowError(ValueError):
     """One record that does not fit its schema: ``code`` is the manifest's reason key."""
@@ -56,6 +64,9 @@ class RowError(ValueError):
     def __init__(self, code: str, reason: str):
         self.code, self.reason = code, reason
         super().__init__(reason)
+
+    def __reduce__(self):  # pickling (a Ray worker raising it) rebuilds it from its fields, not the message
+        return type(self), (self.code, self.reason)
 
 
 @dataclass(frozen=True)
@@ -106,10 +117,49 @@ def read_rows(path: str, kind: str, split: str = "", limit: int | None = None) -
         rows = _hub_rows(location, split or DEFAULT_SPLIT[kind])
     else:
         rows = readers[fmt](Path(location))
+    escaped = _SURROGATE.search(location) is not None  # a file name that is not UTF-8
     for n, row in enumerate(rows):
         if limit is not None and n >= limit:
             return
+        if escaped:  # ids and places show its bytes as \xNN, so they can be written as UTF-8
+            row = replace(row, where=_shown(row.where), ref=_shown(row.ref))
+        # a surrogate reaches a record only as a \\u escape in JSON text, or as itself
+        if row.error is None and ("\\u" in row.raw or _SURROGATE.search(row.raw)):
+            error = lone_surrogate(row.obj)
+            if error is not None:
+                row = replace(row, raw=row.raw.encode("utf-8", "backslashreplace").decode("utf-8"), error=error)
         yield row
+
+
+def _shown(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def lone_surrogate(obj: Any) -> RowError | None:
+    """The first string (key or value) holding half of a UTF-16 surrogate pair, which UTF-8 cannot encode."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:  # a loop, not recursion: records can nest as deep as the JSON parser allows
+        at, v = stack.pop()
+        if isinstance(v, str):
+            m = _SURROGATE.search(v)
+            if m:
+                reason = f"lone UTF-16 surrogate {m.group()!r} at character {m.start() + 1} (not Unicode text; UTF-8 cannot encode it)"
+                return RowError("lone_surrogate", f"{at or 'the record'}: {reason}")
+        elif isinstance(v, dict):  # keys are checked (popped) before the paths they name are used
+            stack.extend(reversed([(f"{at}.{k}" if at else k, x) for k, x in v.items()]))
+            stack.extend((f"a key of {at or 'the record'}", k) for k in v)
+        elif isinstance(v, list):
+            stack.extend(reversed([(f"{at}[{i}]", x) for i, x in enumerate(v)]))
+    return None
+
+
+def parse_error(e: Exception) -> RowError:
+    """What json raised for one record, as a row error (json raises more than JSONDecodeError)."""
+    if isinstance(e, RecursionError):
+        return RowError("too_deep", f"JSON nested too deeply to read (more than about {sys.getrecursionlimit()} levels)")
+    if isinstance(e, json.JSONDecodeError):
+        return RowError("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})")
+    return RowError("invalid_json", f"invalid JSON: {e}")  # e.g. an integer of more than 4300 digits
 
 
 def _decode(path: Path, data: bytes) -> str:
@@ -129,7 +179,7 @@ def _json_rows(path: Path) -> Iterator[Row]:
         yield from _jsonl_rows(path)
         return
     if text.lstrip()[0] != "[":
-        raise DataError(f"{path}:1", "expected a JSON array of records (or JSON Lines)", "file")
+        raise DataError(f"{path}:1", f"the file starts with {text.lstrip()[0]!r}; {ACCEPTED_SHAPES}", "file")
     # raw_decode element by element, so each record keeps its line and a bad one is named exactly
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
@@ -153,13 +203,20 @@ def _json_rows(path: Path) -> Iterator[Row]:
     while True:
         pos = skip_ws(pos)
         start_line = line_of(pos)
+        where, ref = f"{path}:{start_line} (array index {index})", f"{path.name}:{start_line}"
         try:
             obj, end = decoder.raw_decode(text, pos)
+            row = Row(where, ref, text[pos:end], obj)
         except json.JSONDecodeError as e:
             # a syntax error inside an array hides where the next element starts: stop, even under skip
             reason = f"invalid JSON in array index {index}: {e.msg} (column {e.colno})"
             raise DataError(f"{path}:{e.lineno}", reason, "invalid_json") from None
-        yield Row(f"{path}:{start_line} (array index {index})", f"{path.name}:{start_line}", text[pos:end], obj)
+        except (RecursionError, ValueError) as e:  # too deep or too big to read: set it aside, go on after it
+            error, end = parse_error(e), _value_end(text, pos)
+            if end is None:
+                raise DataError(where, error.reason, error.code) from None
+            row = Row(where, ref, text[pos:end], error=error)
+        yield row
         index += 1
         pos = skip_ws(end)
         if pos < len(text) and text[pos] == ",":
@@ -173,12 +230,41 @@ def _json_rows(path: Path) -> Iterator[Row]:
         raise DataError(f"{path}:{line_of(pos)}", reason, "invalid_json")
 
 
+def _value_end(text: str, pos: int) -> int | None:
+    """Where the array or object that starts at ``pos`` ends, by counting brackets outside strings."""
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text, pos):
+        if m.group() in ("[", "{"):
+            depth += 1
+        elif m.group() in ("]", "}"):
+            depth -= 1
+            if depth == 0:
+                return m.end()
+    return None
+
+
+def _refuse_multiline_value(path: Path, data: bytes) -> None:
+    """A file whose first record spans several lines is pretty-printed JSON, not JSON Lines: say so."""
+    text = data.decode("utf-8", "replace")
+    start = len(text) - len(text.lstrip())
+    try:
+        obj, end = json.JSONDecoder().raw_decode(text, start)
+    except (RecursionError, ValueError):
+        return  # not one readable value either: the first line's own error says more
+    first, last = text.count("\n", 0, start) + 1, text.count("\n", 0, end) + 1
+    if last > first:
+        what = "a single JSON object" if isinstance(obj, dict) else f"a single JSON value ({_type(obj)})"
+        more = ", then more text" if text[end:].strip() else ""
+        raise DataError(f"{path}:{first}", f"{what} spanning lines {first}-{last}{more}; {ACCEPTED_SHAPES}", "file")
+
+
 def _jsonl_rows(path: Path) -> Iterator[Row]:
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if not data.strip():
         raise DataError(f"{path}:1", "empty file (no rows)", "empty_file")
+    records = 0
     for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
         if not raw_line.strip():
             continue  # blank lines (the final newline, separators) are not records
@@ -190,11 +276,13 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             yield Row(where, ref, raw_line.decode("utf-8", "backslashreplace"), error=RowError("invalid_utf8", reason))
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield Row(where, ref, line, error=RowError("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})"))
-            continue
-        yield Row(where, ref, line, obj)
+            obj, error = json.loads(line), None
+        except (RecursionError, ValueError) as e:
+            if records == 0 and isinstance(e, json.JSONDecodeError):
+                _refuse_multiline_value(path, data)
+            obj, error = None, parse_error(e)
+        records += 1
+        yield Row(where, ref, line, obj, error)
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:

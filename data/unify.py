@@ -2,10 +2,10 @@
 
 ``prepare(DataConfig)`` reads every source (sources.py), strips and filters the examples, drops
 duplicates across sources (first occurrence in source order wins), shuffles with the seed, splits,
-and writes ``train.jsonl``, ``test.jsonl`` (and ``rejected.jsonl`` under ``on_error: skip``) plus
-``manifest.json`` last, each through a temp file and a rename. ``read_jsonl`` reads unified files
-back for the later stages, with the schema check of the ``jsonl`` source kind. docs/data.md is the
-user-facing description of every rule here.
+and writes ``train.jsonl``, ``test.jsonl``, ``dropped.jsonl`` (each example cleaning dropped, and
+why), ``rejected.jsonl`` under ``on_error: skip``, and ``manifest.json`` last, each through a temp
+file and a rename. ``read_jsonl`` reads unified files back for the later stages, with the schema
+check of the ``jsonl`` source kind. docs/data.md is the user-facing description of every rule here.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     """the sources, in priority order: when two hold the same example, the earlier source keeps it"""
     out: str = "duetto-runs/data"
-    """output folder for train.jsonl, test.jsonl, manifest.json (and rejected.jsonl)"""
+    """output folder for train.jsonl, test.jsonl, dropped.jsonl, manifest.json (and rejected.jsonl)"""
     train_size: int = 5000
     """training examples wanted; fewer are written (with a warning) when the data runs short"""
     test_size: int = 2000
@@ -135,8 +135,10 @@ def prepare(config: DataConfig, log: Callable[[str], None] = _stderr) -> dict[st
     config.validate()
     pool: list[dict[str, str]] = []
     rejected: list[dict[str, Any]] = []
-    seen_exact: dict[bytes, str] = {}
-    seen_prompt: dict[bytes, str] = {}
+    dropped_rows: list[dict[str, Any]] = []
+    # key -> the kept example it came from, {source, id}: a duplicate names the row it repeats
+    seen_exact: dict[bytes, dict[str, str]] = {}
+    seen_prompt: dict[bytes, dict[str, str]] = {}
     per_source: dict[str, dict[str, Any]] = {}
 
     for src in config.sources:
@@ -169,17 +171,19 @@ def prepare(config: DataConfig, log: Callable[[str], None] = _stderr) -> dict[st
             for ex in found:
                 examples += 1
                 ex = Example(clean(ex.instruction), clean(ex.input), clean(ex.response), ex.id)
-                reason = drop_reason(ex, config.max_chars)
+                reason, first = drop_reason(ex, config.max_chars), None
                 if reason is None:
                     ek, pk = exact_key(ex), prompt_key(ex)
                     first = seen_exact.get(ek) or seen_prompt.get(pk)
                     if first is not None:
                         reason = "duplicate_exact" if ek in seen_exact else "duplicate_prompt"
-                        duplicate_of[first] += 1
+                        duplicate_of[first["source"]] += 1
                     else:
-                        seen_exact[ek] = seen_prompt[pk] = src.label
+                        seen_exact[ek] = seen_prompt[pk] = {"source": src.label, "id": ex.id}
                 if reason is not None:
                     dropped[reason] += 1
+                    entry = {"source": src.label, "id": ex.id, "where": row.where, "reason": reason}
+                    dropped_rows.append(entry if first is None else {**entry, "duplicate_of": first})
                     continue
                 kept += 1
                 record = {"instruction": ex.instruction, "input": ex.input, "response": ex.response}
@@ -225,7 +229,7 @@ def prepare(config: DataConfig, log: Callable[[str], None] = _stderr) -> dict[st
         "unused": len(pool) - len(train) - len(test),
         "notes": notes,
     }
-    files = {"train.jsonl": train, "test.jsonl": test}
+    files = {"train.jsonl": train, "test.jsonl": test, "dropped.jsonl": dropped_rows}
     if config.on_error == "skip":
         files["rejected.jsonl"] = rejected
     manifest["outputs"] = write_outputs(Path(config.out), files, manifest)
@@ -281,7 +285,8 @@ def write_outputs(out: Path, files: dict[str, list[dict[str, Any]]], manifest: d
         _atomic_write(out / name, data)
         outputs[name] = {"rows": len(records), "sha256": hashlib.sha256(data).hexdigest()}
     manifest["outputs"] = outputs
-    _atomic_write(out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    # a path that is not UTF-8 holds Python's surrogate escapes: as \udcNN they read back as the same path
+    _atomic_write(out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"))
     return outputs
 
 

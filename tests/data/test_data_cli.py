@@ -36,6 +36,9 @@ def test_prepare_from_source_flags(shared, tmp_path, run_cli):
     assert m["sources"]["ultrachat"]["duplicate_of"].get("alpaca", 0) > 400  # the README's cross-source repeats
     assert m["tool"].startswith("duetto ")
     assert "ultrachat" in p.stdout and "wrote" in p.stdout
+    dropped = (out / "dropped.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(dropped) == sum(m["dropped"].values()) > 400 and f"dropped.jsonl ({len(dropped)})" in p.stdout
+    assert f"listed in {out}/dropped.jsonl" in p.stdout
 
 
 def test_prepare_from_the_shipped_config(shared, tmp_path, run_cli, repo):

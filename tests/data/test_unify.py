@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,14 @@ def assert_adds_up(manifest: dict) -> None:
     assert manifest["pool"] == manifest["sizes"]["train"] + manifest["sizes"]["test"] + manifest["unused"]
 
 
+def assert_every_drop_listed(out: Path, manifest: dict) -> None:
+    """dropped.jsonl (cleaning) plus rejected.jsonl (bad records) list each row the manifest counts as dropped."""
+    listed = Counter((r["source"], r["reason"]) for name in ("dropped.jsonl", "rejected.jsonl") if (out / name).exists() for r in read_lines(out / name))
+    counted = Counter({(label, code): n for label, info in manifest["sources"].items() for code, n in info["dropped"].items()})
+    assert listed == counted
+    assert manifest["outputs"]["dropped.jsonl"]["rows"] == len(read_lines(out / "dropped.jsonl"))
+
+
 def norm_prompt(instruction: str, inp: str) -> str:
     return "".join((instruction + inp).split()).casefold()
 
@@ -36,6 +45,7 @@ def norm_prompt(instruction: str, inp: str) -> str:
 def test_shared_files_dedupe_across_sources(shared, tmp_path):
     m = prepare(config(tmp_path, *shared.items(), train_size=500, test_size=200), log=lambda s: None)
     assert_adds_up(m)
+    assert_every_drop_listed(tmp_path, m)
     for label, info in m["sources"].items():
         assert info["rows_read"] == info["examples"] == info["kept"] + sum(info["dropped"].values())
     # UltraChat repeats Alpaca prompts (instruction and input glued together): count them here, independently
@@ -65,6 +75,8 @@ def test_shared_files_dedupe_across_sources(shared, tmp_path):
 def test_shared_files_all_turns(shared, tmp_path):
     m = prepare(config(tmp_path, *shared.items(), multi_turn="all", max_chars=4000), log=lambda s: None)
     assert_adds_up(m)
+    assert_every_drop_listed(tmp_path, m)
+    assert any("#" in r["id"] for r in read_lines(tmp_path / "dropped.jsonl"))  # one line per example, not per record
     tulu = m["sources"]["tulu"]
     assert tulu["examples"] > tulu["rows_read"] and tulu["dropped"]["too_long"] > 0
     for r in read_jsonl(tmp_path / "train.jsonl"):
@@ -111,6 +123,34 @@ def test_cleaning_and_dedupe_rules(tmp_path, write_jsonl):
     assert m2["sources"]["alpaca"]["dropped"]["duplicate_prompt"] == 2
 
 
+def test_dropped_jsonl_lists_each_dropped_row_and_what_it_duplicates(tmp_path, write_jsonl):
+    alpaca = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "Q1", "input": "", "output": "A1"},
+            {"instruction": " Q1 ", "input": "", "output": "A1"},
+            {"instruction": "q 1", "input": "", "output": "other"},
+            {"instruction": " ", "input": "", "output": "x"},
+            {"instruction": "Q5", "input": "", "output": ""},
+            {"instruction": "Q6", "input": "", "output": "y" * 50},
+        ],
+    )
+    tulu = write_jsonl(tmp_path / "t.jsonl", [{"id": "t-1", "messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A9"}]}])
+    out = tmp_path / "o"
+    m = prepare(config(out, ("alpaca", alpaca), ("tulu", tulu), max_chars=40, train_size=1, test_size=0), log=lambda s: None)
+    first = {"source": "alpaca", "id": "a.jsonl:1"}
+    assert read_lines(out / "dropped.jsonl") == [
+        {"source": "alpaca", "id": "a.jsonl:2", "where": f"{alpaca}:2", "reason": "duplicate_exact", "duplicate_of": first},
+        {"source": "alpaca", "id": "a.jsonl:3", "where": f"{alpaca}:3", "reason": "duplicate_prompt", "duplicate_of": first},
+        {"source": "alpaca", "id": "a.jsonl:4", "where": f"{alpaca}:4", "reason": "empty_instruction"},
+        {"source": "alpaca", "id": "a.jsonl:5", "where": f"{alpaca}:5", "reason": "empty_response"},
+        {"source": "alpaca", "id": "a.jsonl:6", "where": f"{alpaca}:6", "reason": "too_long"},
+        {"source": "tulu", "id": "t-1", "where": f"{tulu}:1", "reason": "duplicate_prompt", "duplicate_of": first},
+    ]
+    assert_every_drop_listed(out, m)
+    assert m["outputs"]["dropped.jsonl"]["sha256"] == hashlib.sha256((out / "dropped.jsonl").read_bytes()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------- split, determinism
 
 
@@ -121,7 +161,7 @@ def synthetic(tmp_path, n: int, write_jsonl) -> Path:
 def test_byte_identical_outputs_and_seed_changes_them(tmp_path, write_jsonl):
     src = synthetic(tmp_path, 60, write_jsonl)
     out = tmp_path / "out"
-    names = ("train.jsonl", "test.jsonl", "manifest.json")
+    names = ("train.jsonl", "test.jsonl", "dropped.jsonl", "manifest.json")
     prepare(config(out, ("alpaca", src), train_size=30, test_size=10, seed=7))
     first = {n: (out / n).read_bytes() for n in names}
     prepare(config(out, ("alpaca", src), train_size=30, test_size=10, seed=7))
@@ -175,7 +215,7 @@ def test_failures_leave_no_partial_output_looking_complete(tmp_path, write_jsonl
     with pytest.raises(OSError):
         prepare(config(out, ("alpaca", good), train_size=10, test_size=5, seed=3))
     assert not (out / "manifest.json").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["test.jsonl", "train.jsonl"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["dropped.jsonl", "test.jsonl", "train.jsonl"]  # no temp files left
 
 
 def test_rejected_file_only_from_a_skip_run(tmp_path, write_jsonl):
