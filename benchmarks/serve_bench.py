@@ -72,13 +72,14 @@ def build_random_gemma(out: Path, tokenizer_dir: str | None, seed: int, device: 
     import torch
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
 
-    from duetto.models import build_tiny, stop_token_ids
+    from duetto.tiny_model import build_tiny
+    from duetto.tokens import stop_token_ids
 
     if tokenizer_dir:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
         tok = AutoTokenizer.from_pretrained(build_tiny(out.parent / f"tok-{seed}", style="gemma"))
-    from duetto.models import ensure_pad_token
+    from duetto.tokens import ensure_pad_token
 
     ensure_pad_token(tok)
     cfg = Gemma3TextConfig(
@@ -105,7 +106,7 @@ def build_models(args, work: Path) -> tuple[str, str]:
         return args.generator, args.reranker
     if args.generator or args.reranker:
         raise SystemExit("give both --generator and --reranker, or neither")
-    from duetto.models import build_tiny
+    from duetto.tiny_model import build_tiny
 
     if args.tiny:
         return str(build_tiny(work / "gen", "gemma", seed=0)), str(build_tiny(work / "rer", "smollm", seed=1))
@@ -135,7 +136,8 @@ def run_naive(gen_src: str, rer_src: str, args) -> dict:
     """Per request: generate k, score k, choose; strictly one request at a time."""
     import torch
 
-    from duetto.serve.ensemble import EnsembleRequest, ensemble_generate, generate_candidates, prompt_text
+    from duetto.serve.ensemble import EnsembleRequest, ensemble_generate
+    from duetto.trainers.inference import generate_candidates, prompt_text
     from duetto.serve.loading import load_lm
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"

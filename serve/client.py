@@ -101,6 +101,8 @@ class EnsembleClient:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from duetto.serve.ensemble import MODES
+
     parser.add_argument("instruction", help="the instruction (the prompt) to send")
     parser.add_argument("--input", default=None, help="optional input/context for the instruction")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"endpoint base URL (default {DEFAULT_URL})")
@@ -111,7 +113,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="makes the sampled candidates reproducible")
     parser.add_argument(
-        "--mode", default=None, choices=["reranker", "mix", "generator", "reranker-greedy"], help="scoring mode"
+        "--mode", default=None, choices=MODES, help="scoring mode"
     )
     parser.add_argument("--weight", type=float, default=None, help="generator log-prob weight in mode=mix")
     parser.add_argument("--candidates", action="store_true", help="also print every candidate with its scores")

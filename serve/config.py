@@ -7,19 +7,18 @@ The same tree is the `args` of the Ray Serve app builder (`duetto.serve.app:buil
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from duetto.config import ConfigError
-
-#: Scoring modes: "reranker" and "mix" are the ensemble; the other two exist for comparison.
-MODES = ("reranker", "mix", "generator", "reranker-greedy")
+from duetto.serve.ensemble import Mode
 
 
 @dataclass
 class EnsembleOptions:
     k: int = 4
     """Candidates sampled per request when the request does not say (`k`, or OpenAI `n`)."""
-    mode: Literal["reranker", "mix", "generator", "reranker-greedy"] = "reranker"
+    mode: Mode = "reranker"
     """reranker = pick the candidate the reranker likes best; mix = (1-weight)*reranker + weight*generator
     log-prob; generator = the generator alone (its own best log-prob); reranker-greedy = the reranker
     model decodes greedily on its own (no generator call)."""
@@ -70,8 +69,9 @@ class DeploymentOptions:
     """Replicas of this deployment."""
     num_cpus: float = 0.5
     """CPUs reserved per replica. Fractions matter: on 2 cores the Ray default of 1 never schedules three deployments."""
-    num_gpus: float = 0.0
-    """GPUs per replica; 0.5 lets the generator and the reranker share one GPU. >0 also puts the model on CUDA."""
+    num_gpus: float | None = None
+    """GPUs per replica; empty = auto: 0.5 when the Ray cluster has a GPU (the generator and the reranker
+    share one), else 0. >0 also puts the model on CUDA."""
     max_ongoing_requests: int = 32
     """Requests one replica works on at once (must be >= max_batch_size so a full batch can form)."""
     max_queued_requests: int = 64
@@ -84,7 +84,7 @@ class DeploymentOptions:
     def validate(self) -> None:
         if self.num_replicas < 1:
             raise ValueError("num_replicas: must be >= 1")
-        if self.num_cpus < 0 or self.num_gpus < 0:
+        if self.num_cpus < 0 or (self.num_gpus or 0) < 0:
             raise ValueError("num_cpus / num_gpus: must be >= 0")
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size: must be >= 1")
@@ -192,11 +192,24 @@ class ServeConfig:
         return self.api_key or (os.environ.get(self.api_key_env, "") if self.api_key_env else "")
 
 
+def config_from_args(args: dict[str, Any] | None) -> ServeConfig:
+    """Serve app builder args -> ServeConfig: ``config`` names a YAML to start from, ``overrides`` is a
+    list of ``key=value``; every other key is a ServeConfig field (sections as mappings, or dotted keys)."""
+    from duetto.config import load_config
+
+    args = dict(args or {})
+    path = args.pop("config", None)
+    overrides = list(args.pop("overrides", None) or [])
+    # `serve run duetto.serve.app:build_app a.b=v` passes text: a dotted key's string value is parsed
+    # like a --set override; every other value is set as given (a YAML `api_key: "0123"` stays text).
+    text = {key: v for key, v in args.items() if "." in key and isinstance(v, str)}
+    flags = {key: v for key, v in args.items() if key not in text}
+    return load_config(ServeConfig, path, [f"{key}={v}" for key, v in text.items()] + overrides, flags=flags)
+
+
 def check_serve_app_file(path: str) -> list[ServeConfig]:
     """Validate a Ray Serve config file (`serve run`/`serve deploy`/RayService) that runs our builder:
     Ray's own schema for the file, then each duetto application's ``args`` as a ServeConfig."""
-    from pathlib import Path
-
     from ray.serve.schema import ServeDeploySchema
 
     from duetto.config import read_yaml
@@ -210,8 +223,6 @@ def check_serve_app_file(path: str) -> list[ServeConfig]:
         )
     except Exception as e:
         raise ConfigError(f"{path}: not a valid Ray Serve config file: {e}") from None
-    from duetto.serve.app import config_from_args
-
     configs = []
     for i, app in enumerate(schema.applications):
         if not app.import_path.startswith("duetto.serve.app:"):

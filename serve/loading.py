@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duetto.config import ConfigError
+from duetto.config import ConfigError, read_yaml
 
 
 @dataclass
@@ -32,7 +32,8 @@ class SavedModel:
     template: str | None = None
     """The trial's prompt template (study | chat); None when unknown."""
     max_seq_len: int | None = None
-    """The trial's training sequence length (informational; the context limit is the model's)."""
+    """The trial's training sequence length: inference cuts prompts (and encodes scored pairs) to it,
+    as the trial's own evaluation does; the context window still bounds prompt + answer."""
     bits: int | None = None
     """qlora.bits the base was trained under (8 or 4)."""
     trial_dir: str | None = None
@@ -51,16 +52,6 @@ class SavedModel:
         return self.path
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return data if isinstance(data, dict) else {}
-
-
 def inspect_saved(source: str | Path) -> SavedModel:
     """Describe a trial dir, a model/ dir, an HF model dir or a hub id (reads only small files)."""
     src = str(source)
@@ -77,7 +68,7 @@ def inspect_saved(source: str | Path) -> SavedModel:
         trial_dir, model_dir = p, p / "model"
     elif p.name == "model" and (p.parent / "config.yaml").is_file():
         trial_dir = p.parent
-    trial_cfg = _read_yaml(trial_dir / "config.yaml") if trial_dir else {}
+    trial_cfg = read_yaml(trial_dir / "config.yaml") if trial_dir else {}
     adapter_cfg_file = model_dir / "adapter_config.json"
     spec = SavedModel(source=src, path=str(model_dir), trial_dir=str(trial_dir) if trial_dir else None)
     if trial_cfg:
@@ -170,7 +161,8 @@ def load_for_inference(
     """(model, tokenizer) in eval mode on ``device``; a PEFT adapter is merged when its base is not quantized."""
     from transformers import AutoModelForCausalLM
 
-    from duetto.models import ensure_pad_token, load_tokenizer
+    from duetto.models import load_tokenizer
+    from duetto.tokens import ensure_pad_token
 
     torch_dtype = resolve_dtype(dtype, device)
     if tokenizer is None:
@@ -254,10 +246,10 @@ def prompting_info(source: str, template_override: str = "", context_cap: int = 
 
 def load_lm(source: str, template: str = "", *, device: str = "cpu", dtype: str = "auto", quantize: str = "auto",
             context_cap: int = 0):  # fmt: skip
-    """Everything the ensemble functions need for one model (a ``duetto.serve.ensemble.LoadedModel``):
+    """Everything generation and scoring need for one model (a ``duetto.trainers.inference.LoadedModel``):
     the deployments, the benchmark and the report load models through this one function."""
-    from duetto.models import stop_token_ids
-    from duetto.serve.ensemble import LoadedModel
+    from duetto.tokens import stop_token_ids
+    from duetto.trainers.inference import LoadedModel
 
     info = prompting_info(source, template, context_cap)
     model, tokenizer = load_for_inference(info.spec, device, dtype, quantize, tokenizer=info.tokenizer)
@@ -266,6 +258,7 @@ def load_lm(source: str, template: str = "", *, device: str = "cpu", dtype: str 
         tokenizer=tokenizer,
         template=info.template,
         stop_ids=stop_token_ids(tokenizer, model.config),
-        max_seq_len=info.context,
+        max_seq_len=min(int(info.spec.max_seq_len or info.context), info.context),
+        context=info.context,
         name=str(source),
     )

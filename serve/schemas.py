@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Mode = Literal["reranker", "mix", "generator", "reranker-greedy"]
+from duetto.serve.ensemble import Mode
 
 _SEED_MAX = 2**63 - 1
 

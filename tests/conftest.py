@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def tiny_gemma_dir(tmp_path_factory):
     """Folder of a 2-layer random Gemma 3 model + tokenizer (<pad>, <bos> added, <end_of_turn>, chat template)."""
-    from duetto.models import build_tiny
+    from duetto.tiny_model import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny-gemma"), style="gemma", seed=0)
 
@@ -25,7 +25,7 @@ def tiny_gemma_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_smollm_dir(tmp_path_factory):
     """Folder of a 2-layer random Llama model with a SmolLM2-style ChatML tokenizer (no pad, eos <|im_end|>)."""
-    from duetto.models import build_tiny
+    from duetto.tiny_model import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny-smollm"), style="smollm", seed=0)
 

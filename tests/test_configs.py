@@ -52,7 +52,7 @@ def test_config_names_its_command_and_loads(path):
     if words[:2] in (["serve", "run"], ["serve", "deploy"]):  # a Ray Serve config file
         from ray.serve.schema import ServeDeploySchema
 
-        from duetto.serve.app import config_from_args
+        from duetto.serve.config import config_from_args
 
         schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
         for app in schema.applications:

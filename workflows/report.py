@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from duetto.config import ConfigError, dump_yaml, load_config
+from duetto.serve.ensemble import Mode
 from duetto.workflows.render import fmt_ci, render_markdown
 
 
@@ -28,8 +29,8 @@ class EnsembleSettings:
     """Sampling temperature of the candidates."""
     top_p: float = 0.95
     """Nucleus sampling mass."""
-    mode: str = "reranker"
-    """Choice rule (serve modes): reranker | mix | generator | reranker-greedy."""
+    mode: Mode = "reranker"
+    """Choice rule, as in `duetto serve` (ensemble.mode there)."""
     weight: float = 0.5
     """Weight of the generator log-prob in `mix` mode."""
 
@@ -182,7 +183,8 @@ def ensemble_choices(rows: list[dict], *, mode: str = "reranker", weight: float 
     ROUGE-L only: it is a mean of per-example scores, so "a random pick" is exact; corpus BLEU is not."""
     import numpy as np
 
-    from duetto.serve.ensemble import Candidate, choose
+    from duetto.serve.ensemble import choose
+    from duetto.trainers.inference import Candidate
     from duetto.trainers.evaluate import rouge_l_scores
     from duetto.workflows.stats import bootstrap_ci, paired_bootstrap, rouge_from_sums
 

@@ -199,7 +199,7 @@ def test_rayservice_serves_our_app_builder_with_valid_args():
     builder = getattr(importlib.import_module(module_name), attr)  # the import path resolves (no model load)
     assert callable(builder)
 
-    from duetto.serve.app import config_from_args
+    from duetto.serve.config import config_from_args
 
     cfg = config_from_args(app["args"])  # the args are ServeConfig keys, validated like `duetto serve`'s
     assert cfg.from_sweep.startswith(SHARED_MOUNT + "/sweeps/")

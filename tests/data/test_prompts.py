@@ -195,6 +195,23 @@ def test_truncation_cuts_the_prompt_from_the_left_and_is_counted(tok, template):
         assert cut["input_ids"][0] == tok.bos_token_id and cut["input_ids"].count(tok.bos_token_id) == 1
 
 
+@pytest.mark.parametrize("template", ["study", "chat"])
+def test_an_inference_prompt_is_cut_by_the_training_rule(tok, template):
+    """encode_prompt(max_tokens=n): BOS + the prompt's last ids, the cut a training example's prompt gets."""
+    long_input = " ".join(["The children played in the garden while their parents cooked dinner."] * 10)
+    prompt = build_prompt("Summarize the following text.", long_input, template=template, tokenizer=tok)
+    full = encode_prompt(prompt, tok)
+    head = 1 if full[0] == tok.bos_token_id and tok.bos_token == "<bos>" else 0  # SmolLM2 adds no BOS
+    cut = encode_prompt(prompt, tok, max_tokens=40)
+    assert len(cut) == 40 and cut[:head] == full[:head] and cut[head:] == full[len(full) - 40 + head :]
+    if head:  # Gemma: the BOS survives, once
+        assert cut[0] == tok.bos_token_id and cut.count(tok.bos_token_id) == 1
+    assert encode_prompt(prompt, tok, max_tokens=len(full)) == full
+    enc = encode_pair(prompt, RESPONSE, tok, template=template, max_seq_len=48)
+    assert enc["truncated"]
+    assert enc["input_ids"][: enc["prompt_len"]] == encode_prompt(prompt, tok, max_tokens=enc["prompt_len"])
+
+
 def test_an_overlong_response_loses_its_tail_but_keeps_the_stop_token(gemma_tok):
     tok = gemma_tok
     response = " ".join(["Plants need sunlight, water and air to grow."] * 20)

@@ -10,8 +10,13 @@ import pytest
 import yaml
 
 
+#: The trials' training max_seq_len: below the served context (96 tokens in test_app), so that a
+#: prompt can be longer than what the model was trained on and still fit, and is cut, not refused.
+TRIAL_MAX_SEQ_LEN = 40
+
+
 def write_trial(out: Path, method: str, base: str, template: str, bits: int | None = None) -> None:
-    cfg = {"method": method, "model": str(base), "template": template, "max_seq_len": 128}
+    cfg = {"method": method, "model": str(base), "template": template, "max_seq_len": TRIAL_MAX_SEQ_LEN}
     if bits is not None:
         cfg["qlora"] = {"bits": bits}
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -21,7 +26,8 @@ def write_trial(out: Path, method: str, base: str, template: str, bits: int | No
 @pytest.fixture(scope="session")
 def qlora_trial(tiny_gemma_dir, tmp_path_factory) -> Path:
     """A QLoRA trial: model/ is a PEFT adapter over the tiny Gemma, with non-zero LoRA weights so
-    that applying it visibly changes the model (a freshly initialised LoRA is a no-op)."""
+    that applying it visibly changes the model (a freshly initialised LoRA is a no-op), scaled down
+    so that its answers still depend on the prompt (at full scale every prompt gives one answer)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,6 +38,10 @@ def qlora_trial(tiny_gemma_dir, tmp_path_factory) -> Path:
     model = get_peft_model(
         base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.1)
     model.save_pretrained(out / "model")
     AutoTokenizer.from_pretrained(tiny_gemma_dir).save_pretrained(out / "model")
     write_trial(out, "qlora", str(tiny_gemma_dir), "study", bits=8)

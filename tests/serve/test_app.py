@@ -14,9 +14,14 @@ import socket
 
 import httpx
 import pytest
+import yaml
 
 KEY = "test-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _trial_cfg(trial) -> dict:
+    return yaml.safe_load((trial / "config.yaml").read_text())
 
 
 def _free_port() -> int:
@@ -65,8 +70,14 @@ def http(served):
         yield client
 
 
-def test_healthz_needs_no_token_and_reports_both_models(http, qlora_trial, galore_trial):
-    r = http.get("/healthz")
+def test_healthz_without_the_token_says_only_ready(http):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = http.get("/healthz", headers=headers)
+        assert r.status_code == 200 and r.json() == {"status": "ready"}, r.text  # no paths, devices, pids
+
+
+def test_healthz_with_the_token_reports_both_models(http, qlora_trial, galore_trial):
+    r = http.get("/healthz", headers=AUTH)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "ready"
@@ -94,12 +105,15 @@ def test_generate_returns_the_reranker_choice(http, galore_trial, load_lm):
     assert out["response"] == out["candidates"][out["chosen_index"]]["text"]
     assert all(c["generator_logprob"] < 0 and 1 <= c["tokens"] <= 6 for c in out["candidates"])
     assert {"generate", "score", "total"} <= set(out["timings_ms"])
-    # the deployment's scores are exactly what the reranker model gives these texts
-    from duetto.serve.ensemble import score_candidates
+    # the deployment's scores are exactly what the reranker model gives these texts, encoded like
+    # training examples of the trial's max_seq_len
+    from duetto.trainers.inference import score_candidates
 
     rer = load_lm(galore_trial)
+    max_seq_len = _trial_cfg(galore_trial)["max_seq_len"]
+    assert rer.max_seq_len == max_seq_len < rer.context
     local = score_candidates(rer.model, rer.tokenizer, [(body["instruction"], "", c["text"]) for c in out["candidates"]],
-                             template="chat", max_seq_len=96)  # fmt: skip
+                             template="chat", max_seq_len=max_seq_len)  # fmt: skip
     assert scores == pytest.approx(local, abs=1e-4)
     # same seed, other modes: same candidates, each mode picks by its own score
     gen = http.post("/v1/generate", json={**body, "mode": "generator"}, headers=AUTH).json()
@@ -114,6 +128,46 @@ def test_generate_returns_the_reranker_choice(http, galore_trial, load_lm):
                        headers=AUTH).json()  # fmt: skip
     assert len(greedy["candidates"]) == 1 and greedy["candidates"][0]["generator_logprob"] is None
     assert greedy["batch"].keys() == {"reranker"}
+
+
+# Longer than the trials' max_seq_len for both models (so it is cut), within the served context.
+OVERLONG = "Summarize: the children played in the garden while their parents cooked dinner and talked."
+
+
+def test_trial_evaluation_report_and_endpoint_agree(http, qlora_trial, galore_trial, load_lm):
+    """Same model, prompt and seed: the trial's own evaluation, the report's decoding (load_lm + the
+    ensemble functions) and the endpoint give the same texts and scores, also for a prompt longer
+    than the trial's max_seq_len (cut everywhere to BOS + its tail, as training cut it)."""
+    from duetto.serve.ensemble import EnsembleRequest, ensemble_generate, sample_requests
+    from duetto.trainers.evaluate import evaluate_generation
+    from duetto.trainers.inference import count_prompt_tokens
+
+    gen, rer = load_lm(qlora_trial), load_lm(galore_trial)
+    questions = [OVERLONG, "Name a fruit."]
+    # the generator alone (mode generator, greedy), then the reranker model alone (reranker-greedy)
+    for trial, lm, mode, score in ((qlora_trial, gen, "generator", "generator_logprob"),
+                                   (galore_trial, rer, "reranker-greedy", "reranker_score")):  # fmt: skip
+        cfg = _trial_cfg(trial)
+        assert count_prompt_tokens(lm.tokenizer, lm.template, OVERLONG) > cfg["max_seq_len"]
+        rows = [{"instruction": q, "input": "", "response": "An answer."} for q in questions]
+        # as trainers/trial.py calls it, on the trial's model
+        _, trial_texts = evaluate_generation(lm.model, lm.tokenizer, rows, template=cfg["template"],
+                                             max_seq_len=cfg["max_seq_len"], max_new_tokens=6, batch_size=2)  # fmt: skip
+        report = sample_requests(lm, [EnsembleRequest(q, max_new_tokens=6) for q in questions], greedy=True)
+        served = [http.post("/v1/generate", json={"instruction": q, "mode": mode, "temperature": 0, "max_new_tokens": 6},
+                            headers=AUTH).json()["candidates"] for q in questions]  # fmt: skip
+        assert [len(cs) for cs in served] == [1, 1]
+        assert trial_texts == [cs[0].text for cs in report] == [cs[0]["text"] for cs in served], trial
+        assert [cs[0]["tokens"] for cs in served] == [cs[0].tokens for cs in report]
+        assert [cs[0][score] for cs in served] == pytest.approx([cs[0].generator_logprob for cs in report], abs=1e-4)
+    # the ensemble: sampled with a seed, scored by the reranker at its trial's max_seq_len
+    body = {"instruction": OVERLONG, "k": 3, "max_new_tokens": 6, "seed": 3}
+    (local,) = ensemble_generate(gen, rer, [EnsembleRequest(OVERLONG, k=3, max_new_tokens=6, seed=3)], mode="reranker")
+    out = http.post("/v1/generate", json=body, headers=AUTH).json()
+    assert [c["text"] for c in out["candidates"]] == [c.text for c in local.candidates]
+    for key in ("generator_logprob", "reranker_score"):
+        assert [c[key] for c in out["candidates"]] == pytest.approx([getattr(c, key) for c in local.candidates], abs=1e-4)
+    assert out["chosen_index"] == local.chosen_index and out["response"] == local.response
 
 
 def test_openai_completions(http, served):
@@ -164,6 +218,14 @@ BAD_REQUESTS = [
     ("weight-without-mix", "/v1/generate", {"instruction": "hi", "weight": 0.5}, 422, "weight"),
     ("prompt-over-context", "/v1/generate", {"instruction": LONG}, 422, "instruction"),
     ("body-too-large", "/v1/generate", {"instruction": "x" * 30000}, 413, "body"),
+    # a lone UTF-16 surrogate is valid JSON but no tokenizer can encode it
+    ("surrogate-instruction", "/v1/generate", b'{"instruction": "a\\ud800b"}', 422, "instruction"),
+    ("surrogate-input", "/v1/generate", b'{"instruction": "hi", "input": "\\udfff"}', 422, "input"),
+    ("surrogate-field-name", "/v1/generate", b'{"instruction": "hi", "\\ud800": 1}', 422, "\\ud800"),
+    ("completions-surrogate-prompt", "/v1/completions", b'{"prompt": "\\ud800"}', 422, "prompt"),
+    ("chat-surrogate-content", "/v1/chat/completions",
+     b'{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "\\ud800"}]}', 422,
+     "messages.1.content"),  # fmt: skip
     ("completions-n-over-limit", "/v1/completions", {"prompt": "hi", "n": 9}, 422, "n"),
     ("completions-max-tokens-over", "/v1/completions", {"prompt": "hi", "max_tokens": 100}, 422, "max_tokens"),
     ("completions-stream", "/v1/completions", {"prompt": "hi", "stream": True}, 422, "stream"),

@@ -25,7 +25,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 @pytest.mark.parametrize("name", ["serve.yaml", "serve_tiny.yaml"])
 def test_shipped_serve_configs_load(name):
     path = CONFIGS / name
-    assert path.read_text().splitlines()[0] == f"# duetto serve configs/{name}"
+    assert path.read_text().splitlines()[0] == f"# duetto serve run configs/{name}"
     cfg = load_config(ServeConfig, path)
     assert cfg.from_sweep and cfg.host == "127.0.0.1"
 

@@ -1,19 +1,24 @@
-"""The ensemble's plain functions on tiny CPU models: scores checked against independent references."""
+"""The ensemble pipeline and the generation/scoring it runs (duetto.trainers.inference) on tiny CPU
+models: scores checked against independent references."""
 
 from __future__ import annotations
+
+import asyncio
+import typing
 
 import pytest
 import torch
 
 from duetto.serve.ensemble import (
-    Candidate,
+    MODES,
     EnsembleRequest,
+    Mode,
     choose,
     ensemble_generate,
-    generate_candidates,
-    prompt_text,
-    score_candidates,
+    run_ensemble,
 )
+from duetto.serve.merge import CallInfo
+from duetto.trainers.inference import Candidate, generate_candidates, prompt_text, score_candidates
 
 PAIRS = [
     ("What is the capital of France?", "", "The capital of France is Paris."),
@@ -184,3 +189,51 @@ def test_ensemble_generate_end_to_end(gemma, smollm):
     assert len(greedy[0].candidates) == 1 and greedy[0].candidates[0].generator_logprob is None
     with pytest.raises(ValueError, match="needs a reranker"):
         ensemble_generate(gemma, None, reqs, mode="mix")
+
+
+def test_modes_are_defined_once():
+    from duetto.serve.config import EnsembleOptions
+    from duetto.serve.schemas import GenerateRequest
+
+    assert MODES == typing.get_args(Mode) == ("reranker", "mix", "generator", "reranker-greedy")
+    assert typing.get_type_hints(EnsembleOptions)["mode"] == Mode
+    assert typing.get_args(GenerateRequest.model_fields["mode"].annotation)[0] == Mode
+
+
+def test_the_pipeline_runs_its_steps_by_mode():
+    """run_ensemble with fake steps: which steps run, how scores land on candidates, what is timed."""
+    calls = []
+
+    async def generate(reqs):
+        calls.append("generate")
+        return [[Candidate("a", generator_logprob=-1.0), Candidate("b", generator_logprob=-2.0)] for _ in reqs], \
+            CallInfo(requests=3, model_ms=5.0)
+
+    async def greedy(reqs):
+        calls.append("greedy")
+        return [[Candidate("g", generator_logprob=-0.7)] for _ in reqs], None
+
+    async def score(reqs, cands):
+        calls.append("score")
+        return [[-3.0, -1.0] for _ in cands], CallInfo(requests=2, model_ms=7.0)
+
+    def run(mode, weight=0.5):
+        calls.clear()
+        return asyncio.run(run_ensemble([EnsembleRequest("q")], mode, weight, generate=generate, greedy=greedy,
+                                        score=score))[0]  # fmt: skip
+
+    r = run("reranker")
+    assert calls == ["generate", "score"] and r.chosen_index == 1 and r.response == "b"
+    assert [c.reranker_score for c in r.candidates] == [-3.0, -1.0]
+    assert list(r.timings_ms) == ["generate", "generate_model", "score", "score_model", "total"]
+    assert r.timings_ms["generate_model"] == 5.0 and r.batch == {"generator": 3, "reranker": 2}
+    assert r.weight is None and r.to_dict()["candidates"][1] == {
+        "text": "b", "generator_logprob": -2.0, "reranker_score": -1.0, "tokens": 0, "finish_reason": "stop"}
+    r = run("generator")
+    assert calls == ["generate"] and r.chosen_index == 0 and "score" not in r.timings_ms
+    assert run("mix", 1.0).weight == 1.0 and calls == ["generate", "score"]
+    r = run("reranker-greedy")
+    assert calls == ["greedy"] and r.batch == {} and "generate_model" not in r.timings_ms
+    assert r.candidates[0].reranker_score == -0.7 and r.candidates[0].generator_logprob is None
+    with pytest.raises(ValueError, match="mode: one of"):
+        run("best")

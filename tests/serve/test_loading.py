@@ -78,6 +78,19 @@ def test_prompting_info(qlora_trial, galore_trial):
     assert prompting_info(str(galore_trial)).template == "chat"
 
 
+def test_a_trial_is_prompted_at_its_training_length(galore_trial, tiny_gemma_dir, load_lm):
+    """load_lm: a trial cuts prompts (and encodes scored pairs) at its config.yaml max_seq_len; a plain
+    model dir at its context window; the context window stays the model's (capped)."""
+    from duetto.serve.loading import load_lm as load
+
+    trained = inspect_saved(galore_trial).max_seq_len
+    lm = load_lm(galore_trial)
+    assert (lm.max_seq_len, lm.context) == (trained, 1024)
+    assert (load(str(galore_trial), device="cpu", context_cap=16).max_seq_len) == 16  # never above the context
+    plain = load_lm(tiny_gemma_dir)
+    assert plain.max_seq_len == plain.context == 1024
+
+
 def test_models_from_sweep(tmp_path, qlora_trial, galore_trial):
     best = {"galore": {"trial_dir": str(galore_trial), "model_dir": str(galore_trial / "model")},
             "qlora": {"trial_dir": str(qlora_trial), "model_dir": str(qlora_trial / "model")}}  # fmt: skip
@@ -88,3 +101,75 @@ def test_models_from_sweep(tmp_path, qlora_trial, galore_trial):
         models_from_sweep(tmp_path)
     with pytest.raises(ConfigError, match="best.json: no such file"):
         models_from_sweep(tmp_path / "nothing")
+
+
+def _pickle_only(src, out, weights: str, state_dict) -> str:
+    """A copy of the model/adapter dir ``src`` whose weights are a pickle (``weights``), not safetensors."""
+    import shutil
+
+    shutil.copytree(src, out)
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    torch.save(state_dict, out / weights)
+    return str(out)
+
+
+@pytest.fixture
+def pickle_model(tiny_gemma_dir, tmp_path) -> str:
+    from transformers import AutoModelForCausalLM
+
+    return _pickle_only(tiny_gemma_dir, tmp_path / "pickle-model", "pytorch_model.bin",
+                        AutoModelForCausalLM.from_pretrained(tiny_gemma_dir).state_dict())  # fmt: skip
+
+
+@pytest.fixture
+def pickle_adapter(qlora_trial, tmp_path) -> str:
+    from safetensors.torch import load_file
+
+    weights = load_file(qlora_trial / "model" / "adapter_model.safetensors")
+    return _pickle_only(qlora_trial / "model", tmp_path / "pickle-adapter", "adapter_model.bin", weights)
+
+
+@pytest.mark.parametrize("which", ["pickle_model", "pickle_adapter"])
+def test_pickle_weights_are_refused_unless_allowed(which, request):
+    from duetto.serve.loading import require_safe_weights
+
+    folder = request.getfixturevalue(which)
+    spec = inspect_saved(folder)
+    with pytest.raises(ConfigError, match=f"{folder}: .*pickle.*allow_pickle_weights") as e:
+        require_safe_weights(spec)
+    assert "safetensors" in str(e.value)
+    with pytest.raises(ConfigError, match=folder):  # loading checks too (a Serve config file's replicas)
+        load_for_inference(spec, "cpu")
+    require_safe_weights(spec, allow_pickle=True)  # the trusted-checkpoint opt-in loads them
+    model, _ = load_for_inference(spec, "cpu", allow_pickle=True)
+    assert not model.training
+
+
+def test_an_adapter_over_a_pickle_only_base_is_refused(qlora_trial, pickle_model, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qlora_trial / "model", adapter)
+    cfg_file = adapter / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": pickle_model}))
+    with pytest.raises(ConfigError, match=f"{pickle_model}: .*pickle"):
+        load_for_inference(inspect_saved(adapter), "cpu")
+
+
+def test_serve_refuses_pickle_weights_before_ray_starts(pickle_model, galore_trial):
+    from duetto.serve.app import resolve_sources
+    from duetto.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=f"generator: {pickle_model}: .*allow_pickle_weights"):
+        resolve_sources(ServeConfig(generator=pickle_model, reranker=str(galore_trial)))
+    resolve_sources(ServeConfig(generator=pickle_model, reranker=str(galore_trial), allow_pickle_weights=True))
+
+
+def test_saved_trials_are_safetensors(qlora_trial, galore_trial, load_lm):
+    """What `duetto train` saves loads under the default (no pickle): the report's load_lm works on it."""
+    from duetto.serve.loading import require_safe_weights
+
+    for trial in (qlora_trial, galore_trial):
+        require_safe_weights(inspect_saved(trial))
+        assert load_lm(trial).model is not None

@@ -123,7 +123,7 @@ def test_a_call_with_only_gone_requests_runs_no_model():
 
 def test_a_replica_marks_the_request_of_a_caller_that_left():
     """The deployments' methods mark a cancelled caller's request: the mark is what `dropped` reads."""
-    from duetto.serve.app import _CLIENT_GONE, _ModelReplica, _requests_from
+    from duetto.serve.replicas import _CLIENT_GONE, _ModelReplica, _requests_from
 
     async def parked_forever(request):
         await asyncio.sleep(60)

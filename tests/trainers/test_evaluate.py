@@ -1,72 +1,57 @@
-"""Metrics and bootstrap: the statistics-based resampling must give exactly what re-scoring the
-resampled texts with sacrebleu / rouge-score gives."""
+"""Trial evaluation: the metrics are sacrebleu's and rouge-score's, and the answers are decoded from
+exactly the prompt ids a trained model saw (BOS kept when a long prompt is cut)."""
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import pytest
 import sacrebleu
+import torch
 
-from duetto.trainers.evaluate import METRICS, bleu4, bootstrap_ci, paired_bootstrap, rouge_l_scores
+from duetto.trainers.evaluate import evaluate_generation, text_metrics
 
-
-def mean_rouge_l(predictions: list[str], references: list[str]) -> float:  # the re-scoring reference
-    return float(np.mean(rouge_l_scores(predictions, references)))
-
-
-WORDS = "the a cat dog sat on mat ran fast slow red blue big small house tree river sun moon".split()
+PREDS = ["the cat sat on the mat", "a dog ran fast", "red sun over the river"]
+REFS = ["the cat sat on a mat", "the dog ran very fast", "a blue moon over the river"]
 
 
-def _texts(n: int, seed: int) -> tuple[list[str], list[str], list[str]]:
-    rng = random.Random(seed)
-    refs = [" ".join(rng.choices(WORDS, k=rng.randint(4, 14))) for _ in range(n)]
+def test_text_metrics_are_corpus_bleu_and_mean_rouge_l():
+    from rouge_score import rouge_scorer
 
-    def noisy(ref: str, p: float) -> str:  # keep each word with probability p, else a random one
-        return " ".join(w if rng.random() < p else rng.choice(WORDS) for w in ref.split()) or "x"
-
-    return [noisy(r, 0.5) for r in refs], [noisy(r, 0.8) for r in refs], refs
-
-
-@pytest.mark.parametrize("name,scorer", [("bleu4", bleu4), ("rougeL", mean_rouge_l)])
-def test_summed_statistics_equal_rescoring_every_subset(name, scorer):
-    preds, _, refs = _texts(40, 0)
-    stat, from_sums = METRICS[name]
-    stats = stat(preds, refs)
-    assert stats.shape[0] == 40
-    rng = np.random.default_rng(1)
-    for _ in range(5):  # a resample, duplicates and all, scores as the re-scored texts do
-        idx = rng.integers(0, 40, size=40)
-        fast = float(from_sums(stats[idx].sum(axis=0), 40)[0])
-        slow = scorer([preds[i] for i in idx], [refs[i] for i in idx])
-        assert fast == pytest.approx(slow, abs=1e-9)
-    assert float(from_sums(stats.sum(axis=0), 40)[0]) == pytest.approx(
-        sacrebleu.corpus_bleu(preds, [refs]).score if name == "bleu4" else mean_rouge_l(preds, refs), abs=1e-9
-    )
+    m = text_metrics(PREDS, REFS)
+    assert m["bleu4"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    f = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(PREDS, REFS)]
+    assert m["rougeL"] == pytest.approx(sum(f) / len(f))
+    assert text_metrics([], []) == {"bleu4": 0.0, "rougeL": 0.0}
+    with pytest.raises(ValueError, match="2 predictions for 3 references"):
+        text_metrics(PREDS[:2], REFS)
 
 
-def test_bootstrap_interval_and_paired_test_see_a_real_difference():
-    weak, strong, refs = _texts(200, 2)
-    for name, (stat, from_sums) in METRICS.items():
-        a, b = stat(weak, refs), stat(strong, refs)
-        point, lo, hi = bootstrap_ci(a, from_sums, n_resamples=300, seed=0)
-        assert lo < point < hi
-        t = paired_bootstrap(a, b, from_sums, n_resamples=300, seed=0)
-        assert t["delta"] > 0 and t["low"] > 0 and t["p_not_better"] == 0.0, (name, t)
-        same = paired_bootstrap(a, a, from_sums, n_resamples=300, seed=0)
-        assert same["delta"] == 0 and same["low"] == 0 == same["high"] and same["p_not_better"] == 1.0
+def test_trial_evaluation_decodes_the_cut_prompt_with_its_bos(tiny_gemma_dir):
+    from transformers import AutoModelForCausalLM
 
+    from duetto.data.prompts import build_prompt, encode_prompt
+    from duetto.models import load_tokenizer
+    from duetto.tokens import stop_token_ids
 
-def test_paired_bootstrap_rejects_unequal_lengths():
-    stat, from_sums = METRICS["rougeL"]
-    with pytest.raises(ValueError, match="3 and 2"):
-        paired_bootstrap(stat(["a"] * 3, ["a"] * 3), stat(["a"] * 2, ["a"] * 2), from_sums)
-
-
-def test_empty_inputs_give_zero_not_a_crash():
-    for stat, from_sums in METRICS.values():
-        empty = stat([], [])
-        assert len(empty) == 0
-        assert bootstrap_ci(empty, from_sums) == (0.0, 0.0, 0.0)
-        assert paired_bootstrap(empty, empty, from_sums)["delta"] == 0.0
+    tok = load_tokenizer(str(tiny_gemma_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir)
+    long = " ".join(["The children played in the garden while their parents cooked dinner."] * 6)
+    rows = [{"instruction": "Summarize the text.", "input": long, "response": "Children played."},
+            {"instruction": "Name a fruit.", "input": "", "response": "Apple."}]  # fmt: skip
+    model.train()  # a trial evaluates in the middle of training
+    metrics, preds = evaluate_generation(model, tok, rows, template="study", max_seq_len=32, max_new_tokens=6,
+                                         batch_size=2)  # fmt: skip
+    assert model.training and set(metrics) == {"bleu4", "rougeL"}
+    model.eval()
+    stop = stop_token_ids(tok, model.config)
+    for row, pred in zip(rows, preds):
+        ids = encode_prompt(build_prompt(row["instruction"], row["input"]), tok)
+        if len(ids) > 32:  # what training keeps of a long prompt: BOS + the last 31 ids
+            ids = ids[:1] + ids[-31:]
+        assert ids[0] == tok.bos_token_id
+        with torch.no_grad():  # the reference: one unpadded greedy decode of those ids
+            out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+        new = [t for t in out[0, len(ids):].tolist()]
+        end = next((i for i, t in enumerate(new) if t in stop), len(new))
+        assert pred == tok.decode(new[:end], skip_special_tokens=True).strip()

@@ -35,7 +35,7 @@ def _sweep(write_yaml, sweep_data, **changes):
 def test_shipped_sweeps_load_and_cover_both_methods(monkeypatch, name):
     monkeypatch.chdir(REPO)  # their paths are relative to the repository root, like their first-line command
     first = (REPO / "configs" / name).read_text().splitlines()[0]
-    assert first == f"# duetto sweep configs/{name}"
+    assert first == f"# duetto sweep run configs/{name}"
     sweep = load_sweep(REPO / "configs" / name)
     assert set(sweep.methods) == {"galore", "qlora"}
     keys = space_keys(sweep)

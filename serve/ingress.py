@@ -1,0 +1,237 @@
+"""The Ingress deployment: validates each request, runs the ensemble pipeline over the Generator and
+Reranker deployments, and answers in the HTTP API's shapes.
+
+    Ingress (FastAPI)  ──handle──►  Generator: samples k candidates   (@serve.batch)
+          │            ──handle──►  Reranker:  scores every candidate (@serve.batch)
+          └── serve.ensemble.run_ensemble picks one and answers
+
+Every request is validated before any model sees it (types, limits, prompt length in the models'
+own tokens), so a bad request costs a 4xx and never a replica. Back-pressure comes from
+``max_queued_requests``: the proxy answers 503 when the ingress queue is full, and the ingress turns
+a full model queue (``BackPressureError``) into 503 as well.
+"""
+
+# No `from __future__ import annotations`: Ray ships the ingress to its replicas in a way that
+# leaves string annotations unresolvable, and FastAPI then cannot see the request models.
+# Everything the Ingress methods use is defined or imported above the class: Ray serializes the
+# class when the decorators run, at import, so names defined later here would be missing in the replica.
+import asyncio
+import functools
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from duetto.config import from_dict
+from duetto.serve.api import ApiError, api, chat_instruction, extension, no_streaming, usage
+from duetto.serve.config import ServeConfig
+from duetto.serve.ensemble import EnsembleRequest, needs_generator, needs_reranker_scores, run_ensemble
+from duetto.serve.merge import CallInfo
+from duetto.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from duetto.trainers.inference import Candidate, count_prompt_tokens, stop_suffix_tokens
+
+HEALTH_TIMEOUT_S = 5.0
+
+
+def _call_info(outs: list[dict]) -> CallInfo:
+    """The deployment model calls that answered ``outs`` (one per request), as one CallInfo."""
+    return CallInfo(requests=max(o["batch_requests"] for o in outs), model_ms=max(o["model_ms"] for o in outs))
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, generator: Any, reranker: Any, settings: dict):
+        from duetto.serve.loading import prompting_info
+
+        self.generator = generator
+        self.reranker = reranker
+        self.cfg: ServeConfig = from_dict(ServeConfig, settings)
+        cap = self.cfg.limits.max_context_tokens
+        # Tokenizers only (no weights): prompt lengths are checked in each model's own tokens.
+        self.gen_info = prompting_info(self.cfg.generator, self.cfg.generator_template, cap)
+        self.rer_info = prompting_info(self.cfg.reranker, self.cfg.reranker_template, cap)
+        self.api_key = self.cfg.resolved_api_key()
+        self.created = int(time.time())
+
+    # ---- validation --------------------------------------------------------------------------
+
+    def _settings(self, *, instruction: str, input: str, k: int | None, max_new: int | None, temperature: float | None,
+                  top_p: float | None, seed: int | None, mode: str | None, weight: float | None,
+                  k_field: str, max_field: str, prompt_field: str) -> tuple[EnsembleRequest, str, float, int]:  # fmt: skip
+        ens, lim = self.cfg.ensemble, self.cfg.limits
+        k = ens.k if k is None else k
+        max_new = ens.max_new_tokens if max_new is None else max_new
+        mode = mode or ens.mode
+        if weight is not None and mode != "mix":
+            raise ApiError(422, f"weight is only used with mode=mix (mode here is {mode})", "weight")
+        weight = ens.weight if weight is None else weight
+        if k > lim.max_k:
+            raise ApiError(422, f"{k_field} = {k} is above the limit {lim.max_k}", k_field)
+        if max_new > lim.max_new_tokens:
+            raise ApiError(422, f"{max_field} = {max_new} is above the limit {lim.max_new_tokens}", max_field)
+        checks = []
+        if needs_generator(mode):
+            checks.append(("generator", self.gen_info, max_new))
+        if needs_reranker_scores(mode) or mode == "reranker-greedy":
+            # scoring appends the stop token(s) after the response
+            checks.append(
+                ("reranker", self.rer_info, max_new + stop_suffix_tokens(self.rer_info.tokenizer, self.rer_info.template))
+            )
+        prompt_tokens = 0
+        for name, info, budget in checks:
+            n = count_prompt_tokens(info.tokenizer, info.template, instruction, input)
+            prompt_tokens = max(prompt_tokens, n)
+            if n + budget > info.context:
+                raise ApiError(
+                    422,
+                    f"prompt is {n} tokens for the {name}; with {max_field} = {max_new} it exceeds the "
+                    f"context of {info.context} tokens",
+                    prompt_field,
+                )
+        request = EnsembleRequest(
+            instruction=instruction,
+            input=input,
+            k=k,
+            max_new_tokens=max_new,
+            temperature=ens.temperature if temperature is None else temperature,
+            top_p=ens.top_p if top_p is None else top_p,
+            seed=seed,
+        )
+        return request, mode, weight, prompt_tokens
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.cfg.model_name:
+            raise ApiError(
+                404,
+                f"model {model!r} is not served here; GET /v1/models lists {self.cfg.model_name!r}",
+                "model",
+                "model_not_found",
+            )
+
+    # ---- the pipeline's steps: deployment calls ----------------------------------------------
+
+    async def _call(self, response: Any, who: str) -> Any:
+        try:
+            return await response
+        except BackPressureError:
+            raise ApiError(503, f"the {who} is at capacity (queue full); retry shortly", None, "overloaded") from None
+
+    async def _sample(self, method: str, who: str, requests: list) -> tuple:
+        handle = getattr(self.generator if who == "generator" else self.reranker, method)
+        outs = await asyncio.gather(*(self._call(handle.remote(asdict(r)), who) for r in requests))
+        return [[Candidate(**c) for c in o["candidates"]] for o in outs], _call_info(outs)
+
+    async def _score(self, requests: list, candidates: list) -> tuple:
+        outs = await asyncio.gather(*(
+            self._call(self.reranker.score.remote({"instruction": r.instruction, "input": r.input,
+                                                   "texts": [c.text for c in cs]}), "reranker")
+            for r, cs in zip(requests, candidates)
+        ))  # fmt: skip
+        return [o["scores"] for o in outs], _call_info(outs)
+
+    async def _ensemble(self, request: EnsembleRequest, mode: str, weight: float) -> dict:
+        (result,) = await run_ensemble(
+            [request], mode, weight,
+            generate=functools.partial(self._sample, "generate", "generator"),
+            greedy=functools.partial(self._sample, "greedy", "reranker"),
+            score=self._score,
+        )  # fmt: skip
+        return result.to_dict()
+
+    # ---- routes ------------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        try:
+            gen, rer = await asyncio.wait_for(
+                asyncio.gather(self.generator.info.remote(), self.reranker.info.remote()), HEALTH_TIMEOUT_S
+            )
+        except Exception as e:  # not loaded yet, restarting, or gone: not ready either way
+            return JSONResponse(status_code=503, content={"status": "loading", "detail": type(e).__name__})
+        return JSONResponse(content={"status": "ready", "generator": gen, "reranker": rer})
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.cfg.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "duetto",
+                    "generator": self.cfg.generator,
+                    "reranker": self.cfg.reranker,
+                    "mode": self.cfg.ensemble.mode,
+                }
+            ],
+        }
+
+    @api.post("/v1/generate")
+    async def generate(self, body: GenerateRequest) -> dict:
+        request, mode, weight, _ = self._settings(
+            instruction=body.instruction, input=body.input, k=body.k, max_new=body.max_new_tokens,
+            temperature=body.temperature, top_p=body.top_p, seed=body.seed, mode=body.mode, weight=body.weight,
+            k_field="k", max_field="max_new_tokens", prompt_field="instruction",
+        )  # fmt: skip
+        return await self._ensemble(request, mode, weight)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> dict:
+        self._check_model(body.model)
+        no_streaming(body.stream)
+        request, mode, weight, prompt_tokens = self._settings(
+            instruction=body.prompt, input="", k=body.n, max_new=body.max_tokens,
+            temperature=body.temperature, top_p=body.top_p, seed=body.seed, mode=body.mode, weight=body.weight,
+            k_field="n", max_field="max_tokens", prompt_field="prompt",
+        )  # fmt: skip
+        out = await self._ensemble(request, mode, weight)
+        chosen = out["candidates"][out["chosen_index"]]
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.cfg.model_name,
+            "choices": [
+                {"text": out["response"], "index": 0, "logprobs": None, "finish_reason": chosen["finish_reason"]}
+            ],
+            "usage": usage(prompt_tokens, out),
+            "duetto": extension(out),
+        }
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> dict:
+        self._check_model(body.model)
+        no_streaming(body.stream)
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise ApiError(422, "give max_tokens or max_completion_tokens, not both", "max_tokens")
+        instruction = chat_instruction(body)
+        max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        request, mode, weight, prompt_tokens = self._settings(
+            instruction=instruction, input="", k=body.n, max_new=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature, top_p=body.top_p, seed=body.seed, mode=body.mode, weight=body.weight,
+            k_field="n", max_field=max_field, prompt_field="messages",
+        )  # fmt: skip
+        out = await self._ensemble(request, mode, weight)
+        chosen = out["candidates"][out["chosen_index"]]
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.cfg.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": out["response"]},
+                    "logprobs": None,
+                    "finish_reason": chosen["finish_reason"],
+                }
+            ],
+            "usage": usage(prompt_tokens, out),
+            "duetto": extension(out),
+        }

@@ -1,0 +1,174 @@
+"""The model deployments: Generator samples candidates, Reranker scores them (or answers greedily).
+
+Each replica loads its model once; the batched methods (``@serve.batch``) merge every batch that
+queued while the model was busy into one call (serve/merge.py). The model calls themselves are
+``duetto.trainers.inference`` through ``duetto.serve.ensemble``'s in-process steps.
+"""
+
+# No `from __future__ import annotations`: Ray ships these classes to their replicas, where string
+# annotations would have to be resolved again.
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from ray import serve
+
+from duetto.serve.merge import PARK_SLOTS
+
+log = logging.getLogger("duetto.serve")
+
+
+class _ParkedBatchesFilter(logging.Filter):
+    """Drops Ray's warning that max_batch_size x max_concurrent_batches exceeds max_ongoing_requests."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("max_concurrent_batches" in msg and "max_ongoing_requests" in msg)
+
+
+#: Set in a request dict whose caller has gone (see _ModelReplica._batched).
+_CLIENT_GONE = "_duetto_client_gone"
+
+
+class _ModelReplica:
+    """Loads one model for a replica; sync model calls run in a worker thread under one lock, so the
+    event loop keeps accepting requests (and forming the next batch) while the model computes. The
+    batches formed meanwhile are parked and merged into the next call (serve/merge.py)."""
+
+    def _load(self, source: str, template: str, quantize: str, dtype: str, context_cap: int) -> None:
+        import ray
+
+        from duetto.serve.loading import inspect_saved, load_lm, pick_device
+
+        t0 = time.perf_counter()
+        # the GPUs Ray actually assigned, so a Serve config file's ray_actor_options decide too
+        self.device = pick_device(bool(ray.get_gpu_ids()))
+        self.lm = load_lm(source, template, device=self.device, dtype=dtype, quantize=quantize, context_cap=context_cap)
+        self.spec = inspect_saved(source)
+        self._lock = threading.Lock()
+        self.load_s = time.perf_counter() - t0
+        log.info("loaded %s (%s, template=%s) on %s in %.1f s", source, type(self.lm.model).__name__, self.lm.template,
+                 self.device, self.load_s)  # fmt: skip
+
+    def _configure_batching(self, method: Any, opts: dict, run: Any) -> Any:
+        """Serve's batching settings for ``method``, and the MergedCalls its batches share the model through."""
+        from duetto.serve.merge import MergedCalls
+
+        method.set_max_batch_size(int(opts["max_batch_size"]))
+        method.set_batch_wait_timeout_s(float(opts["batch_wait_timeout_s"]))
+        # Ray warns that max_batch_size x max_concurrent_batches exceeds max_ongoing_requests; parked
+        # batches never run side by side (see serve/merge.py), so the warning does not apply here.
+        serve_log = logging.getLogger("ray.serve")
+        if not any(isinstance(f, _ParkedBatchesFilter) for f in serve_log.filters):
+            serve_log.addFilter(_ParkedBatchesFilter())
+        return MergedCalls(run, int(opts["max_batch_size"]), dropped=lambda item: item.get(_CLIENT_GONE, False))
+
+    @staticmethod
+    async def _batched(method: Any, request: dict) -> dict:
+        """``await method(request)``; a request whose caller goes away is marked, so that the model call
+        that takes it from the parked batches skips it (Serve itself only skips it when a batch starts)."""
+        try:
+            return await method(request)
+        except asyncio.CancelledError:
+            request[_CLIENT_GONE] = True
+            raise
+
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        def locked() -> Any:
+            with self._lock:
+                return fn(*args)
+
+        return await asyncio.to_thread(locked)
+
+    async def info(self) -> dict:
+        return {
+            "source": self.lm.name,
+            "adapter": self.spec.adapter,
+            "method": self.spec.method,
+            "template": self.lm.template,
+            "device": self.device,
+            "context": self.lm.context,
+            "load_s": round(self.load_s, 2),
+        }
+
+
+def _answer(call: Any, **fields: Any) -> dict:
+    """One request's answer from a model call (``call``: its merge.CallInfo)."""
+    return {**fields, "batch_requests": call.requests, "model_ms": call.model_ms}
+
+
+def _requests_from(items: list[dict]):
+    from duetto.serve.ensemble import EnsembleRequest
+
+    # without the gone-mark, which a caller may set while its request is already in a model call
+    return [EnsembleRequest(**{key: v for key, v in item.items() if key != _CLIENT_GONE}) for item in items]
+
+
+def _scored_from(items: list[dict]):
+    """Score items ({instruction, input, texts}) -> (requests, their candidates) for score_requests."""
+    from duetto.serve.ensemble import EnsembleRequest
+    from duetto.trainers.inference import Candidate
+
+    reqs = [EnsembleRequest(it["instruction"], it.get("input", "")) for it in items]
+    return reqs, [[Candidate(text) for text in it["texts"]] for it in items]
+
+
+def _candidates_answers(cands: list, call: Any) -> list:
+    # None: a request whose caller has gone, skipped by the model call (nobody reads its answer)
+    return [None if cs is None else _answer(call, candidates=[c.to_dict() for c in cs]) for cs in cands]
+
+
+@serve.deployment(name="Generator")
+class Generator(_ModelReplica):
+    def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict):
+        from duetto.serve.ensemble import sample_requests
+
+        self._load(source, template, quantize, dtype, context_cap)
+        self._generate_merged = self._configure_batching(
+            self._generate_batch, options, lambda items: self._in_thread(sample_requests, self.lm, _requests_from(items))
+        )
+
+    async def generate(self, request: dict) -> dict:
+        """One request ({instruction, input, k, max_new_tokens, temperature, top_p, seed}) -> its candidates."""
+        return await self._batched(self._generate_batch, request)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
+    async def _generate_batch(self, items: list[dict]) -> list[dict]:
+        return _candidates_answers(*await self._generate_merged(items))
+
+
+@serve.deployment(name="Reranker")
+class Reranker(_ModelReplica):
+    def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict):
+        from duetto.serve.ensemble import sample_requests, score_requests
+
+        self._load(source, template, quantize, dtype, context_cap)
+        self._score_merged = self._configure_batching(
+            self._score_batch,
+            options,
+            lambda items: self._in_thread(lambda: score_requests(self.lm, *_scored_from(items))),
+        )
+        self._greedy_merged = self._configure_batching(
+            self._greedy_batch,
+            options,
+            lambda items: self._in_thread(lambda: sample_requests(self.lm, _requests_from(items), greedy=True)),
+        )
+
+    async def score(self, request: dict) -> dict:
+        """{instruction, input, texts: [...]} -> {scores: [...]}: mean log-likelihood per response token."""
+        return await self._batched(self._score_batch, request)
+
+    async def greedy(self, request: dict) -> dict:
+        """The reranker-greedy comparison mode: the reranker model answers on its own, greedily."""
+        return await self._batched(self._greedy_batch, request)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
+    async def _score_batch(self, items: list[dict]) -> list[dict]:
+        scores, call = await self._score_merged(items)
+        return [None if s is None else _answer(call, scores=s) for s in scores]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
+    async def _greedy_batch(self, items: list[dict]) -> list[dict]:
+        return _candidates_answers(*await self._greedy_merged(items))

@@ -1,0 +1,290 @@
+"""Generation and scoring: the one implementation trial evaluation, the report and Serve all run.
+
+- ``generate_candidates`` samples k candidates per prompt (temperature 0: one greedy answer) in one
+  batched ``generate`` call; ``greedy_decode`` is its greedy path in batches, for evaluation.
+- ``score_candidates`` is the mean log-likelihood of each response given its prompt.
+
+A prompt is encoded as training encodes it (``data.prompts.encode_prompt``: BOS once) and cut to
+the trained model's ``max_seq_len`` by the rule training uses (BOS + the prompt's tail). A scored
+(prompt, response) is encoded exactly like a training example at that length.
+
+Scores are length-normalised so long and short answers compete fairly:
+- ``generator_logprob``: mean log-probability per generated token under the model's *raw*
+  distribution (before temperature / top-p), stop token included when one was produced.
+- ``reranker_score``: mean log-likelihood of the response tokens given the prompt, with the
+  prompt/response encoding (and label mask) training used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Logits of the response positions are computed in slices of this many positions, so a 262k vocabulary
+# (Gemma 3) never materialises a rows x seq x vocab tensor.
+_LOGIT_POSITIONS_PER_SLICE = 2048
+
+# torch.manual_seed is process-global; hold this while seeding + sampling so concurrent callers in
+# one process (threads of a replica) cannot interleave draws.
+_SAMPLING_LOCK = threading.Lock()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with what it takes to prompt it the way it was trained."""
+
+    model: Any
+    tokenizer: Any
+    template: str
+    stop_ids: list[int]
+    max_seq_len: int
+    """Length that cuts a prompt and encodes a scored pair: the trial's training max_seq_len when
+    known (never above the context), else the context window."""
+    context: int
+    """The context window (capped by Serve's limits.max_context_tokens): prompt + answer must fit."""
+    name: str = ""
+
+
+@dataclass
+class Candidate:
+    text: str
+    generator_logprob: float | None = None
+    reranker_score: float | None = None
+    tokens: int = 0
+    """Generated tokens, the stop token included when one was produced."""
+    finish_reason: str = "stop"
+    """stop = the model ended the answer; length = cut at max_new_tokens."""
+    token_ids: list[int] = field(default_factory=list)
+    """The generated ids (stop token included) the log-prob was computed over."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prompt_text(tokenizer: Any, template: str, instruction: str, input: str = "") -> str:
+    from duetto.data.prompts import build_prompt
+
+    return build_prompt(instruction, input or "", template=template, tokenizer=tokenizer)
+
+
+def count_prompt_tokens(tokenizer: Any, template: str, instruction: str, input: str = "") -> int:
+    """Prompt length in the ids the model receives before any cut (BOS included, as training encodes it)."""
+    from duetto.data.prompts import encode_prompt
+
+    return len(encode_prompt(prompt_text(tokenizer, template, instruction, input), tokenizer))
+
+
+def stop_suffix_tokens(tokenizer: Any, template: str) -> int:
+    """Tokens scoring appends after a response (EOS or the chat end-of-turn)."""
+    from duetto.data.prompts import response_end
+
+    return len(tokenizer(response_end(tokenizer, template), add_special_tokens=False)["input_ids"])
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Dropout off while decoding or scoring; a model called mid-training goes back to train mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def _first_stop(ids: Sequence[int], stop: set[int]) -> int | None:
+    for i, t in enumerate(ids):
+        if t in stop:
+            return i
+    return None
+
+
+def generate_candidates(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    k: int | Sequence[int],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    stop_ids: Sequence[int] | None = None,
+    max_prompt_tokens: int | None = None,
+) -> list[list[Candidate]]:
+    """Sample ``k`` candidates per templated prompt in one batched ``generate`` call.
+
+    ``k`` may differ per prompt (each prompt's row is repeated k times, which is what
+    ``num_return_sequences`` does, so requests with different k share one call). temperature 0 means
+    greedy decoding: one candidate per prompt whatever k says (k greedy copies would be identical).
+    ``max_prompt_tokens`` cuts each prompt by the training rule (BOS + its tail).
+    """
+    import torch
+
+    from duetto.data.prompts import encode_prompt, pad_batch
+    from duetto.tokens import ensure_pad_token, stop_token_ids
+
+    ensure_pad_token(tokenizer)
+    ks = [int(k)] * len(prompts) if isinstance(k, int) else [int(x) for x in k]
+    if len(ks) != len(prompts):
+        raise ValueError(f"k: {len(ks)} counts for {len(prompts)} prompts")
+    greedy = temperature == 0
+    if greedy:
+        ks = [1] * len(ks)
+    stop = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, getattr(model, "config", None))
+    stop_set = set(stop)
+    rows = [p for p, n in zip(prompts, ks) for _ in range(n)]
+    if not rows:
+        return [[] for _ in prompts]
+    device = next(model.parameters()).device
+    # left-padded so every row continues from its right edge
+    encoded = {p: encode_prompt(p, tokenizer, max_prompt_tokens) for p in set(rows)}
+    enc = pad_batch([{"input_ids": encoded[p]} for p in rows], tokenizer.pad_token_id, side="left")
+    enc = {key: v.to(device) for key, v in enc.items()}
+    gen_kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    if greedy:  # None: a model's own sampling defaults would otherwise warn under greedy decoding
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    with _SAMPLING_LOCK, _eval_mode(model), torch.inference_mode():
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(**enc, **gen_kwargs)
+        # Raw log-softmax of each chosen token: the model's own probability, not the warped sampler's.
+        # Step by step, so a 262k vocabulary never needs a steps x rows x vocab tensor.
+        gen_ids = out.sequences[:, enc["input_ids"].shape[1] :]
+        logp = torch.stack(
+            [
+                torch.log_softmax(step.float(), dim=-1).gather(-1, gen_ids[:, t : t + 1]).squeeze(-1)
+                for t, step in enumerate(out.logits)
+            ],
+            dim=1,
+        ).cpu()
+        del out.logits
+    new_ids = gen_ids.cpu().tolist()
+    flat: list[Candidate] = []
+    for ids, lp in zip(new_ids, logp):
+        end = _first_stop(ids, stop_set)
+        n = len(ids) if end is None else end + 1
+        text_ids = ids if end is None else ids[:end]
+        mean_lp = float(lp[:n].sum() / max(n, 1))
+        flat.append(
+            Candidate(
+                text=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+                generator_logprob=mean_lp,
+                tokens=n,
+                finish_reason="length" if end is None else "stop",
+                token_ids=[int(t) for t in ids[:n]],
+            )
+        )
+    grouped, i = [], 0
+    for n in ks:
+        grouped.append(flat[i : i + n])
+        i += n
+    return grouped
+
+
+def greedy_decode(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    max_prompt_tokens: int | None,
+    batch_size: int = 16,
+    stop_ids: Sequence[int] | None = None,
+) -> list[Candidate]:
+    """One greedy answer per templated prompt, ``batch_size`` prompts per ``generate`` call."""
+    out: list[Candidate] = []
+    for s in range(0, len(prompts), batch_size):
+        cands = generate_candidates(
+            model, tokenizer, prompts[s : s + batch_size], 1, max_new_tokens=max_new_tokens, temperature=0.0,
+            stop_ids=stop_ids, max_prompt_tokens=max_prompt_tokens,
+        )  # fmt: skip
+        out.extend(cs[0] for cs in cands)
+    return out
+
+
+def _response_logits(model: Any, input_ids: Any, attention_mask: Any, positions: Any) -> Any:
+    """Logits at ``positions`` (a boolean rows x seq mask) without a full rows x seq x vocab tensor."""
+    import torch
+
+    try:
+        decoder = model.get_decoder()
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        decoder = head = None
+    if decoder is None or head is None:  # unusual architecture: the plain forward is always right
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions].float()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[positions]
+    cap = getattr(getattr(model.config, "text_config", None) or model.config, "final_logit_softcapping", None)
+    parts = []
+    for s in range(0, hidden.shape[0], _LOGIT_POSITIONS_PER_SLICE):
+        logits = head(hidden[s : s + _LOGIT_POSITIONS_PER_SLICE]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        parts.append(logits)
+    return torch.cat(parts) if parts else hidden.new_zeros((0, head.weight.shape[0])).float()
+
+
+def score_candidates(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str, str]],
+    *,
+    template: str,
+    max_seq_len: int,
+    batch_rows: int = 32,
+) -> list[float]:
+    """Mean log-likelihood per response token of each (instruction, input, response) under ``model``.
+
+    Each pair is encoded exactly like a training example of ``max_seq_len`` (same template, same
+    truncation, stop token appended, prompt tokens masked out of the labels), padded, and scored
+    ``batch_rows`` rows per forward.
+    """
+    import torch
+
+    from duetto.data.prompts import encode_example, pad_batch
+    from duetto.tokens import ensure_pad_token
+
+    ensure_pad_token(tokenizer)
+    device = next(model.parameters()).device
+    feats = []
+    for instruction, inp, response in pairs:
+        enc = encode_example(
+            {"instruction": instruction, "input": inp or "", "response": response},
+            tokenizer,
+            template=template,
+            max_seq_len=max_seq_len,
+        )
+        feats.append({key: enc[key] for key in ("input_ids", "attention_mask", "labels")})
+    scores: list[float] = []
+    with _eval_mode(model), torch.inference_mode():
+        for s in range(0, len(feats), batch_rows):
+            batch = pad_batch(feats[s : s + batch_rows], tokenizer.pad_token_id, side="right")
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            labels = batch["labels"].to(device)
+            # position t predicts token t+1: score labels[:, 1:] with the logits at [:, :-1]
+            targets = labels[:, 1:]
+            positions = torch.zeros_like(labels, dtype=torch.bool)
+            positions[:, :-1] = targets != -100
+            logits = _response_logits(model, input_ids, attention_mask, positions)
+            token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[targets != -100].unsqueeze(-1)).squeeze(-1)
+            counts = (targets != -100).sum(dim=1)
+            row_of = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)[targets != -100]
+            sums = torch.zeros(targets.shape[0], device=device, dtype=torch.float32).index_add_(0, row_of, token_lp)
+            for total, n in zip(sums.cpu().tolist(), counts.cpu().tolist()):
+                scores.append(total / n if n else float("-inf"))
+    return scores
