@@ -271,28 +271,6 @@ def load_config(
 _FLAG_PREFIX = "config_flag:"
 
 
-def field_info(cls: type, key: str) -> tuple[Any, Any, str]:
-    """(type, default, help) of the dotted field ``key`` of dataclass ``cls``."""
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
-            raise KeyError(f"{cls.__name__} has no field {part!r} (in {key!r})")
-        tp = typing.get_type_hints(cls)[part]
-        if i < len(parts) - 1:
-            cls = tp
-            continue
-        f = fields[part]
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = None
-        return tp, default, field_docs(cls).get(part, "")
-    raise KeyError(key)
-
-
 def _flag_type(tp: Any) -> tuple[Any, list | None]:
     """argparse ``type`` and ``choices`` for a field annotation (Optional unwrapped)."""
     if get_origin(tp) in (typing.Union, types.UnionType):
@@ -312,11 +290,12 @@ def add_config_flags(parser: Any, cls: type, keys: Any) -> None:
     flag never restates a default by hand. ``config_flags(args)`` gives the values for ``load_config``."""
     import argparse
 
+    fields = {key: (tp, default, doc) for key, tp, default, doc in leaf_fields(cls)}
     for item in keys:
         name, key = item if isinstance(item, tuple) else (item.rsplit(".", 1)[-1], item)
-        tp, default, doc = field_info(cls, key)
+        tp, default, doc = fields[key]
         flag = "--" + name.replace("_", "-")
-        shown = f" (default: {default!r})" if default not in (None, "", [], {}) else ""
+        shown = f" (default: {default!r})" if default not in (None, "", [], {}, dataclasses.MISSING) else ""
         common: dict[str, Any] = {"dest": f"{_FLAG_PREFIX}{key}", "default": None, "help": f"{doc}{shown}".replace("%", "%%")}
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
@@ -335,26 +314,22 @@ def dump_yaml(obj: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False), encoding="utf-8")
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every field, recursively: the text of ``--help-config``."""
+def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, type, default, help) of every non-section field, recursively (dataclasses.MISSING =
+    required)."""
     rows = []
-    docs = field_docs(cls)
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            rows.extend(describe(hint, f"{prefix}{f.name}."))
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(leaf_fields(hints[f.name], f"{prefix}{f.name}."))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = "(required)"
-        rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        rows.append((f"{prefix}{f.name}", hints[f.name], default, docs.get(f.name, "")))
     return rows
 
 
 def format_help(cls: type) -> str:
-    rows = describe(cls)
+    """The text of ``--help-config``: every dotted key, its default and its help."""
+    rows = [(key, "(required)" if d is dataclasses.MISSING else repr(d), doc) for key, _, d, doc in leaf_fields(cls)]
     width = max(len(r[0]) for r in rows) if rows else 0
     return "\n".join(f"  {k:<{width}}  {d:<14} {h}" for k, d, h in rows)
