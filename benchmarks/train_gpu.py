@@ -58,7 +58,7 @@ def main() -> None:
                                   else "configs/qlora_study.yaml", overrides)
                 t0 = time.perf_counter()
                 try:
-                    m = run_trial(cfg)
+                    m = run_trial(cfg, overwrite=True)
                     row = {"run": tag, "tokens_per_second": m["tokens_per_second"],
                            "peak_gib": m["peak_memory_bytes"] / 2**30, "train_seconds": m["train_seconds"],
                            "steps": m["step"], "train_loss": m["train_loss"], "eval_loss": m["eval_loss"],

@@ -96,6 +96,7 @@ class ClusterState:
         }
         if self.auth == "token":
             env["RAY_AUTH_TOKEN_PATH"] = self.token_path
+        env.update(_loopback_env(self.node_ip))
         return env
 
 
@@ -156,6 +157,13 @@ def _ray_cli() -> list[str]:
     return [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
 
 
+def _loopback_env(host: str) -> dict[str, str]:
+    """What keeps a head on ``host`` and its clients on loopback (duetto/ray_connect.py says why)."""
+    from duetto.ray_connect import LOOPBACK_ENV, is_loopback
+
+    return dict(LOOPBACK_ENV) if is_loopback(host) else {}
+
+
 def _write_token(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -208,7 +216,7 @@ def start(
     cluster_id = secrets.token_hex(8)
     token_path = cdir / TOKEN_FILE
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update({MARKER_ENV: cluster_id, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": auth})
+    env.update({MARKER_ENV: cluster_id, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": auth}, **_loopback_env(host))
     # Ray code that looks up "its" cluster without an address (the state API, e.g. from Ray Train's
     # PlacementGroupCleaner) otherwise picks whichever Ray on the machine started last.
     env["RAY_ADDRESS"] = f"{host}:{port}"

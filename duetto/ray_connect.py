@@ -1,10 +1,77 @@
-"""Joining or starting Ray, one way for every command (train, sweep, demo, report, benchmarks)."""
+"""Joining or starting Ray, one way for every command (train, sweep, serve, demo, report, benchmarks).
+
+A Ray that Duetto starts on its own listens on loopback only. Ray binds its gRPC servers (GCS, raylet,
+every worker) to all interfaces unless the node's address is 127.0.0.1, and on Linux it replaces a
+loopback node address by the machine's routable one unless it is told the Ray is single-machine
+(``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the setting macOS and Windows default to). ``LOOPBACK_ENV``
+is that setting; `duetto cluster up` starts its head with it and `duetto cluster env` exports it.
+"""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Any
 
 from duetto.config import ConfigError
+
+LOOPBACK = "127.0.0.1"
+#: Environment of a Ray (its daemons, workers and clients) that stays on this machine.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def is_loopback(address: str | None) -> bool:
+    """``127.0.0.1:6379`` / ``localhost:6379`` / ``[::1]:6379``: a Ray on this machine's loopback."""
+    if not address:
+        return False
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+@contextmanager
+def loopback_node():
+    """While Ray starts or joins: its node address is 127.0.0.1, for the daemons it spawns (environment)
+    and for this process (Ray read the same variable into ``ray_constants`` when it was imported)."""
+    import ray._private.ray_constants as ray_constants
+
+    saved_env = {k: os.environ.get(k) for k in LOOPBACK_ENV}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        _restore_env(saved_env)
+
+
+def init_local(**ray_init_kwargs: Any) -> None:
+    """``ray.init`` of a new private Ray bound to loopback. ``address="local"`` makes ray.init start one
+    even when RAY_ADDRESS or a `ray start` head exists, rather than silently joining that one."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    with loopback_node():
+        ray.init(address="local", _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **ray_init_kwargs)
+
+
+def join(address: str) -> None:
+    """``ray.init`` of a running cluster: ``auto`` (the `ray start` head of this machine) or HOST:PORT.
+    A loopback head (`duetto cluster up`) is joined on loopback: Ray would otherwise dial the routable
+    address, where that head does not listen."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address == "auto":
+        from ray._private.services import get_ray_address_from_environment
+
+        found = get_ray_address_from_environment("auto", None)
+        address = found if found and found != "auto" else address
+    if is_loopback(address):
+        with loopback_node():
+            ray.init(address=address)
+    else:
+        ray.init(address=address)
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -14,12 +81,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         if num_cpus is not None or num_gpus is not None:
             raise ConfigError("--num-cpus/--num-gpus size a local Ray; a joined cluster has its own resources")
-        ray.init(address=address)
+        join(address)
     else:
         _start_local(num_cpus, num_gpus)
 
@@ -33,25 +99,25 @@ def _start_local(num_cpus: int | None, num_gpus: int | None) -> None:
     started last on the machine; with a second Ray around (other sweeps, tests, a `ray start` head)
     it asks the wrong one, gives up, and every stopped trial keeps its CPUs/GPUs until the sweep
     starves. So: the dashboard on, the GCS on a port chosen here, and RAY_ADDRESS pointing at it in
-    the environment the Ray daemons (and so all workers) inherit. ``address="local"`` makes ray.init
-    itself ignore that RAY_ADDRESS and start a new Ray rather than join another one.
+    the environment the Ray daemons (and so all workers) inherit.
     """
     import socket
 
-    import ray
-    from ray._private.services import get_node_ip_address
-
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((LOOPBACK, 0))
         port = s.getsockname()[1]
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+    os.environ["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
     try:
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True)
+        init_local(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _restore_env(saved)
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

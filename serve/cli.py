@@ -110,12 +110,16 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from duetto.ray_connect import init_local, join
     from duetto.serve.app import start
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None
-    # "local" always starts a private Ray: a bare ray.init() would silently join any `ray start` head
-    # on this machine. `--address auto` joins that one on purpose.
-    ray.init(address=address or "local", include_dashboard=False)
+    # A private Ray bound to loopback: a bare ray.init() would silently join any `ray start` head on
+    # this machine. `--address auto` joins that one on purpose.
+    if address:
+        join(address)
+    else:
+        init_local(include_dashboard=False)
     try:
         print(f"duetto serve: loading {cfg.generator} (generator) and {cfg.reranker} (reranker) ...", file=sys.stderr)
         url = start(cfg)

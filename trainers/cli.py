@@ -11,6 +11,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. qlora.bits=4 max_steps=50")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run already in output_dir (same settings), or report it again if it finished")  # fmt: skip
+    again.add_argument("--overwrite", action="store_true", help="delete the run already in output_dir and train anew")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from duetto.trainers.trial import run_trial
 
-    metrics = run_trial(cfg)
+    metrics = run_trial(cfg, resume=args.resume, overwrite=args.overwrite)
     keys = ("method", "train_loss", "eval_loss", "bleu4", "rougeL", "peak_memory_bytes", "tokens_per_second", "wall_seconds")
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
     print(f"saved: {metrics.get('model_dir')}")

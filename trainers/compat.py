@@ -1,11 +1,16 @@
-"""CPU work-arounds for the two library traps measured in GUIDE §4, each in one named function.
-
-Both are no-ops on a CUDA machine; on CPU (tests, CI) they make the libraries compute correctly.
+"""Library work-arounds, each in one named function: the two CPU traps measured in GUIDE §4 (no-ops on a
+CUDA machine; on CPU they make the libraries compute correctly), and the filter of warnings known to
+be harmless for a trial.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import sys
 import types
+import warnings
 
 import torch
 
@@ -52,3 +57,54 @@ def disable_nf4_avx512bf16_repack(model: torch.nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+#: Messages a trial is known to print needlessly: (source, message regex). A source is a logger name,
+#: a warning category, or "ray-log" (a line Ray forwards from one of its own actors to the driver).
+KNOWN_HARMLESS: list[tuple[str | type[Warning], str]] = [
+    # bitsandbytes looks for an optional `kernels` package on AVX512-BF16 CPUs, then uses its own kernel.
+    ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # GaLore's target patterns (self_attn, mlp) also match those blocks' non-Linear children, once per
+    # layer; their Linear weights get GaLore, the rest plain 8-bit AdamW, which is the intent.
+    ("transformers.trainer_optimizer", r" matched but ignored\. OptimizerNames\.GALORE_\w+ only supports linear layers\.$"),
+    # PEFT's prepare_model_for_kbit_training still calls transformers' pre-v5 names.
+    (FutureWarning, r"^`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated and will be removed in v6"),
+    # Ray Train's controller starts its own PreemptionWatcher actor this way; nothing for a user to do.
+    ("ray-log", r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"),
+]  # fmt: skip
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_known_warnings() -> None:
+    """Drop exactly the ``KNOWN_HARMLESS`` messages, each from its own source only; idempotent.
+
+    Call it before the libraries load (bitsandbytes warns while it is imported). The Ray lines are
+    skipped by the driver's log printer (RAY_DEDUP_LOGS_SKIP_REGEX, read when ray is imported; set on
+    an already imported Ray's printers too)."""
+    ray_lines = []
+    for source, pattern in KNOWN_HARMLESS:
+        if source == "ray-log":
+            ray_lines.append(pattern)
+        elif isinstance(source, str):
+            logger = logging.getLogger(source)
+            if not any(isinstance(f, _DropMessages) and f.pattern.pattern == pattern for f in logger.filters):
+                logger.addFilter(_DropMessages(pattern))
+        else:
+            warnings.filterwarnings("ignore", message=pattern.lstrip("^"), category=source)
+    skip = "|".join(ray_lines)
+    current = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
+    if current and skip not in current:
+        skip = f"{current}|{skip}"
+    os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = skip
+    ray_logging = sys.modules.get("ray._private.ray_logging")
+    if ray_logging is not None:
+        for printer in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+            printer.skip_re = re.compile(skip)

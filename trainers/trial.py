@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duetto.config import dump_yaml, from_dict, to_dict
+from duetto.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from duetto.trainers.config import TrialConfig
-from duetto.trainers.trial_data import EncodedDataset, PaddingCollator, read_rows, split_validation
+from duetto.trainers.trial_data import EncodedDataset, PaddingCollator, load_rows
 from duetto.trainers.trial_reports import peak_memory_bytes, report_callback_cls
 
 
@@ -66,6 +66,12 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from duetto.trainers.compat import quiet_known_warnings
+
+    quiet_known_warnings()  # first: bitsandbytes warns as transformers imports it
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # bars garble inside Ray's log prefixes; the callback prints lines
     started = time.perf_counter()
     cfg = from_dict(TrialConfig, config)
     ctx = ray.train.get_context()
@@ -172,15 +178,10 @@ def _setup(cfg: TrialConfig, device) -> TrialSetup:
     set_seed(cfg.seed)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    train_rows = read_rows(cfg.data.train, cfg.data.limit_train)
-    if cfg.data.val_size:
-        train_rows, held_out = split_validation(train_rows, cfg.data.val_size, cfg.data.train)
-    else:
-        held_out = read_rows(cfg.data.test)
-    gen_rows = held_out[: cfg.eval.num_examples] if cfg.eval.num_examples > 0 else held_out
-    loss_rows = held_out[: cfg.eval.loss_examples] if cfg.eval.loss_examples > 0 else held_out
-    train_ds = EncodedDataset(train_rows, tokenizer, cfg.template, cfg.max_seq_len)
-    eval_ds = EncodedDataset(loss_rows, tokenizer, cfg.template, cfg.max_seq_len)
+    rows = load_rows(cfg)
+    gen_rows = rows.generation(cfg)
+    train_ds = EncodedDataset(rows.train, tokenizer, cfg.template, cfg.max_seq_len)
+    eval_ds = EncodedDataset(rows.loss(cfg), tokenizer, cfg.template, cfg.max_seq_len)
 
     on_gpu = device.type == "cuda"
     dtype, autocast_bf16 = resolve_dtype(cfg.precision, on_gpu)
@@ -189,7 +190,7 @@ def _setup(cfg: TrialConfig, device) -> TrialSetup:
     return TrialSetup(model_path, tokenizer, built, train_ds, eval_ds, gen_rows, on_gpu, autocast_bf16)
 
 
-def _training_args(cfg: TrialConfig, run: TrialSetup, rank: int):
+def _training_args(cfg: TrialConfig, run: TrialSetup):
     from transformers import TrainingArguments
 
     every = cfg.report_every_steps
@@ -211,8 +212,8 @@ def _training_args(cfg: TrialConfig, run: TrialSetup, rank: int):
         bf16=run.autocast_bf16,
         torch_compile=cfg.compile,
         # QLoRA turned checkpointing on in prepare_model_for_kbit_training already.
-        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method == "galore",
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=cfg.gradient_checkpointing and cfg.method == "galore",
+        activation_checkpointing_kwargs={"use_reentrant": False},
         # Layer-wise GaLore has already stepped and freed each gradient inside backward.
         max_grad_norm=0.0 if layerwise else 1.0,
         logging_steps=cfg.logging_steps,
@@ -223,7 +224,7 @@ def _training_args(cfg: TrialConfig, run: TrialSetup, rank: int):
         save_total_limit=1,
         prediction_loss_only=True,
         report_to="none",
-        disable_tqdm=rank != 0,
+        disable_tqdm=True,  # the report callback prints one plain line per log instead
         use_cpu=not run.on_gpu,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
@@ -237,19 +238,20 @@ def _training_args(cfg: TrialConfig, run: TrialSetup, rank: int):
 def _build_trainer(cfg: TrialConfig, run: TrialSetup, rank: int):
     """The HF Trainer (prepared for Ray Train) and the callback that reports to Ray and measures."""
     from ray.train.huggingface.transformers import prepare_trainer
-    from transformers import Trainer
+    from transformers import PrinterCallback, Trainer
 
     interim = run.gen_rows[: cfg.interim_eval_examples] if cfg.interim_eval_examples > 0 else []
     callback = report_callback_cls()(cfg, run.tokenizer, interim, rank)
     trainer = Trainer(
         model=run.built.model,
-        args=_training_args(cfg, run, rank),
+        args=_training_args(cfg, run),
         train_dataset=run.train_ds,
         eval_dataset=run.eval_ds,
         data_collator=PaddingCollator(run.tokenizer.pad_token_id, width=cfg.max_seq_len if cfg.compile else 0),
         processing_class=run.tokenizer,
         callbacks=[callback],
     )
+    trainer.remove_callback(PrinterCallback)  # its raw log dicts: the callback prints one line per log instead
     return prepare_trainer(trainer), callback
 
 
@@ -369,16 +371,30 @@ def build_torch_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callb
     )
 
 
-def run_trial(cfg: TrialConfig, *, storage_path: str | None = None, name: str | None = None) -> dict:
-    """Run one trial to the end on Ray Train and return its metrics (also in output_dir/metrics.json)."""
+def run_trial(cfg: TrialConfig, *, storage_path: str | None = None, name: str | None = None, resume: bool = False,
+              overwrite: bool = False) -> dict:
+    """Run one trial to the end on Ray Train and return its metrics (also in output_dir/metrics.json).
+
+    Before any Ray worker starts: the data is read and checked, and an ``output_dir`` that already holds
+    a run is refused unless ``resume`` (same settings: Ray Train continues from its last checkpoint, or
+    reports a finished run again) or ``overwrite`` (the earlier run's files are removed) says otherwise.
+    """
+    from duetto.trainers.compat import quiet_known_warnings
+    from duetto.trainers.trial_reports import header
+
+    quiet_known_warnings()
+    rows = load_rows(cfg)
+    out = Path(cfg.output_dir).resolve()
+    run_dir = Path(storage_path or out / "ray").resolve() / (name or "trial")
+    check_output_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
+    print(header(cfg, rows, out), flush=True)
     if cfg.scaling.num_workers > 0:  # local mode (0 workers) runs in this process: no cluster needed
         from duetto.ray_connect import connect
 
         connect()
-    out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "trial.yaml")
-    trainer = build_torch_trainer(cfg, storage_path=storage_path or str(out / "ray"), name=name or "trial")
+    trainer = build_torch_trainer(cfg, storage_path=str(run_dir.parent), name=run_dir.name)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -386,3 +402,55 @@ def run_trial(cfg: TrialConfig, *, storage_path: str | None = None, name: str | 
     if metrics_file.exists():
         return json.loads(metrics_file.read_text())
     return dict(result.metrics or {})
+
+
+#: What a trial writes into output_dir (besides Ray Train's run folder): what ``overwrite`` removes.
+RUN_FILES = ("metrics.json", "config.yaml", "trial.yaml", "predictions.jsonl", "model", "hf_checkpoints",
+             ".injected_failure")  # fmt: skip
+
+
+def check_output_dir(cfg: TrialConfig, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder holding an earlier run: Ray Train would find that run's snapshot
+    and carry on from it (or report its old metrics) whatever the settings now are."""
+    out = Path(cfg.output_dir).resolve()
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite: choose one")
+    earlier = [n for n in ("metrics.json", "trial.yaml", "model") if (out / n).exists()] or run_dir.exists()
+    if not earlier:
+        if resume:
+            raise ConfigError(f"--resume: {out} holds no run to resume")
+        return
+    state = "a finished run (metrics.json)" if (out / "metrics.json").exists() else "an unfinished run"
+    if overwrite:
+        for item in [*(out / n for n in RUN_FILES), run_dir]:
+            if item.is_dir():
+                shutil.rmtree(item)
+            else:
+                item.unlink(missing_ok=True)
+        return
+    if not resume:
+        raise ConfigError(f"output_dir: {out} already holds {state}. Resume it with --resume (same settings), "
+                          f"replace it with --overwrite, or choose a new output_dir")  # fmt: skip
+    saved = out / "trial.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume: {out} has no trial.yaml to compare settings with; use --overwrite or a new output_dir")
+    differ = settings_diff(load_config(TrialConfig, saved), cfg)
+    if differ:
+        raise ConfigError(f"--resume: the settings differ from those of the run in {out} ({saved}): "
+                          + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in differ)
+                          + ". Resume with the same settings, or use --overwrite or a new output_dir")  # fmt: skip
+
+
+def settings_diff(before: TrialConfig, now: TrialConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, before, now) for every setting that differs; data paths compared resolved."""
+    a, b = _flat(before), _flat(now)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def _flat(cfg: TrialConfig) -> dict[str, Any]:
+    d = to_dict(cfg)
+    del d["output_dir"]  # the same folder by definition
+    for key in ("train", "test"):
+        d["data"][key] = str(Path(d["data"][key]).resolve())
+    return {f"{k}.{sub}" if isinstance(v, dict) else k: x for k, v in d.items()
+            for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])}  # fmt: skip

@@ -4,7 +4,10 @@ validation split held out of the training file.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from duetto.config import ConfigError
+from duetto.trainers.config import TrialConfig
 
 
 class EncodedDataset:
@@ -45,10 +48,56 @@ class PaddingCollator:
         return pad_batch(features, self.pad_id, side="right", width=self.width)
 
 
-def read_rows(path: str, limit: int = 0) -> list[dict]:
+@dataclass
+class TrialRows:
+    """The rows one trial trains and evaluates on."""
+
+    train: list[dict]
+    held_out: list[dict]
+    """The validation split (``data.val_size``) or the test split: eval_loss and generation come from it."""
+    split: str
+    """``validation`` or ``test``."""
+
+    def generation(self, cfg: TrialConfig) -> list[dict]:
+        n = cfg.eval.num_examples
+        return self.held_out[:n] if n > 0 else self.held_out
+
+    def loss(self, cfg: TrialConfig) -> list[dict]:
+        n = cfg.eval.loss_examples
+        return self.held_out[:n] if n > 0 else self.held_out
+
+
+def load_rows(cfg: TrialConfig) -> TrialRows:
+    """Read and check a trial's data: each file exists, is readable and in the unified schema, and
+    leaves rows to train on (unless the trial trains nothing) and at least one row to evaluate on.
+    The driver calls this before any Ray worker starts, so a bad file fails in a second, named;
+    every worker calls it again to get the rows. Raises ConfigError naming the key and the file."""
+    train = read_rows(cfg.data.train, cfg.data.limit_train, key="data.train")
+    if cfg.data.val_size:
+        train, held_out = split_validation(train, cfg.data.val_size, cfg.data.train)
+        split, held_key, held_path = "validation", "data.val_size", cfg.data.train
+    else:
+        held_out = read_rows(cfg.data.test, key="data.test")
+        split, held_key, held_path = "test", "data.test", cfg.data.test
+    if not train and cfg.max_steps != 0:
+        raise ConfigError(f"data.train: {cfg.data.train} has no rows to train on")
+    if not held_out:
+        raise ConfigError(f"{held_key}: {held_path} leaves no {split} rows; evaluation needs at least one")
+    return TrialRows(train, held_out, split)
+
+
+def read_rows(path: str, limit: int = 0, *, key: str = "data") -> list[dict]:
+    """The rows of a unified JSONL file (the first ``limit``, when > 0); a missing, unreadable or
+    malformed file raises ConfigError ``KEY: FILE[:LINE]: why``."""
+    from duetto.data.sources import DataError
     from duetto.data.unify import read_jsonl
 
-    rows = read_jsonl(path)
+    try:
+        rows = read_jsonl(path)
+    except DataError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{key}: {path}: {e.strerror or e}") from None
     return rows[:limit] if limit and limit > 0 else rows
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,37 @@ def peak_memory_bytes(device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def header(cfg: TrialConfig, rows, output_dir) -> str:
+    """The opening line of `duetto train`: what runs, on what, where it goes."""
+    held = f"{len(rows.held_out)} {rows.split} rows"
+    return (f"duetto train: {cfg.method} of {cfg.model} on {len(rows.train)} train rows ({cfg.data.train}), "
+            f"evaluated on {held}; {device_plan(cfg)}; output {output_dir}")  # fmt: skip
+
+
+def device_plan(cfg: TrialConfig) -> str:
+    """Where the trial will run, as far as is known before Ray starts."""
+    s = cfg.scaling
+    where = f"{s.num_workers} Ray worker" + "s" * (s.num_workers > 1) if s.num_workers else "in-process (Ray Train local mode)"
+    if s.use_gpu is None and s.num_workers > 0 and os.environ.get("RAY_ADDRESS"):
+        return f"{where}, on GPUs if the cluster has them"
+    if s.use_gpu is None:
+        import torch
+
+        use_gpu = torch.cuda.is_available()
+    else:
+        use_gpu = s.use_gpu
+    return f"{where} on {'GPU' if use_gpu else 'CPU'}"
+
+
+def progress_line(state, logs: dict) -> str | None:
+    """One plain line per Trainer log of a loss (with learning rate and epoch), else None."""
+    if not {"loss", "eval_loss", "train_loss"} & logs.keys():
+        return None
+    formats = {"loss": ".4f", "eval_loss": ".4f", "train_loss": ".4f", "learning_rate": ".2e", "epoch": ".2f"}
+    parts = [f"{key} {float(logs[key]):{fmt}}" for key, fmt in formats.items() if key in logs]
+    return f"duetto train: step {state.global_step}/{state.max_steps}  " + "  ".join(parts)
 
 
 def report_callback_cls():
@@ -77,6 +109,12 @@ def report_callback_cls():
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(str(fail_at))
                 raise RuntimeError(f"injected failure at step {fail_at} ({FAIL_AT_STEP_ENV})")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            line = progress_line(state, logs or {}) if self.rank == 0 else None
+            if line:  # not print(): Ray Train's patched print would send the line to its logger and stdout both
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
 
         def on_save(self, args, state, control, model=None, **kwargs):
             import ray.train

@@ -24,6 +24,7 @@ import yaml
 
 from duetto.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from duetto.ray_connect import connect
+from duetto.trainers.config import TrialConfig
 from duetto.tune.spec import SweepConfig, base_trial_dict, check_resources, gpus_per_trial, param_space, total_trials, trial_config
 
 SWEEP_FILE = "sweep.yaml"
@@ -85,10 +86,14 @@ def _cluster() -> tuple[dict[str, float], list[dict[str, float]]]:
 
 
 def _check_inputs(base: dict[str, Any]) -> None:
-    for key in ("train", "test"):
-        path = Path(base["data"][key])
-        if not path.is_file():
-            raise ConfigError(f"base.data.{key}: {path} does not exist (run `duetto data prepare` or set the path)")
+    """The checks a single trial makes before Ray starts (files, schema, rows left to train and
+    evaluate on), once for the whole sweep."""
+    from duetto.trainers.trial_data import load_rows
+
+    try:
+        load_rows(from_dict(TrialConfig, {**base, "method": "qlora"}))
+    except ConfigError as e:
+        raise ConfigError(f"base.{e}") from None
 
 
 def _tuner(sweep: SweepConfig, base: dict[str, Any], max_concurrent: int):

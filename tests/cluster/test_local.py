@@ -54,7 +54,9 @@ def test_state_file_round_trip_and_client_env(tmp_path):
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_TOKEN_PATH": str(tmp_path / "auth_token"),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a loopback head: clients join it on loopback
     }
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in _state(tmp_path, node_ip="10.1.2.3").client_env()
     # what `eval "$(duetto cluster env)"` runs sets exactly these in a POSIX shell
     script = local.env_lines(again) + 'echo "$RAY_ADDRESS|$RAY_API_SERVER_ADDRESS|$RAY_AUTH_MODE|$RAY_AUTH_TOKEN_PATH"'
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout.strip()

@@ -76,7 +76,10 @@ def _run(cfg: TrialConfig) -> dict:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    from duetto.ray_connect import init_local
+
+    if not ray.is_initialized():
+        init_local(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -166,12 +169,19 @@ def test_cli_trains_through_ray_workers(tmp_path, tiny_gemma_dir, unified_data):
         f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}",
         f"output_dir={tmp_path / 'cli'}", "max_steps=4", "max_seq_len=64", "qlora.bits=4",
         "eval.num_examples=2", "eval.max_new_tokens=4", "eval.loss_examples=8", "interim_eval_examples=0",
-        "scaling.cpus_per_worker=1",
+        "scaling.cpus_per_worker=1", "logging_steps=2",
     ]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:]
+    # one opening line first, then one plain line per logging step, no progress bars, no known-harmless noise
+    assert out.splitlines()[0].startswith(f"duetto train: qlora of {tiny_gemma_dir} on 96 train rows"), out[:500]
+    assert "1 Ray worker on CPU" in out.splitlines()[0] and str(tmp_path / "cli") in out.splitlines()[0]
+    assert sum("duetto train: step 2/4  loss" in ln for ln in out.splitlines()) == 1
+    for noise in ("it/s]", "gemm_4bit_forward", "PreemptionWatcher", "is deprecated and will be removed in v6"):
+        assert noise not in out, noise
     metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert metrics["method"] == "qlora" and metrics["step"] == 4 and metrics["world_size"] == 1
     assert (tmp_path / "cli" / "model" / "adapter_config.json").exists()
@@ -205,11 +215,12 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, tiny_gemma_dir, unified
     """A worker dying at step 8 restarts from the step-6 checkpoint, not from step 0."""
     import ray
 
+    from duetto.ray_connect import init_local
     from duetto.trainers.trial_reports import FAIL_AT_STEP_ENV
 
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "8")
     ray.shutdown()  # a Ray of another test may still be up: this one needs the env var in its workers
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {FAIL_AT_STEP_ENV: "8"}})
+    init_local(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {FAIL_AT_STEP_ENV: "8"}})
     try:
         cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=qlora", "scaling.num_workers=1",
                    "max_failures=1", "interim_eval_examples=0")

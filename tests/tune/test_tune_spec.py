@@ -203,3 +203,17 @@ def test_cli_impossible_resources_fail_after_joining_ray(write_yaml, sweep_data,
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "resources.gpus_per_trial" in proc.stderr and "no GPUs" in proc.stderr
     assert not list((path.parent / "out").glob("*_0000*")), "no trial may have started"
+
+
+@pytest.mark.parametrize("row,needle", [
+    ('{"instruction": "a"}', r"base.data.train: .*train.jsonl:1: missing field 'response'"),
+    ("", r"base.data.train: .*train.jsonl has no rows to train on"),
+])  # fmt: skip
+def test_a_bad_data_file_fails_before_ray_as_a_single_trial_would(tmp_path, write_yaml, sweep_data, row, needle):
+    from duetto.tune.sweep import prepare
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(row + "\n" if row else "")
+    sweep = load_sweep(_sweep(write_yaml, sweep_data), [f"base.data.train={bad}"])
+    with pytest.raises(ConfigError, match=needle):
+        prepare(sweep)
