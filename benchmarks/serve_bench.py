@@ -213,7 +213,9 @@ def run_serve(gen_src: str, rer_src: str, args) -> dict:
         "generator_deployment": {**share, **batching}, "reranker_deployment": {**share, **batching},
         "ingress_deployment": {"num_cpus": 0.25 if args.tiny else 1},
     })  # fmt: skip
-    ray.init(address="local", include_dashboard=False, **({"num_cpus": 2} if args.tiny else {}))
+    from duetto.ray_connect import init_local
+
+    init_local(include_dashboard=False, **({"num_cpus": 2} if args.tiny else {}))
     runs = []
     try:
         t0 = time.perf_counter()

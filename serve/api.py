@@ -53,6 +53,8 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     if first.get("type") == "json_invalid":
         return error_response(400, f"body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", "body")
     field = _field_of(first.get("loc", ()))
+    if first.get("type") == "string_unicode" and field is None:  # a key of the body holds a lone surrogate
+        return error_response(422, "body: a field name is not valid Unicode text (a lone surrogate)", "body")
     if first.get("type") == "model_attributes_type" or (field is None and first.get("type") != "missing"):
         return error_response(400, "body must be a JSON object", "body")
     if first.get("type") == "missing" and field is None:
@@ -85,21 +87,27 @@ def _route_path(request: Request) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
+def authorized(request: Request, key: str) -> bool:
+    """The request carries ``Authorization: Bearer <key>``, or no key is configured."""
+    if not key:
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
 @api.middleware("http")
 async def _guard(request: Request, call_next: Any):
-    """Bearer token on every route but /healthz, and a body-size cap before anything is parsed."""
+    """Bearer token on every route but /healthz (which says no more than ready/loading without it),
+    and a body-size cap before anything is parsed."""
     # The settings live on this replica's Ingress (module globals are not shared with it: Ray ships
     # the ingress class by value).
     ingress = serve.get_replica_context().servable_object
     key, max_body = ingress.api_key, ingress.cfg.limits.max_body_bytes
-    if _route_path(request).rstrip("/") != "/healthz" and key:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            return error_response(
-                401, "missing or wrong bearer token (Authorization: Bearer <key>)", "Authorization",
-                "authentication_error", {"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
+    if _route_path(request).rstrip("/") != "/healthz" and not authorized(request, key):
+        return error_response(
+            401, "missing or wrong bearer token (Authorization: Bearer <key>)", "Authorization",
+            "authentication_error", {"WWW-Authenticate": "Bearer"},
+        )  # fmt: skip
     if request.method in ("POST", "PUT", "PATCH"):
         length = request.headers.get("content-length")
         if length is None:

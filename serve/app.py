@@ -58,16 +58,17 @@ def _deploy_options(o: DeploymentOptions) -> dict:
 def resolve_sources(cfg: ServeConfig) -> ServeConfig:
     """Fill generator/reranker from ``from_sweep`` where not named; check both are given."""
     from duetto.config import ConfigError
-    from duetto.serve.loading import inspect_saved, models_from_sweep
+    from duetto.serve.loading import inspect_saved, models_from_sweep, require_safe_weights
 
     if cfg.from_sweep:
         gen, rer = models_from_sweep(cfg.from_sweep)
         cfg.generator = cfg.generator or gen
         cfg.reranker = cfg.reranker or rer
     cfg.require_models()
-    for name in ("generator", "reranker"):  # a missing dir fails here, naming the key, before Ray starts
+    # a missing or pickle-only dir fails here, naming the key, before Ray starts
+    for name in ("generator", "reranker"):
         try:
-            inspect_saved(getattr(cfg, name))
+            require_safe_weights(inspect_saved(getattr(cfg, name)), cfg.allow_pickle_weights)
         except Exception as e:
             raise ConfigError(f"{name}: {e}") from None
     return cfg
@@ -83,11 +84,12 @@ def app_from_config(cfg: ServeConfig):
             setattr(cfg, name, str(p.resolve()))
     cap = cfg.limits.max_context_tokens
     gen_opts, rer_opts = cfg.generator_deployment, cfg.reranker_deployment
+    allow_pickle = cfg.allow_pickle_weights
     generator = Generator.options(**_deploy_options(gen_opts)).bind(
-        cfg.generator, cfg.generator_template, cfg.quantize, cfg.dtype, cap, to_dict(gen_opts)
+        cfg.generator, cfg.generator_template, cfg.quantize, cfg.dtype, cap, to_dict(gen_opts), allow_pickle
     )
     reranker = Reranker.options(**_deploy_options(rer_opts)).bind(
-        cfg.reranker, cfg.reranker_template, cfg.quantize, cfg.dtype, cap, to_dict(rer_opts)
+        cfg.reranker, cfg.reranker_template, cfg.quantize, cfg.dtype, cap, to_dict(rer_opts), allow_pickle
     )
     ing = cfg.ingress_deployment
     return Ingress.options(

@@ -137,6 +137,9 @@ class ServeConfig:
     """Base weights under a PEFT adapter: auto = the trial's qlora.bits on GPU, un-quantized on CPU (int8 on CPU is slow)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Weights dtype: auto = bfloat16 on GPU, float32 on CPU (Gemma 3 overflows in fp16, so it is not offered)."""
+    allow_pickle_weights: bool = False
+    """Also load model folders whose weights are pickles only (pytorch_model.bin, adapter_model.bin): unpickling
+    can run arbitrary code, so only for checkpoints you trust. Off: safetensors only."""
     host: str = "127.0.0.1"
     """Address the HTTP proxy binds; 0.0.0.0 exposes it to the network (set an API key then)."""
     port: int = 8000

@@ -8,7 +8,9 @@ Reranker deployments, and answers in the HTTP API's shapes.
 Every request is validated before any model sees it (types, limits, prompt length in the models'
 own tokens), so a bad request costs a 4xx and never a replica. Back-pressure comes from
 ``max_queued_requests``: the proxy answers 503 when the ingress queue is full, and the ingress turns
-a full model queue (``BackPressureError``) into 503 as well.
+a full model queue (``BackPressureError``) into 503 as well. A model replica that dies under a
+request (killed, out of memory) costs that request one retry, which Serve routes to a live or
+restarted replica, then a 503, never a 500.
 """
 
 # No `from __future__ import annotations`: Ray ships the ingress to its replicas in a way that
@@ -17,17 +19,21 @@ a full model queue (``BackPressureError``) into 503 as well.
 # class when the decorators run, at import, so names defined later here would be missing in the replica.
 import asyncio
 import functools
+import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from duetto.config import from_dict
-from duetto.serve.api import ApiError, api, chat_instruction, extension, no_streaming, usage
+from duetto.serve.api import ApiError, api, authorized, chat_instruction, extension, no_streaming, usage
 from duetto.serve.config import ServeConfig
 from duetto.serve.ensemble import EnsembleRequest, needs_generator, needs_reranker_scores, run_ensemble
 from duetto.serve.merge import CallInfo
@@ -35,6 +41,25 @@ from duetto.serve.schemas import ChatCompletionRequest, CompletionRequest, Gener
 from duetto.trainers.inference import Candidate, count_prompt_tokens, stop_suffix_tokens
 
 HEALTH_TIMEOUT_S = 5.0
+
+log = logging.getLogger("duetto.serve")
+
+
+async def call_deployment(call: Callable[[], Awaitable[Any]], who: str) -> Any:
+    """``await call()`` (a handle call). A full queue is 503 at once. A replica that died under the
+    request (RayActorError: ActorDiedError, ActorUnavailableError) is retried once: Serve's router has
+    dropped the dead replica, so the retry goes to a live one or waits for its restart; a second
+    death is 503. Generation and scoring are stateless, so a retry is safe."""
+    for attempt in (1, 2):
+        try:
+            return await call()
+        except BackPressureError:
+            raise ApiError(503, f"the {who} is at capacity (queue full); retry shortly", None, "overloaded") from None
+        except RayActorError as e:
+            if attempt == 2:
+                message = f"the {who} replica stopped twice while serving this request ({type(e).__name__})"
+                raise ApiError(503, f"{message}; retry shortly", None, "unavailable") from None
+            log.warning("the %s replica stopped while serving a request (%s); retrying once", who, type(e).__name__)
 
 
 def _call_info(outs: list[dict]) -> CallInfo:
@@ -115,21 +140,18 @@ class Ingress:
 
     # ---- the pipeline's steps: deployment calls ----------------------------------------------
 
-    async def _call(self, response: Any, who: str) -> Any:
-        try:
-            return await response
-        except BackPressureError:
-            raise ApiError(503, f"the {who} is at capacity (queue full); retry shortly", None, "overloaded") from None
-
     async def _sample(self, method: str, who: str, requests: list) -> tuple:
         handle = getattr(self.generator if who == "generator" else self.reranker, method)
-        outs = await asyncio.gather(*(self._call(handle.remote(asdict(r)), who) for r in requests))
+        outs = await asyncio.gather(
+            *(call_deployment(functools.partial(handle.remote, asdict(r)), who) for r in requests)
+        )
         return [[Candidate(**c) for c in o["candidates"]] for o in outs], _call_info(outs)
 
     async def _score(self, requests: list, candidates: list) -> tuple:
+        score = self.reranker.score.remote
         outs = await asyncio.gather(*(
-            self._call(self.reranker.score.remote({"instruction": r.instruction, "input": r.input,
-                                                   "texts": [c.text for c in cs]}), "reranker")
+            call_deployment(functools.partial(score, {"instruction": r.instruction, "input": r.input,
+                                                      "texts": [c.text for c in cs]}), "reranker")
             for r, cs in zip(requests, candidates)
         ))  # fmt: skip
         return [o["scores"] for o in outs], _call_info(outs)
@@ -146,14 +168,18 @@ class Ingress:
     # ---- routes ------------------------------------------------------------------------------
 
     @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
+    async def healthz(self, request: Request) -> JSONResponse:
         try:
             gen, rer = await asyncio.wait_for(
                 asyncio.gather(self.generator.info.remote(), self.reranker.info.remote()), HEALTH_TIMEOUT_S
             )
         except Exception as e:  # not loaded yet, restarting, or gone: not ready either way
-            return JSONResponse(status_code=503, content={"status": "loading", "detail": type(e).__name__})
-        return JSONResponse(content={"status": "ready", "generator": gen, "reranker": rer})
+            status, body = 503, {"status": "loading", "detail": type(e).__name__}
+        else:
+            status, body = 200, {"status": "ready", "generator": gen, "reranker": rer}
+        if not authorized(request, self.api_key):  # it needs no token, so without one: no model paths
+            body = {"status": body["status"]}
+        return JSONResponse(status_code=status, content=body)
 
     @api.get("/v1/models")
     async def models(self) -> dict:

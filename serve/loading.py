@@ -5,6 +5,9 @@ A trial's output dir holds ``model/`` (a full HF model for GaLore, a PEFT adapte
 dir, its ``model/`` dir, a plain HF model dir or a hub id, and says what it is without loading
 weights; ``load_for_inference`` then loads it on a device. A sweep dir names its best trials in
 ``best.json`` ({"galore": {"trial_dir", "model_dir"}, "qlora": {...}}).
+
+Weights load from safetensors only (what `duetto train` saves): unpickling a ``*.bin`` checkpoint can
+run arbitrary code, so a pickle-only folder is refused unless ``allow_pickle`` says it is trusted.
 """
 
 from __future__ import annotations
@@ -93,6 +96,32 @@ def inspect_saved(source: str | Path) -> SavedModel:
     return spec
 
 
+#: Weight files of a full model and of a PEFT adapter: (safetensors, pickle) glob patterns.
+_WEIGHT_FILES = {
+    False: ("model*.safetensors*", "pytorch_model*.bin*"),
+    True: ("adapter_model.safetensors", "adapter_model.bin"),
+}
+
+
+def require_safe_weights(spec: SavedModel, allow_pickle: bool = False) -> None:
+    """Refuse a local model dir, adapter dir or adapter base whose weights are pickles only, unless
+    ``allow_pickle``. Hub ids are left to ``from_pretrained(use_safetensors=True)``."""
+    if allow_pickle:
+        return
+    dirs = [(Path(spec.path), spec.adapter)]
+    if spec.adapter and spec.base:
+        dirs.append((Path(spec.base).expanduser(), False))
+    for folder, adapter in dirs:
+        safe, pickled = _WEIGHT_FILES[adapter]
+        found = sorted(f.name for f in folder.glob(pickled)) if folder.is_dir() else []
+        if found and not any(folder.glob(safe)):
+            raise ConfigError(
+                f"{folder}: weights are pickle files only ({', '.join(found)}), no safetensors; unpickling can run "
+                "arbitrary code. Re-save the model with save_pretrained (it writes safetensors), or set "
+                "allow_pickle_weights=true for a checkpoint you trust"
+            )
+
+
 def models_from_sweep(sweep_dir: str | Path) -> tuple[str, str]:
     """(generator, reranker) from a sweep's best.json: best QLoRA trial generates, best GaLore trial reranks."""
     best_file = Path(sweep_dir) / "best.json"
@@ -156,15 +185,20 @@ def _model_name_to_path(name: str) -> str:
 
 
 def load_for_inference(
-    spec: SavedModel, device: str = "cpu", dtype: str = "auto", quantize: str = "auto", tokenizer: Any = None
-):
-    """(model, tokenizer) in eval mode on ``device``; a PEFT adapter is merged when its base is not quantized."""
+    spec: SavedModel, device: str = "cpu", dtype: str = "auto", quantize: str = "auto", tokenizer: Any = None,
+    allow_pickle: bool = False,
+):  # fmt: skip
+    """(model, tokenizer) in eval mode on ``device``; a PEFT adapter is merged when its base is not quantized.
+    Weights come from safetensors only unless ``allow_pickle`` (see require_safe_weights)."""
     from transformers import AutoModelForCausalLM
 
     from duetto.models import load_tokenizer
     from duetto.tokens import ensure_pad_token
 
+    require_safe_weights(spec, allow_pickle)
     torch_dtype = resolve_dtype(dtype, device)
+    # True: from_pretrained fails rather than fall back to a pickle (None = its default, which may)
+    safetensors = None if allow_pickle else True
     if tokenizer is None:
         tokenizer = load_tokenizer(_model_name_to_path(spec.tokenizer_path))
     ensure_pad_token(tokenizer)
@@ -172,7 +206,7 @@ def load_for_inference(
         from peft import PeftModel
 
         bits = quantize_bits(spec, device, quantize)
-        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": safetensors}
         if bits is not None:
             from transformers import BitsAndBytesConfig
 
@@ -193,7 +227,9 @@ def load_for_inference(
             model = model.merge_and_unload()  # exact in fp32/bf16, and one matmul per layer instead of two
             model.to(device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(_model_name_to_path(spec.path), dtype=torch_dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(
+            _model_name_to_path(spec.path), dtype=torch_dtype, use_safetensors=safetensors
+        ).to(device)
     model.eval()
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -245,14 +281,14 @@ def prompting_info(source: str, template_override: str = "", context_cap: int = 
 
 
 def load_lm(source: str, template: str = "", *, device: str = "cpu", dtype: str = "auto", quantize: str = "auto",
-            context_cap: int = 0):  # fmt: skip
+            context_cap: int = 0, allow_pickle: bool = False):  # fmt: skip
     """Everything generation and scoring need for one model (a ``duetto.trainers.inference.LoadedModel``):
     the deployments, the benchmark and the report load models through this one function."""
     from duetto.tokens import stop_token_ids
     from duetto.trainers.inference import LoadedModel
 
     info = prompting_info(source, template, context_cap)
-    model, tokenizer = load_for_inference(info.spec, device, dtype, quantize, tokenizer=info.tokenizer)
+    model, tokenizer = load_for_inference(info.spec, device, dtype, quantize, info.tokenizer, allow_pickle)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

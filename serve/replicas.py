@@ -37,7 +37,8 @@ class _ModelReplica:
     event loop keeps accepting requests (and forming the next batch) while the model computes. The
     batches formed meanwhile are parked and merged into the next call (serve/merge.py)."""
 
-    def _load(self, source: str, template: str, quantize: str, dtype: str, context_cap: int) -> None:
+    def _load(self, source: str, template: str, quantize: str, dtype: str, context_cap: int,
+              allow_pickle: bool) -> None:  # fmt: skip
         import ray
 
         from duetto.serve.loading import inspect_saved, load_lm, pick_device
@@ -45,7 +46,8 @@ class _ModelReplica:
         t0 = time.perf_counter()
         # the GPUs Ray actually assigned, so a Serve config file's ray_actor_options decide too
         self.device = pick_device(bool(ray.get_gpu_ids()))
-        self.lm = load_lm(source, template, device=self.device, dtype=dtype, quantize=quantize, context_cap=context_cap)
+        self.lm = load_lm(source, template, device=self.device, dtype=dtype, quantize=quantize, context_cap=context_cap,
+                          allow_pickle=allow_pickle)  # fmt: skip
         self.spec = inspect_saved(source)
         self._lock = threading.Lock()
         self.load_s = time.perf_counter() - t0
@@ -122,10 +124,11 @@ def _candidates_answers(cands: list, call: Any) -> list:
 
 @serve.deployment(name="Generator")
 class Generator(_ModelReplica):
-    def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict):
+    def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict,
+                 allow_pickle: bool = False):  # fmt: skip
         from duetto.serve.ensemble import sample_requests
 
-        self._load(source, template, quantize, dtype, context_cap)
+        self._load(source, template, quantize, dtype, context_cap, allow_pickle)
         self._generate_merged = self._configure_batching(
             self._generate_batch, options, lambda items: self._in_thread(sample_requests, self.lm, _requests_from(items))
         )
@@ -141,10 +144,11 @@ class Generator(_ModelReplica):
 
 @serve.deployment(name="Reranker")
 class Reranker(_ModelReplica):
-    def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict):
+    def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict,
+                 allow_pickle: bool = False):  # fmt: skip
         from duetto.serve.ensemble import sample_requests, score_requests
 
-        self._load(source, template, quantize, dtype, context_cap)
+        self._load(source, template, quantize, dtype, context_cap, allow_pickle)
         self._score_merged = self._configure_batching(
             self._score_batch,
             options,

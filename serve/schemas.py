@@ -1,24 +1,39 @@
 """Request bodies of the HTTP API (pydantic, strict: "4" is not an integer, unknown fields are refused).
 
 Range checks that depend on the served config (k and max_new_tokens limits, the context window)
-happen in the ingress after parsing; the ones here are the same for every deployment.
+happen in the ingress after parsing; the ones here are the same for every deployment. Every text
+field is ``Text``: JSON may carry a lone UTF-16 surrogate (``"\\ud800"``), which no tokenizer can
+encode, so it is refused here, naming the field, before any model code sees it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from duetto.serve.ensemble import Mode
 
 _SEED_MAX = 2**63 - 1
 
 
+def _encodable(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = f"U+{ord(value[e.start]):04X}"
+        raise ValueError(f"not valid Unicode text: a lone surrogate ({bad}) at character {e.start}") from None
+    return value
+
+
 def _non_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty or whitespace only")
     return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+NonBlankText = Annotated[Text, AfterValidator(_non_blank)]
 
 
 class _Strict(BaseModel):
@@ -37,40 +52,36 @@ class _Sampling(_Strict):
 
 
 class GenerateRequest(_Sampling):
-    instruction: str
-    input: str = ""
+    instruction: NonBlankText
+    input: Text = ""
     k: int | None = Field(default=None, ge=1)
     max_new_tokens: int | None = Field(default=None, ge=1)
-
-    _check_instruction = field_validator("instruction")(_non_blank)
 
 
 class CompletionRequest(_Sampling):
     """OpenAI /v1/completions: one string prompt; n candidates, the ensemble's pick is the one choice."""
 
-    prompt: str
-    model: str | None = None
+    prompt: NonBlankText
+    model: Text | None = None
     n: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
     stream: bool = False
-    user: str | None = None
+    user: Text | None = None
     """Accepted for compatibility (an end-user id); not used."""
-
-    _check_prompt = field_validator("prompt")(_non_blank)
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(_Sampling):
     """OpenAI /v1/chat/completions: system messages, then exactly one user turn (single-turn models)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None
+    model: Text | None = None
     n: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stream: bool = False
-    user: str | None = None
+    user: Text | None = None

@@ -53,8 +53,10 @@ def served(qlora_trial, galore_trial):
         "reranker_deployment": {**small, "max_ongoing_requests": 8, "max_queued_requests": 16},
         "ingress_deployment": {"num_cpus": 0.25},
     })  # fmt: skip
-    # address="local": never join a `ray start` head another process left on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    # a private Ray on loopback: never join a `ray start` head another process left on this machine
+    from duetto.ray_connect import init_local
+
+    init_local(num_cpus=2, include_dashboard=False)
     try:
         url = start(cfg)
         yield url, cfg
@@ -221,7 +223,7 @@ BAD_REQUESTS = [
     # a lone UTF-16 surrogate is valid JSON but no tokenizer can encode it
     ("surrogate-instruction", "/v1/generate", b'{"instruction": "a\\ud800b"}', 422, "instruction"),
     ("surrogate-input", "/v1/generate", b'{"instruction": "hi", "input": "\\udfff"}', 422, "input"),
-    ("surrogate-field-name", "/v1/generate", b'{"instruction": "hi", "\\ud800": 1}', 422, "\\ud800"),
+    ("surrogate-field-name", "/v1/generate", b'{"instruction": "hi", "\\ud800": 1}', 422, "body"),
     ("completions-surrogate-prompt", "/v1/completions", b'{"prompt": "\\ud800"}', 422, "prompt"),
     ("chat-surrogate-content", "/v1/chat/completions",
      b'{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "\\ud800"}]}', 422,

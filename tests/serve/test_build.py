@@ -70,7 +70,9 @@ def test_serve_defaults_to_the_gpu_on_a_gpu_machine(free_ports, qlora_trial, gal
 
     from duetto.serve.app import start
 
-    ray.init(address="local", include_dashboard=False)
+    from duetto.ray_connect import init_local
+
+    init_local(include_dashboard=False)
     try:
         url = start(ServeConfig(generator=str(qlora_trial), reranker=str(galore_trial), port=free_ports(1)[0]))
         health = httpx.get(f"{url}/healthz", timeout=60).json()
