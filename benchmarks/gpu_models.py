@@ -1,5 +1,5 @@
 """Model folders for GPU benchmarks: the study's google/gemma-3-1b-it architecture with random
-weights (GUIDE §5; no hub on the device) and SmolLM2 converted from a carried GGUF."""
+weights (no hub on the device) and SmolLM2 converted from a carried GGUF."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ the GPU, 0.5 each, @serve.batch in both), driven by the closed-loop load generat
 (plus the machine and settings) as JSON.
 
 Without --generator/--reranker the models are two random-weight initialisations (seeds 0 and 1) of
-the gemma-3-1b-it architecture (GUIDE §5). Their tokenizer is --tokenizer DIR (e.g. a Gemma 3
+the gemma-3-1b-it architecture. Their tokenizer is --tokenizer DIR (e.g. a Gemma 3
 tokenizer folder) or, by default, the tiny offline Gemma-style BPE of `duetto model tiny`; ids
 beyond that tokenizer's vocabulary are suppressed during sampling so every candidate decodes to text
 (the 262k-row LM head is still computed at full size, so the cost is the real architecture's).
@@ -48,7 +48,7 @@ PROMPTS = [
     "Why is exercise important?",
 ]
 
-GEMMA3_1B = dict(  # google/gemma-3-1b-it, GUIDE §5
+GEMMA3_1B = dict(  # google/gemma-3-1b-it's architecture
     vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
     num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256, tie_word_embeddings=True,
     hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, max_position_embeddings=32768,
@@ -161,10 +161,10 @@ def run_naive(gen_src: str, rer_src: str, args) -> dict:
         latencies.append((time.perf_counter() - t) * 1000.0)
         tokens += sum(c.tokens for c in res.candidates)
     elapsed = time.perf_counter() - t0
-    # the reference point of the issue: plain HF generate, 8 prompts x k samples x N tokens, one call
+    # the hardware reference: plain HF generate, 8 prompts x k samples x N tokens, one call
     prompts = [prompt_text(gen.tokenizer, gen.template, p) for p in PROMPTS]
     # Called twice and the second kept: a first call at a batch size new to the process costs ~3 s more on
-    # an H200 (benchmarks/generate_diag.py), which once passed for a 5x slow decoding loop.
+    # an H200 (benchmarks/results/generate_diag_h200_c.json).
     plain = []
     for _ in range(2):
         sync()

@@ -1,4 +1,4 @@
-"""The study reproduced on a GPU (issue 7), through the product's own code paths.
+"""The study reproduced on a GPU, through the product's own code paths.
 
 Stage `prep`: convert the model (`--model`: SmolLM2-135M-Instruct, or Gemma-3-270M) from its GGUF and
 prepare the shared data (seed 0; `--data` points a second model's work folder at the same split).

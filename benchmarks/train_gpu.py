@@ -2,8 +2,7 @@
 
 Runs each (model, method) at the study's settings (seq 128, batch 2, GaLore lr 1e-5 layer-wise 8-bit,
 QLoRA r4 a8 on an int8 or NF4 base) for --steps steps via run_trial (Ray Train, one GPU worker) and
-prints one row each. Reference, plain HF on the H200 (issue 3): GaLore 515 tok/s at 4.43 GiB,
-QLoRA int8 429 tok/s at 2.67 GiB, NF4 500 tok/s at 2.34 GiB (gemma-3-1b-it).
+prints one row each.
 
     python benchmarks/train_gpu.py --data DIR --model gemma3-1b-random=PATH --model smollm2=PATH \
         --steps 150 --out results.json [--compile]
