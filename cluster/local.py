@@ -5,24 +5,18 @@
     duetto cluster status              is it up; its resources
     duetto cluster down                stop exactly the Ray that `up` started
 
-Why not plain `ray start` / `ray stop`: on Ray 2.60 a head started while ~/.ray/auth_token exists turns
-token auth on, and a client without RAY_AUTH_MODE=token then fails; usage stats are on by default; and
-`ray stop` kills every Ray of the user on the machine (other sweeps, tests, a second cluster).
-
-So `up` runs `ray start --head` in a new process session, with an explicit auth mode (token by default,
-with a token file of its own), usage stats off, the dashboard on the node address, secondary ports
-chosen free, and a marker variable (DUETTO_CLUSTER_ID) that every process of that Ray inherits. It
-records all of it in DIR/cluster.json. `down` stops the processes carrying that marker (or that
-session), and nothing else.
-
-Finding and stopping those processes is cluster/processes.py. Only the standard library is imported at
-module level; psutil loads inside functions.
+Why not plain `ray start` / `ray stop` (docs/cluster.md has the details): `up` sets the auth mode
+explicitly (Ray 2.60 turns token auth on by itself), turns usage stats off, chooses secondary ports free,
+and marks every process of its Ray with DUETTO_CLUSTER_ID, recorded in DIR/cluster.json with the rest;
+`down` stops the processes so marked (cluster/processes.py), where `ray stop` kills every Ray of the user.
+Only the standard library is imported at module level; psutil loads inside functions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 import os
 import secrets
 import shlex
@@ -100,9 +94,7 @@ class ClusterState:
         return env
 
 
-# ------------------------------------------------------------------------------------------------
-# state file
-# ------------------------------------------------------------------------------------------------
+# --- state file ---
 
 
 def state_path(cluster_dir: str | Path) -> Path:
@@ -128,9 +120,7 @@ def save_state(state: ClusterState) -> None:
     tmp.replace(path)
 
 
-# ------------------------------------------------------------------------------------------------
-# up
-# ------------------------------------------------------------------------------------------------
+# --- up ---
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -162,13 +152,6 @@ def _loopback_env(host: str) -> dict[str, str]:
     from duetto.ray_connect import LOOPBACK_ENV, is_loopback
 
     return dict(LOOPBACK_ENV) if is_loopback(host) else {}
-
-
-def _write_token(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
 
 
 def start(
@@ -204,10 +187,8 @@ def start(
             f"--dir: {cdir} is too long for Ray's unix sockets (paths under {temp_dir} must stay within "
             f"{_MAX_SOCKET_PATH} bytes); choose a shorter one, e.g. --dir /tmp/duetto-cluster"
         )
-    for flag, p in (("--port", port), ("--dashboard-port", dashboard_port)) + (
-        (("--client-port", client_port),) if client_port else ()
-    ):
-        if port_taken(host, p):
+    for flag, p in (("--port", port), ("--dashboard-port", dashboard_port), ("--client-port", client_port)):
+        if p and port_taken(host, p):
             raise ConfigError(f"{flag}: port {p} on {host} is in use (another Ray?); pick a free one with {flag}")
     if client_port is None:
         client_port = free_port(host)  # Ray's default 10001 collides with a second Ray on the machine
@@ -222,8 +203,9 @@ def start(
     env["RAY_ADDRESS"] = f"{host}:{port}"
     # Job entrypoints run with this PATH: put our interpreter's bin first so `duetto` is found there.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    if auth == "token":
-        _write_token(token_path)
+    if auth == "token":  # a token of its own, readable by this user alone
+        with os.fdopen(os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(secrets.token_hex(32))
         env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
 
     cmd = _ray_cli() + [
@@ -237,12 +219,9 @@ def start(
         f"--runtime-env-agent-port={free_port(host)}", f"--metrics-export-port={free_port(host)}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip
-    if num_cpus is not None:
-        cmd.append(f"--num-cpus={num_cpus}")
-    if num_gpus is not None:
-        cmd.append(f"--num-gpus={num_gpus}")
-    if object_store_memory is not None:
-        cmd.append(f"--object-store-memory={object_store_memory}")
+    for flag, value in (("num-cpus", num_cpus), ("num-gpus", num_gpus), ("object-store-memory", object_store_memory)):
+        if value is not None:
+            cmd.append(f"--{flag}={value}")
 
     log = cdir / "ray-start.log"
     for attempt in (1, 2):
@@ -276,9 +255,7 @@ def start(
     return state
 
 
-# ------------------------------------------------------------------------------------------------
-# status, env, submit line
-# ------------------------------------------------------------------------------------------------
+# --- status, env, submit line ---
 
 
 def _get(state: ClusterState, path: str, timeout: float = 10.0) -> str:
@@ -321,11 +298,9 @@ def env_lines(state: ClusterState, unset: bool = False) -> str:
 def submit_command(state: ClusterState | None = None, sweep_file: str = SWEEP_FILE) -> list[str]:
     """The `ray job submit` command for the study sweep, to run from the repository root (the cwd).
 
-    ``--working-dir .`` uploads the checkout, so the job sees the same configs; it leaves out what
-    .gitignore ignores (duetto-runs/, .venv/), and the job runs inside Ray's copy of it. So the
-    sweep's folder and its data are given as absolute paths into this checkout: results land here,
-    not in Ray's temp dir, and the data the upload left out is found. They are read from the YAML's
-    plain keys (the sweep itself validates the rest when it starts).
+    The job runs in Ray's upload of the checkout (``--working-dir .``), which leaves out what .gitignore
+    ignores (duetto-runs/): so the sweep folder and its data are given as absolute paths into this
+    checkout, read from the YAML's plain keys (the sweep validates the rest when it starts).
     """
     cmd = ["ray", "job", "submit"]
     if state is not None:
@@ -366,10 +341,7 @@ def _submit_text(state: ClusterState) -> str:
 
 
 def describe(state: ClusterState, procs: list, resources: str | None) -> str:
-    roles: dict[str, int] = {}
-    for p in procs:
-        r = role(p)
-        roles[r] = roles.get(r, 0) + 1
+    roles = Counter(role(p) for p in procs)
     lines = [
         f"  address    {state.address}      (RAY_ADDRESS; ray.init, duetto serve/sweep --address)",
         f"  dashboard  {state.dashboard_url}  (ray job submit --address; the web UI)",
@@ -379,8 +351,7 @@ def describe(state: ClusterState, procs: list, resources: str | None) -> str:
     ]  # fmt: skip
     if resources:
         nodes, usage = summarize_status(resources)
-        lines.append(f"  nodes      {nodes} alive")
-        lines.append(f"  resources  {', '.join(usage)}")
+        lines += [f"  nodes      {nodes} alive", f"  resources  {', '.join(usage)}"]
     return "\n".join(lines)
 
 
@@ -401,9 +372,7 @@ def summarize_status(text: str) -> tuple[int, list[str]]:
     return nodes, usage
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
+# --- CLI ---
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -484,13 +453,14 @@ def _up(args: argparse.Namespace, cdir: Path) -> int:
         return 1
     resources = wait_ready(state)
     procs = cluster_processes(state)
+    dir_arg = f" --dir {shlex.quote(str(cdir))}" if args.dir else ""
     print(f"duetto cluster: Ray head started (state {state_path(cdir)})")
     print(describe(state, procs, resources))
     if resources is None:
         print("  (the dashboard has not reported resources yet; `duetto cluster status` shows them once it does)")
     print("\nPoint this shell at it (ray job submit, ray status, duetto serve):")
-    print('  eval "$(duetto cluster env' + (f" --dir {shlex.quote(str(cdir))}" if args.dir else "") + ')"')
+    print('  eval "$(duetto cluster env' + dir_arg + ')"')
     print("Submit the study sweep (from the repository root):")
     print(f"  {_submit_text(state)}")
-    print("Stop it (only this Ray):\n  duetto cluster down" + (f" --dir {shlex.quote(str(cdir))}" if args.dir else ""))
+    print("Stop it (only this Ray):\n  duetto cluster down" + dir_arg)
     return 0

@@ -10,50 +10,32 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 MARKER_ENV = "DUETTO_CLUSTER_ID"
 
 
-def _ancestors() -> set[int]:
+def cluster_processes(state) -> list:
+    """Live processes of ``state`` (a ClusterState): those carrying its marker variable (job drivers
+    too, which Ray starts in sessions of their own), or in the session `up` opened (any process whose
+    environment cannot be read). This process and its parents never count."""
     import psutil
 
     me = psutil.Process()
-    return {me.pid} | {p.pid for p in me.parents()}
-
-
-def cluster_processes(state) -> list:
-    """Live processes of this Ray: those carrying its marker variable, or in the session `up` opened.
-
-    ``state`` is a ClusterState (duetto.cluster.local): its ``id`` (the marker's value), ``session_id``
-    and ``started_at`` are used.
-
-    The marker catches job drivers too (Ray starts those in sessions of their own); the session
-    catches any process whose environment cannot be read. This process and its parents never count.
-    """
-    import psutil
-
-    mine = _ancestors()
-    marker = f"{MARKER_ENV}={state.id}"
+    mine = {me.pid} | {p.pid for p in me.parents()}
+    marker = f"{MARKER_ENV}={state.id}".encode()
     found = []
     for proc in psutil.process_iter(["pid"]):
         if proc.pid in mine:
             continue
         try:
             in_session = os.getsid(proc.pid) == state.session_id and proc.create_time() >= state.started_at - 5
-            if in_session or _has_marker(proc.pid, marker):
+            if in_session or marker in Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0"):
                 if proc.status() != psutil.STATUS_ZOMBIE:
                     found.append(proc)
         except (psutil.Error, OSError):
             continue  # gone, or another user's
     return found
-
-
-def _has_marker(pid: int, marker: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return marker.encode() in f.read().split(b"\0")
-    except OSError:
-        return False
 
 
 def role(proc) -> str:

@@ -10,7 +10,7 @@ is that setting; `duetto cluster up` starts its head with it and `duetto cluster
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from duetto.config import ConfigError
@@ -34,15 +34,13 @@ def loopback_node():
     and for this process (Ray read the same variable into ``ray_constants`` when it was imported)."""
     import ray._private.ray_constants as ray_constants
 
-    saved_env = {k: os.environ.get(k) for k in LOOPBACK_ENV}
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(LOOPBACK_ENV)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        yield
+        with _environ(LOOPBACK_ENV):
+            yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        _restore_env(saved_env)
 
 
 def init_local(**ray_init_kwargs: Any) -> None:
@@ -67,10 +65,7 @@ def join(address: str) -> None:
 
         found = get_ray_address_from_environment("auto", None)
         address = found if found and found != "auto" else address
-    if is_loopback(address):
-        with loopback_node():
-            ray.init(address=address)
-    else:
+    with loopback_node() if is_loopback(address) else nullcontext():
         ray.init(address=address)
 
 
@@ -93,31 +88,31 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
 def _start_local(num_cpus: int | None, num_gpus: int | None) -> None:
     """A private local Ray whose every process knows its own address.
 
-    Train V2 frees the worker placement group of a trial that ASHA killed only after its
-    PlacementGroupCleaner actor asks the State API (served by the dashboard) whether the trial's
-    controller is dead. That actor finds the cluster through RAY_ADDRESS, else through whichever Ray
-    started last on the machine; with a second Ray around (other sweeps, tests, a `ray start` head)
-    it asks the wrong one, gives up, and every stopped trial keeps its CPUs/GPUs until the sweep
-    starves. So: the dashboard on, the GCS on a port chosen here, and RAY_ADDRESS pointing at it in
-    the environment the Ray daemons (and so all workers) inherit.
+    Train V2 frees the placement group of a trial ASHA killed only once its PlacementGroupCleaner actor
+    has asked the State API (the dashboard) whether the trial's controller is dead. That actor finds the
+    cluster through RAY_ADDRESS, else through whichever Ray started last on the machine; asking the wrong
+    one, it gives up and every stopped trial keeps its CPUs/GPUs until the sweep starves. So: the
+    dashboard on, the GCS on a port chosen here, and RAY_ADDRESS in the environment the daemons inherit.
     """
     import socket
 
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
-    try:
+    with _environ({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{LOOPBACK}:{port}"}):
         init_local(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True)
+
+
+@contextmanager
+def _environ(values: dict[str, str]):
+    """``values`` set in os.environ while the block runs, then each key as it was."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
-        _restore_env(saved)
-
-
-def _restore_env(saved: dict[str, str | None]) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

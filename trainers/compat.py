@@ -16,13 +16,10 @@ import torch
 
 
 def guard_galore_cuda_synchronize() -> bool:
-    """galore-torch 1.0's 8-bit AdamW calls ``torch.cuda.synchronize()`` unconditionally, which
-    raises ``AssertionError: Torch not compiled with CUDA enabled`` on CPU builds.
-
-    Only when CUDA is absent, give ``galore_torch.adamw8bit`` its own view of ``torch`` whose
-    ``cuda.synchronize`` does nothing (there is no device to wait for). The real ``torch`` module is
-    untouched for everyone else. Returns True when the guard was installed.
-    """
+    """galore-torch 1.0's 8-bit AdamW calls ``torch.cuda.synchronize()`` unconditionally, which raises
+    ``Torch not compiled with CUDA enabled`` on CPU builds. Without CUDA, ``galore_torch.adamw8bit`` gets
+    its own view of ``torch`` whose ``cuda.synchronize`` does nothing; the real module is untouched.
+    Returns True when the guard is installed."""
     if torch.cuda.is_available():
         return False
     import galore_torch.adamw8bit as adamw8bit
@@ -40,13 +37,10 @@ def guard_galore_cuda_synchronize() -> bool:
 
 
 def disable_nf4_avx512bf16_repack(model: torch.nn.Module) -> int:
-    """On CPUs with AVX512-BF16, bitsandbytes' 4-bit Linear repacks its weights in place during the
-    first no-grad (eval) forward, after which LoRA gradients through it are silently wrong
-    (warning ``gemv_4bit: an autograd kernel was not registered``). Turning the fast path off on
-    every ``Linear4bit`` keeps the weights in the layout autograd understands.
-
-    Returns the number of layers changed (0 on GPU or when the model has no 4-bit layers).
-    """
+    """On CPUs with AVX512-BF16, bitsandbytes' 4-bit Linear repacks its weights in place during the first
+    no-grad (eval) forward, after which LoRA gradients through it are silently wrong (warning
+    ``gemv_4bit: an autograd kernel was not registered``). Turning that fast path off on every
+    ``Linear4bit`` keeps the layout autograd understands. Returns the number of layers changed."""
     try:
         import bitsandbytes as bnb
     except ImportError:

@@ -160,15 +160,13 @@ class TrialConfig:
             # The layer-wise optimizer steps each parameter inside its backward hook, so there is no
             # moment where gradients of several micro-batches (or of several DDP ranks) could be summed.
             if self.scaling.num_workers > 1:
-                raise ConfigError(
-                    "scaling.num_workers: layer-wise GaLore updates weights during backward, so it cannot "
-                    "all-reduce gradients across DDP workers; use 1 worker or set galore.layerwise=false"
-                )
+                raise ConfigError("scaling.num_workers: layer-wise GaLore updates weights during backward, so it "
+                                  "cannot all-reduce gradients across DDP workers; use 1 worker or set "
+                                  "galore.layerwise=false")
             if self.gradient_accumulation_steps != 1:
-                raise ConfigError(
-                    "gradient_accumulation_steps: layer-wise GaLore steps each weight as soon as its gradient "
-                    "exists, so gradients cannot accumulate; use 1 or set galore.layerwise=false"
-                )
+                raise ConfigError("gradient_accumulation_steps: layer-wise GaLore steps each weight as soon as "
+                                  "its gradient exists, so gradients cannot accumulate; use 1 or set "
+                                  "galore.layerwise=false")
         if self.galore.rank < 1 or self.galore.update_proj_gap < 1:
             raise ConfigError("galore.rank and galore.update_proj_gap: must be >= 1")
         if self.qlora.r < 1:

@@ -35,16 +35,8 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
     return {"bleu4": bleu4(predictions, references), "rougeL": sum(r) / len(r)}
 
 
-def evaluate_generation(
-    model,
-    tokenizer,
-    rows: Sequence[dict],
-    *,
-    template: str,
-    max_seq_len: int,
-    max_new_tokens: int,
-    batch_size: int,
-) -> tuple[dict[str, float], list[str]]:
+def evaluate_generation(model, tokenizer, rows: Sequence[dict], *, template: str, max_seq_len: int,
+                        max_new_tokens: int, batch_size: int) -> tuple[dict[str, float], list[str]]:  # fmt: skip
     """Greedy answers for unified rows with the trial's template; returns metrics and the answers."""
     from duetto.trainers.inference import greedy_decode, prompt_text
 

@@ -18,6 +18,7 @@ Scores are length-normalised so long and short answers compete fairly:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -96,26 +97,10 @@ def _eval_mode(model: Any) -> Iterator[None]:
             model.train()
 
 
-def _first_stop(ids: Sequence[int], stop: set[int]) -> int | None:
-    for i, t in enumerate(ids):
-        if t in stop:
-            return i
-    return None
-
-
-def generate_candidates(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    k: int | Sequence[int],
-    *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    seed: int | None = None,
-    stop_ids: Sequence[int] | None = None,
-    max_prompt_tokens: int | None = None,
-) -> list[list[Candidate]]:
+def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: int | Sequence[int], *,
+                        max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
+                        seed: int | None = None, stop_ids: Sequence[int] | None = None,
+                        max_prompt_tokens: int | None = None) -> list[list[Candidate]]:  # fmt: skip
     """Sample ``k`` candidates per templated prompt in one batched ``generate`` call.
 
     ``k`` may differ per prompt (each prompt's row is repeated k times, which is what
@@ -145,14 +130,9 @@ def generate_candidates(
     encoded = {p: encode_prompt(p, tokenizer, max_prompt_tokens) for p in set(rows)}
     enc = pad_batch([{"input_ids": encoded[p]} for p in rows], tokenizer.pad_token_id, side="left")
     enc = {key: v.to(device) for key, v in enc.items()}
-    gen_kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, use_cache=True,
+                                      pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                                      output_logits=True)  # fmt: skip
     if greedy:  # None: a model's own sampling defaults would otherwise warn under greedy decoding
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
@@ -175,36 +155,20 @@ def generate_candidates(
     new_ids = gen_ids.cpu().tolist()
     flat: list[Candidate] = []
     for ids, lp in zip(new_ids, logp):
-        end = _first_stop(ids, stop_set)
+        end = next((i for i, t in enumerate(ids) if t in stop_set), None)
         n = len(ids) if end is None else end + 1
         text_ids = ids if end is None else ids[:end]
         mean_lp = float(lp[:n].sum() / max(n, 1))
-        flat.append(
-            Candidate(
-                text=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
-                generator_logprob=mean_lp,
-                tokens=n,
-                finish_reason="length" if end is None else "stop",
-                token_ids=[int(t) for t in ids[:n]],
-            )
-        )
-    grouped, i = [], 0
-    for n in ks:
-        grouped.append(flat[i : i + n])
-        i += n
-    return grouped
+        text = tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+        flat.append(Candidate(text, mean_lp, tokens=n, finish_reason="length" if end is None else "stop",
+                              token_ids=[int(t) for t in ids[:n]]))  # fmt: skip
+    rest = iter(flat)
+    return [list(itertools.islice(rest, n)) for n in ks]
 
 
-def greedy_decode(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    max_prompt_tokens: int | None,
-    batch_size: int = 16,
-    stop_ids: Sequence[int] | None = None,
-) -> list[Candidate]:
+def greedy_decode(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                  max_prompt_tokens: int | None, batch_size: int = 16,
+                  stop_ids: Sequence[int] | None = None) -> list[Candidate]:  # fmt: skip
     """One greedy answer per templated prompt, ``batch_size`` prompts per ``generate`` call."""
     out: list[Candidate] = []
     for s in range(0, len(prompts), batch_size):
@@ -238,21 +202,10 @@ def _response_logits(model: Any, input_ids: Any, attention_mask: Any, positions:
     return torch.cat(parts) if parts else hidden.new_zeros((0, head.weight.shape[0])).float()
 
 
-def score_candidates(
-    model: Any,
-    tokenizer: Any,
-    pairs: Sequence[tuple[str, str, str]],
-    *,
-    template: str,
-    max_seq_len: int,
-    batch_rows: int = 32,
-) -> list[float]:
-    """Mean log-likelihood per response token of each (instruction, input, response) under ``model``.
-
-    Each pair is encoded exactly like a training example of ``max_seq_len`` (same template, same
-    truncation, stop token appended, prompt tokens masked out of the labels), padded, and scored
-    ``batch_rows`` rows per forward.
-    """
+def score_candidates(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str, str]], *, template: str,
+                     max_seq_len: int, batch_rows: int = 32) -> list[float]:  # fmt: skip
+    """Mean log-likelihood per response token of each (instruction, input, response) under ``model``,
+    each encoded like a training example of ``max_seq_len``, ``batch_rows`` rows per forward."""
     import torch
 
     from duetto.data.prompts import encode_example, pad_batch
@@ -260,15 +213,8 @@ def score_candidates(
 
     ensure_pad_token(tokenizer)
     device = next(model.parameters()).device
-    feats = []
-    for instruction, inp, response in pairs:
-        enc = encode_example(
-            {"instruction": instruction, "input": inp or "", "response": response},
-            tokenizer,
-            template=template,
-            max_seq_len=max_seq_len,
-        )
-        feats.append({key: enc[key] for key in ("input_ids", "attention_mask", "labels")})
+    rows = [{"instruction": instruction, "input": inp or "", "response": resp} for instruction, inp, resp in pairs]
+    feats = [encode_example(row, tokenizer, template=template, max_seq_len=max_seq_len) for row in rows]
     scores: list[float] = []
     with _eval_mode(model), torch.inference_mode():
         for s in range(0, len(feats), batch_rows):

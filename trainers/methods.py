@@ -50,8 +50,7 @@ class GaloreMethod:
             "optim_target_modules": list(g.target_modules),
             "optim_args": f"rank={g.rank}, update_proj_gap={g.update_proj_gap}, scale={g.scale}, proj_type={g.proj_type}",
         }
-        trainable, total = param_counts(model)
-        return Built(model, args, trainable, total)
+        return Built(model, args, *param_counts(model))
 
 
 class _OnceFilter:
@@ -63,10 +62,8 @@ class _OnceFilter:
     def filter(self, record) -> bool:
         if self.needle not in str(record.msg):
             return True
-        if self.seen:
-            return False
-        self.seen = True
-        return True
+        first, self.seen = not self.seen, True
+        return first
 
 
 def quiet_int8_cast_warning() -> None:
@@ -95,16 +92,11 @@ class QloraMethod:
         if q.bits == 8:
             bnb = BitsAndBytesConfig(load_in_8bit=True)
         else:
-            bnb = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-            )
+            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=dtype)
         # Each DDP worker holds a whole copy of the base on its own device.
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, quantization_config=bnb, dtype=dtype, device_map={"": device}
-        )
+        model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb, dtype=dtype,
+                                                     device_map={"": device})
         if q.upcast_fp32:
             model = prepare_model_for_kbit_training(
                 model,
@@ -117,15 +109,11 @@ class QloraMethod:
             if cfg.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         disable_nf4_avx512bf16_repack(model)
-        targets: Any = q.target_modules
-        if list(targets) == ["all-linear"]:
-            targets = "all-linear"
-        lora = LoraConfig(
-            r=q.r, lora_alpha=q.alpha, lora_dropout=q.dropout, target_modules=targets, task_type="CAUSAL_LM"
-        )
+        targets = "all-linear" if list(q.target_modules) == ["all-linear"] else q.target_modules
+        lora = LoraConfig(r=q.r, lora_alpha=q.alpha, lora_dropout=q.dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
-        trainable, total = param_counts(model)
-        return Built(model, {"optim": "adamw_torch"}, trainable, total)
+        return Built(model, {"optim": "adamw_torch"}, *param_counts(model))
 
 
 class BaselineMethod:
@@ -137,8 +125,7 @@ class BaselineMethod:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        trainable, total = param_counts(model)
-        return Built(model, {}, 0, total)
+        return Built(model, {}, 0, param_counts(model)[1])
 
 
 METHODS = {"galore": GaloreMethod, "qlora": QloraMethod, "baseline": BaselineMethod}

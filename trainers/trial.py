@@ -2,15 +2,14 @@
 
 Why the HF ``Trainer`` and not a loop of our own: it already owns both methods' optimizers
 (``galore_adamw_8bit_layerwise`` installs GaLore's per-parameter backward hooks, and refuses DDP and
-gradient accumulation itself), gradient checkpointing, bf16 autocast, DDP under ``torchrun``-style
-env vars (which Ray Train sets), and exact resume from its own checkpoints. We add only what the
-study needs: masked tokenization (trial_data.py), Ray reports and measurements (trial_reports.py),
-generation metrics.
+gradient accumulation itself), gradient checkpointing, bf16 autocast, DDP under the env vars Ray Train
+sets, and exact resume from its own checkpoints. We add masked tokenization (trial_data.py), Ray
+reports and measurements (trial_reports.py) and generation metrics.
 
 Checkpoint contract with Ray Train / Tune: every ``report_every_steps`` (or epoch) all workers call
-``ray.train.report`` with step, losses and interim BLEU/ROUGE; rank 0 attaches the HF checkpoint.
-The last report carries every ``metrics.json`` key plus ``done: True`` and a small checkpoint holding
-metrics.json, so a restarted trial that had already finished just reports again.
+``ray.train.report`` with step, losses and interim BLEU/ROUGE; rank 0 attaches the HF checkpoint. The
+last report carries every ``metrics.json`` key plus ``done: True`` and a checkpoint of metrics.json
+alone, so a restarted trial that had already finished just reports again.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from typing import Any
 from duetto.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from duetto.trainers.config import TrialConfig
 from duetto.trainers.trial_data import EncodedDataset, PaddingCollator, load_rows
-from duetto.trainers.trial_reports import peak_memory_bytes, report_callback_cls
+from duetto.trainers.trial_reports import generation_metrics, peak_memory_bytes, report_callback_cls
 
 
 def resolve_dtype(precision: str, on_gpu: bool):
@@ -56,15 +55,14 @@ def _leave_single_process_group() -> None:
         os.environ.pop(var, None)
 
 
-# ---------------------------------------------------------------------------------------------
-# the worker function
-# ---------------------------------------------------------------------------------------------
+# --- the worker function ---
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: one trial of either method. ``config`` is ``to_dict(TrialConfig)``."""
     import ray.train
     import ray.train.torch
+    import torch
 
     from duetto.trainers.compat import quiet_known_warnings
 
@@ -78,22 +76,27 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
-        import torch
-
         torch.cuda.reset_peak_memory_stats(device)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
-    resume = _restore(rank)
-    if resume.finished:
+    restored = _restore(rank)
+    if restored is None:  # the trial had already finished and has reported its metrics again
         return
+    resume_from, resumed_step = restored
     run = _setup(cfg, device)
     if world == 1:
         _leave_single_process_group()
     trainer, callback = _build_trainer(cfg, run, rank)
-    train_loss, train_wall = _train(cfg, trainer, resume.checkpoint)
+    train_loss, train_wall = float("nan"), 0.0
+    if cfg.max_steps != 0:  # max_steps=0 trains nothing (the baseline)
+        t0 = time.perf_counter()
+        train_loss = float(trainer.train(resume_from_checkpoint=resume_from).training_loss)
+        train_wall = time.perf_counter() - t0
     # GPU: the training steps' own peak; CPU: the process's peak RSS so far (before generation)
     train_peak = callback.train_peak if run.on_gpu and callback.train_peak else peak_memory_bytes(device)
-    eval_loss, gen_metrics, predictions = _evaluate(cfg, trainer, run, rank)
+    eval_loss = float(trainer.evaluate()["eval_loss"])  # on all ranks; generation on rank 0 alone
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    gen_metrics, predictions = generation_metrics(model, run.tokenizer, run.gen_rows, cfg) if rank == 0 else ({}, [])
     metrics: dict[str, Any] = {
         "method": cfg.method,
         "train_loss": train_loss,
@@ -114,43 +117,34 @@ def train_loop_per_worker(config: dict) -> None:
         "eval_split": "validation" if cfg.data.val_size else "test",
         "truncated_train_examples": run.train_ds.truncated,
         "step": int(trainer.state.global_step),
-        "resumed_from_step": resume.step,
+        "resumed_from_step": resumed_step,
         "world_size": world,
-        "device": _device_name(device),
+        "device": str(torch.cuda.get_device_name(device)) if run.on_gpu else "cpu",
         "done": True,
     }
     _save_and_report(cfg, trainer, run, metrics, predictions, rank)
 
 
-@dataclass
-class Resume:
-    """Where a restarted trial picks up: the HF checkpoint copied out of Ray's, and its step."""
-
-    checkpoint: str | None = None
-    step: int = 0
-    finished: bool = False
-    """The trial had already finished (its metrics were reported again)."""
-
-
-def _restore(rank: int) -> Resume:
-    """Read Ray's latest checkpoint of this trial, if any (a restart after a failure)."""
+def _restore(rank: int) -> tuple[str | None, int] | None:
+    """(HF checkpoint copied out of Ray's latest, its step) of a restarted trial, (None, 0) for a fresh one;
+    None when the trial had already finished (its metrics are reported again)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return Resume()
+        return None, 0
     with checkpoint.as_directory() as d:
         if (Path(d) / "metrics.json").exists():  # the trial had finished: report it again, done
             final = json.loads((Path(d) / "metrics.json").read_text())
             ray.train.report(final, checkpoint=checkpoint if rank == 0 else None)
-            return Resume(finished=True)
+            return None
         if not (Path(d) / "checkpoint").exists():
-            return Resume()
+            return None, 0
         local = Path(tempfile.mkdtemp(prefix="duetto-resume-"))
         shutil.copytree(Path(d) / "checkpoint", local / "checkpoint")
     state_file = local / "checkpoint" / "trainer_state.json"
     step = int(json.loads(state_file.read_text()).get("global_step", 0)) if state_file.exists() else 0
-    return Resume(checkpoint=str(local / "checkpoint"), step=step)
+    return str(local / "checkpoint"), step
 
 
 @dataclass
@@ -159,12 +153,10 @@ class TrialSetup:
 
     model_path: str
     tokenizer: Any
-    built: Any
-    """The method's ``Built`` (model, trainer_args, parameter counts)."""
+    built: Any  # the method's Built
     train_ds: EncodedDataset
     eval_ds: EncodedDataset
-    gen_rows: list[dict]
-    """Held-out rows the generation metrics are computed on."""
+    gen_rows: list[dict]  # held-out rows the generation metrics are computed on
     on_gpu: bool
     autocast_bf16: bool
 
@@ -255,40 +247,6 @@ def _build_trainer(cfg: TrialConfig, run: TrialSetup, rank: int):
     return prepare_trainer(trainer), callback
 
 
-def _train(cfg: TrialConfig, trainer, resume_from: str | None) -> tuple[float, float]:
-    """(training loss, wall seconds of trainer.train()); max_steps=0 trains nothing (the baseline)."""
-    if cfg.max_steps == 0:
-        return float("nan"), 0.0
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    return float(result.training_loss), time.perf_counter() - t0
-
-
-def _evaluate(cfg: TrialConfig, trainer, run: TrialSetup, rank: int) -> tuple[float, dict[str, float], list[str]]:
-    """(eval_loss on all ranks, generation metrics and predictions on rank 0)."""
-    from duetto.trainers.evaluate import evaluate_generation
-
-    eval_loss = float(trainer.evaluate()["eval_loss"])
-    if rank != 0:
-        return eval_loss, {}, []
-    gen_metrics, predictions = evaluate_generation(
-        trainer.accelerator.unwrap_model(trainer.model),
-        run.tokenizer,
-        run.gen_rows,
-        template=cfg.template,
-        max_seq_len=cfg.max_seq_len,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        batch_size=cfg.eval.batch_size,
-    )
-    return eval_loss, gen_metrics, predictions
-
-
-def _device_name(device) -> str:
-    import torch
-
-    return str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
-
-
 def _save_and_report(cfg: TrialConfig, trainer, run: TrialSetup, metrics: dict[str, Any], predictions: list[str],
                      rank: int) -> None:
     """Rank 0 writes model/, config.yaml, predictions.jsonl and metrics.json; every rank reports the
@@ -323,15 +281,7 @@ def _save_and_report(cfg: TrialConfig, trainer, run: TrialSetup, metrics: dict[s
         ray.train.report(metrics, checkpoint=final_ckpt)
 
 
-# ---------------------------------------------------------------------------------------------
-# driver side
-# ---------------------------------------------------------------------------------------------
-
-
-def _cluster_has_gpu() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
+# --- driver side ---
 
 
 def build_torch_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callbacks: list | None = None):
@@ -347,7 +297,9 @@ def build_torch_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callb
 
         use_gpu = torch.cuda.is_available()
     else:
-        use_gpu = _cluster_has_gpu()
+        import ray
+
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": s.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = s.gpus_per_worker

@@ -53,10 +53,8 @@ class TrialRows:
     """The rows one trial trains and evaluates on."""
 
     train: list[dict]
-    held_out: list[dict]
-    """The validation split (``data.val_size``) or the test split: eval_loss and generation come from it."""
-    split: str
-    """``validation`` or ``test``."""
+    held_out: list[dict]  # the validation split (data.val_size) or the test split: all evaluation uses it
+    split: str  # "validation" or "test"
 
     def generation(self, cfg: TrialConfig) -> list[dict]:
         n = cfg.eval.num_examples
@@ -68,10 +66,9 @@ class TrialRows:
 
 
 def load_rows(cfg: TrialConfig) -> TrialRows:
-    """Read and check a trial's data: each file exists, is readable and in the unified schema, and
-    leaves rows to train on (unless the trial trains nothing) and at least one row to evaluate on.
-    The driver calls this before any Ray worker starts, so a bad file fails in a second, named;
-    every worker calls it again to get the rows. Raises ConfigError naming the key and the file."""
+    """Read and check a trial's data: each file readable and unified, rows to train on (unless the trial
+    trains nothing) and at least one to evaluate on; else ConfigError naming the key and the file.
+    The driver calls this before any Ray worker starts (a bad file fails in a second); workers again."""
     train = read_rows(cfg.data.train, cfg.data.limit_train, key="data.train")
     if cfg.data.val_size:
         train, held_out = split_validation(train, cfg.data.val_size, cfg.data.train)

@@ -28,6 +28,14 @@ def peak_memory_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def generation_metrics(model, tokenizer, rows: list[dict], cfg: TrialConfig) -> tuple[dict[str, float], list[str]]:
+    """(BLEU/ROUGE, predictions) of ``rows`` with the trial's template and evaluation settings."""
+    from duetto.trainers.evaluate import evaluate_generation
+
+    return evaluate_generation(model, tokenizer, rows, template=cfg.template, max_seq_len=cfg.max_seq_len,
+                               max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+
+
 def header(cfg: TrialConfig, rows, output_dir) -> str:
     """The opening line of `duetto train`: what runs, on what, where it goes."""
     held = f"{len(rows.held_out)} {rows.split} rows"
@@ -37,16 +45,14 @@ def header(cfg: TrialConfig, rows, output_dir) -> str:
 
 def device_plan(cfg: TrialConfig) -> str:
     """Where the trial will run, as far as is known before Ray starts."""
-    s = cfg.scaling
+    s, use_gpu = cfg.scaling, cfg.scaling.use_gpu
     where = f"{s.num_workers} Ray worker" + "s" * (s.num_workers > 1) if s.num_workers else "in-process (Ray Train local mode)"
-    if s.use_gpu is None and s.num_workers > 0 and os.environ.get("RAY_ADDRESS"):
-        return f"{where}, on GPUs if the cluster has them"
-    if s.use_gpu is None:
+    if use_gpu is None:
+        if s.num_workers > 0 and os.environ.get("RAY_ADDRESS"):
+            return f"{where}, on GPUs if the cluster has them"
         import torch
 
         use_gpu = torch.cuda.is_available()
-    else:
-        use_gpu = s.use_gpu
     return f"{where} on {'GPU' if use_gpu else 'CPU'}"
 
 
@@ -68,14 +74,10 @@ def report_callback_cls():
 
         def __init__(self, cfg: TrialConfig, tokenizer, interim_rows: list[dict], rank: int):
             self.cfg, self.tokenizer, self.rows, self.rank = cfg, tokenizer, interim_rows, rank
-            self.train_peak = 0
-            """Peak GPU memory of the training steps alone: the allocator's peak is reset as each step
-            begins and read as it ends, so HF's evaluation passes between steps (eval batches with
-            full-vocabulary logits) and interim generation never count as training memory."""
-            self.step_seconds = 0.0
-            """Time inside the optimizer steps alone (forward, backward, update), summed: the
-            evaluation passes, interim generation and checkpoints that run between steps are not
-            training time. The GPU is synchronised at each step's end so its queued work counts."""
+            # The training steps alone, measured from each step's begin to its end: evaluation passes
+            # (full-vocabulary logits), interim generation and checkpoints between steps never count.
+            self.train_peak = 0  # peak GPU memory; the allocator's peak is reset as each step begins
+            self.step_seconds = 0.0  # summed; the GPU is synchronised at each step's end so queued work counts
             self.tokens_at_start = 0  # the Trainer's token count when this run began (non-zero on resume)
             self._step_t0 = 0.0
 
@@ -132,18 +134,7 @@ def report_callback_cls():
                 if "eval_loss" in log:
                     metrics["eval_loss"] = float(log["eval_loss"])
             if self.rows and self.rank == 0 and model is not None:
-                from duetto.trainers.evaluate import evaluate_generation
-
-                m, _ = evaluate_generation(
-                    model,
-                    self.tokenizer,
-                    self.rows,
-                    template=self.cfg.template,
-                    max_seq_len=self.cfg.max_seq_len,
-                    max_new_tokens=self.cfg.eval.max_new_tokens,
-                    batch_size=self.cfg.eval.batch_size,
-                )
-                metrics.update(m)
+                metrics.update(generation_metrics(model, self.tokenizer, self.rows, self.cfg)[0])
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 source = get_last_checkpoint(args.output_dir) if self.rank == 0 else None
