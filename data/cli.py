@@ -33,14 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "DIR/manifest.json (docs/data.md).",
     )
     p.add_argument("--config", metavar="YAML", help="a DataConfig YAML (e.g. configs/data_shared.yaml)")
-    p.add_argument(
-        "--source",
-        action="append",
-        metavar="KIND=PATH",
-        help=f"a source: KIND ({KIND_HELP}) = a .json/.jsonl/.parquet file, a local datasets folder or a hub "
-        "dataset id; NAME:KIND=PATH labels it NAME. Repeat for several, earliest first in priority. "
-        "Replaces the sources of --config.",
-    )
+    p.add_argument("--source", action="append", metavar="KIND=PATH",
+                   help=f"a source: KIND ({KIND_HELP}) = a .json/.jsonl/.parquet file, a local datasets folder or a "
+                   "hub dataset id; NAME:KIND=PATH labels it NAME. Repeat for several, earliest first in priority. "
+                   "Replaces the sources of --config.")
     add_config_flags(p, DataConfig, FLAGS)
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")

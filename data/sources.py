@@ -19,15 +19,8 @@ from typing import Any, Iterator
 #: the schemas we read; docs/data.md describes each
 KINDS = ("alpaca", "tulu", "ultrachat", "sharegpt", "jsonl")
 
-#: the canonical hub dataset of each kind, and the split read when none is given
-HUB_IDS = {
-    "alpaca": "tatsu-lab/alpaca",
-    "tulu": "allenai/tulu-v2-sft-mixture",
-    "ultrachat": "HuggingFaceH4/ultrachat_200k",
-}
+#: the split read from a hub or dataset-folder source when none is given
 DEFAULT_SPLIT = {"alpaca": "train", "tulu": "train", "ultrachat": "train_sft", "sharegpt": "train", "jsonl": "train"}
-
-MULTI_TURN = ("first", "all")
 
 # ShareGPT dumps name speakers inconsistently; these are the spellings seen in the common dumps.
 SHAREGPT_ROLES = {
@@ -44,6 +37,7 @@ ACCEPTED_SHAPES = "expected a JSON array of records (in a .json file) or JSON Li
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # a JSON string, or one bracket outside strings: enough to find where a nested value ends without recursion
+_JSON_WS = re.compile(r"[ \t\r\n]*")
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 
@@ -182,14 +176,10 @@ def _json_rows(path: Path) -> Iterator[Row]:
         raise DataError(f"{path}:1", f"the file starts with {text.lstrip()[0]!r}; {ACCEPTED_SHAPES}", "file")
     # raw_decode element by element, so each record keeps its line and a bad one is named exactly
     decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line, line_pos = 1, 0
-    index = 0
+    line, line_pos, index = 1, 0, 0
 
     def skip_ws(p: int) -> int:
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
+        return _JSON_WS.match(text, p).end()
 
     def line_of(p: int) -> int:
         nonlocal line, line_pos
@@ -197,7 +187,7 @@ def _json_rows(path: Path) -> Iterator[Row]:
         line_pos = p
         return line
 
-    pos = skip_ws(pos)
+    pos = skip_ws(text.index("[") + 1)
     if pos < len(text) and text[pos] == "]":
         raise DataError(f"{path}:{line_of(pos)}", "empty file (the JSON array has no elements)", "empty_file")
     while True:
@@ -326,12 +316,9 @@ def to_examples(kind: str, obj: Any, ref: str, multi_turn: str = "first") -> lis
         return [Example(rec["instruction"], rec["input"], rec["response"], rec.get("id") or ref)]
     if kind == "alpaca":
         return [Example(_text(obj, "instruction"), _text(obj, "input", required=False), _text(obj, "output"), _ref(obj, "id", ref))]
-    if kind == "tulu":
+    if kind in ("tulu", "ultrachat"):
         turns = _turns(obj, "messages", "role", "content", CHAT_ROLES)
-        return _pairs(turns, _ref(obj, "id", ref), multi_turn)
-    if kind == "ultrachat":
-        turns = _turns(obj, "messages", "role", "content", CHAT_ROLES)
-        return _pairs(turns, _ref(obj, "prompt_id", ref), multi_turn)
+        return _pairs(turns, _ref(obj, "prompt_id" if kind == "ultrachat" else "id", ref), multi_turn)
     if kind == "sharegpt":
         turns = _turns(obj, "conversations", "from", "value", SHAREGPT_ROLES)
         return _pairs(turns, _ref(obj, "id", ref), multi_turn)

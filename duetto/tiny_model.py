@@ -89,9 +89,7 @@ _ANIMALS = [("dog", "mammal"), ("cat", "mammal"), ("eagle", "bird"), ("salmon", 
 
 
 def _qa_pairs() -> list[tuple[str, str]]:
-    pairs = []
-    for country, city in _COUNTRIES:
-        pairs.append((f"What is the capital of {country}?", f"The capital of {country} is {city}."))
+    pairs = [(f"What is the capital of {c}?", f"The capital of {c} is {city}.") for c, city in _COUNTRIES]
     for a in range(1, 11):
         for b in (1, 2, 3, 5):
             words = f"{_NUMBERS[a].capitalize()} plus {_NUMBERS[b]} is {_NUMBERS[a + b] if a + b <= 10 else a + b}."
@@ -129,13 +127,8 @@ def _train_bpe(specials: list[str], vocab_size: int):
     # tests compare text with text, and no input is ever <unk>.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(tiny_corpus(), trainer=trainer)
     return tok
 
@@ -215,7 +208,6 @@ def build_tiny(out_dir: str | Path, style: str = "gemma", seed: int = 0) -> Path
     write_manifest(out, {"name": f"tiny-{style}", "source": "tiny", "style": style, "seed": seed,
                           "tiny_version": TINY_VERSION})
     return out
-
 
 
 def cached_tiny(style: str, seed: int = 0) -> Path:

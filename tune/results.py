@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +112,8 @@ def best_json(best: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    cols: list[str] = []
-    for row in rows:
-        cols.extend(k for k in row if k not in cols)
-    return cols
-
-
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    cols = _columns(rows) or ["trial", "method", *METRIC_COLUMNS, "status"]
+    cols = list(dict.fromkeys(k for row in rows for k in row)) or ["trial", "method", *METRIC_COLUMNS, "status"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
@@ -157,16 +151,12 @@ def write_markdown(sweep, rows: list[dict[str, Any]], best: dict[str, dict[str, 
     from duetto.tune.spec import space_keys
 
     keys = space_keys(sweep)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts = Counter(row["status"] for row in rows)
     lines = [
         f"# Sweep `{sweep.name}`",
         "",
-        (
-            f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
-            f"chosen by **{sweep.metric}** ({sweep.resolved_mode}){_split_note(rows)}; scheduler {sweep.scheduler.type}."
-        ),
+        f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+        f"chosen by **{sweep.metric}** ({sweep.resolved_mode}){_split_note(rows)}; scheduler {sweep.scheduler.type}.",
         "Rows that stopped early show their last interim report (BLEU/ROUGE on the interim rows only).",
         "",
         "| trial | method | hyper-parameters | bleu4 | rougeL | eval_loss | peak mem (GiB) | tokens/s | wall (s) | status |",
@@ -250,8 +240,6 @@ def write_report(sweep_dir: str | Path) -> dict[str, Any]:
     write_markdown(sweep, rows, best, sweep_dir / "results.md")
     (sweep_dir / "best.json").write_text(json.dumps(best_json(best), indent=2, allow_nan=True))
     plot_pareto(sweep, rows, best, sweep_dir / "pareto.png")
-    statuses: dict[str, int] = {}
-    for row in rows:
-        statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+    statuses = dict(Counter(row["status"] for row in rows))
     return {"sweep_dir": str(sweep_dir), "trials": len(rows), "statuses": statuses, "rows": rows, "best": best,
             "metric": sweep.metric}

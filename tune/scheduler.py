@@ -80,10 +80,6 @@ class PerMethodScheduler(FIFOScheduler):
         if trial.trial_id in child._trial_info:
             child.on_trial_remove(tune_controller, trial)
 
-    @property
-    def num_stopped(self) -> int:
-        return sum(c._num_stopped for c in self._by_method.values())
-
     def debug_string(self) -> str:
         return "\n".join(f"[{m}] {c.debug_string()}" for m, c in sorted(self._by_method.items())) or "ASHA per method"
 

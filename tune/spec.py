@@ -22,15 +22,8 @@ METHODS = ("galore", "qlora")
 #: metric -> the direction that is better; the trial reports all three at every report.
 METRICS = {"rougeL": "max", "bleu4": "max", "eval_loss": "min"}
 #: distribution name -> number of arguments (Tune's own functions of the same names build them).
-DISTRIBUTIONS = {
-    "uniform": 2,
-    "quniform": 3,
-    "loguniform": 2,
-    "qloguniform": 3,
-    "randint": 2,
-    "choice": None,
-    "grid": None,
-}
+DISTRIBUTIONS = {"uniform": 2, "quniform": 3, "loguniform": 2, "qloguniform": 3, "randint": 2,
+                 "choice": None, "grid": None}
 SWEEPS_ROOT = "duetto-runs/sweeps"
 
 
@@ -153,9 +146,7 @@ class SweepConfig:
         return Path(self.storage_path or f"{SWEEPS_ROOT}/{self.name}").expanduser().resolve()
 
 
-# ------------------------------------------------------------------------------------------------
-# loading
-# ------------------------------------------------------------------------------------------------
+# ----- loading -----------------------------------------------------------------------------------
 
 
 def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
@@ -213,9 +204,7 @@ def base_trial_dict(sweep: SweepConfig) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# search spaces
-# ------------------------------------------------------------------------------------------------
+# ----- search spaces -----------------------------------------------------------------------------
 
 
 def _sections() -> dict[str, type]:
@@ -239,8 +228,7 @@ def resolve_key(method: str, key: str) -> str:
         section, _, leaf = key.partition(".")
         if section not in sections or "." in leaf or leaf not in _leaf_fields(sections[section]):
             raise ConfigError(f"{where}: unknown key (no TrialConfig field {key})")
-        other = [m for m in METHODS if m != method]
-        if section in other:
+        if section in METHODS and section != method:
             raise ConfigError(f"{where}: {section}.* options belong to {section} trials, not {method}")
         return key
     if key in top:
@@ -338,15 +326,7 @@ def space_entries(sweep: SweepConfig) -> list[dict[str, Any]]:
     """
     from ray import tune
 
-    makers = {
-        "uniform": tune.uniform,
-        "quniform": tune.quniform,
-        "loguniform": tune.loguniform,
-        "qloguniform": tune.qloguniform,
-        "randint": tune.randint,
-        "choice": tune.choice,
-        "grid": tune.grid_search,
-    }
+    makers = {name: getattr(tune, "grid_search" if name == "grid" else name) for name in DISTRIBUTIONS}
     entries = []
     for method, space in sweep.methods.items():
         entry: dict[str, Any] = {"method": method}
@@ -381,9 +361,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], output_dir: str) 
     return from_dict(TrialConfig, data)
 
 
-# ------------------------------------------------------------------------------------------------
-# resources against the cluster
-# ------------------------------------------------------------------------------------------------
+# ----- resources against the cluster -------------------------------------------------------------
 
 
 def gpus_per_trial(sweep: SweepConfig, cluster: dict[str, float]) -> float:
@@ -427,10 +405,6 @@ def total_trials(sweep: SweepConfig) -> int:
     """Trials the sweep will run (grid dimensions multiply a method's samples)."""
     n = 0
     for method, space in sweep.methods.items():
-        grid = 1
-        for key, value in space.items():
-            dist = _distribution(method, str(key), value)
-            if dist and dist[0] == "grid":
-                grid *= len(dist[1])
-        n += grid * sweep.samples_for(method)
+        dists = [_distribution(method, str(key), value) for key, value in space.items()]
+        n += math.prod(len(d[1]) for d in dists if d and d[0] == "grid") * sweep.samples_for(method)
     return n

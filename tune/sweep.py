@@ -32,9 +32,7 @@ BASE_FILE = "base_trial.yaml"
 TRAIN_RUN_NAME = "train"
 
 
-# ------------------------------------------------------------------------------------------------
-# the Tune trial (runs in a Tune actor)
-# ------------------------------------------------------------------------------------------------
+# ----- the Tune trial (runs in a Tune actor) -----------------------------------------------------
 
 
 def sweep_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> None:
@@ -68,9 +66,7 @@ def _trainable(sweep: SweepConfig, base: dict[str, Any], sweep_dir: Path):
     return tune.with_resources(fn, {"cpu": sweep.resources.driver_cpus})
 
 
-# ------------------------------------------------------------------------------------------------
-# Ray
-# ------------------------------------------------------------------------------------------------
+# ----- Ray ---------------------------------------------------------------------------------------
 
 
 def _cluster() -> tuple[dict[str, float], list[dict[str, float]]]:
@@ -80,9 +76,7 @@ def _cluster() -> tuple[dict[str, float], list[dict[str, float]]]:
     return dict(ray.cluster_resources()), nodes
 
 
-# ------------------------------------------------------------------------------------------------
-# new sweep / resume
-# ------------------------------------------------------------------------------------------------
+# ----- new sweep / resume ------------------------------------------------------------------------
 
 
 def _check_inputs(base: dict[str, Any]) -> None:
@@ -168,9 +162,7 @@ def load_sweep_dir(sweep_dir: str | Path) -> tuple[SweepConfig, dict[str, Any]]:
     path = sweep_dir / SWEEP_FILE
     if not path.is_file():
         raise ConfigError(f"{sweep_dir}: not a duetto sweep folder (no {SWEEP_FILE}); give the folder `duetto sweep` printed")
-    sweep = load_config(SweepConfig, path)
-    base = yaml.safe_load((sweep_dir / BASE_FILE).read_text())
-    return sweep, base
+    return load_config(SweepConfig, path), yaml.safe_load((sweep_dir / BASE_FILE).read_text())
 
 
 def resume_sweep(

@@ -26,11 +26,7 @@ STAGES = 6
 #: from its PyPI source distribution; the same bytes as ../shared/data/alpaca_en_demo.json.
 LLAMAFACTORY_SDIST = "llamafactory==0.9.5"
 ALPACA_DEMO = ("data/alpaca_en_demo.json", "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318")
-SHARED_FILES = {
-    "alpaca": "alpaca_en_demo.json",
-    "tulu": "tulu_v2_sample.jsonl",
-    "ultrachat": "ultrachat_sample.jsonl",
-}
+SHARED_FILES = {"alpaca": "alpaca_en_demo.json", "tulu": "tulu_v2_sample.jsonl", "ultrachat": "ultrachat_sample.jsonl"}
 
 
 def _stage(n: int, text: str, t0: float) -> None:
@@ -110,14 +106,12 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(os.environ["DUETTO_CACHE"])
     print(f"duetto demo -> {out}", flush=True)
 
-    # 1. model -----------------------------------------------------------------------------
     _stage(1, f"model: {args.model}", t0)
     from duetto.models import resolve_model
 
     model_path = resolve_model(args.model)
     print(f"  {model_path}")
 
-    # 2. data ------------------------------------------------------------------------------
     _stage(2, "data: real instruction data", t0)
     shared = find_shared_data()
     if shared is not None:
@@ -128,7 +122,6 @@ def run(args: argparse.Namespace) -> int:
         sources = [{"kind": "alpaca", "path": str(alpaca)}]
         print(f"  using {alpaca} (from the {LLAMAFACTORY_SDIST} sdist, sha256 verified)")
 
-    # 3. prepare ---------------------------------------------------------------------------
     _stage(3, "prepare: clean, de-duplicate, split", t0)
     from duetto.config import from_dict
     from duetto.data.unify import DataConfig, prepare
@@ -138,13 +131,12 @@ def run(args: argparse.Namespace) -> int:
                                               "train_size": args.train_size, "test_size": args.test_size}))
     print(f"  train {manifest['sizes']['train']} / test {manifest['sizes']['test']} -> {data_dir}")
 
-    # 4. sweep -----------------------------------------------------------------------------
     _stage(4, "sweep: GaLore and QLoRA trials on a local Ray (Ray Tune + Ray Train)", t0)
+    import torch
+
     from duetto.tune.results import write_report
     from duetto.tune.spec import load_sweep
     from duetto.tune.sweep import start_sweep
-
-    import torch
 
     config = args.config or str(demo_config())
     on_gpu = ["resources.gpus_per_trial=0.5"] if torch.cuda.is_available() else []
@@ -153,22 +145,18 @@ def run(args: argparse.Namespace) -> int:
         f"base.data.test={data_dir / 'test.jsonl'}", f"storage_path={out / 'sweep'}", *args.overrides,
     ])
     sweep_dir = start_sweep(sweep)
-    summary = write_report(sweep_dir)
+    write_report(sweep_dir)
 
-    # 5. results ---------------------------------------------------------------------------
     _stage(5, "results", t0)
     print((sweep_dir / "results.md").read_text())
-    del summary
 
-    # 6. serve + query ---------------------------------------------------------------------
     _stage(6, "serve: QLoRA generates k candidates, GaLore re-ranks; one HTTP query", t0)
+    import ray
     from ray import serve
 
     from duetto.serve.app import start
     from duetto.serve.client import EnsembleClient, format_answer
     from duetto.serve.config import ServeConfig
-
-    import ray
 
     port = args.port or _free_port()
     # Fractional CPUs: on 2 cores three replicas asking 1 CPU each never schedule. With a GPU, the

@@ -12,6 +12,11 @@ def fmt_ci(point: float, lo: float, hi: float, digits: int) -> str:
     return f"{point:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _sign(test: dict[str, Any]) -> int:
+    """1 when a test's interval lies above 0 (B better), -1 below it (B worse), 0 when it includes 0."""
+    return 1 if test["low"] > 0 else -1 if test["high"] < 0 else 0
+
+
 def _reading(report: dict[str, Any]) -> list[str]:
     """Plain sentences on what the paired tests do and do not support, derived from them alone."""
     systems, tests = report["systems"], report["tests"]
@@ -19,13 +24,10 @@ def _reading(report: dict[str, Any]) -> list[str]:
     for t in tests:
         metric = {"bleu4": "BLEU-4", "rougeL": "ROUGE-L"}.get(t["metric"], t["metric"])
         span = f"Δ {t['delta']:+.3f}, 95% interval [{t['low']:+.3f}, {t['high']:+.3f}]"
-        if t["low"] > 0:
-            verdict = f"**{t['b']} beats {t['a']} on {metric}** ({span}); the interval excludes 0."
-        elif t["high"] < 0:
-            verdict = f"**{t['b']} is worse than {t['a']} on {metric}** ({span}); the interval excludes 0."
-        else:
-            verdict = (f"{t['b']} vs {t['a']} on {metric}: no detectable difference ({span}); the interval "
-                       "includes 0, so this run does not support a ranking either way.")
+        verdict = {1: f"**{t['b']} beats {t['a']} on {metric}** ({span}); the interval excludes 0.",
+                   -1: f"**{t['b']} is worse than {t['a']} on {metric}** ({span}); the interval excludes 0.",
+                   0: f"{t['b']} vs {t['a']} on {metric}: no detectable difference ({span}); the interval "
+                      "includes 0, so this run does not support a ranking either way."}[_sign(t)]
         lines.append(f"- {verdict}")
     n = report["num_examples"]
     singles = [k for k in ("Baseline", "QLoRA", "GaLore") if k in systems]
@@ -58,7 +60,7 @@ def render_choices(choices: dict) -> list[str]:
     L += [f"| {name} | {fmt_ci(*ci, 3)} |" for name, ci in choices["rougeL"].items()]
     L += ["", "Paired against a random pick (B − A):", ""]
     for t in choices["tests"]:
-        verdict = ("better" if t["low"] > 0 else "worse" if t["high"] < 0 else "no detectable difference")
+        verdict = {1: "better", -1: "worse", 0: "no detectable difference"}[_sign(t)]
         L.append(f"- {t['b']}: Δ {t['delta']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]: {verdict}")
     return L
 
@@ -76,12 +78,8 @@ def render_markdown(report: dict, rows: list[dict], systems: dict[str, dict]) ->
     L += ["", "## Paired bootstrap tests (B − A on the same resampled examples)", "",
           "| A | B | metric | Δ | 95% interval | p(B not better) | reading |", "|---|---|---|---|---|---|---|"]
     for t in report["tests"]:
-        if t["low"] > 0:
-            reading = "B better (interval above 0)"
-        elif t["high"] < 0:
-            reading = "B worse (interval below 0)"
-        else:
-            reading = "no detectable difference (interval includes 0)"
+        reading = {1: "B better (interval above 0)", -1: "B worse (interval below 0)",
+                   0: "no detectable difference (interval includes 0)"}[_sign(t)]
         L.append(f"| {t['a']} | {t['b']} | {t['metric']} | {t['delta']:+.3f} | [{t['low']:+.3f}, {t['high']:+.3f}] "
                  f"| {t['p_not_better']:.3f} | {reading} |")
     L += ["", "## What these numbers support", "", *_reading(report)]

@@ -194,11 +194,8 @@ def ensemble_choices(rows: list[dict], *, mode: str = "reranker", weight: float 
     cands = [[Candidate(**{k: c.get(k) for k in ("text", "generator_logprob", "reranker_score")})
               for c in r["ensemble_candidates"]] for r in rows]  # fmt: skip
     flat_refs = [r["reference"] for r, cs in zip(rows, cands) for _ in cs]
-    flat = rouge_l_scores([c.text for cs in cands for c in cs], flat_refs)
-    scores, i = [], 0
-    for cs in cands:
-        scores.append(flat[i : i + len(cs)])
-        i += len(cs)
+    flat = iter(rouge_l_scores([c.text for cs in cands for c in cs], flat_refs))
+    scores = [[next(flat) for _ in cs] for cs in cands]
     has_rer = all(c.reranker_score is not None for cs in cands for c in cs)
     has_gen = all(c.generator_logprob is not None for cs in cands for c in cs)
     returned = [s[int(r.get("ensemble_chosen_index") or 0)] for r, s in zip(rows, scores)]
@@ -249,18 +246,19 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     texts, lat, _ = _decode(base_lm, rows, cfg)
     systems["Baseline"] = {"texts": texts, "latency_s": lat, "source": cfg.baseline}
     del base_lm
-    q_lm, g_lm = load_lm(qlora_src, device=device), load_lm(galore_src, device=device)
-    for name, lm in (("QLoRA", q_lm), ("GaLore", g_lm)):
+
+    def single(name: str, lm) -> None:
         texts, lat, _ = _decode(lm, rows, cfg)
         systems[name] = {"texts": texts, "latency_s": lat, "source": specs[name].trial_dir or specs[name].path}
+
+    q_lm, g_lm = load_lm(qlora_src, device=device), load_lm(galore_src, device=device)
+    single("QLoRA", q_lm)
+    single("GaLore", g_lm)
     texts, lat, info = _decode(None, rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True)
     systems["Ensemble (QLoRA top-k → GaLore re-rank)"] = {"texts": texts, "latency_s": lat, "info": info,
                                                        "source": f"{qlora_src} + {galore_src}"}
     for label, src in cfg.extra.items():
-        lm = load_lm(src, device=device)
-        texts, lat, _ = _decode(lm, rows, cfg)
-        systems[label] = {"texts": texts, "latency_s": lat, "source": specs[label].trial_dir or specs[label].path}
-        del lm
+        single(label, load_lm(src, device=device))
 
     n = cfg.bootstrap
     t0 = time.perf_counter()
@@ -271,17 +269,15 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     better = max(("QLoRA", "GaLore"), key=lambda k: systems[k]["rougeL"][0])
     ens_name = next(k for k in systems if k.startswith("Ensemble"))
     pairs = [("Baseline", name) for name in systems if name != "Baseline"] + [(better, ens_name)]
-    tests: list[dict[str, Any]] = []
-    for a, b in pairs:
-        for m, (_, from_sums) in METRICS.items():
-            tests.append({"a": a, "b": b, "metric": m,
-                          **paired_bootstrap(stats[a][m], stats[b][m], from_sums, n_resamples=n, seed=cfg.seed)})
+    tests = [{"a": a, "b": b, "metric": m,
+              **paired_bootstrap(stats[a][m], stats[b][m], from_sums, n_resamples=n, seed=cfg.seed)}
+             for a, b in pairs for m, (_, from_sums) in METRICS.items()]  # fmt: skip
     _log(f"scored {len(systems)} systems, {len(tests)} paired tests, {n} resamples in {time.perf_counter() - t0:.1f} s")
 
     resources = {}
-    for name, spec in ((k, specs[k]) for k in ("QLoRA", "GaLore")):
-        mfile = Path(spec.trial_dir or "", "metrics.json")
-        resources[name] = json.loads(mfile.read_text()) if spec.trial_dir and mfile.exists() else {}
+    for name in ("QLoRA", "GaLore"):
+        mfile = Path(specs[name].trial_dir or "", "metrics.json")
+        resources[name] = json.loads(mfile.read_text()) if specs[name].trial_dir and mfile.exists() else {}
 
     records = []
     for i, row in enumerate(rows):

@@ -61,14 +61,8 @@ METRICS: dict[str, tuple[Callable[[Sequence[str], Sequence[str]], np.ndarray], C
 }
 
 
-def bootstrap_ci(
-    stats: np.ndarray,
-    from_sums: Callable[[np.ndarray, int], np.ndarray],
-    *,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> tuple[float, float, float]:
+def bootstrap_ci(stats: np.ndarray, from_sums: Callable[[np.ndarray, int], np.ndarray], *, n_resamples: int = 1000,
+                 seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
     """(point estimate, low, high): percentile bootstrap over examples of per-example ``stats``."""
     n = len(stats)
     if n == 0:
@@ -79,14 +73,8 @@ def bootstrap_ci(
     return point, float(lo), float(hi)
 
 
-def paired_bootstrap(
-    stats_a: np.ndarray,
-    stats_b: np.ndarray,
-    from_sums: Callable[[np.ndarray, int], np.ndarray],
-    *,
-    n_resamples: int = 1000,
-    seed: int = 0,
-) -> dict[str, float]:
+def paired_bootstrap(stats_a: np.ndarray, stats_b: np.ndarray, from_sums: Callable[[np.ndarray, int], np.ndarray], *,
+                     n_resamples: int = 1000, seed: int = 0) -> dict[str, float]:
     """Paired bootstrap of metric(B) - metric(A) on the same resampled examples.
 
     Returns the observed delta, its 95% interval, and p = share of resamples where B is not better
