@@ -1,27 +1,18 @@
 """Prompt templates, tokenization and label masks: the one place that decides what a model sees.
 
-Two templates:
-
-- ``study`` (the seed study's): ``Instruction:\\n{instruction}\\n\\nInput:\\n{input}\\n\\nResponse:\\n{response}``,
-  the Input block left out when the input is empty; the response ends with the tokenizer's EOS.
-- ``chat``: the model's own chat template, one user message (instruction, then a blank line and the
-  input if any) and the generation prompt; the response ends with the template's end-of-turn token
-  (``<end_of_turn>``, ``<|im_end|>``, ...), EOS when the template has none.
+Templates: ``study`` (``Instruction:\n{instruction}\n\nInput:\n{input}\n\nResponse:\n{response}``,
+no Input block when the input is empty; the response ends with EOS) and ``chat`` (the model's own chat
+template, one user message; the response ends with the template's end-of-turn token, else EOS).
 
 Labels: prompt tokens and padding are -100; the response and its stop token are learned. Prompt and
-response are tokenized separately and their ids concatenated, so the boundary is exact; the BOS a
-tokenizer adds goes in front once (not when the prompt text already starts with it, as Gemma's chat
-template does). Trainers, the reranker and generation all encode through this module, so training
-and inference see the same ids.
+response are tokenized separately and concatenated, so the boundary is exact; the tokenizer's BOS
+goes in front once (not when the prompt text already starts with it, as Gemma's chat template does).
 
 Truncation has one rule for prompts, in training and at inference (``cut_prompt``): keep the BOS
 and the prompt's *tail*, because the end of the prompt holds the cue the response follows. A
 training example (``encode_pair``) cuts the prompt first, keeping at least a quarter of
 ``max_seq_len``; a response longer than what is left loses its tail, and the stop token is still
 appended so every example teaches at least one token (an all -100 row would give a NaN loss).
-Either cut sets ``truncated``; ``count_truncated`` totals them for the data report. Generation
-cuts a prompt to the trained model's ``max_seq_len`` with the same rule (``encode_prompt(...,
-max_tokens=)``), so trial evaluation, the report and the endpoint give a model the same ids.
 """
 
 from __future__ import annotations
@@ -107,11 +98,10 @@ def _special_prefix(tokenizer) -> list[int]:
     if key not in memo:
         with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-        memo[key] = []
-        for i in range(len(with_special) - len(plain) + 1):
-            if with_special[i : i + len(plain)] == plain:
-                memo[key] = list(with_special[:i])
-                break
+        # where the plain ids start inside the special ones (0, no prefix, when they never do)
+        starts = range(len(with_special) - len(plain) + 1)
+        at = next((i for i in starts if with_special[i : i + len(plain)] == plain), 0)
+        memo[key] = list(with_special[:at])
     return list(memo[key])
 
 

@@ -27,13 +27,8 @@ class ApiError(Exception):
         self.status, self.message, self.field, self.kind = status, message, field, kind
 
 
-def error_response(
-    status: int,
-    message: str,
-    field: str | None = None,
-    kind: str = "invalid_request_error",
-    headers: dict | None = None,
-) -> JSONResponse:
+def error_response(status: int, message: str, field: str | None = None, kind: str = "invalid_request_error",
+                   headers: dict | None = None) -> JSONResponse:  # fmt: skip
     body = {"error": {"message": message, "type": kind, "field": field, "param": field}}
     return JSONResponse(status_code=status, content=body, headers=headers)
 
@@ -123,11 +118,8 @@ def chat_instruction(body: ChatCompletionRequest) -> str:
     system = [m.content for m in body.messages if m.role in ("system", "developer")]
     users = [i for i, m in enumerate(body.messages) if m.role == "user"]
     if any(m.role == "assistant" for m in body.messages) or len(users) != 1:
-        raise ApiError(
-            422,
-            "exactly one user message (plus optional system messages) is supported: the models answer single-turn instructions",
-            "messages",
-        )
+        message = "exactly one user message (plus optional system messages) is supported"
+        raise ApiError(422, f"{message}: the models answer single-turn instructions", "messages")
     if users[0] != len(body.messages) - 1:
         raise ApiError(422, "the user message must be the last message", "messages")
     user = body.messages[users[0]].content
@@ -138,9 +130,8 @@ def chat_instruction(body: ChatCompletionRequest) -> str:
 
 def no_streaming(stream: bool) -> None:
     if stream:
-        raise ApiError(
-            422, "streaming is not supported: the ensemble picks an answer only after all candidates finish", "stream"
-        )
+        message = "streaming is not supported: the ensemble picks an answer only after all candidates finish"
+        raise ApiError(422, message, "stream")
 
 
 def usage(prompt_tokens: int, out: dict) -> dict:

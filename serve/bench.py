@@ -96,19 +96,9 @@ def make_body(route: str, instruction: str, k: int | None, max_new_tokens: int |
     return {key: v for key, v in body.items() if v is not None}
 
 
-async def run_load(
-    url: str,
-    *,
-    concurrency: int,
-    duration_s: float,
-    route: str = "generate",
-    k: int | None = None,
-    max_new_tokens: int | None = None,
-    api_key: str | None = None,
-    instructions: list[str] | None = None,
-    extra: dict | None = None,
-    timeout_s: float = 120.0,
-) -> BenchResult:
+async def run_load(url: str, *, concurrency: int, duration_s: float, route: str = "generate", k: int | None = None,
+                   max_new_tokens: int | None = None, api_key: str | None = None, instructions: list[str] | None = None,
+                   extra: dict | None = None, timeout_s: float = 120.0) -> BenchResult:  # fmt: skip
     import httpx
 
     check_loopback(url)
@@ -186,9 +176,7 @@ def _batch_sizes(resp: Any) -> dict[str, int]:
         return {}
     ext = body.get("duetto")
     batch = body.get("batch") or (ext.get("batch") if isinstance(ext, dict) else None)
-    if not isinstance(batch, dict):
-        return {}
-    return {str(k): v for k, v in batch.items() if isinstance(v, int) and v > 0}
+    return {str(k): v for k, v in batch.items() if isinstance(v, int) and v > 0} if isinstance(batch, dict) else {}
 
 
 def format_result(r: BenchResult) -> str:
@@ -213,19 +201,10 @@ def bench_main(args: Any) -> int:
         return 2
     api_key = args.api_key if args.api_key is not None else os.environ.get("DUETTO_API_KEY", "")
     try:
-        result = asyncio.run(
-            run_load(
-                args.url,
-                concurrency=args.concurrency,
-                duration_s=args.duration,
-                route=args.route,
-                k=args.k,
-                max_new_tokens=args.max_new_tokens,
-                api_key=api_key or None,
-                extra=extra,
-                timeout_s=args.timeout,
-            )
-        )
+        result = asyncio.run(run_load(
+            args.url, concurrency=args.concurrency, duration_s=args.duration, route=args.route, k=args.k,
+            max_new_tokens=args.max_new_tokens, api_key=api_key or None, extra=extra, timeout_s=args.timeout,
+        ))  # fmt: skip
     except ValueError as e:
         print(f"duetto serve bench: {e}", file=sys.stderr)
         return 2

@@ -67,27 +67,21 @@ class EnsembleClient:
             raise ServeError(resp.status_code, data)
         return data
 
+    def _post(self, path: str, body: dict, options: dict) -> Any:
+        """POST ``body`` plus the options that are set (None = the server's default)."""
+        return self._send("POST", path, {**body, **{k: v for k, v in options.items() if v is not None}})
+
     def generate(self, instruction: str, input: str | None = None, **options: Any) -> dict:
         """POST /v1/generate. options: k, max_new_tokens, temperature, top_p, seed, mode, weight."""
-        body: dict[str, Any] = {"instruction": instruction}
-        if input:
-            body["input"] = input
-        body.update({k: v for k, v in options.items() if v is not None})
-        return self._send("POST", "/v1/generate", body)
+        return self._post("/v1/generate", {"instruction": instruction, **({"input": input} if input else {})}, options)
 
     def complete(self, prompt: str, **options: Any) -> dict:
         """POST /v1/completions (OpenAI fields: n, max_tokens, temperature, top_p, seed, model)."""
-        return self._send(
-            "POST", "/v1/completions", {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
-        )
+        return self._post("/v1/completions", {"prompt": prompt}, options)
 
     def chat(self, messages: list[dict[str, str]], **options: Any) -> dict:
         """POST /v1/chat/completions with OpenAI-style messages."""
-        return self._send(
-            "POST",
-            "/v1/chat/completions",
-            {"messages": messages, **{k: v for k, v in options.items() if v is not None}},
-        )
+        return self._post("/v1/chat/completions", {"messages": messages}, options)
 
     def models(self) -> dict:
         return self._send("GET", "/v1/models")
@@ -112,9 +106,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="makes the sampled candidates reproducible")
-    parser.add_argument(
-        "--mode", default=None, choices=MODES, help="scoring mode"
-    )
+    parser.add_argument("--mode", default=None, choices=MODES, help="scoring mode")
     parser.add_argument("--weight", type=float, default=None, help="generator log-prob weight in mode=mix")
     parser.add_argument("--candidates", action="store_true", help="also print every candidate with its scores")
     parser.add_argument("--json", action="store_true", help="print the whole JSON answer")
@@ -127,12 +119,10 @@ def format_answer(out: dict, show_candidates: bool) -> str:
         lines.append("")
         for i, c in enumerate(out.get("candidates", [])):
             mark = "*" if i == out.get("chosen_index") else " "
-            g = c.get("generator_logprob")
-            r = c.get("reranker_score")
-            gs = "   n/a" if g is None else f"{g:7.3f}"
-            rs = "   n/a" if r is None else f"{r:7.3f}"
+            gen, rerank = ("   n/a" if c.get(key) is None else f"{c[key]:7.3f}"
+                           for key in ("generator_logprob", "reranker_score"))  # fmt: skip
             text = c["text"].replace("\n", " ")
-            lines.append(f"{mark} [{i}] gen={gs} rerank={rs}  {text[:100]}")
+            lines.append(f"{mark} [{i}] gen={gen} rerank={rerank}  {text[:100]}")
         t = out.get("timings_ms", {})
         if t:
             lines.append("timings_ms: " + ", ".join(f"{k}={v:.1f}" for k, v in t.items()))
@@ -144,17 +134,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with EnsembleClient(args.url, api_key=args.api_key, timeout=args.timeout) as client:
-            out = client.generate(
-                args.instruction,
-                input=args.input,
-                k=args.k,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                seed=args.seed,
-                mode=args.mode,
-                weight=args.weight,
-            )
+            out = client.generate(args.instruction, input=args.input, k=args.k, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, mode=args.mode,
+                                  weight=args.weight)  # fmt: skip
     except ServeError as e:
         print(f"duetto query: {e}", file=sys.stderr)
         return 1

@@ -14,6 +14,11 @@ from duetto.config import ConfigError
 from duetto.serve.ensemble import Mode
 
 
+def _check_queue_bound(n: int) -> None:
+    if n < -1 or n == 0:
+        raise ValueError("max_queued_requests: must be >= 1 (or -1 = unbounded, which can hang under overload)")
+
+
 @dataclass
 class EnsembleOptions:
     k: int = 4
@@ -89,12 +94,9 @@ class DeploymentOptions:
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size: must be >= 1")
         if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(
-                f"max_ongoing_requests: {self.max_ongoing_requests} is below max_batch_size "
-                f"{self.max_batch_size}, so a full batch could never form"
-            )
-        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
-            raise ValueError("max_queued_requests: must be >= 1 (or -1 = unbounded, which can hang under overload)")
+            message = f"max_ongoing_requests: {self.max_ongoing_requests} is below max_batch_size {self.max_batch_size}"
+            raise ValueError(f"{message}, so a full batch could never form")
+        _check_queue_bound(self.max_queued_requests)
         if self.batch_wait_timeout_s < 0:
             raise ValueError("batch_wait_timeout_s: must be >= 0")
 
@@ -117,8 +119,7 @@ class IngressOptions:
             raise ValueError("num_replicas / max_ongoing_requests: must be >= 1")
         if self.num_cpus < 0:
             raise ValueError("num_cpus: must be >= 0")
-        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
-            raise ValueError("max_queued_requests: must be >= 1 (or -1 = unbounded, which can hang under overload)")
+        _check_queue_bound(self.max_queued_requests)
 
 
 @dataclass
@@ -163,31 +164,28 @@ class ServeConfig:
     ingress_deployment: IngressOptions = field(default_factory=IngressOptions)
 
     def validate(self) -> None:
-        for name in ("generator_template", "reranker_template"):
-            if getattr(self, name) not in ("", "study", "chat"):
-                raise ConfigError(f"{name}: must be study, chat or empty, got {getattr(self, name)!r}")
+        for name, template in (("generator_template", self.generator_template),
+                               ("reranker_template", self.reranker_template)):  # fmt: skip
+            if template not in ("", "study", "chat"):
+                raise ConfigError(f"{name}: must be study, chat or empty, got {template!r}")
         if self.quantize not in ("auto", "none", "8", "4"):
             raise ConfigError(f"quantize: must be auto, none, 8 or 4, got {self.quantize!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: must be in 1..65535, got {self.port}")
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"route_prefix: must start with '/', got {self.route_prefix!r}")
-        if self.ensemble.k > self.limits.max_k:
-            raise ConfigError(f"ensemble.k: {self.ensemble.k} is above limits.max_k {self.limits.max_k}")
-        if self.ensemble.max_new_tokens > self.limits.max_new_tokens:
-            raise ConfigError(
-                f"ensemble.max_new_tokens: {self.ensemble.max_new_tokens} is above limits.max_new_tokens "
-                f"{self.limits.max_new_tokens}"
-            )
+        ens, lim = self.ensemble, self.limits
+        for key, value, limit in (("k", ens.k, lim.max_k), ("max_new_tokens", ens.max_new_tokens, lim.max_new_tokens)):
+            if value > limit:
+                raise ConfigError(f"ensemble.{key}: {value} is above limits.max_{key} {limit}")
         if self.request_timeout_s <= 0:
             raise ConfigError("request_timeout_s: must be > 0")
 
     def require_models(self) -> None:
         """Called before launching (not at load time, so shipped YAMLs validate without trained models)."""
-        if not self.generator and not self.from_sweep:
-            raise ConfigError("generator: name a trained model (or from_sweep: a sweep dir)")
-        if not self.reranker and not self.from_sweep:
-            raise ConfigError("reranker: name a trained model (or from_sweep: a sweep dir)")
+        for name in ("generator", "reranker"):
+            if not getattr(self, name) and not self.from_sweep:
+                raise ConfigError(f"{name}: name a trained model (or from_sweep: a sweep dir)")
 
     def resolved_api_key(self) -> str:
         import os
@@ -219,11 +217,7 @@ def check_serve_app_file(path: str) -> list[ServeConfig]:
 
     data = read_yaml(path)
     try:
-        schema = (
-            ServeDeploySchema.model_validate(data)
-            if hasattr(ServeDeploySchema, "model_validate")
-            else ServeDeploySchema.parse_obj(data)
-        )
+        schema = ServeDeploySchema.model_validate(data)
     except Exception as e:
         raise ConfigError(f"{path}: not a valid Ray Serve config file: {e}") from None
     configs = []

@@ -35,7 +35,7 @@ from ray.serve.exceptions import BackPressureError
 from duetto.config import from_dict
 from duetto.serve.api import ApiError, api, authorized, chat_instruction, extension, no_streaming, usage
 from duetto.serve.config import ServeConfig
-from duetto.serve.ensemble import EnsembleRequest, needs_generator, needs_reranker_scores, run_ensemble
+from duetto.serve.ensemble import EnsembleRequest, needs_generator, run_ensemble
 from duetto.serve.merge import CallInfo
 from duetto.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from duetto.trainers.inference import Candidate, count_prompt_tokens, stop_suffix_tokens
@@ -85,75 +85,57 @@ class Ingress:
 
     # ---- validation --------------------------------------------------------------------------
 
-    def _settings(self, *, instruction: str, input: str, k: int | None, max_new: int | None, temperature: float | None,
-                  top_p: float | None, seed: int | None, mode: str | None, weight: float | None,
-                  k_field: str, max_field: str, prompt_field: str) -> tuple[EnsembleRequest, str, float, int]:  # fmt: skip
+    def _settings(self, body: Any, instruction: str, input: str, k: int | None, max_new: int | None, k_field: str,
+                  max_field: str, prompt_field: str) -> tuple[EnsembleRequest, str, float, int]:  # fmt: skip
+        """The request's settings over the configured defaults, checked against the limits and each
+        model's context; also the prompt's length in tokens (the longer of the two models' counts)."""
         ens, lim = self.cfg.ensemble, self.cfg.limits
         k = ens.k if k is None else k
         max_new = ens.max_new_tokens if max_new is None else max_new
-        mode = mode or ens.mode
-        if weight is not None and mode != "mix":
+        mode = body.mode or ens.mode
+        if body.weight is not None and mode != "mix":
             raise ApiError(422, f"weight is only used with mode=mix (mode here is {mode})", "weight")
-        weight = ens.weight if weight is None else weight
         if k > lim.max_k:
             raise ApiError(422, f"{k_field} = {k} is above the limit {lim.max_k}", k_field)
         if max_new > lim.max_new_tokens:
             raise ApiError(422, f"{max_field} = {max_new} is above the limit {lim.max_new_tokens}", max_field)
-        checks = []
-        if needs_generator(mode):
-            checks.append(("generator", self.gen_info, max_new))
-        if needs_reranker_scores(mode) or mode == "reranker-greedy":
-            # scoring appends the stop token(s) after the response
-            checks.append(
-                ("reranker", self.rer_info, max_new + stop_suffix_tokens(self.rer_info.tokenizer, self.rer_info.template))
-            )
+        checks = [("generator", self.gen_info, max_new)] if needs_generator(mode) else []
+        if mode != "generator":  # the reranker model scores or answers; scoring appends the stop token(s)
+            stop = stop_suffix_tokens(self.rer_info.tokenizer, self.rer_info.template)
+            checks.append(("reranker", self.rer_info, max_new + stop))
         prompt_tokens = 0
         for name, info, budget in checks:
             n = count_prompt_tokens(info.tokenizer, info.template, instruction, input)
             prompt_tokens = max(prompt_tokens, n)
             if n + budget > info.context:
-                raise ApiError(
-                    422,
-                    f"prompt is {n} tokens for the {name}; with {max_field} = {max_new} it exceeds the "
-                    f"context of {info.context} tokens",
-                    prompt_field,
-                )
-        request = EnsembleRequest(
-            instruction=instruction,
-            input=input,
-            k=k,
-            max_new_tokens=max_new,
-            temperature=ens.temperature if temperature is None else temperature,
-            top_p=ens.top_p if top_p is None else top_p,
-            seed=seed,
-        )
-        return request, mode, weight, prompt_tokens
+                message = f"prompt is {n} tokens for the {name}; with {max_field} = {max_new} it exceeds the context"
+                raise ApiError(422, f"{message} of {info.context} tokens", prompt_field)
+        temperature = ens.temperature if body.temperature is None else body.temperature
+        top_p = ens.top_p if body.top_p is None else body.top_p
+        request = EnsembleRequest(instruction, input, k, max_new, temperature, top_p, body.seed)
+        return request, mode, ens.weight if body.weight is None else body.weight, prompt_tokens
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.cfg.model_name:
-            raise ApiError(
-                404,
-                f"model {model!r} is not served here; GET /v1/models lists {self.cfg.model_name!r}",
-                "model",
-                "model_not_found",
-            )
+            message = f"model {model!r} is not served here; GET /v1/models lists {self.cfg.model_name!r}"
+            raise ApiError(404, message, "model", "model_not_found")
 
     # ---- the pipeline's steps: deployment calls ----------------------------------------------
 
+    @staticmethod
+    async def _call_each(method: Any, who: str, payloads: list[dict]) -> list[dict]:
+        """One deployment call per request, concurrently (the deployment batches them)."""
+        return await asyncio.gather(*(call_deployment(functools.partial(method.remote, p), who) for p in payloads))
+
     async def _sample(self, method: str, who: str, requests: list) -> tuple:
         handle = getattr(self.generator if who == "generator" else self.reranker, method)
-        outs = await asyncio.gather(
-            *(call_deployment(functools.partial(handle.remote, asdict(r)), who) for r in requests)
-        )
+        outs = await self._call_each(handle, who, [asdict(r) for r in requests])
         return [[Candidate(**c) for c in o["candidates"]] for o in outs], _call_info(outs)
 
     async def _score(self, requests: list, candidates: list) -> tuple:
-        score = self.reranker.score.remote
-        outs = await asyncio.gather(*(
-            call_deployment(functools.partial(score, {"instruction": r.instruction, "input": r.input,
-                                                      "texts": [c.text for c in cs]}), "reranker")
-            for r, cs in zip(requests, candidates)
-        ))  # fmt: skip
+        payloads = [{"instruction": r.instruction, "input": r.input, "texts": [c.text for c in cs]}
+                    for r, cs in zip(requests, candidates)]  # fmt: skip
+        outs = await self._call_each(self.reranker.score, "reranker", payloads)
         return [o["scores"] for o in outs], _call_info(outs)
 
     async def _ensemble(self, request: EnsembleRequest, mode: str, weight: float) -> dict:
@@ -183,52 +165,40 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.cfg.model_name,
-                    "object": "model",
-                    "created": self.created,
-                    "owned_by": "duetto",
-                    "generator": self.cfg.generator,
-                    "reranker": self.cfg.reranker,
-                    "mode": self.cfg.ensemble.mode,
-                }
-            ],
-        }
+        model = {"id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "duetto",
+                 "generator": self.cfg.generator, "reranker": self.cfg.reranker, "mode": self.cfg.ensemble.mode}
+        return {"object": "list", "data": [model]}
 
     @api.post("/v1/generate")
     async def generate(self, body: GenerateRequest) -> dict:
-        request, mode, weight, _ = self._settings(
-            instruction=body.instruction, input=body.input, k=body.k, max_new=body.max_new_tokens,
-            temperature=body.temperature, top_p=body.top_p, seed=body.seed, mode=body.mode, weight=body.weight,
-            k_field="k", max_field="max_new_tokens", prompt_field="instruction",
-        )  # fmt: skip
+        request, mode, weight, _ = self._settings(body, body.instruction, body.input, body.k, body.max_new_tokens,
+                                                  "k", "max_new_tokens", "instruction")  # fmt: skip
         return await self._ensemble(request, mode, weight)
+
+    async def _openai_answer(self, body: Any, instruction: str, max_new: int | None, max_field: str,
+                             prompt_field: str, kind: str, choice: Callable[[str], dict]) -> dict:  # fmt: skip
+        """An OpenAI-style answer (``kind``: its object) of the ensemble's pick; ``choice(response)``
+        is the route's own part of the one choice."""
+        request, mode, weight, prompt_tokens = self._settings(body, instruction, "", body.n, max_new, "n", max_field,
+                                                              prompt_field)  # fmt: skip
+        out = await self._ensemble(request, mode, weight)
+        finish_reason = out["candidates"][out["chosen_index"]]["finish_reason"]
+        return {
+            "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.cfg.model_name,
+            "choices": [{**choice(out["response"]), "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, out),
+            "duetto": extension(out),
+        }
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> dict:
         self._check_model(body.model)
         no_streaming(body.stream)
-        request, mode, weight, prompt_tokens = self._settings(
-            instruction=body.prompt, input="", k=body.n, max_new=body.max_tokens,
-            temperature=body.temperature, top_p=body.top_p, seed=body.seed, mode=body.mode, weight=body.weight,
-            k_field="n", max_field="max_tokens", prompt_field="prompt",
-        )  # fmt: skip
-        out = await self._ensemble(request, mode, weight)
-        chosen = out["candidates"][out["chosen_index"]]
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.cfg.model_name,
-            "choices": [
-                {"text": out["response"], "index": 0, "logprobs": None, "finish_reason": chosen["finish_reason"]}
-            ],
-            "usage": usage(prompt_tokens, out),
-            "duetto": extension(out),
-        }
+        return await self._openai_answer(body, body.prompt, body.max_tokens, "max_tokens", "prompt", "text_completion",
+                                         lambda text: {"text": text, "index": 0})  # fmt: skip
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> dict:
@@ -238,26 +208,7 @@ class Ingress:
             raise ApiError(422, "give max_tokens or max_completion_tokens, not both", "max_tokens")
         instruction = chat_instruction(body)
         max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        request, mode, weight, prompt_tokens = self._settings(
-            instruction=instruction, input="", k=body.n, max_new=body.max_completion_tokens or body.max_tokens,
-            temperature=body.temperature, top_p=body.top_p, seed=body.seed, mode=body.mode, weight=body.weight,
-            k_field="n", max_field=max_field, prompt_field="messages",
+        return await self._openai_answer(
+            body, instruction, body.max_completion_tokens or body.max_tokens, max_field, "messages", "chat.completion",
+            lambda text: {"index": 0, "message": {"role": "assistant", "content": text}},
         )  # fmt: skip
-        out = await self._ensemble(request, mode, weight)
-        chosen = out["candidates"][out["chosen_index"]]
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.cfg.model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": out["response"]},
-                    "logprobs": None,
-                    "finish_reason": chosen["finish_reason"],
-                }
-            ],
-            "usage": usage(prompt_tokens, out),
-            "duetto": extension(out),
-        }

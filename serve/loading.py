@@ -176,9 +176,7 @@ def _model_name_to_path(name: str) -> str:
         return name
     try:
         from duetto.models import resolve_model
-    except ImportError:
-        return name
-    try:
+
         return str(resolve_model(name))
     except Exception:  # not a fetch name: leave it to from_pretrained (a hub id), which names it if wrong
         return name
@@ -210,16 +208,9 @@ def load_for_inference(
         if bits is not None:
             from transformers import BitsAndBytesConfig
 
-            kwargs["quantization_config"] = (
-                BitsAndBytesConfig(load_in_8bit=True)
-                if bits == 8
-                else BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type="nf4",
-                    bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch_dtype,
-                )
-            )
+            nf4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                   "bnb_4bit_compute_dtype": torch_dtype}  # fmt: skip
+            kwargs["quantization_config"] = BitsAndBytesConfig(**({"load_in_8bit": True} if bits == 8 else nf4))
             kwargs["device_map"] = {"": device}
         base = AutoModelForCausalLM.from_pretrained(_model_name_to_path(spec.base or ""), **kwargs)
         model = PeftModel.from_pretrained(base, spec.path)
@@ -248,15 +239,6 @@ def context_length(spec: SavedModel) -> int:
     return int(n)
 
 
-def default_template(spec: SavedModel, tokenizer: Any, override: str = "") -> str:
-    """The template the model was trained with; else chat when the tokenizer has a chat template."""
-    if override:
-        return override
-    if spec.template:
-        return str(spec.template)
-    return "chat" if getattr(tokenizer, "chat_template", None) else "study"
-
-
 @dataclass
 class PromptingInfo:
     """How to prompt a served model and how much text it takes, known without loading its weights."""
@@ -274,10 +256,11 @@ def prompting_info(source: str, template_override: str = "", context_cap: int = 
 
     spec = inspect_saved(source)
     tokenizer = load_tokenizer(_model_name_to_path(spec.tokenizer_path))
-    context = context_length(spec)
-    if context_cap > 0:
-        context = min(context, context_cap)
-    return PromptingInfo(spec, tokenizer, default_template(spec, tokenizer, template_override), context)
+    context = min(context_length(spec), context_cap) if context_cap > 0 else context_length(spec)
+    # the override, else the template the model was trained with, else chat when the tokenizer has one
+    template = template_override or str(spec.template or "")
+    template = template or ("chat" if getattr(tokenizer, "chat_template", None) else "study")
+    return PromptingInfo(spec, tokenizer, template, context)
 
 
 def load_lm(source: str, template: str = "", *, device: str = "cpu", dtype: str = "auto", quantize: str = "auto",

@@ -8,9 +8,11 @@ queued while the model was busy into one call (serve/merge.py). The model calls 
 # No `from __future__ import annotations`: Ray ships these classes to their replicas, where string
 # annotations would have to be resolved again.
 import asyncio
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
@@ -20,12 +22,10 @@ from duetto.serve.merge import PARK_SLOTS
 log = logging.getLogger("duetto.serve")
 
 
-class _ParkedBatchesFilter(logging.Filter):
+def _drop_parked_batches_warning(record: logging.LogRecord) -> bool:
     """Drops Ray's warning that max_batch_size x max_concurrent_batches exceeds max_ongoing_requests."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not ("max_concurrent_batches" in msg and "max_ongoing_requests" in msg)
+    msg = record.getMessage()
+    return not ("max_concurrent_batches" in msg and "max_ongoing_requests" in msg)
 
 
 #: Set in a request dict whose caller has gone (see _ModelReplica._batched).
@@ -37,11 +37,12 @@ class _ModelReplica:
     event loop keeps accepting requests (and forming the next batch) while the model computes. The
     batches formed meanwhile are parked and merged into the next call (serve/merge.py)."""
 
-    def _load(self, source: str, template: str, quantize: str, dtype: str, context_cap: int,
-              allow_pickle: bool) -> None:  # fmt: skip
+    def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict,
+                 allow_pickle: bool = False):  # fmt: skip
         import ray
 
         from duetto.serve.loading import inspect_saved, load_lm, pick_device
+        from duetto.serve.merge import MergedCalls
 
         t0 = time.perf_counter()
         # the GPUs Ray actually assigned, so a Serve config file's ray_actor_options decide too
@@ -53,19 +54,23 @@ class _ModelReplica:
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s (%s, template=%s) on %s in %.1f s", source, type(self.lm.model).__name__, self.lm.template,
                  self.device, self.load_s)  # fmt: skip
-
-    def _configure_batching(self, method: Any, opts: dict, run: Any) -> Any:
-        """Serve's batching settings for ``method``, and the MergedCalls its batches share the model through."""
-        from duetto.serve.merge import MergedCalls
-
-        method.set_max_batch_size(int(opts["max_batch_size"]))
-        method.set_batch_wait_timeout_s(float(opts["batch_wait_timeout_s"]))
+        # Serve's batching settings for each batched method, and the MergedCalls its batches share the model through
+        size = int(options["max_batch_size"])
+        self._merged = {}
+        for name, run in self._model_calls().items():
+            getattr(self, name).set_max_batch_size(size)
+            getattr(self, name).set_batch_wait_timeout_s(float(options["batch_wait_timeout_s"]))
+            self._merged[name] = MergedCalls(functools.partial(self._in_thread, run), size,
+                                             dropped=lambda item: item.get(_CLIENT_GONE, False))  # fmt: skip
         # Ray warns that max_batch_size x max_concurrent_batches exceeds max_ongoing_requests; parked
         # batches never run side by side (see serve/merge.py), so the warning does not apply here.
         serve_log = logging.getLogger("ray.serve")
-        if not any(isinstance(f, _ParkedBatchesFilter) for f in serve_log.filters):
-            serve_log.addFilter(_ParkedBatchesFilter())
-        return MergedCalls(run, int(opts["max_batch_size"]), dropped=lambda item: item.get(_CLIENT_GONE, False))
+        if _drop_parked_batches_warning not in serve_log.filters:
+            serve_log.addFilter(_drop_parked_batches_warning)
+
+    def _model_calls(self) -> dict[str, Callable[[list[dict]], list]]:
+        """{batched method name: its model call (run in a worker thread on the request dicts)}."""
+        raise NotImplementedError
 
     @staticmethod
     async def _batched(method: Any, request: dict) -> dict:
@@ -77,28 +82,37 @@ class _ModelReplica:
             request[_CLIENT_GONE] = True
             raise
 
-    async def _in_thread(self, fn: Any, *args: Any) -> Any:
-        def locked() -> Any:
+    async def _in_thread(self, fn: Callable[[list[dict]], list], items: list[dict]) -> list:
+        items = [dict(item) for item in items]  # copied here: the event loop may mark one meanwhile
+
+        def locked() -> list:
             with self._lock:
-                return fn(*args)
+                return fn(items)
 
         return await asyncio.to_thread(locked)
 
     async def info(self) -> dict:
-        return {
-            "source": self.lm.name,
-            "adapter": self.spec.adapter,
-            "method": self.spec.method,
-            "template": self.lm.template,
-            "device": self.device,
-            "context": self.lm.context,
-            "load_s": round(self.load_s, 2),
-        }
+        return {"source": self.lm.name, "adapter": self.spec.adapter, "method": self.spec.method,
+                "template": self.lm.template, "device": self.device, "context": self.lm.context,
+                "load_s": round(self.load_s, 2)}  # fmt: skip
 
 
-def _answer(call: Any, **fields: Any) -> dict:
-    """One request's answer from a model call (``call``: its merge.CallInfo)."""
-    return {**fields, "batch_requests": call.requests, "model_ms": call.model_ms}
+def _batch_method(name: str, answer: Callable[[Any], dict]) -> Any:
+    """The ``@serve.batch`` method ``name`` (Serve finds ``self`` by that name): its batches run through
+    ``self._merged[name]``, and ``answer(result)`` shapes each request's answer."""
+
+    async def batch(self: _ModelReplica, items: list[dict]) -> list[dict]:
+        results, call = await self._merged[name](items)
+        info = {"batch_requests": call.requests, "model_ms": call.model_ms}
+        # None: a request whose caller has gone, skipped by the model call (nobody reads its answer)
+        return [None if r is None else {**answer(r), **info} for r in results]
+
+    batch.__name__ = batch.__qualname__ = name
+    return serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)(batch)
+
+
+def _candidates(cands: list) -> dict:
+    return {"candidates": [c.to_dict() for c in cands]}
 
 
 def _requests_from(items: list[dict]):
@@ -117,48 +131,29 @@ def _scored_from(items: list[dict]):
     return reqs, [[Candidate(text) for text in it["texts"]] for it in items]
 
 
-def _candidates_answers(cands: list, call: Any) -> list:
-    # None: a request whose caller has gone, skipped by the model call (nobody reads its answer)
-    return [None if cs is None else _answer(call, candidates=[c.to_dict() for c in cs]) for cs in cands]
-
-
 @serve.deployment(name="Generator")
 class Generator(_ModelReplica):
-    def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict,
-                 allow_pickle: bool = False):  # fmt: skip
+    def _model_calls(self) -> dict:
         from duetto.serve.ensemble import sample_requests
 
-        self._load(source, template, quantize, dtype, context_cap, allow_pickle)
-        self._generate_merged = self._configure_batching(
-            self._generate_batch, options, lambda items: self._in_thread(sample_requests, self.lm, _requests_from(items))
-        )
+        return {"_generate_batch": lambda items: sample_requests(self.lm, _requests_from(items))}
 
     async def generate(self, request: dict) -> dict:
         """One request ({instruction, input, k, max_new_tokens, temperature, top_p, seed}) -> its candidates."""
         return await self._batched(self._generate_batch, request)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
-    async def _generate_batch(self, items: list[dict]) -> list[dict]:
-        return _candidates_answers(*await self._generate_merged(items))
+    _generate_batch = _batch_method("_generate_batch", _candidates)
 
 
 @serve.deployment(name="Reranker")
 class Reranker(_ModelReplica):
-    def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict,
-                 allow_pickle: bool = False):  # fmt: skip
+    def _model_calls(self) -> dict:
         from duetto.serve.ensemble import sample_requests, score_requests
 
-        self._load(source, template, quantize, dtype, context_cap, allow_pickle)
-        self._score_merged = self._configure_batching(
-            self._score_batch,
-            options,
-            lambda items: self._in_thread(lambda: score_requests(self.lm, *_scored_from(items))),
-        )
-        self._greedy_merged = self._configure_batching(
-            self._greedy_batch,
-            options,
-            lambda items: self._in_thread(lambda: sample_requests(self.lm, _requests_from(items), greedy=True)),
-        )
+        return {
+            "_score_batch": lambda items: score_requests(self.lm, *_scored_from(items)),
+            "_greedy_batch": lambda items: sample_requests(self.lm, _requests_from(items), greedy=True),
+        }
 
     async def score(self, request: dict) -> dict:
         """{instruction, input, texts: [...]} -> {scores: [...]}: mean log-likelihood per response token."""
@@ -168,11 +163,5 @@ class Reranker(_ModelReplica):
         """The reranker-greedy comparison mode: the reranker model answers on its own, greedily."""
         return await self._batched(self._greedy_batch, request)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
-    async def _score_batch(self, items: list[dict]) -> list[dict]:
-        scores, call = await self._score_merged(items)
-        return [None if s is None else _answer(call, scores=s) for s in scores]
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=PARK_SLOTS)
-    async def _greedy_batch(self, items: list[dict]) -> list[dict]:
-        return _candidates_answers(*await self._greedy_merged(items))
+    _score_batch = _batch_method("_score_batch", lambda scores: {"scores": scores})
+    _greedy_batch = _batch_method("_greedy_batch", _candidates)
