@@ -305,6 +305,26 @@ def add_config_flags(parser: Any, cls: type, keys: Any) -> None:
         parser.add_argument(flag, type=arg_type, choices=choices, metavar=metavar, **common)
 
 
+def add_config_arguments(parser: Any, example: str) -> None:
+    """What every config-driven command takes: an optional YAML, dotted ``key=value`` overrides, and
+    ``--help-config``. ``config_from_arguments`` reads them back."""
+    parser.add_argument("config", nargs="?", help=f"config YAML (e.g. {example})")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, applied last")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+
+
+def config_from_arguments(cls: type[T], args: Any, flags: dict[str, Any] | None = None) -> T | None:
+    """The config of ``add_config_arguments`` (a first word with ``=`` is an override, not a file);
+    None after printing the keys for ``--help-config``."""
+    if args.help_config:
+        print(format_help(cls))
+        return None
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:
+        config, overrides = None, [config, *overrides]
+    return load_config(cls, config, overrides, flags={**config_flags(args), **(flags or {})})
+
+
 def config_flags(args: Any) -> dict[str, Any]:
     """The dotted values of the flags ``add_config_flags`` made that the user gave (None = not given)."""
     return {k[len(_FLAG_PREFIX):]: v for k, v in vars(args).items() if k.startswith(_FLAG_PREFIX) and v is not None}

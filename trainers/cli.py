@@ -7,9 +7,9 @@ import json
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="trial YAML (e.g. configs/qlora_study.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. qlora.bits=4 max_steps=50")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    from duetto.config import add_config_arguments
+
+    add_config_arguments(parser, "configs/qlora_study.yaml; overrides e.g. qlora.bits=4 max_steps=50")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -18,16 +18,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from duetto.config import format_help, load_config, to_dict
+    from duetto.config import config_from_arguments, to_dict
     from duetto.trainers.config import TrialConfig
 
-    if args.help_config:
-        print(format_help(TrialConfig))
+    cfg = config_from_arguments(TrialConfig, args)
+    if cfg is None:
         return 0
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config:  # only overrides were given
-        config, overrides = None, [config, *overrides]
-    cfg = load_config(TrialConfig, config, overrides)
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from duetto.config import ConfigError, dump_yaml, load_config
+from duetto.config import ConfigError, dump_yaml
 from duetto.serve.ensemble import Mode
 from duetto.workflows.render import fmt_ci, render_markdown
 
@@ -311,24 +311,18 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="report YAML (e.g. configs/report_study.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    parser.add_argument("--sweep", help="take the best QLoRA and GaLore trials of this sweep dir")
-    parser.add_argument("--help-config", action="store_true", help="list every config key")
+    from duetto.config import add_config_arguments, add_config_flags
+
+    add_config_arguments(parser, "configs/report_study.yaml")
+    add_config_flags(parser, ReportConfig, ["sweep"])
 
 
 def run(args: argparse.Namespace) -> int:
-    from duetto.config import format_help
+    from duetto.config import config_from_arguments
 
-    if args.help_config:
-        print(format_help(ReportConfig))
+    cfg = config_from_arguments(ReportConfig, args)
+    if cfg is None:
         return 0
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config:
-        config, overrides = None, [config, *overrides]
-    if args.sweep:
-        overrides.append(f"sweep={args.sweep}")
-    cfg = load_config(ReportConfig, config, overrides)
     report = build_report(cfg, command="duetto report " + " ".join(sys.argv[2:]))
     for name, s in report["systems"].items():
         print(f"{name:45} BLEU-4 {fmt_ci(*s['bleu4'], 2):24} ROUGE-L {fmt_ci(*s['rougeL'], 3)}")
