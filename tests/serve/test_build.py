@@ -68,9 +68,8 @@ def test_serve_defaults_to_the_gpu_on_a_gpu_machine(free_ports, qlora_trial, gal
     import ray
     from ray import serve
 
-    from duetto.serve.app import start
-
     from duetto.ray_connect import init_local
+    from duetto.serve.app import start
 
     init_local(include_dashboard=False)
     try:
