@@ -305,7 +305,7 @@ def submit_command(state: ClusterState | None = None, sweep_file: str = SWEEP_FI
     cmd = ["ray", "job", "submit"]
     if state is not None:
         cmd += ["--address", state.dashboard_url]
-    cmd += ["--working-dir", ".", "--", "duetto", "sweep", sweep_file]
+    cmd += ["--working-dir", ".", "--", "duetto", "sweep", "run", sweep_file]
     if not Path(sweep_file).is_file():
         return cmd
     storage, data = sweep_paths(sweep_file)

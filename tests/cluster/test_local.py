@@ -76,13 +76,13 @@ def test_submit_command_writes_results_into_the_checkout(monkeypatch, tmp_path):
     assert argv[:5] == ["ray", "job", "submit", "--address", "http://127.0.0.1:8290"]
     assert argv[5:8] == ["--working-dir", ".", "--"]
     sweep_argv = argv[8:]
-    assert sweep_argv[:3] == ["duetto", "sweep", local.SWEEP_FILE]
-    overrides = dict(a.split("=", 1) for a in sweep_argv[3:])
+    assert sweep_argv[:4] == ["duetto", "sweep", "run", local.SWEEP_FILE]
+    overrides = dict(a.split("=", 1) for a in sweep_argv[4:])
     assert overrides["storage_path"] == str(REPO / "duetto-runs" / "sweeps" / load_sweep(local.SWEEP_FILE).name)
     for key in ("base.data.train", "base.data.test"):
         assert Path(overrides[key]).is_absolute() and overrides[key].startswith(str(REPO))
     # the job (in Ray's copy of the checkout) accepts them and lands in this checkout
-    sweep = load_sweep(local.SWEEP_FILE, sweep_argv[3:])
+    sweep = load_sweep(local.SWEEP_FILE, sweep_argv[4:])
     monkeypatch.chdir(tmp_path)
     assert sweep.sweep_dir() == Path(overrides["storage_path"])
     assert local.submit_command(None)[-1] == local.SWEEP_FILE  # elsewhere: no sweep file, no overrides
@@ -93,7 +93,7 @@ def test_submit_command_reads_the_sweep_without_the_tune_stage(monkeypatch, tmp_
     (tmp_path / "trial.yaml").write_text("data:\n  train: t/train.jsonl\n  test: t/test.jsonl\n")
     (tmp_path / "sweep.yaml").write_text("trial_config: trial.yaml\nbase:\n  data.test: b/test.jsonl\n")
     monkeypatch.chdir(tmp_path)
-    overrides = dict(a.split("=", 1) for a in local.submit_command(None, "sweep.yaml")[9:])
+    overrides = dict(a.split("=", 1) for a in local.submit_command(None, "sweep.yaml")[10:])
     assert overrides == {"storage_path": str(tmp_path / "duetto-runs" / "sweeps" / "sweep"),
                          "base.data.train": str(tmp_path / "t" / "train.jsonl"),
                          "base.data.test": str(tmp_path / "b" / "test.jsonl")}  # fmt: skip
@@ -191,7 +191,7 @@ def test_up_submit_status_down_leaves_other_rays_alone(free_ports):
         line = next(ln.strip() for ln in up.stdout.splitlines() if "ray job submit" in ln and "--working-dir" in ln)
         argv = shlex.split(line)
         assert "RAY_AUTH_MODE=token" in argv and f"RAY_AUTH_TOKEN_PATH={state.token_path}" in argv
-        assert argv[argv.index("--") + 1 :][:3] == ["duetto", "sweep", local.SWEEP_FILE]
+        assert argv[argv.index("--") + 1 :][:4] == ["duetto", "sweep", "run", local.SWEEP_FILE]
         assert f"storage_path={REPO / 'duetto-runs' / 'sweeps' / 'study'}" in argv
 
         status = cli("status")

@@ -40,13 +40,14 @@ def _first_command(path: Path) -> str:
 
 
 def _check_sweep_command(argv: list[str]) -> None:
-    """`duetto sweep CONFIG key=value...`: a real subcommand, a shipped config, overrides the sweep accepts."""
-    from duetto.cli import COMMANDS
+    """`duetto sweep run CONFIG key=value...`: the parser accepts it, a shipped config, overrides the sweep accepts."""
+    from duetto.cli import parse_args
     from duetto.tune.spec import load_sweep
 
-    assert argv[0] == "duetto" and argv[1] in COMMANDS, argv
-    assert argv[1] == "sweep"
-    config, overrides = argv[2], argv[3:]
+    assert argv[0] == "duetto", argv
+    args = parse_args(argv[1:])
+    assert argv[1:3] == ["sweep", "run"] and args.sweep_action == "run", argv
+    config, overrides = args.config, args.overrides
     assert (REPO / config).is_file(), f"{config} is not in the repository"
     sweep = load_sweep(REPO / config, overrides)  # raises ConfigError naming any key the sweep does not know
     assert sweep.storage_path.startswith(SHARED_MOUNT + "/"), "the sweep folder must be on the shared volume"
