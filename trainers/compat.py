@@ -1,6 +1,7 @@
-"""Library work-arounds, each in one named function: the two CPU traps measured in GUIDE §4 (no-ops on a
-CUDA machine; on CPU they make the libraries compute correctly), and the filter of warnings known to
-be harmless for a trial.
+"""Library work-arounds, each in one named function: two CPU traps of galore-torch and bitsandbytes
+(no-ops on a CUDA machine; on CPU they make the libraries compute correctly), the checkpointing
+keywords of whichever transformers 5.x is installed, and the filter of warnings known to be harmless
+for a trial.
 """
 
 from __future__ import annotations
@@ -13,6 +14,19 @@ import types
 import warnings
 
 import torch
+
+
+def checkpointing_args(enabled: bool) -> dict:
+    """TrainingArguments' activation-checkpointing keywords: newer transformers 5 releases name them
+    ``activation_checkpointing*`` and warn on ``gradient_checkpointing*``, which older 5.x releases
+    (the GPU image's 5.17) still need."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 def guard_galore_cuda_synchronize() -> bool:

@@ -185,6 +185,8 @@ def _setup(cfg: TrialConfig, device) -> TrialSetup:
 def _training_args(cfg: TrialConfig, run: TrialSetup):
     from transformers import TrainingArguments
 
+    from duetto.trainers.compat import checkpointing_args
+
     every = cfg.report_every_steps
     strategy = "steps" if every > 0 else "epoch"
     layerwise = cfg.method == "galore" and cfg.galore.layerwise
@@ -204,8 +206,7 @@ def _training_args(cfg: TrialConfig, run: TrialSetup):
         bf16=run.autocast_bf16,
         torch_compile=cfg.compile,
         # QLoRA turned checkpointing on in prepare_model_for_kbit_training already.
-        activation_checkpointing=cfg.gradient_checkpointing and cfg.method == "galore",
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_args(cfg.gradient_checkpointing and cfg.method == "galore"),
         # Layer-wise GaLore has already stepped and freed each gradient inside backward.
         max_grad_norm=0.0 if layerwise else 1.0,
         logging_steps=cfg.logging_steps,

@@ -100,3 +100,20 @@ def test_qlora_upcast_switch_keeps_unquantized_weights_in_compute_dtype(tiny_gem
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(p.requires_grad for p in lora)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
+def test_checkpointing_args_are_keywords_this_transformers_accepts(monkeypatch):
+    """The GPU image's transformers 5.17 has only gradient_checkpointing*; newer 5.x renames them."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from duetto.trainers.compat import checkpointing_args
+
+    args = checkpointing_args(True)
+    assert set(args) <= {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert TrainingArguments(output_dir="/tmp/duetto-ckpt-args", report_to=[], **args)
+    # an older transformers without the new names gets the old ones
+    fields = [f for f in dataclasses.fields(TrainingArguments) if not f.name.startswith("activation_checkpointing")]
+    monkeypatch.setattr(dataclasses, "fields", lambda cls: fields if cls is TrainingArguments else ())
+    assert set(checkpointing_args(False)) == {"gradient_checkpointing", "gradient_checkpointing_kwargs"}
