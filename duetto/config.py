@@ -203,6 +203,17 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"galore.rank": 8, ...}``: the inverse of ``nest``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def merge_dicts(into: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Recursive merge into a copy: sections merge, values replace."""
     out = dict(into)

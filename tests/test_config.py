@@ -102,3 +102,12 @@ def test_load_config_layers_yaml_then_flags_then_overrides(tmp_path):
     assert cfg.port == 9003
     with pytest.raises(ConfigError, match=rf"{path}: unknown key ensemble.kk"):
         load_config(ServeConfig, path, flags={"ensemble.kk": 1})
+
+
+def test_flatten_is_the_inverse_of_nest():
+    from duetto.config import flatten, nest
+
+    nested = {"method": "galore", "galore": {"rank": 8, "target_modules": ["mlp"]}, "data": {"train": "t"}, "extra": {}}
+    assert flatten(nested) == {"method": "galore", "galore.rank": 8, "galore.target_modules": ["mlp"],
+                               "data.train": "t", "extra": {}}  # fmt: skip
+    assert nest(flatten(nested)) == nested

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duetto.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
+from duetto.config import ConfigError, dump_yaml, flatten, from_dict, load_config, to_dict
 from duetto.trainers.config import TrialConfig
 from duetto.trainers.trial_data import EncodedDataset, PaddingCollator, load_rows
 from duetto.trainers.trial_reports import generation_metrics, peak_memory_bytes, report_callback_cls
@@ -405,5 +405,4 @@ def _flat(cfg: TrialConfig) -> dict[str, Any]:
     del d["output_dir"]  # the same folder by definition
     for key in ("train", "test"):
         d["data"][key] = str(Path(d["data"][key]).resolve())
-    return {f"{k}.{sub}" if isinstance(v, dict) else k: x for k, v in d.items()
-            for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])}  # fmt: skip
+    return flatten(d)

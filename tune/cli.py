@@ -33,14 +33,14 @@ def _ray_flags(p: argparse.ArgumentParser) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from duetto.config import add_config_arguments
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
     sub = parser.add_subparsers(dest="sweep_action", metavar="ACTION", required=True)
     run = sub.add_parser("run", help="run a sweep file (the default action)", description="Run a sweep file with Ray Tune.")
-    run.add_argument("config", nargs="?", help="sweep YAML (e.g. configs/sweep_study.yaml)")
-    run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. num_samples=2 base.max_steps=100")
+    add_config_arguments(run, "configs/sweep_study.yaml; overrides e.g. num_samples=2 base.max_steps=100")
     run.add_argument("--dry-run", action="store_true", help="check the sweep file and print what would run; start nothing")
-    run.add_argument("--help-config", action="store_true", help="list every sweep key with its default and meaning")
     _ray_flags(run)
     resume = sub.add_parser("resume", help="finish a stopped sweep (Tuner.restore)",
                             description="Finish the sweep in SWEEP_DIR; its sweep file and overrides are saved there.")  # fmt: skip
