@@ -1,0 +1,301 @@
+"""GaLore's 8-bit AdamW (galore-torch ``GaLoreAdamW8bit``) stepped in a few fused groups.
+
+Why not the library's optimizer on the GPU path: it steps one parameter at a time (a projection, a
+bitsandbytes call, a ``torch.cuda.synchronize()`` and a projection back per weight: 272 host round
+trips a step on SmolLM2) and replaces each weight's storage every step (``p.data = ...``), which a
+captured CUDA graph cannot follow. This optimizer computes the same update with the same kernels:
+
+- weights of one shape share a group: their low-rank gradients, 8-bit Adam states and projection
+  matrices are stacked, so one bitsandbytes ``optimizer_update_8bit_blockwise`` call and one batched
+  matmul serve all of them. bitsandbytes quantizes its states in blocks of 256 values, so stacking
+  tensors whose sizes are multiples of 256 gives the same blocks as separate calls (other tensors
+  keep a group of their own);
+- the weights are updated in place, so their addresses never change;
+- layer-wise mode projects each gradient inside backward (a post-accumulate-grad hook) and frees the
+  full-rank gradient there, as the library's layer-wise optimizer does, so full gradients of all
+  projected weights never coexist; the Adam step then runs once after backward.
+
+The hyper-parameters come from the param groups HF's ``galore_adamw_8bit`` set-up builds (lr, betas,
+eps, weight_decay, rank, update_proj_gap, scale, proj_type), so both paths train with the same
+settings. ``proj_type: full`` has no fused form (the trial then uses the library's optimizer).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+#: bitsandbytes' block size for its 8-bit optimizer states (Optimizer2State.init_state)
+BNB_BLOCK = 256
+#: bitsandbytes keeps 32-bit states for tensors smaller than this (Optimizer8bit's min_8bit_size)
+MIN_8BIT_SIZE = 4096
+FUSED_PROJ_TYPES = ("std", "reverse_std", "right", "left")
+
+
+def projection_side(shape: tuple[int, int], proj_type: str) -> str:
+    """``right`` (G @ Vᵀ, V of rank × n) or ``left`` (Uᵀ @ G, U of m × rank), as GaLoreProjector picks it."""
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("right", "left"):
+        return proj_type
+    raise ValueError(f"galore.proj_type: {proj_type!r} has no fused form (fused: {', '.join(FUSED_PROJ_TYPES)})")
+
+
+class _AdamState:
+    """bitsandbytes Adam states for one flat buffer of ``numel`` values (8-bit blockwise or 32-bit)."""
+
+    def __init__(self, numel: int, device, eight_bit: bool, quirks: dict):
+        import bitsandbytes.functional as F
+
+        self.eight_bit = eight_bit
+        self.skip_zeros = bool(quirks.get("skip_zeros", False))
+        self.max_unorm = float(quirks.get("max_unorm", 0.0))
+        self.unorm_vec = torch.zeros(1, device=device) if self.max_unorm > 0 and not eight_bit else None
+        if eight_bit:
+            self.state1 = torch.zeros(numel, dtype=torch.uint8, device=device)
+            self.state2 = torch.zeros(numel, dtype=torch.uint8, device=device)
+            blocks = numel // BNB_BLOCK + bool(numel % BNB_BLOCK)
+            self.absmax1 = torch.zeros(blocks, dtype=torch.float32, device=device)
+            self.absmax2 = torch.zeros(blocks, dtype=torch.float32, device=device)
+            self.qmap1 = F.create_dynamic_map(signed=True).to(device)
+            self.qmap2 = F.create_dynamic_map(signed=False).to(device)
+        else:
+            self.state1 = torch.zeros(numel, dtype=torch.float32, device=device)
+            self.state2 = torch.zeros(numel, dtype=torch.float32, device=device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        keys = ("state1", "state2", "absmax1", "absmax2") if self.eight_bit else ("state1", "state2")
+        return {k: getattr(self, k) for k in keys}
+
+    def update(self, g: torch.Tensor, p: torch.Tensor, group: dict, step: int, weight_decay: float) -> None:
+        """One bitsandbytes Adam step of flat ``p`` with flat gradient ``g``, in place."""
+        import bitsandbytes.functional as F
+
+        beta1, beta2 = group["betas"][:2]
+        if self.eight_bit:
+            F.optimizer_update_8bit_blockwise("adam", g, p, self.state1, self.state2, beta1, beta2, 0.0, 0.0,
+                                              group["eps"], step, group["lr"], self.qmap1, self.qmap2, self.absmax1,
+                                              self.absmax2, weight_decay, gnorm_scale=1.0,
+                                              skip_zeros=self.skip_zeros)  # fmt: skip
+        else:
+            F.optimizer_update_32bit("adam", g, p, self.state1, beta1, group["eps"], step, group["lr"], self.state2,
+                                     beta2, 0.0, 0.0, weight_decay, 1.0, self.unorm_vec, max_unorm=self.max_unorm,
+                                     skip_zeros=self.skip_zeros)  # fmt: skip
+
+
+class _PlainGroup:
+    """Weights without projection (embeddings, norms): bitsandbytes AdamW on their concatenation."""
+
+    def __init__(self, params: list[torch.nn.Parameter], group: dict, eight_bit: bool, quirks: dict):
+        self.params, self.group = params, group
+        numel = sum(p.numel() for p in params)
+        self.flat_p = torch.empty(numel, dtype=params[0].dtype, device=params[0].device)
+        self.flat_g = torch.empty_like(self.flat_p)
+        self.views = [p.detach().view(-1) for p in params]
+        self.adam = _AdamState(numel, params[0].device, eight_bit, quirks)
+
+    def step(self, step: int) -> None:
+        grads = [p.grad.view(-1) if p.grad is not None else torch.zeros_like(v) for p, v in zip(self.params, self.views)]
+        torch.cat(grads, out=self.flat_g)
+        torch.cat(self.views, out=self.flat_p)
+        self.adam.update(self.flat_g, self.flat_p, self.group, step, self.group["weight_decay"])
+        torch._foreach_copy_(self.views, list(self.flat_p.split([v.numel() for v in self.views])))
+
+
+class _ProjectedGroup:
+    """Same-shape weights with GaLore projection: stacked low-rank gradients, states and projections."""
+
+    def __init__(self, params: list[torch.nn.Parameter], group: dict, quirks: dict):
+        self.params, self.group = params, group
+        p0 = params[0]
+        m, n = p0.shape
+        self.side = projection_side((m, n), group["proj_type"])
+        k = min(int(group["rank"]), m, n)
+        count, dev = len(params), p0.device
+        low_shape = (m, k) if self.side == "right" else (k, n)
+        ortho_shape = (k, n) if self.side == "right" else (m, k)
+        self.ortho = torch.zeros((count, *ortho_shape), dtype=p0.dtype, device=dev)
+        self.low = torch.zeros((count, *low_shape), dtype=p0.dtype, device=dev)  # low-rank gradients
+        self.delta = torch.zeros_like(self.low)  # bitsandbytes steps this zero "weight": it becomes the update
+        self.adam = _AdamState(self.low.numel(), dev, self.low[0].numel() >= MIN_8BIT_SIZE, quirks)
+
+    def refresh(self, j: int, grad: torch.Tensor) -> None:
+        """The projection from the SVD of this gradient (GaLoreProjector.get_orthogonal_matrix)."""
+        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+        k = self.ortho.shape[1] if self.side == "right" else self.ortho.shape[2]
+        self.ortho[j].copy_(vh[:k] if self.side == "right" else u[:, :k])
+
+    def project(self, j: int, grad: torch.Tensor) -> None:
+        if self.side == "right":
+            torch.matmul(grad, self.ortho[j].t(), out=self.low[j])
+        else:
+            torch.matmul(self.ortho[j].t(), grad, out=self.low[j])
+
+    def step(self, step: int) -> None:
+        g = self.group
+        self.delta.zero_()
+        self.adam.update(self.low.view(-1), self.delta.view(-1), g, step, 0.0)  # GaLore: no decay on the projected update
+        back = torch.bmm(self.delta, self.ortho) if self.side == "right" else torch.bmm(self.ortho, self.delta)
+        back.mul_(g["scale"])
+        weights = [p.detach() for p in self.params]
+        torch._foreach_add_(weights, list(back.unbind(0)))
+        if g["weight_decay"] > 0:
+            torch._foreach_add_(weights, weights, alpha=-g["lr"] * g["weight_decay"])
+
+
+class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
+    """``GaLoreAdamW8bit`` over the same param groups, stepped in fused groups (see the module doc).
+
+    ``layerwise=True`` projects each GaLore gradient in a backward hook and frees it there.
+    """
+
+    def __init__(self, param_groups: Iterable[dict], *, layerwise: bool, defaults: dict, quirks: dict | None = None):
+        super().__init__(list(param_groups), defaults)
+        self.layerwise = layerwise
+        self.quirks = dict(quirks or {})
+        self.steps_done = 0
+        self.plain: list[_PlainGroup] = []
+        self.projected: list[_ProjectedGroup] = []
+        self._slot: dict[torch.nn.Parameter, tuple[_ProjectedGroup, int]] = {}
+        self._hooks = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            if "rank" in group:
+                self._add_projected(params, group)
+            else:
+                self._add_plain(params, group)
+
+    def _add_plain(self, params, group) -> None:
+        q = self.quirks
+        small = [p for p in params if p.numel() < MIN_8BIT_SIZE]
+        big = [p for p in params if p.numel() >= MIN_8BIT_SIZE]
+        # 32-bit Adam is elementwise, so any concatenation steps the same, unless max_unorm clips each
+        # tensor's update by its own norm
+        self._add_stacks(small, group, eight_bit=False, alone=lambda p: q.get("max_unorm", 0.0) > 0)
+        self._add_stacks(big, group, eight_bit=True, alone=lambda p: p.numel() % BNB_BLOCK != 0)
+
+    def _add_stacks(self, params, group, *, eight_bit: bool, alone) -> None:
+        by_dtype: dict[torch.dtype, list] = {}
+        for p in params:
+            if alone(p):
+                self.plain.append(_PlainGroup([p], group, eight_bit, self.quirks))
+            else:
+                by_dtype.setdefault(p.dtype, []).append(p)
+        for same in by_dtype.values():
+            self.plain.append(_PlainGroup(same, group, eight_bit, self.quirks))
+
+    def _add_projected(self, params, group) -> None:
+        if params and any(p.dim() != 2 for p in params):
+            raise ValueError("GaLore projects 2-D weights only")
+        by_shape: dict[tuple, list] = {}
+        for p in params:
+            by_shape.setdefault((tuple(p.shape), p.dtype), []).append(p)
+        for same in by_shape.values():
+            first = _ProjectedGroup(same[:1], group, self.quirks)
+            low = first.low[0].numel()
+            # stacked 8-bit states quantize in the same blocks only when each tensor fills whole blocks
+            stack = low % BNB_BLOCK == 0 if low >= MIN_8BIT_SIZE else self.quirks.get("max_unorm", 0.0) <= 0
+            groups = [_ProjectedGroup(same, group, self.quirks)] if stack and len(same) > 1 else [
+                _ProjectedGroup([p], group, self.quirks) for p in same]  # fmt: skip
+            for pg in groups:
+                self.projected.append(pg)
+                for j, p in enumerate(pg.params):
+                    self._slot[p] = (pg, j)
+                    if self.layerwise:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(self._project_in_backward))
+
+    # --- the update ---
+
+    @property
+    def refresh_due(self) -> bool:
+        """This step recomputes the projections (an SVD per weight: GaLoreProjector's ``iter % gap == 0``)."""
+        gaps = {int(pg.group["update_proj_gap"]) for pg in self.projected}
+        return any(self.steps_done % gap == 0 for gap in gaps)
+
+    def _refresh_for(self, pg: _ProjectedGroup) -> bool:
+        return self.steps_done % int(pg.group["update_proj_gap"]) == 0
+
+    def _project_in_backward(self, p: torch.nn.Parameter) -> None:
+        pg, j = self._slot[p]
+        if self._refresh_for(pg):
+            pg.refresh(j, p.grad)
+        pg.project(j, p.grad)
+        p.grad = None  # the low-rank copy is all the step needs
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        step = self.steps_done + 1  # bitsandbytes counts from 1 (bias correction)
+        for pg in self.projected:
+            if not self.layerwise:
+                for j, p in enumerate(pg.params):
+                    if p.grad is None:
+                        pg.low[j].zero_()
+                        continue
+                    if self._refresh_for(pg):
+                        pg.refresh(j, p.grad)
+                    pg.project(j, p.grad)
+            pg.step(step)
+        for group in self.plain:
+            group.step(step)
+        self.steps_done = step
+        return loss
+
+    # --- checkpoints (exact resume: the states are copied into the existing buffers) ---
+
+    def _buffers(self) -> list[dict[str, torch.Tensor]]:
+        out = [{"ortho": pg.ortho, **pg.adam.tensors()} for pg in self.projected]
+        return out + [g.adam.tensors() for g in self.plain]
+
+    def state_dict(self) -> dict:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return {"fused_galore": 1, "steps_done": self.steps_done, "param_groups": groups,
+                "buffers": [{k: t.detach().clone() for k, t in b.items()} for b in self._buffers()]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("fused_galore") != 1:
+            raise ValueError("optimizer state: not a fused GaLore checkpoint (it was saved by another optimizer; "
+                             "resume with the same cuda_graphs setting)")
+        mine = self._buffers()
+        if len(mine) != len(state_dict["buffers"]):
+            raise ValueError("optimizer state: the checkpoint's parameter groups do not match this model")
+        for dst, src in zip(mine, state_dict["buffers"]):
+            for k, t in dst.items():
+                t.copy_(src[k])
+        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        self.steps_done = int(state_dict["steps_done"])
+
+
+def hf_galore_param_groups(args, model) -> tuple[list[dict], dict, dict]:
+    """(param groups, defaults, quirks) that HF's ``galore_adamw_8bit`` set-up gives ``GaLoreAdamW8bit``
+    for these TrainingArguments: non-target weights, then the target Linear weights with rank, gap,
+    scale and proj_type; the defaults hold lr and the library's betas, eps and weight decay.
+
+    ``quirks`` are the bitsandbytes options the library really runs with: galore-torch 1.0 passes its
+    ``percentile_clipping=100, block_wise=True`` by position, which bitsandbytes 0.50 reads as
+    ``max_unorm=100, skip_zeros=True``. So 32-bit states (tensors under 4096 values) clip each update
+    to 100 × the weight's norm, which for GaLore's zero-initialised low-rank "weight" means no update
+    at all for projections under 4096 values, and zero gradients are skipped. The fused step does
+    the same, so both paths train alike."""
+    from galore_torch import GaLoreAdamW8bit
+    from transformers import Trainer
+    from transformers.training_args import OptimizerNames
+
+    layerwise_name = args.optim
+    args.optim = OptimizerNames.GALORE_ADAMW_8BIT  # the layer-wise name would install the library's hooks
+    try:
+        _, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    finally:
+        args.optim = layerwise_name
+    groups = kwargs.pop("params")
+    library = GaLoreAdamW8bit(groups, **kwargs)  # fills each group with the library's defaults
+    quirks = {"max_unorm": float(library.args.max_unorm), "skip_zeros": bool(library.args.skip_zeros)}
+    return library.param_groups, dict(library.defaults), quirks
