@@ -75,8 +75,11 @@ def test_fused_matches_library(model_dir, layerwise, request, tmp_path):
     start = dict(_model(request.getfixturevalue(model_dir)).named_parameters())
     trained = {n for n, p in fused_model.named_parameters() if not torch.equal(p, start[n])}
     # rank 64 leaves q/gate/up/down with 8-bit low-rank states (>= 4096 values): they train, stacked by shape
-    assert {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.1.mlp.down_proj.weight", "model.norm.weight"} <= trained
+    expected = {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.down_proj.weight"}
+    if model_dir == "tiny_smollm_dir":  # Gemma's norms start at 0 (scale 1 + w): max_unorm x 0 keeps them there
+        expected.add("model.norm.weight")
+    assert expected <= trained, expected - trained
     assert any(len(pg.params) > 1 and pg.adam.eight_bit for pg in fused.projected)
 
 
