@@ -43,3 +43,23 @@ def gemma3_1b_random(out: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def smollm2_random(config_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """SmolLM2-135M-Instruct's architecture and tokenizer (a folder of its config and tokenizer files)
+    with random bf16 weights: speed work needs no trained weights."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out)
+    if (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(config_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    return out

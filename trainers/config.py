@@ -66,8 +66,8 @@ class EvalOptions:
     """Generate for the first N test rows (0 = the whole test split)."""
     max_new_tokens: int = 64
     """Generation budget per response."""
-    batch_size: int = 16
-    """Prompts per generate() call."""
+    batch_size: int = 0
+    """Prompts per generate() call; 0 = 64 on a GPU, 16 on CPU."""
     loss_examples: int = 0
     """Rows of the test split used for eval_loss (0 = the whole test split)."""
 
@@ -119,6 +119,11 @@ class TrialConfig:
     precision: Literal["auto", "bf16", "bf16-mixed", "fp32"] = "auto"
     """bf16 = bf16 weights and compute (least memory; updates below bf16's resolution are lost);
     bf16-mixed = fp32 weights with bf16 autocast; auto = bf16 on GPU, fp32 on CPU. No fp16: Gemma 3 overflows."""
+    cuda_graphs: bool | None = None
+    """The GPU fast path: each step's forward and backward replayed as one CUDA graph, GaLore's optimizer
+    stepped in fused groups, no host wait between steps (same math, schedule, data order and checkpoints).
+    null = on when the trial trains on one CUDA GPU without gradient accumulation; false = the plain HF
+    Trainer step. LLM.int8 bases (qlora.bits=8) keep eager steps (their outlier search syncs the host)."""
     compile: bool = False
     """torch.compile the model (HF `torch_compile`): fewer Python-issued kernels per step, slower first steps.
     Every batch is then padded to max_seq_len, so the compiled graph sees one shape."""

@@ -86,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
     run = _setup(cfg, device)
     if world == 1:
         _leave_single_process_group()
-    trainer, callback = _build_trainer(cfg, run, rank)
+    trainer, callback = _build_trainer(cfg, run, rank, world)
     train_loss, train_wall = float("nan"), 0.0
     if cfg.max_steps != 0:  # max_steps=0 trains nothing (the baseline)
         t0 = time.perf_counter()
@@ -117,6 +117,8 @@ def train_loop_per_worker(config: dict) -> None:
         "eval_split": "validation" if cfg.data.val_size else "test",
         "truncated_train_examples": run.train_ds.truncated,
         "step": int(trainer.state.global_step),
+        "train_loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
+        "fast_path": "on" if run.fast_blocker is None else f"off ({run.fast_blocker})",
         "resumed_from_step": resumed_step,
         "world_size": world,
         "device": str(torch.cuda.get_device_name(device)) if run.on_gpu else "cpu",
@@ -159,6 +161,7 @@ class TrialSetup:
     gen_rows: list[dict]  # held-out rows the generation metrics are computed on
     on_gpu: bool
     autocast_bf16: bool
+    fast_blocker: str | None = None  # why the GPU fast path is off (None: on)
 
 
 def _setup(cfg: TrialConfig, device) -> TrialSetup:
@@ -179,7 +182,13 @@ def _setup(cfg: TrialConfig, device) -> TrialSetup:
     dtype, autocast_bf16 = resolve_dtype(cfg.precision, on_gpu)
     built = get_method(cfg.method).build(cfg, model_path, dtype, device)
     built.model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-    return TrialSetup(model_path, tokenizer, built, train_ds, eval_ds, gen_rows, on_gpu, autocast_bf16)
+    from duetto.trainers.fast_trainer import fast_path_blocker
+
+    import ray.train
+
+    world = ray.train.get_context().get_world_size()
+    blocker = fast_path_blocker(cfg, on_gpu=on_gpu, world_size=world)
+    return TrialSetup(model_path, tokenizer, built, train_ds, eval_ds, gen_rows, on_gpu, autocast_bf16, blocker)
 
 
 def _training_args(cfg: TrialConfig, run: TrialSetup):
@@ -190,10 +199,14 @@ def _training_args(cfg: TrialConfig, run: TrialSetup):
     every = cfg.report_every_steps
     strategy = "steps" if every > 0 else "epoch"
     layerwise = cfg.method == "galore" and cfg.galore.layerwise
+    fast = run.fast_blocker is None
+    method_args = dict(run.built.trainer_args)
+    if fast and method_args.get("optim") == "adamw_torch":
+        method_args["optim"] = "adamw_torch_fused"  # the same AdamW in one kernel per step
     return TrainingArguments(
         output_dir=str(Path(cfg.output_dir) / "hf_checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=max(cfg.batch_size, 8),
+        per_device_eval_batch_size=max(cfg.batch_size, 32 if run.on_gpu else 8),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
@@ -210,6 +223,8 @@ def _training_args(cfg: TrialConfig, run: TrialSetup):
         # Layer-wise GaLore has already stepped and freed each gradient inside backward.
         max_grad_norm=0.0 if layerwise else 1.0,
         logging_steps=cfg.logging_steps,
+        # the NaN/inf loss filter reads every step's loss on the host: the fast path never waits a step
+        logging_nan_inf_filter=not fast,
         eval_strategy=strategy,
         save_strategy=strategy,
         eval_steps=every if every > 0 else None,
@@ -224,26 +239,35 @@ def _training_args(cfg: TrialConfig, run: TrialSetup):
         remove_unused_columns=False,
         # counted in the training loop only, gathered over ranks, carried across a resume
         include_num_input_tokens_seen="non_padding",
-        **run.built.trainer_args,
+        **method_args,
     )
 
 
-def _build_trainer(cfg: TrialConfig, run: TrialSetup, rank: int):
+def _build_trainer(cfg: TrialConfig, run: TrialSetup, rank: int, world: int = 1):
     """The HF Trainer (prepared for Ray Train) and the callback that reports to Ray and measures."""
     from ray.train.huggingface.transformers import prepare_trainer
     from transformers import PrinterCallback, Trainer
 
+    from duetto.trainers.fast_trainer import fast_trainer_cls
+
     interim = run.gen_rows[: cfg.interim_eval_examples] if cfg.interim_eval_examples > 0 else []
     callback = report_callback_cls()(cfg, run.tokenizer, interim, rank)
-    trainer = Trainer(
+    fast = run.fast_blocker is None
+    static_shapes = cfg.compile or fast  # compiled models and CUDA graphs see one batch shape
+    kwargs = dict(
         model=run.built.model,
         args=_training_args(cfg, run),
         train_dataset=run.train_ds,
         eval_dataset=run.eval_ds,
-        data_collator=PaddingCollator(run.tokenizer.pad_token_id, width=cfg.max_seq_len if cfg.compile else 0),
+        data_collator=PaddingCollator(run.tokenizer.pad_token_id, width=cfg.max_seq_len if static_shapes else 0),
         processing_class=run.tokenizer,
         callbacks=[callback],
     )
+    if fast:
+        layerwise = cfg.galore.layerwise if cfg.method == "galore" else None
+        trainer = fast_trainer_cls()(galore_layerwise=layerwise, **kwargs)
+    else:
+        trainer = Trainer(**kwargs)
     trainer.remove_callback(PrinterCallback)  # its raw log dicts: the callback prints one line per log instead
     return prepare_trainer(trainer), callback
 

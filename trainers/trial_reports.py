@@ -32,8 +32,9 @@ def generation_metrics(model, tokenizer, rows: list[dict], cfg: TrialConfig) -> 
     """(BLEU/ROUGE, predictions) of ``rows`` with the trial's template and evaluation settings."""
     from duetto.trainers.evaluate import evaluate_generation
 
+    batch = cfg.eval.batch_size or (64 if next(model.parameters()).is_cuda else 16)
     return evaluate_generation(model, tokenizer, rows, template=cfg.template, max_seq_len=cfg.max_seq_len,
-                               max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+                               max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch)
 
 
 def header(cfg: TrialConfig, rows, output_dir) -> str:
@@ -65,6 +66,51 @@ def progress_line(state, logs: dict) -> str | None:
     return f"duetto train: step {state.global_step}/{state.max_steps}  " + "  ".join(parts)
 
 
+class StepClock:
+    """Summed time of the training steps, begin to end, without stalling the GPU each step.
+
+    On a GPU each step's begin and end are CUDA events, so a step counts from when the GPU reaches it
+    until its last kernel ends (idle gaps inside a step included); they are read when ``seconds()`` is
+    asked for (at saves and at the end). On CPU, wall time."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self._done = 0.0
+        self._open = None
+        self._pairs: list = []
+
+    def begin(self) -> None:
+        import torch
+
+        if self.cuda:
+            self._open = torch.cuda.Event(enable_timing=True)
+            self._open.record()
+        else:
+            self._open = time.perf_counter()
+
+    def end(self) -> None:
+        import torch
+
+        if self._open is None:
+            return
+        if self.cuda:
+            stop = torch.cuda.Event(enable_timing=True)
+            stop.record()
+            self._pairs.append((self._open, stop))
+        else:
+            self._done += time.perf_counter() - self._open
+        self._open = None
+
+    def seconds(self) -> float:
+        if self._pairs:
+            self._pairs[-1][1].synchronize()
+            self._done += sum(a.elapsed_time(b) for a, b in self._pairs) / 1e3
+            self._pairs.clear()
+        return self._done
+
+
 def report_callback_cls():
     """Built lazily so importing this module does not import transformers."""
     from transformers import TrainerCallback
@@ -77,9 +123,8 @@ def report_callback_cls():
             # The training steps alone, measured from each step's begin to its end: evaluation passes
             # (full-vocabulary logits), interim generation and checkpoints between steps never count.
             self.train_peak = 0  # peak GPU memory; the allocator's peak is reset as each step begins
-            self.step_seconds = 0.0  # summed; the GPU is synchronised at each step's end so queued work counts
+            self.clock = StepClock()
             self.tokens_at_start = 0  # the Trainer's token count when this run began (non-zero on resume)
-            self._step_t0 = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.tokens_at_start = int(state.num_input_tokens_seen or 0)
@@ -91,20 +136,23 @@ def report_callback_cls():
         def tokens_per_second(self, state) -> float:
             return self.trained_tokens(state) / self.step_seconds if self.step_seconds > 0 else 0.0
 
+        @property
+        def step_seconds(self) -> float:
+            return self.clock.seconds()
+
         def on_step_begin(self, args, state, control, **kwargs):
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            self._step_t0 = time.perf_counter()
+            self.clock.begin()
 
         def on_step_end(self, args, state, control, **kwargs):
             import torch
 
             if torch.cuda.is_available():
-                torch.cuda.synchronize()
                 self.train_peak = max(self.train_peak, int(torch.cuda.max_memory_allocated()))
-            self.step_seconds += time.perf_counter() - self._step_t0
+            self.clock.end()
             fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
             marker = Path(self.cfg.output_dir) / ".injected_failure"
             if fail_at and state.global_step == fail_at and not marker.exists():

@@ -1,0 +1,195 @@
+"""Study-config trials: `duetto train` beside plain Hugging Face `Trainer`, one GPU, same data and seed.
+
+For each model x method (galore = layer-wise 8-bit GaLore, qlora-nf4, qlora-int8) at the study's
+settings (batch 2, seq 128, GaLore rank 128 / gap 200 / scale 0.25, QLoRA r 4 / alpha 8 / dropout
+0.05, gradient checkpointing on as the study ran it):
+
+- anchor: plain HF `Trainer` with the study's optimizer (`galore_adamw_8bit_layerwise`, or PEFT LoRA
+  on a bitsandbytes base with `adamw_torch`), gradient checkpointing, on the same tokenized rows;
+- duetto: `run_trial` of configs/galore_study.yaml / qlora_study.yaml (a Ray Train worker, the GPU
+  fast path on by default), the same number of steps, then again for --wall-steps steps for the
+  end-to-end wall time.
+
+Both count non-padding trained tokens over the summed step times (CUDA events), and peak memory as
+the largest `max_memory_allocated` of a step. Prints a table; writes --out as JSON.
+
+    python benchmarks/trial_speed.py --data DIR --model smollm2=DIR [--model gemma3-1b=DIR] \
+        --steps 200 --wall-steps 300 --out benchmarks/results/trial_speed_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+METHODS = {
+    "galore": ("configs/galore_study.yaml", ["learning_rate=1e-5"]),
+    "qlora-nf4": ("configs/qlora_study.yaml", ["qlora.bits=4"]),
+    "qlora-int8": ("configs/qlora_study.yaml", ["qlora.bits=8"]),
+}
+LOG_EVERY = 10
+EVAL_ROWS = 64
+
+
+def _cfg(method: str, model: str, data: str, steps: int, out: Path, extra=()):
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+
+    path, overrides = METHODS[method]
+    return load_config(TrialConfig, path, [
+        f"model={model}", f"data.train={data}/train.jsonl", f"data.test={data}/test.jsonl", f"output_dir={out}",
+        f"max_steps={steps}", f"logging_steps={LOG_EVERY}", "eval.num_examples=32", "eval.max_new_tokens=32",
+        f"eval.loss_examples={EVAL_ROWS}", "interim_eval_examples=0", "report_every_steps=0", *overrides, *extra,
+    ])  # fmt: skip
+
+
+def mean_loss(curve: list[list[float]], upto: int) -> float:
+    vals = [loss for step, loss in curve if step <= upto]
+    return statistics.fmean(vals) if vals else float("nan")
+
+
+def anchor(cfg) -> dict:
+    """Plain HF Trainer at the study's settings on the trial's own tokenized rows."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+
+    from duetto.models import load_tokenizer
+    from duetto.trainers.trial_data import EncodedDataset, PaddingCollator, load_rows
+    from duetto.trainers.trial_reports import StepClock
+
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(cfg.model)
+    rows = load_rows(cfg)
+    train = EncodedDataset(rows.train, tok, cfg.template, cfg.max_seq_len)
+    held = EncodedDataset(rows.loss(cfg), tok, cfg.template, cfg.max_seq_len)
+    kw = {}
+    if cfg.method == "galore":
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16).cuda()
+        g = cfg.galore
+        kw = dict(optim="galore_adamw_8bit_layerwise", optim_target_modules=list(g.target_modules),
+                  optim_args=f"rank={g.rank}, update_proj_gap={g.update_proj_gap}, scale={g.scale}, proj_type={g.proj_type}",
+                  gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
+    else:
+        q = cfg.qlora
+        bnb = (BitsAndBytesConfig(load_in_8bit=True) if q.bits == 8 else
+               BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16))  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, quantization_config=bnb, dtype=torch.bfloat16,
+                                                     device_map={"": 0})  # fmt: skip
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
+        model = get_peft_model(model, LoraConfig(r=q.r, lora_alpha=q.alpha, lora_dropout=q.dropout,
+                                                 target_modules=list(q.target_modules), task_type="CAUSAL_LM"))  # fmt: skip
+        kw = dict(optim="adamw_torch")
+    model.config.use_cache = False
+    clock, peak = StepClock(), [0]
+
+    class Measure(TrainerCallback):
+        def on_step_begin(self, args, state, control, **k):
+            torch.cuda.reset_peak_memory_stats()
+            clock.begin()
+
+        def on_step_end(self, args, state, control, **k):
+            peak[0] = max(peak[0], torch.cuda.max_memory_allocated())
+            clock.end()
+
+    args = TrainingArguments(output_dir="/tmp/anchor", per_device_train_batch_size=cfg.batch_size, bf16=True,
+                             learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, max_steps=cfg.max_steps,
+                             seed=cfg.seed, data_seed=cfg.seed, logging_steps=LOG_EVERY, save_strategy="no",
+                             report_to="none", disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+                             include_num_input_tokens_seen="non_padding", per_device_eval_batch_size=8, **kw)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held,
+                      data_collator=PaddingCollator(tok.pad_token_id), callbacks=[Measure()])  # fmt: skip
+    t0 = time.perf_counter()
+    trainer.train()
+    train_wall = time.perf_counter() - t0
+    curve = [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]
+    eval_loss = trainer.evaluate()["eval_loss"]
+    seconds = clock.seconds()
+    return {"tokens_per_s": trainer.state.num_input_tokens_seen / seconds, "peak_memory_bytes": peak[0],
+            "train_loss_curve": curve, "eval_loss": eval_loss, "train_seconds": seconds, "train_wall_seconds": train_wall}
+
+
+def ours(cfg) -> dict:
+    from duetto.trainers.trial import run_trial
+
+    t0 = time.perf_counter()
+    m = run_trial(cfg, overwrite=True)
+    m["command_wall_seconds"] = time.perf_counter() - t0
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--model", action="append", required=True, help="NAME=DIR")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--wall-steps", type=int, default=300)
+    ap.add_argument("--work", default="/tmp/trial-speed")
+    ap.add_argument("--skip-anchor", action="store_true")
+    ap.add_argument("--extra", action="append", default=[], help="override for the duetto runs")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    import torch
+
+    rows = []
+    result = {"rows": rows, "machine": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+              "settings": {"steps": args.steps, "wall_steps": args.wall_steps, "log_every": LOG_EVERY,
+                           "eval_rows": EVAL_ROWS, "extra": args.extra}}  # fmt: skip
+    for spec in args.model:
+        name, path = spec.split("=", 1)
+        for method in args.methods.split(","):
+            row = {"model": name, "method": method, "variant": "duetto train (fast path) vs HF Trainer"}
+            work = Path(args.work) / f"{name}_{method}"
+            try:
+                cfg = _cfg(method, path, args.data, args.steps, work / "ours", args.extra)
+                m = ours(cfg)
+                curve = m.get("train_loss_curve", [])
+                row.update(tokens_per_s=m["tokens_per_second"], peak_memory_bytes=m["peak_memory_bytes"],
+                           train_loss_mean_200=mean_loss(curve, 200), eval_loss=m["eval_loss"],
+                           fast_path=m.get("fast_path"))  # fmt: skip
+                wall = ours(_cfg(method, path, args.data, args.wall_steps, work / "wall", args.extra))
+                row.update(train_seconds=wall["train_seconds"], wall_seconds=wall["wall_seconds"],
+                           command_wall_seconds=wall["command_wall_seconds"], wall_steps=args.wall_steps,
+                           wall_tokens_per_s=wall["tokens_per_second"])  # fmt: skip
+                if not args.skip_anchor:
+                    a = anchor(cfg)
+                    row.update(anchor_tokens_per_s=a["tokens_per_s"], anchor_peak_memory_bytes=a["peak_memory_bytes"],
+                               anchor_train_loss_mean_200=mean_loss(a["train_loss_curve"], 200),
+                               anchor_eval_loss=a["eval_loss"], anchor_train_seconds=a["train_seconds"],
+                               train_loss_curve=curve, anchor_train_loss_curve=a["train_loss_curve"])  # fmt: skip
+                    row["ratio"] = row["tokens_per_s"] / row["anchor_tokens_per_s"]
+                    row["memory_ratio"] = row["peak_memory_bytes"] / row["anchor_peak_memory_bytes"]
+            except Exception as e:  # one failing row must not hide the others
+                import traceback
+
+                row["error"] = f"{type(e).__name__}: {e}"[-1500:]
+                row["traceback"] = traceback.format_exc()[-3000:]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if "curve" not in k})[:1500], flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+            torch.cuda.empty_cache()
+
+    print(f"\n{'model':10} {'method':11} {'tok/s':>8} {'anchor':>8} {'ratio':>6} {'mem GiB':>8} {'anchor':>7} "
+          f"{'loss200':>8} {'anchor':>8} {'eval':>7} {'anchor':>7} {'train s':>8} {'wall s':>7}")  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:10} {r['method']:11} ERROR {r['error'][:100]}")
+            continue
+        g = lambda k, f: format(r[k], f) if isinstance(r.get(k), (int, float)) else "-"  # noqa: E731
+        print(f"{r['model']:10} {r['method']:11} {g('tokens_per_s', '8.0f')} {g('anchor_tokens_per_s', '8.0f')} "
+              f"{g('ratio', '6.1f')} {r['peak_memory_bytes'] / 2**30:8.2f} "
+              f"{(r.get('anchor_peak_memory_bytes') or 0) / 2**30:7.2f} {g('train_loss_mean_200', '8.4f')} "
+              f"{g('anchor_train_loss_mean_200', '8.4f')} {g('eval_loss', '7.4f')} {g('anchor_eval_loss', '7.4f')} "
+              f"{g('train_seconds', '8.1f')} {g('wall_seconds', '7.1f')}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The GPU fast path computes what the plain step computes: a replayed CUDA graph gives the eager
+step's losses and weights, the fused GaLore optimizer the library's on CUDA, and a trial takes the
+fast path by default on a GPU. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+
+def _model(path, dtype=torch.bfloat16):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda()
+    m.config.use_cache = False
+    return m
+
+
+def _batches(vocab, n=8):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, vocab, (2, 32), generator=g).cuda() for _ in range(n)]
+
+
+def test_graph_replay_matches_eager_steps(tiny_smollm_dir):
+    from duetto.trainers.graph_step import GraphedStep
+
+    eager, graphed = _model(tiny_smollm_dir, torch.float32), None
+    graphed = copy.deepcopy(eager)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3, fused=True)
+    opt_g = torch.optim.AdamW(graphed.parameters(), lr=1e-3, fused=True)
+    step = GraphedStep(graphed, autocast_bf16=False, warmup_steps=2)
+    losses_e, losses_g = [], []
+    for x in _batches(eager.config.vocab_size):
+        batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+        loss = eager(**batch).loss
+        loss.backward()
+        opt_e.step()
+        opt_e.zero_grad(set_to_none=True)
+        losses_e.append(loss.item())
+        losses_g.append(step(batch).item())
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+    assert step.graph is not None and step.replays >= 5 and step.failed is None
+    torch.testing.assert_close(torch.tensor(losses_g), torch.tensor(losses_e), rtol=1e-4, atol=1e-4)
+    for a, b in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_fused_galore_matches_library_on_cuda(tiny_smollm_dir, tmp_path, layerwise):
+    from galore_torch import GaLoreAdamW8bit
+    from transformers import TrainingArguments
+
+    from duetto.trainers.galore_fused import FusedGaLoreAdamW8bit, hf_galore_param_groups
+
+    ref = _model(tiny_smollm_dir, torch.float32)
+    fused_model = copy.deepcopy(ref)
+    args = TrainingArguments(output_dir=str(tmp_path), optim="galore_adamw_8bit_layerwise", report_to="none",
+                             optim_target_modules=["self_attn", "mlp"], learning_rate=1e-3,
+                             optim_args="rank=64, update_proj_gap=2, scale=0.5, proj_type=std")  # fmt: skip
+    groups, defaults, quirks = hf_galore_param_groups(args, ref)
+    ref_opts = [GaLoreAdamW8bit([{**{k: v for k, v in g.items() if k != "params"}, "params": [p]}])
+                for g in groups for p in g["params"]]  # fmt: skip
+    names = {id(p): n for n, p in ref.named_parameters()}
+    by_name = dict(fused_model.named_parameters())
+    fused = FusedGaLoreAdamW8bit([{**g, "params": [by_name[names[id(p)]] for p in g["params"]]} for g in groups],
+                                 layerwise=layerwise, defaults=defaults, quirks=quirks)  # fmt: skip
+    for x in _batches(ref.config.vocab_size, 5):
+        ref(input_ids=x, labels=x).loss.backward()
+        for o in ref_opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        fused_model(input_ids=x, labels=x).loss.backward()
+        fused.step()
+        fused.zero_grad(set_to_none=True)
+    for (name, a), b in zip(ref.named_parameters(), fused_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("method", ["galore", "qlora"])
+def test_trial_takes_the_fast_path_on_gpu(tiny_smollm_dir, unified_data, tmp_path, method):
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.trial import run_trial
+
+    train, test = unified_data
+    cfg = load_config(TrialConfig, None, [
+        f"method={method}", f"model={tiny_smollm_dir}", f"data.train={train}", f"data.test={test}",
+        f"output_dir={tmp_path / 'trial'}", "max_seq_len=64", "batch_size=2", "max_steps=12", "logging_steps=2",
+        "eval.num_examples=4", "eval.max_new_tokens=8", "eval.loss_examples=8", "scaling.num_workers=0",
+        "galore.rank=8", "galore.update_proj_gap=5", "qlora.bits=4", "interim_eval_examples=0",
+    ])  # fmt: skip
+    m = run_trial(cfg)
+    assert m["fast_path"] == "on" and m["step"] == 12
+    losses = [loss for _, loss in m["train_loss_curve"]]
+    assert len(losses) == 6 and all(loss == loss for loss in losses)
+    assert m["trained_tokens"] > 0 and m["tokens_per_second"] > 0

@@ -1,0 +1,109 @@
+"""The HF Trainer with the GPU fast path: graphed steps, the fused GaLore optimizer, no per-step sync.
+
+Everything else stays the Trainer's: data order and seeds, the learning-rate schedule, clipping,
+logging, evaluation, checkpoints and exact resume, Ray Train's callbacks. What changes on one CUDA
+GPU (``cuda_graphs``, on by default there):
+
+- each micro-batch's forward and backward is one CUDA graph replay (trainers/graph_step.py);
+- GaLore steps with ``FusedGaLoreAdamW8bit`` (the library's math in a few fused calls, weights
+  updated in place), layer-wise or not; QLoRA's LoRA weights with torch's fused AdamW;
+- trained tokens are summed on the GPU and read at logs and saves, not with a ``.item()`` a step,
+  and the NaN-loss filter (another per-step read) is off, so the host never waits for the GPU
+  between steps.
+
+Steps that must run Python inside backward run eagerly: GaLore's projection refresh (an SVD per
+weight every ``update_proj_gap`` steps) and a batch of another shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def fast_path_blocker(cfg, *, on_gpu: bool, world_size: int) -> str | None:
+    """Why a trial with these settings takes the plain Trainer step, or None for the fast path."""
+    if cfg.cuda_graphs is False:
+        return "cuda_graphs=false"
+    if not on_gpu:
+        return "no CUDA device"
+    if world_size > 1:
+        return "DDP (several workers)"
+    if cfg.gradient_accumulation_steps != 1:
+        return "gradient accumulation"
+    if cfg.compile:
+        return "compile=true"
+    if cfg.method == "galore" and cfg.galore.proj_type == "full":
+        return "galore.proj_type=full has no fused optimizer"
+    return None
+
+
+def fast_trainer_cls():
+    """Built lazily so importing this module does not import transformers."""
+    from transformers import Trainer
+
+    from duetto.trainers.graph_step import GraphedStep, graph_blocker
+
+    class FastTrainer(Trainer):
+        def __init__(self, *args, galore_layerwise: bool | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.galore_layerwise = galore_layerwise  # None: not a GaLore trial
+            blocker = graph_blocker(self.model)
+            self.graph_blocker = blocker
+            self.graphed = None if blocker else GraphedStep(self.model, autocast_bf16=self.args.bf16)
+            self._pending_tokens: torch.Tensor | None = None
+
+        # --- the optimizer ---
+
+        def create_optimizer(self, model=None):
+            if self.galore_layerwise is None or self.optimizer is not None:
+                return super().create_optimizer(*([model] if model is not None else []))
+            from duetto.trainers.galore_fused import FusedGaLoreAdamW8bit, hf_galore_param_groups
+
+            groups, defaults, quirks = hf_galore_param_groups(self.args, model or self.model)
+            self.optimizer = FusedGaLoreAdamW8bit(groups, layerwise=self.galore_layerwise, defaults=defaults,
+                                                  quirks=quirks)  # fmt: skip
+            return self.optimizer
+
+        def _python_in_backward(self) -> bool:
+            refresh = getattr(self.optimizer, "refresh_due", False)
+            return bool(refresh)
+
+        # --- the step ---
+
+        def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+            if self.graphed is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            if self._python_in_backward():
+                return self.graphed.eager(inputs)
+            return self.graphed(inputs)
+
+        # --- no host sync a step ---
+
+        def _track_num_input_tokens(self, inputs):
+            if self.args.include_num_input_tokens_seen != "non_padding" or "attention_mask" not in inputs:
+                return super()._track_num_input_tokens(inputs)
+            n = inputs["attention_mask"].sum()
+            self._pending_tokens = n if self._pending_tokens is None else self._pending_tokens + n
+
+        def flush_token_count(self) -> None:
+            if self._pending_tokens is not None:
+                self.state.num_input_tokens_seen += int(self._pending_tokens.item())
+                self._pending_tokens = None
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            c = self.control
+            if c.should_log or c.should_save or c.should_evaluate or c.should_training_stop:
+                self.flush_token_count()
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+        def train(self, *args, **kwargs):
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self.flush_token_count()
+
+    return FastTrainer
