@@ -118,13 +118,25 @@ def train_loop_per_worker(config: dict) -> None:
         "truncated_train_examples": run.train_ds.truncated,
         "step": int(trainer.state.global_step),
         "train_loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
-        "fast_path": "on" if run.fast_blocker is None else f"off ({run.fast_blocker})",
+        "fast_path": _fast_path_summary(trainer, run),
         "resumed_from_step": resumed_step,
         "world_size": world,
         "device": str(torch.cuda.get_device_name(device)) if run.on_gpu else "cpu",
         "done": True,
     }
     _save_and_report(cfg, trainer, run, metrics, predictions, rank)
+
+
+def _fast_path_summary(trainer, run: TrialSetup) -> str:
+    """What metrics.json says about the GPU fast path: off and why, or how many steps were graph replays."""
+    if run.fast_blocker is not None:
+        return f"off ({run.fast_blocker})"
+    graphed = getattr(trainer, "graphed", None)
+    if graphed is None:
+        return f"on, eager steps ({trainer.graph_blocker})"
+    if graphed.failed:
+        return f"on, eager steps (graph capture failed: {graphed.failed[:200]})"
+    return f"on: {graphed.replays} of {trainer.state.global_step} steps replayed as a CUDA graph"
 
 
 def _restore(rank: int) -> tuple[str | None, int] | None:
