@@ -67,8 +67,9 @@ def fast_trainer_cls():
             return self.optimizer
 
         def _python_in_backward(self) -> bool:
-            refresh = getattr(self.optimizer, "refresh_due", False)
-            return bool(refresh)
+            """A GaLore projection refresh is due: its SVDs run in backward hooks, so the step runs eagerly."""
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
+            return bool(getattr(optimizer, "refresh_due", False))
 
         # --- the step ---
 
