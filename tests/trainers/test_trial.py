@@ -68,6 +68,8 @@ def _run(cfg: TrialConfig) -> dict:
         assert key in on_disk, key
         assert isinstance(on_disk[key], tp), (key, on_disk[key])
     assert (out / "config.yaml").exists()
+    assert on_disk["fast_path"] == "off (no CUDA device)"
+    assert bool(on_disk["train_loss_curve"]) == (cfg.max_steps != 0)
     assert metrics["method"] == cfg.method
     return on_disk
 
