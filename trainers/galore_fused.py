@@ -125,10 +125,10 @@ class _ProjectedGroup:
 
     def refresh(self, j: int, grad: torch.Tensor) -> None:
         """The projection from the SVD of this gradient (GaLoreProjector.get_orthogonal_matrix)."""
-        # On CUDA the Jacobi driver: the same decomposition (to float tolerance) several times faster
-        # than the default QR-based gesvd on these sizes; an SVD per weight every update_proj_gap steps.
-        driver = "gesvdj" if grad.is_cuda else None
-        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False, driver=driver)
+        # The library's call exactly: another cuSOLVER driver (gesvdj is 3.5x faster here) may return
+        # singular vectors with other signs, and the Adam states carried across a refresh then point
+        # the other way, so the updates would differ from galore-torch's.
+        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
         k = self.ortho.shape[1] if self.side == "right" else self.ortho.shape[2]
         self.ortho[j].copy_(vh[:k] if self.side == "right" else u[:, :k])
 
