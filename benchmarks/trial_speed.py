@@ -59,6 +59,7 @@ def anchor(cfg) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
 
     from duetto.models import load_tokenizer
+    from duetto.trainers.compat import checkpointing_args
     from duetto.trainers.trial_data import EncodedDataset, PaddingCollator, load_rows
     from duetto.trainers.trial_reports import StepClock
 
@@ -73,7 +74,7 @@ def anchor(cfg) -> dict:
         g = cfg.galore
         kw = dict(optim="galore_adamw_8bit_layerwise", optim_target_modules=list(g.target_modules),
                   optim_args=f"rank={g.rank}, update_proj_gap={g.update_proj_gap}, scale={g.scale}, proj_type={g.proj_type}",
-                  gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
+                  **checkpointing_args(True))  # fmt: skip
     else:
         q = cfg.qlora
         bnb = (BitsAndBytesConfig(load_in_8bit=True) if q.bits == 8 else

@@ -34,8 +34,10 @@ def fast_path_blocker(cfg, *, on_gpu: bool, world_size: int) -> str | None:
         return "gradient accumulation"
     if cfg.compile:
         return "compile=true"
-    if cfg.method == "galore" and cfg.galore.proj_type == "full":
-        return "galore.proj_type=full has no fused optimizer"
+    from duetto.trainers.galore_fused import FUSED_PROJ_TYPES
+
+    if cfg.method == "galore" and cfg.galore.proj_type not in FUSED_PROJ_TYPES:
+        return f"galore.proj_type={cfg.galore.proj_type} has no fused optimizer"
     return None
 
 
@@ -58,7 +60,7 @@ def fast_trainer_cls():
 
         def create_optimizer(self, model=None):
             if self.galore_layerwise is None or self.optimizer is not None:
-                return super().create_optimizer(*([model] if model is not None else []))
+                return super().create_optimizer(model)
             from duetto.trainers.galore_fused import FusedGaLoreAdamW8bit, hf_galore_param_groups
 
             groups, defaults, quirks = hf_galore_param_groups(self.args, model or self.model)

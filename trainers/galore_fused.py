@@ -106,18 +106,23 @@ class _PlainGroup:
         torch._foreach_copy_(self.views, list(self.flat_p.split([v.numel() for v in self.views])))
 
 
+def low_rank_shapes(shape: tuple[int, int], group: dict) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """(side, projected-gradient shape, projection shape) of a weight in a GaLore group; the rank is
+    capped by the weight's size, as the SVD's factors are."""
+    m, n = shape
+    side = projection_side((m, n), group["proj_type"])
+    k = min(int(group["rank"]), m, n)
+    return (side, (m, k), (k, n)) if side == "right" else (side, (k, n), (m, k))
+
+
 class _ProjectedGroup:
     """Same-shape weights with GaLore projection: stacked low-rank gradients, states and projections."""
 
     def __init__(self, params: list[torch.nn.Parameter], group: dict, quirks: dict):
         self.params, self.group = params, group
         p0 = params[0]
-        m, n = p0.shape
-        self.side = projection_side((m, n), group["proj_type"])
-        k = min(int(group["rank"]), m, n)
+        self.side, low_shape, ortho_shape = low_rank_shapes(tuple(p0.shape), group)
         count, dev = len(params), p0.device
-        low_shape = (m, k) if self.side == "right" else (k, n)
-        ortho_shape = (k, n) if self.side == "right" else (m, k)
         self.ortho = torch.zeros((count, *ortho_shape), dtype=p0.dtype, device=dev)
         self.low = torch.zeros((count, *low_shape), dtype=p0.dtype, device=dev)  # low-rank gradients
         self.delta = torch.zeros_like(self.low)  # bitsandbytes steps this zero "weight": it becomes the update
@@ -198,8 +203,8 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
         for p in params:
             by_shape.setdefault((tuple(p.shape), p.dtype), []).append(p)
         for same in by_shape.values():
-            first = _ProjectedGroup(same[:1], group, self.quirks)
-            low = first.low[0].numel()
+            _, (a, b), _ = low_rank_shapes(tuple(same[0].shape), group)
+            low = a * b
             # stacked 8-bit states quantize in the same blocks only when each tensor fills whole blocks
             stack = low % BNB_BLOCK == 0 if low >= MIN_8BIT_SIZE else self.quirks.get("max_unorm", 0.0) <= 0
             groups = [_ProjectedGroup(same, group, self.quirks)] if stack and len(same) > 1 else [

@@ -83,10 +83,10 @@ def train_loop_per_worker(config: dict) -> None:
     if restored is None:  # the trial had already finished and has reported its metrics again
         return
     resume_from, resumed_step = restored
-    run = _setup(cfg, device)
+    run = _setup(cfg, device, world)
     if world == 1:
         _leave_single_process_group()
-    trainer, callback = _build_trainer(cfg, run, rank, world)
+    trainer, callback = _build_trainer(cfg, run, rank)
     train_loss, train_wall = float("nan"), 0.0
     if cfg.max_steps != 0:  # max_steps=0 trains nothing (the baseline)
         t0 = time.perf_counter()
@@ -176,10 +176,11 @@ class TrialSetup:
     fast_blocker: str | None = None  # why the GPU fast path is off (None: on)
 
 
-def _setup(cfg: TrialConfig, device) -> TrialSetup:
+def _setup(cfg: TrialConfig, device, world: int) -> TrialSetup:
     from transformers import set_seed
 
     from duetto.models import load_tokenizer, resolve_model
+    from duetto.trainers.fast_trainer import fast_path_blocker
     from duetto.trainers.methods import get_method
 
     set_seed(cfg.seed)
@@ -194,11 +195,6 @@ def _setup(cfg: TrialConfig, device) -> TrialSetup:
     dtype, autocast_bf16 = resolve_dtype(cfg.precision, on_gpu)
     built = get_method(cfg.method).build(cfg, model_path, dtype, device)
     built.model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-    from duetto.trainers.fast_trainer import fast_path_blocker
-
-    import ray.train
-
-    world = ray.train.get_context().get_world_size()
     blocker = fast_path_blocker(cfg, on_gpu=on_gpu, world_size=world)
     return TrialSetup(model_path, tokenizer, built, train_ds, eval_ds, gen_rows, on_gpu, autocast_bf16, blocker)
 
@@ -255,7 +251,7 @@ def _training_args(cfg: TrialConfig, run: TrialSetup):
     )
 
 
-def _build_trainer(cfg: TrialConfig, run: TrialSetup, rank: int, world: int = 1):
+def _build_trainer(cfg: TrialConfig, run: TrialSetup, rank: int):
     """The HF Trainer (prepared for Ray Train) and the callback that reports to Ray and measures."""
     from ray.train.huggingface.transformers import prepare_trainer
     from transformers import PrinterCallback, Trainer

@@ -31,7 +31,7 @@ def _batches(vocab, n=8):
 def test_graph_replay_matches_eager_steps(tiny_smollm_dir):
     from duetto.trainers.graph_step import GraphedStep
 
-    eager, graphed = _model(tiny_smollm_dir, torch.float32), None
+    eager = _model(tiny_smollm_dir, torch.float32)
     graphed = copy.deepcopy(eager)
     opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3, fused=True)
     opt_g = torch.optim.AdamW(graphed.parameters(), lr=1e-3, fused=True)

@@ -25,17 +25,19 @@ def test_fast_path_blocker(overrides, on_gpu, world, reason):
 
 
 def test_step_clock_sums_steps_on_cpu(monkeypatch):
-    import time
-
     import torch
 
+    from duetto.trainers import trial_reports
     from duetto.trainers.trial_reports import StepClock
 
+    now = [0.0]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trial_reports.time, "perf_counter", lambda: now[0])
     clock = StepClock()
     for _ in range(2):
         clock.begin()
-        time.sleep(0.01)
+        now[0] += 0.25  # a step
         clock.end()
-    time.sleep(0.05)  # between steps: not counted
-    assert 0.02 <= clock.seconds() < 0.05
+        now[0] += 10.0  # between steps (evaluation, saving): not counted
+    clock.end()  # an end without a begin adds nothing
+    assert clock.seconds() == 0.5
