@@ -13,7 +13,11 @@ captured CUDA graph cannot follow. This optimizer computes the same update with 
 - the weights are updated in place, so their addresses never change;
 - layer-wise mode projects each gradient inside backward (a post-accumulate-grad hook) and frees the
   full-rank gradient there, as the library's layer-wise optimizer does, so full gradients of all
-  projected weights never coexist; the Adam step then runs once after backward.
+  projected weights never coexist; the Adam step then runs once after backward;
+- a projection refresh makes the library's own SVD call for each weight, several at once on CUDA
+  streams (trainers/refresh_pool.py);
+- nothing the size of all weights is allocated: a lone tensor (the embedding) steps in place, and
+  the low-rank updates are projected back a few weights at a time.
 
 The hyper-parameters come from the param groups HF's ``galore_adamw_8bit`` set-up builds (lr, betas,
 eps, weight_decay, rank, update_proj_gap, scale, proj_type), so both paths train with the same
@@ -22,15 +26,20 @@ settings. ``proj_type: full`` has no fused form (the trial then uses the library
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Iterable
 
 import torch
+
+from duetto.trainers.refresh_pool import RefreshPool
 
 #: bitsandbytes' block size for its 8-bit optimizer states (Optimizer2State.init_state)
 BNB_BLOCK = 256
 #: bitsandbytes keeps 32-bit states for tensors smaller than this (Optimizer8bit's min_8bit_size)
 MIN_8BIT_SIZE = 4096
 FUSED_PROJ_TYPES = ("std", "reverse_std", "right", "left")
+#: full-size updates projected back at once: bounds the step's scratch memory (16 MB in bf16)
+BACK_CHUNK_ELEMENTS = 1 << 23
 
 
 def projection_side(shape: tuple[int, int], proj_type: str) -> str:
@@ -71,12 +80,24 @@ class _AdamState:
         keys = ("state1", "state2", "absmax1", "absmax2") if self.eight_bit else ("state1", "state2")
         return {k: getattr(self, k) for k in keys}
 
-    def update(self, g: torch.Tensor, p: torch.Tensor, group: dict, step: int, weight_decay: float) -> None:
-        """One bitsandbytes Adam step of flat ``p`` with flat gradient ``g``, in place."""
+    @property
+    def clips(self) -> bool:
+        """bitsandbytes needs the weight's norm on the host for this state's update (``max_unorm``)."""
+        return not self.eight_bit and self.max_unorm > 0
+
+    def update(self, g: torch.Tensor, p: torch.Tensor, group: dict, step: int, weight_decay: float,
+               param_norm: float | None = None) -> None:
+        """One bitsandbytes Adam step of flat ``p`` with flat gradient ``g``, in place. ``param_norm``:
+        ``torch.norm(p.float())`` already read (see ``clips``), else the library reads it, a host wait."""
         import bitsandbytes.functional as F
 
         beta1, beta2 = group["betas"][:2]
-        if self.eight_bit:
+        if self.clips and param_norm is not None:  # F.optimizer_update_32bit's own call, norm given
+            torch.ops.bitsandbytes.optimizer_update_32bit("adam", g, p, self.state1, self.state2, self.unorm_vec,
+                                                          self.max_unorm, param_norm, beta1, beta2, 0.0, 0.0,
+                                                          group["eps"], weight_decay, step, group["lr"], 1.0,
+                                                          self.skip_zeros)  # fmt: skip
+        elif self.eight_bit:
             F.optimizer_update_8bit_blockwise("adam", g, p, self.state1, self.state2, beta1, beta2, 0.0, 0.0,
                                               group["eps"], step, group["lr"], self.qmap1, self.qmap2, self.absmax1,
                                               self.absmax2, weight_decay, gnorm_scale=1.0,
@@ -93,12 +114,18 @@ class _PlainGroup:
     def __init__(self, params: list[torch.nn.Parameter], group: dict, eight_bit: bool, quirks: dict):
         self.params, self.group = params, group
         numel = sum(p.numel() for p in params)
-        self.flat_p = torch.empty(numel, dtype=params[0].dtype, device=params[0].device)
-        self.flat_g = torch.empty_like(self.flat_p)
         self.views = [p.detach().view(-1) for p in params]
         self.adam = _AdamState(numel, params[0].device, eight_bit, quirks)
+        if len(params) > 1:
+            self.flat_p = torch.empty(numel, dtype=params[0].dtype, device=params[0].device)
+            self.flat_g = torch.empty_like(self.flat_p)
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, param_norm: float | None = None) -> None:
+        if len(self.params) == 1:  # a lone tensor (the embedding: 0.6 GB on gemma-3-1b) steps in place
+            p, flat = self.params[0], self.views[0]
+            g = p.grad.view(-1) if p.grad is not None else torch.zeros_like(flat)
+            self.adam.update(g, flat, self.group, step, self.group["weight_decay"], param_norm)
+            return
         grads = [p.grad.view(-1) if p.grad is not None else torch.zeros_like(v) for p, v in zip(self.params, self.views)]
         torch.cat(grads, out=self.flat_g)
         torch.cat(self.views, out=self.flat_p)
@@ -130,9 +157,9 @@ class _ProjectedGroup:
 
     def refresh(self, j: int, grad: torch.Tensor) -> None:
         """The projection from the SVD of this gradient (GaLoreProjector.get_orthogonal_matrix)."""
-        # The library's call exactly: another cuSOLVER driver (gesvdj is 3.5x faster here) may return
-        # singular vectors with other signs, and the Adam states carried across a refresh then point
-        # the other way, so the updates would differ from galore-torch's.
+        # The library's call exactly: another driver (gesvda is 13x faster on an H100) returns singular
+        # vectors with other signs, and the Adam states carried across a refresh then point the other
+        # way, so the updates would differ from galore-torch's.
         u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
         k = self.ortho.shape[1] if self.side == "right" else self.ortho.shape[2]
         self.ortho[j].copy_(vh[:k] if self.side == "right" else u[:, :k])
@@ -143,14 +170,18 @@ class _ProjectedGroup:
         else:
             torch.matmul(self.ortho[j].t(), grad, out=self.low[j])
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, param_norm: float | None = None) -> None:
         g = self.group
         self.delta.zero_()
-        self.adam.update(self.low.view(-1), self.delta.view(-1), g, step, 0.0)  # GaLore: no decay on the projected update
-        back = torch.bmm(self.delta, self.ortho) if self.side == "right" else torch.bmm(self.ortho, self.delta)
-        back.mul_(g["scale"])
+        # GaLore: no decay on the projected update
+        self.adam.update(self.low.view(-1), self.delta.view(-1), g, step, 0.0, param_norm)
         weights = [p.detach() for p in self.params]
-        torch._foreach_add_(weights, list(back.unbind(0)))
+        chunk = max(1, BACK_CHUNK_ELEMENTS // weights[0].numel())
+        for s in range(0, len(weights), chunk):
+            d, o = self.delta[s : s + chunk], self.ortho[s : s + chunk]
+            back = torch.bmm(d, o) if self.side == "right" else torch.bmm(o, d)
+            back.mul_(g["scale"])
+            torch._foreach_add_(weights[s : s + chunk], list(back.unbind(0)))
         if g["weight_decay"] > 0:
             torch._foreach_add_(weights, weights, alpha=-g["lr"] * g["weight_decay"])
 
@@ -170,6 +201,7 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
         self.projected: list[_ProjectedGroup] = []
         self._slot: dict[torch.nn.Parameter, tuple[_ProjectedGroup, int]] = {}
         self._hooks = []
+        self._refresher: RefreshPool | None = None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
             if "rank" in group:
@@ -227,11 +259,20 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
     def _refresh_for(self, pg: _ProjectedGroup) -> bool:
         return self.steps_done % int(pg.group["update_proj_gap"]) == 0
 
+    def _refresh_pool(self) -> RefreshPool:
+        if self._refresher is None:
+            self._refresher = RefreshPool(self.projected[0].ortho.device)
+        return self._refresher
+
+    def _project(self, pg: _ProjectedGroup, j: int, grad: torch.Tensor) -> None:
+        if self._refresh_for(pg):
+            self._refresh_pool().submit(partial(pg.refresh, j), partial(pg.project, j), grad)
+        else:
+            pg.project(j, grad)
+
     def _project_in_backward(self, p: torch.nn.Parameter) -> None:
         pg, j = self._slot[p]
-        if self._refresh_for(pg):
-            pg.refresh(j, p.grad)
-        pg.project(j, p.grad)
+        self._project(pg, j, p.grad)
         p.grad = None  # the low-rank copy is all the step needs
 
     @torch.no_grad()
@@ -241,18 +282,27 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         step = self.steps_done + 1  # bitsandbytes counts from 1 (bias correction)
-        for pg in self.projected:
-            if not self.layerwise:
+        if not self.layerwise:
+            for pg in self.projected:
                 for j, p in enumerate(pg.params):
                     if p.grad is None:
                         pg.low[j].zero_()
-                        continue
-                    if self._refresh_for(pg):
-                        pg.refresh(j, p.grad)
-                    pg.project(j, p.grad)
-            pg.step(step)
-        for group in self.plain:
-            group.step(step)
+                    else:
+                        self._project(pg, j, p.grad)
+        if self._refresher is not None:
+            self._refresher.wait()  # the refreshes this step's backward (or the loop above) handed out
+        groups = [*self.projected, *self.plain]
+        # Updates clipped by max_unorm need their weight's norm as a host float: read all of them with
+        # one wait instead of one per tensor (61 a step on SmolLM2, ~18 ms of host time).
+        clipped = [i for i, grp in enumerate(groups) if grp.adam.clips]
+        norms = [None] * len(groups)
+        if clipped:
+            # the library's norm: of the zero low-rank "weight" for projected groups, of the weight otherwise
+            weights = [groups[i].delta.zero_() if i < len(self.projected) else groups[i].views[0] for i in clipped]
+            for i, n in zip(clipped, torch.stack([torch.norm(w.float()) for w in weights]).tolist()):
+                norms[i] = n
+        for grp, n in zip(groups, norms):
+            grp.step(step, n)
         self.steps_done = step
         return loss
 

@@ -53,8 +53,32 @@ def test_graph_replay_matches_eager_steps(tiny_smollm_dir):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 
+def test_refreshes_on_streams_equal_the_library_call():
+    from duetto.trainers.refresh_pool import RefreshPool
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=g) for s in [(96, 64), (64, 160)] * 12]
+    library = [torch.linalg.svd(x.float(), full_matrices=False) for x in grads]  # GaLoreProjector's call
+    out = [None] * len(grads)
+    pool = RefreshPool(torch.device("cuda"), workers=4)
+
+    def keep(i, x):
+        out[i] = torch.linalg.svd(x.float(), full_matrices=False)
+
+    for i, x in enumerate(grads):
+        pool.submit(lambda x, i=i: keep(i, x), lambda x: None, x)
+    pool.wait()
+    pool.close()
+    for (u, s, vh), (ru, rs, rvh) in zip(out, library):
+        assert torch.equal(u, ru) and torch.equal(s, rs) and torch.equal(vh, rvh)
+
+
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_fused_galore_matches_library_on_cuda(tiny_smollm_dir, tmp_path, layerwise):
+    """One projection refresh (step 0, through the CUDA refresh pool) and four plain steps. A second
+    refresh would take the SVD of gradients that already differ by the rounding of a batched matmul,
+    and the tiny model's trailing singular vectors are ill-conditioned: with a refresh every 2 steps
+    both runs stay GaLore but part ways (q_proj 67% of its movement apart on an H100, 2026-12-06)."""
     from galore_torch import GaLoreAdamW8bit
     from transformers import TrainingArguments
 
@@ -64,7 +88,7 @@ def test_fused_galore_matches_library_on_cuda(tiny_smollm_dir, tmp_path, layerwi
     fused_model = copy.deepcopy(ref)
     args = TrainingArguments(output_dir=str(tmp_path), optim="galore_adamw_8bit_layerwise", report_to="none",
                              optim_target_modules=["self_attn", "mlp"], learning_rate=1e-3,
-                             optim_args="rank=64, update_proj_gap=2, scale=0.5, proj_type=std")  # fmt: skip
+                             optim_args="rank=64, update_proj_gap=100, scale=0.5, proj_type=std")  # fmt: skip
     groups, defaults, quirks = hf_galore_param_groups(args, ref)
     ref_opts = [GaLoreAdamW8bit([{**{k: v for k, v in g.items() if k != "params"}, "params": [p]}])
                 for g in groups for p in g["params"]]  # fmt: skip
@@ -102,8 +126,8 @@ def test_trial_takes_the_fast_path_on_gpu(tiny_smollm_dir, unified_data, tmp_pat
         "galore.rank=8", "galore.update_proj_gap=5", "qlora.bits=4", "interim_eval_examples=0",
     ])  # fmt: skip
     m = run_trial(cfg)
-    # 12 steps: 3 eager warm-up steps, then graph replays, except GaLore's refreshes (steps 5 and 10)
-    replays = 12 - 3 - (2 if method == "galore" else 0)
+    # 12 steps: one eager warm-up step, then graph replays, except GaLore's refreshes (steps 5 and 10)
+    replays = 12 - 1 - (2 if method == "galore" else 0)
     assert m["fast_path"] == f"on: {replays} of 12 steps replayed as a CUDA graph" and m["step"] == 12
     losses = [loss for _, loss in m["train_loss_curve"]]
     assert len(losses) == 6 and all(loss == loss for loss in losses)
