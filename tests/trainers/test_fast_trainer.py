@@ -41,3 +41,33 @@ def test_step_clock_sums_steps_on_cpu(monkeypatch):
         now[0] += 10.0  # between steps (evaluation, saving): not counted
     clock.end()  # an end without a begin adds nothing
     assert clock.seconds() == 0.5
+
+
+def test_fast_trainer_step_bookkeeping_matches_the_trainer(tiny_smollm_dir, tmp_path):
+    """The fast path's cached FLOP count, gradient clipping and zero_grad give the Trainer's results."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from duetto.trainers.fast_trainer import fast_trainer_cls
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_smollm_dir, dtype=torch.float32)
+    model.lm_head.weight.requires_grad_(False)  # a frozen weight: neither clipped nor zeroed
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_grad_norm=0.5)
+    fast = fast_trainer_cls()(model=model, args=args)
+    plain = Trainer(model=copy.deepcopy(model), args=args)
+    x = torch.randint(3, model.config.vocab_size, (2, 16))
+    inputs = {"input_ids": x, "labels": x}
+    assert fast.floating_point_ops(inputs) == plain.floating_point_ops(inputs) > 0
+    for m in (fast.model, plain.model):
+        m(**inputs).loss.backward()
+    norm_fast, norm_plain = fast._clip_grad_norm(fast.model), plain._clip_grad_norm(plain.model)
+    torch.testing.assert_close(norm_fast, norm_plain)
+    for a, b in zip(fast.model.parameters(), plain.model.parameters()):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad)
+    fast.model.zero_grad()
+    assert all(p.grad is None for p in fast.model.parameters())
