@@ -11,7 +11,9 @@ What a graph needs, and how the trial provides it:
   memory and are handed back to the parameters after each replay (the Trainer sets them to None);
 - no host synchronisation inside the step, which rules out LLM.int8's outlier search (a
   data-dependent shape): models with bitsandbytes 8-bit layers stay eager;
-- warm-up: the first steps run eagerly on a side stream, as CUDA graph capture requires.
+- warm-up: the first step runs eagerly on a side stream, as CUDA graph capture requires; capture
+  uses that same stream, since every stream that runs matrix products holds a cuBLAS workspace of
+  its own (tens of MB of allocated memory).
 
 Random ops (LoRA dropout) draw fresh numbers on each replay: PyTorch registers its CUDA generator
 with the graph.
@@ -41,7 +43,7 @@ def graph_blocker(model: torch.nn.Module) -> str | None:
 class GraphedStep:
     """Call with a micro-batch (tensors on the GPU): runs forward + backward, returns the loss."""
 
-    def __init__(self, model: torch.nn.Module, *, autocast_bf16: bool, warmup_steps: int = 3):
+    def __init__(self, model: torch.nn.Module, *, autocast_bf16: bool, warmup_steps: int = 1):
         self.model = model
         self.autocast_bf16 = autocast_bf16
         self.warmup_steps = warmup_steps
@@ -54,6 +56,7 @@ class GraphedStep:
         self._loss: torch.Tensor | None = None
         self._grads: list[torch.Tensor | None] = []
         self.replays = 0
+        self._side: torch.cuda.Stream | None = None
 
     def _forward_backward(self, inputs: dict) -> torch.Tensor:
         # autocast's weight-cast cache cannot live across graph replays
@@ -88,12 +91,17 @@ class GraphedStep:
             return self._capture(inputs, key)
         self._key = key
         self._eager_seen += 1
-        side = torch.cuda.Stream()  # warm-up before capture runs on a side stream
+        side = self._side_stream()  # warm-up before capture runs on a side stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             loss = self._forward_backward(inputs)
         torch.cuda.current_stream().wait_stream(side)
         return loss
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        return self._side
 
     def _capture(self, inputs: dict, key) -> torch.Tensor:
         self._static = {k: v.clone() for k, v in inputs.items()}
@@ -102,7 +110,7 @@ class GraphedStep:
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self._side_stream()):
                 loss = self._forward_backward(self._static)
         except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager step, which works
             self.failed = f"{type(e).__name__}: {e}"
