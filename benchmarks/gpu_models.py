@@ -6,19 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def gemma3_1b_random(out: str | Path, seed: int = 0) -> Path:
-    """gemma-3-1b-it's shape with random bf16 weights, and the tiny Gemma tokenizer (ids < vocab)."""
-    import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+def gemma3_1b_config():
+    """google/gemma-3-1b-it's architecture (its config.json's values)."""
+    from transformers import Gemma3TextConfig
 
-    from duetto.models import load_tokenizer
-    from duetto.tiny_model import build_tiny
-
-    out = Path(out)
-    if (out / "config.json").exists():
-        return out
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(
+    return Gemma3TextConfig(
         vocab_size=262144,
         hidden_size=1152,
         intermediate_size=6912,
@@ -34,6 +26,21 @@ def gemma3_1b_random(out: str | Path, seed: int = 0) -> Path:
         max_position_embeddings=32768,
         layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)],
     )
+
+
+def gemma3_1b_random(out: str | Path, seed: int = 0) -> Path:
+    """gemma-3-1b-it's shape with random bf16 weights, and the tiny Gemma tokenizer (ids < vocab)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from duetto.models import load_tokenizer
+    from duetto.tiny_model import build_tiny
+
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    config = gemma3_1b_config()
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     tiny = build_tiny(out.parent / "tiny-gemma-tokenizer", style="gemma")
