@@ -95,7 +95,7 @@ class EnsembleClient:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from duetto.serve.ensemble import MODES
+    from duetto.serve.selection import MODES
 
     parser.add_argument("instruction", help="the instruction (the prompt) to send")
     parser.add_argument("--input", default=None, help="optional input/context for the instruction")

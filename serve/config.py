@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from duetto.config import ConfigError
-from duetto.serve.ensemble import Mode
+from duetto.serve.selection import Mode, check_mode
 
 
 def _check_queue_bound(n: int) -> None:
@@ -24,11 +24,16 @@ class EnsembleOptions:
     k: int = 4
     """Candidates sampled per request when the request does not say (`k`, or OpenAI `n`)."""
     mode: Mode = "reranker"
-    """reranker = pick the candidate the reranker likes best; mix = (1-weight)*reranker + weight*generator
-    log-prob; generator = the generator alone (its own best log-prob); reranker-greedy = the reranker
-    model decodes greedily on its own (no generator call)."""
+    """reranker = the candidate the reranker likes best (mean token log-prob); mix = (1-weight)*reranker +
+    weight*generator log-prob; generator = the generator's own best log-prob; consensus = the candidate
+    closest to the others (mean ROUGE-L F, no reranker call); pmi = reranker - weight*prior (the
+    reranker's log-prob of the answer after an empty instruction: penalises bland answers); combined =
+    the features weighted by `weights`; reranker-greedy = the reranker model answers alone (docs/serve.md)."""
     weight: float = 0.5
-    """Weight of the generator's mean token log-prob in mode=mix (0 = reranker only, 1 = generator only)."""
+    """mix: the generator log-prob's weight (0 = reranker only); pmi: the prior's weight (1 = pointwise mutual information)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Mode combined: weight of each feature (reranker, generator, prior, consensus), standardised over a
+    request's candidates; `duetto report` fits them on validation rows and prints them."""
     max_new_tokens: int = 64
     """Default generation budget per candidate."""
     temperature: float = 0.8
@@ -42,6 +47,8 @@ class EnsembleOptions:
             raise ValueError("k: must be >= 1")
         if not 0.0 <= self.weight <= 1.0:
             raise ValueError("weight: must be in [0, 1]")
+        if self.weights or self.mode == "combined":
+            check_mode("combined", self.weights)
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens: must be >= 1")
         if self.temperature < 0:

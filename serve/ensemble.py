@@ -6,23 +6,20 @@ steps: the Serve ingress passes calls to the Generator and Reranker deployments,
 Both therefore produce the same candidates, scores and choice for the same seed. The generation
 and scoring themselves live in ``duetto.trainers.inference``.
 
-Only light modules are imported here: the CLI and the config read ``Mode`` / ``MODES``.
+How one candidate is chosen (the modes, their features) is ``duetto.serve.selection``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-import typing
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from duetto.serve.merge import CallInfo
+from duetto.serve.selection import check_mode, choose, consensus_scores, features_for, mode_params
 from duetto.trainers.inference import Candidate, LoadedModel
-
-#: How the answer is chosen: "reranker" and "mix" are the ensemble; the other two exist for comparison.
-Mode = Literal["reranker", "mix", "generator", "reranker-greedy"]
-MODES: tuple[str, ...] = typing.get_args(Mode)
 
 
 @dataclass
@@ -43,7 +40,9 @@ class EnsembleResult:
     chosen_index: int
     mode: str
     weight: float | None = None
-    """The generator weight of mode=mix (None in the other modes)."""
+    """The weight of mode mix (the generator's) or pmi (the prior's); None in the other modes."""
+    weights: dict[str, float] | None = None
+    """Mode combined: each feature's weight."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     """generate, score (when scored), total; ``<step>_model`` when a deployment timed its model call."""
     batch: dict[str, int] = field(default_factory=dict)
@@ -51,8 +50,8 @@ class EnsembleResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The body of a /v1/generate answer."""
-        keys = ("text", "generator_logprob", "reranker_score", "tokens", "finish_reason")
-        return {
+        keys = ("text", "generator_logprob", "reranker_score", "prior_score", "consensus", "tokens", "finish_reason")
+        out = {
             "response": self.response,
             "candidates": [{key: getattr(c, key) for key in keys} for c in self.candidates],
             "chosen_index": self.chosen_index,
@@ -61,45 +60,18 @@ class EnsembleResult:
             "timings_ms": {key: round(v, 2) for key, v in self.timings_ms.items()},
             "batch": self.batch,
         }
-
-
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode: one of {', '.join(MODES)}, got {mode!r}")
-
-
-def combined_score(c: Candidate, mode: str, weight: float) -> float:
-    if mode == "reranker" or mode == "reranker-greedy":
-        if c.reranker_score is None:
-            raise ValueError(f"mode {mode}: candidate has no reranker_score")
-        return c.reranker_score
-    if mode == "generator":
-        if c.generator_logprob is None:
-            raise ValueError("mode generator: candidate has no generator_logprob")
-        return c.generator_logprob
-    if mode == "mix":
-        if c.reranker_score is None or c.generator_logprob is None:
-            raise ValueError("mode mix: candidate needs both reranker_score and generator_logprob")
-        return (1.0 - weight) * c.reranker_score + weight * c.generator_logprob
-    raise ValueError(f"mode: one of {', '.join(MODES)}, got {mode!r}")
-
-
-def choose(candidates: Sequence[Candidate], mode: str = "reranker", weight: float = 0.5) -> int:
-    """Index of the best candidate under ``mode``; ties go to the earliest (the first sample)."""
-    if not candidates:
-        raise ValueError("choose: no candidates")
-    if mode == "reranker-greedy" and candidates[0].reranker_score is None:
-        return 0  # one greedy answer from the reranker model: nothing to compare
-    scores = [combined_score(c, mode, weight) for c in candidates]
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+        if self.weights is not None:
+            out["weights"] = self.weights
+        return out
 
 
 def needs_generator(mode: str) -> bool:
     return mode != "reranker-greedy"
 
 
-def needs_reranker_scores(mode: str) -> bool:
-    return mode in ("reranker", "mix")
+def needs_reranker(mode: str, weights: Mapping[str, float] | None = None) -> bool:
+    """The reranker model takes part: it scores (or, in reranker-greedy, answers)."""
+    return mode == "reranker-greedy" or bool({"reranker", "prior"} & set(features_for(mode, weights)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,10 +94,13 @@ async def run_ensemble(
     generate: SampleStep,
     greedy: SampleStep,
     score: ScoreStep,
+    weights: Mapping[str, float] | None = None,
+    features: Sequence[str] = (),
 ) -> list[EnsembleResult]:
-    """Sample (``generate``; ``greedy`` = the reranker model alone in mode reranker-greedy), score
-    (``score``, in the modes that read reranker scores), choose."""
-    check_mode(mode)
+    """Sample (``generate``; ``greedy`` = the reranker model alone in mode reranker-greedy), compute the
+    features the mode reads (reranker scores with ``score``; the prior with ``score`` after an empty
+    instruction; consensus from the texts) plus any named in ``features``, choose."""
+    check_mode(mode, weights)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     batch: dict[str, int] = {}
@@ -145,20 +120,36 @@ async def run_ensemble(
     else:
         cands, call = await generate(requests)
         record("generate", "generator", call, t0)
-    if needs_reranker_scores(mode):
+    wanted = set(features_for(mode, weights)) | set(features) if mode != "reranker-greedy" else set()
+    if "reranker" in wanted:
         t1 = time.perf_counter()
         scores, call = await score(requests, cands)
         for cs, ss in zip(cands, scores):
             for c, s in zip(cs, ss):
                 c.reranker_score = s
         record("score", "reranker", call, t1)
+    if "prior" in wanted:  # the same answers after an empty instruction: what any prompt would make likely
+        t1 = time.perf_counter()
+        blank = [dataclasses.replace(r, instruction="", input="") for r in requests]
+        scores, call = await score(blank, cands)
+        for cs, ss in zip(cands, scores):
+            for c, s in zip(cs, ss):
+                c.prior_score = s
+        record("prior", "reranker_prior", call, t1)
+    if "consensus" in wanted:
+        t1 = time.perf_counter()
+        for cs in cands:
+            for c, s in zip(cs, consensus_scores([c.text for c in cs])):
+                c.consensus = s
+        timings["consensus"] = (time.perf_counter() - t1) * 1000.0
     timings["total"] = (time.perf_counter() - t0) * 1000.0
+    params = mode_params(mode, weight, weights)
     results = []
     for cs in cands:
-        j = choose(cs, mode, weight)
+        j = choose(cs, mode, weight, weights)
         results.append(EnsembleResult(response=cs[j].text, candidates=cs, chosen_index=j, mode=mode,
-                                      weight=weight if mode == "mix" else None, timings_ms=dict(timings),
-                                      batch=dict(batch)))  # fmt: skip
+                                      weight=params.get("weight"), weights=params.get("weights"),
+                                      timings_ms=dict(timings), batch=dict(batch)))  # fmt: skip
     return results
 
 
@@ -231,14 +222,17 @@ def ensemble_generate(
     *,
     mode: str = "reranker",
     weight: float = 0.5,
+    weights: Mapping[str, float] | None = None,
+    features: Sequence[str] = (),
     score_rows: int = 32,
 ) -> list[EnsembleResult]:
     """The pipeline in one process, batched over ``requests``; the Serve ingress runs the same
-    ``run_ensemble`` with deployment calls as its steps."""
-    check_mode(mode)
+    ``run_ensemble`` with deployment calls as its steps. ``features``: computed even when the mode
+    does not read them (the report compares every mode on the same candidates)."""
+    check_mode(mode, weights)
     if needs_generator(mode) and generator is None:
         raise ValueError(f"mode {mode} needs a generator")
-    if mode != "generator" and reranker is None:
+    if (needs_reranker(mode, weights) or {"reranker", "prior"} & set(features)) and reranker is None:
         raise ValueError(f"mode {mode} needs a reranker")
 
     async def generate(reqs: Sequence[EnsembleRequest]) -> tuple[list[list[Candidate]], None]:
@@ -253,4 +247,5 @@ def ensemble_generate(
         assert reranker is not None
         return score_requests(reranker, reqs, cands, batch_rows=score_rows), None
 
-    return _run_now(run_ensemble(requests, mode, weight, generate=generate, greedy=greedy, score=score))
+    return _run_now(run_ensemble(requests, mode, weight, generate=generate, greedy=greedy, score=score,
+                                 weights=weights, features=features))  # fmt: skip

@@ -35,7 +35,7 @@ from ray.serve.exceptions import BackPressureError
 from duetto.config import from_dict
 from duetto.serve.api import ApiError, api, authorized, chat_instruction, extension, no_streaming, usage
 from duetto.serve.config import ServeConfig
-from duetto.serve.ensemble import EnsembleRequest, needs_generator, run_ensemble
+from duetto.serve.ensemble import EnsembleRequest, needs_generator, needs_reranker, run_ensemble
 from duetto.serve.merge import CallInfo
 from duetto.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from duetto.trainers.inference import Candidate, count_prompt_tokens, stop_suffix_tokens
@@ -93,14 +93,17 @@ class Ingress:
         k = ens.k if k is None else k
         max_new = ens.max_new_tokens if max_new is None else max_new
         mode = body.mode or ens.mode
-        if body.weight is not None and mode != "mix":
-            raise ApiError(422, f"weight is only used with mode=mix (mode here is {mode})", "weight")
+        if body.weight is not None and mode not in ("mix", "pmi"):
+            raise ApiError(422, f"weight is only used with mode mix or pmi (mode here is {mode})", "weight")
+        if mode == "combined" and not ens.weights:
+            raise ApiError(422, "mode combined needs ensemble.weights in the serve config (duetto report fits them)",
+                           "mode")  # fmt: skip
         if k > lim.max_k:
             raise ApiError(422, f"{k_field} = {k} is above the limit {lim.max_k}", k_field)
         if max_new > lim.max_new_tokens:
             raise ApiError(422, f"{max_field} = {max_new} is above the limit {lim.max_new_tokens}", max_field)
         checks = [("generator", self.gen_info, max_new)] if needs_generator(mode) else []
-        if mode != "generator":  # the reranker model scores or answers; scoring appends the stop token(s)
+        if needs_reranker(mode, ens.weights):  # it scores or answers; scoring appends the stop token(s)
             stop = stop_suffix_tokens(self.rer_info.tokenizer, self.rer_info.template)
             checks.append(("reranker", self.rer_info, max_new + stop))
         prompt_tokens = 0
@@ -138,12 +141,13 @@ class Ingress:
         outs = await self._call_each(self.reranker.score, "reranker", payloads)
         return [o["scores"] for o in outs], _call_info(outs)
 
-    async def _ensemble(self, request: EnsembleRequest, mode: str, weight: float) -> dict:
+    async def _ensemble(self, request: EnsembleRequest, mode: str, weight: float,
+                        weights: dict[str, float] | None = None) -> dict:  # fmt: skip
         (result,) = await run_ensemble(
             [request], mode, weight,
             generate=functools.partial(self._sample, "generate", "generator"),
             greedy=functools.partial(self._sample, "greedy", "reranker"),
-            score=self._score,
+            score=self._score, weights=weights,
         )  # fmt: skip
         return result.to_dict()
 
@@ -173,7 +177,7 @@ class Ingress:
     async def generate(self, body: GenerateRequest) -> dict:
         request, mode, weight, _ = self._settings(body, body.instruction, body.input, body.k, body.max_new_tokens,
                                                   "k", "max_new_tokens", "instruction")  # fmt: skip
-        return await self._ensemble(request, mode, weight)
+        return await self._ensemble(request, mode, weight, self.cfg.ensemble.weights)
 
     async def _openai_answer(self, body: Any, instruction: str, max_new: int | None, max_field: str,
                              prompt_field: str, kind: str, choice: Callable[[str], dict]) -> dict:  # fmt: skip
@@ -181,7 +185,7 @@ class Ingress:
         is the route's own part of the one choice."""
         request, mode, weight, prompt_tokens = self._settings(body, instruction, "", body.n, max_new, "n", max_field,
                                                               prompt_field)  # fmt: skip
-        out = await self._ensemble(request, mode, weight)
+        out = await self._ensemble(request, mode, weight, self.cfg.ensemble.weights)
         finish_reason = out["candidates"][out["chosen_index"]]["finish_reason"]
         return {
             "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from duetto.serve.ensemble import Mode
+from duetto.serve.selection import Mode
 
 _SEED_MAX = 2**63 - 1
 
@@ -48,7 +48,7 @@ class _Sampling(_Strict):
     mode: Mode | None = None
     """Duetto extension: override the configured scoring mode for this request."""
     weight: float | None = Field(default=None, ge=0.0, le=1.0)
-    """Duetto extension: generator log-prob weight in mode=mix."""
+    """Duetto extension: the generator log-prob's weight in mode mix, the prior's in mode pmi."""
 
 
 class GenerateRequest(_Sampling):

@@ -54,6 +54,10 @@ class Candidate:
     text: str
     generator_logprob: float | None = None
     reranker_score: float | None = None
+    prior_score: float | None = None
+    """The reranker's mean log-prob of the text after an empty instruction (mode pmi)."""
+    consensus: float | None = None
+    """Mean ROUGE-L F against the request's other candidates (mode consensus)."""
     tokens: int = 0
     """Generated tokens, the stop token included when one was produced."""
     finish_reason: str = "stop"

@@ -9,14 +9,8 @@ import typing
 import pytest
 import torch
 
-from duetto.serve.ensemble import (
-    MODES,
-    EnsembleRequest,
-    Mode,
-    choose,
-    ensemble_generate,
-    run_ensemble,
-)
+from duetto.serve.ensemble import EnsembleRequest, ensemble_generate, run_ensemble
+from duetto.serve.selection import MODES, Mode, choose
 from duetto.serve.merge import CallInfo
 from duetto.trainers.inference import Candidate, generate_candidates, prompt_text, score_candidates
 
@@ -117,7 +111,7 @@ def test_choose_modes():
     assert choose(cands, "mix", 1.0) == 0
     assert choose(cands, "mix", 0.5) == 2  # -1.0 beats -1.5 (b) and -1.75 (a)
     assert choose([Candidate("g", reranker_score=-2.0)], "reranker-greedy") == 0
-    with pytest.raises(ValueError, match="reranker_score"):
+    with pytest.raises(ValueError, match="no reranker score"):
         choose([Candidate("x", generator_logprob=-1.0)], "reranker")
     with pytest.raises(ValueError, match="mode"):
         choose(cands, "best")
@@ -195,7 +189,8 @@ def test_modes_are_defined_once():
     from duetto.serve.config import EnsembleOptions
     from duetto.serve.schemas import GenerateRequest
 
-    assert MODES == typing.get_args(Mode) == ("reranker", "mix", "generator", "reranker-greedy")
+    assert MODES == typing.get_args(Mode) == ("reranker", "mix", "generator", "consensus", "pmi", "combined",
+                                              "reranker-greedy")
     assert typing.get_type_hints(EnsembleOptions)["mode"] == Mode
     assert typing.get_args(GenerateRequest.model_fields["mode"].annotation)[0] == Mode
 
@@ -228,12 +223,18 @@ def test_the_pipeline_runs_its_steps_by_mode():
     assert list(r.timings_ms) == ["generate", "generate_model", "score", "score_model", "total"]
     assert r.timings_ms["generate_model"] == 5.0 and r.batch == {"generator": 3, "reranker": 2}
     assert r.weight is None and r.to_dict()["candidates"][1] == {
-        "text": "b", "generator_logprob": -2.0, "reranker_score": -1.0, "tokens": 0, "finish_reason": "stop"}
+        "text": "b", "generator_logprob": -2.0, "reranker_score": -1.0, "prior_score": None, "consensus": None,
+        "tokens": 0, "finish_reason": "stop"}
     r = run("generator")
     assert calls == ["generate"] and r.chosen_index == 0 and "score" not in r.timings_ms
     assert run("mix", 1.0).weight == 1.0 and calls == ["generate", "score"]
     r = run("reranker-greedy")
     assert calls == ["greedy"] and r.batch == {} and "generate_model" not in r.timings_ms
     assert r.candidates[0].reranker_score == -0.7 and r.candidates[0].generator_logprob is None
+    r = run("pmi", 1.0)  # the prior is scored with the same step, after an empty instruction
+    assert calls == ["generate", "score", "score"] and "prior" in r.timings_ms and r.weight == 1.0
+    assert r.batch == {"generator": 3, "reranker": 2, "reranker_prior": 2}
+    r = run("consensus")
+    assert calls == ["generate"] and "consensus" in r.timings_ms and r.candidates[0].consensus is not None
     with pytest.raises(ValueError, match="mode: one of"):
         run("best")

@@ -1,0 +1,169 @@
+"""How the ensemble picks one of its k candidates: the modes, the features they read, and fitting
+their weights on held-out rows.
+
+Each candidate can carry four features, all computed without the reference:
+
+- ``reranker``: the reranker's mean token log-prob of the answer after the prompt;
+- ``generator``: the generator's own mean token log-prob of its sample;
+- ``prior``: the reranker's mean token log-prob of the answer after an empty instruction. Likelihood
+  prefers short, bland, repetitive answers that are likely after any prompt; ``reranker - w * prior``
+  (pointwise mutual information at w = 1) keeps what the prompt explains;
+- ``consensus``: the candidate's mean ROUGE-L F against the other candidates: minimum-Bayes-risk
+  selection, the sample closest to what the generator tends to say.
+
+A mode is a rule over them. ``combined`` is a weighted sum of the features, each standardised over the
+request's candidates (so weights compare across features whose scales differ); ``duetto report`` fits
+its weights, and every other mode's single weight, on validation rows (``fit_modes``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+#: How the answer is chosen; "reranker-greedy" (the reranker model answering alone) is a comparison.
+Mode = Literal["reranker", "mix", "generator", "consensus", "pmi", "combined", "reranker-greedy"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
+FEATURES = ("reranker", "generator", "prior", "consensus")
+#: The features each mode reads (combined: those its weights name).
+MODE_FEATURES = {"reranker": ("reranker",), "mix": ("reranker", "generator"), "generator": ("generator",),
+                 "consensus": ("consensus",), "pmi": ("reranker", "prior"), "reranker-greedy": ()}  # fmt: skip
+#: Values tried for a mode's one weight (mix: the generator's share; pmi: the prior's) when fitting.
+WEIGHT_GRID = tuple(i / 10 for i in range(11))
+#: Values tried for each feature's weight in mode combined.
+COMBINED_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+
+
+def check_mode(mode: str, weights: Mapping[str, float] | None = None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode: one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "combined":
+        unknown = sorted(set(weights or {}) - set(FEATURES))
+        if unknown:
+            raise ValueError(f"weights: unknown feature {unknown[0]!r} (features: {', '.join(FEATURES)})")
+        if not any((weights or {}).get(f, 0.0) for f in FEATURES):
+            raise ValueError("mode combined: weights must give at least one feature a non-zero weight")
+
+
+def features_for(mode: str, weights: Mapping[str, float] | None = None) -> tuple[str, ...]:
+    if mode == "combined":
+        return tuple(f for f in FEATURES if (weights or {}).get(f, 0.0))
+    return MODE_FEATURES[mode]
+
+
+def feature(c, name: str) -> float:
+    value = {"reranker": c.reranker_score, "generator": c.generator_logprob, "prior": c.prior_score,
+             "consensus": c.consensus}[name]  # fmt: skip
+    if value is None:
+        raise ValueError(f"candidate has no {name} score")
+    return float(value)
+
+
+def consensus_scores(texts: Sequence[str]) -> list[float]:
+    """Each text's mean ROUGE-L F against the others (0.0 for a lone text)."""
+    from rouge_score import rouge_scorer
+
+    n = len(texts)
+    if n < 2:
+        return [0.0] * n
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    sim = [[0.0] * n for _ in range(n)]
+    for i, j in itertools.combinations(range(n), 2):  # ROUGE-L F is symmetric
+        sim[i][j] = sim[j][i] = scorer.score(texts[i], texts[j])["rougeL"].fmeasure
+    return [sum(row) / (n - 1) for row in sim]
+
+
+def _standardised(values: list[float]) -> list[float]:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return [(v - mean) / sd if sd > 0 else 0.0 for v in values]
+
+
+def scores(candidates: Sequence, mode: str, weight: float = 0.5, weights: Mapping[str, float] | None = None) -> list[float]:
+    """Each candidate's score under ``mode`` (higher is chosen)."""
+    if mode in ("reranker", "reranker-greedy"):
+        return [feature(c, "reranker") for c in candidates]
+    if mode == "generator":
+        return [feature(c, "generator") for c in candidates]
+    if mode == "consensus":
+        return [feature(c, "consensus") for c in candidates]
+    if mode == "mix":
+        return [(1.0 - weight) * feature(c, "reranker") + weight * feature(c, "generator") for c in candidates]
+    if mode == "pmi":
+        return [feature(c, "reranker") - weight * feature(c, "prior") for c in candidates]
+    if mode == "combined":
+        check_mode(mode, weights)
+        total = [0.0] * len(candidates)
+        for name in features_for(mode, weights):
+            for i, z in enumerate(_standardised([feature(c, name) for c in candidates])):
+                total[i] += weights[name] * z
+        return total
+    raise ValueError(f"mode: one of {', '.join(MODES)}, got {mode!r}")
+
+
+def choose(candidates: Sequence, mode: str = "reranker", weight: float = 0.5,
+           weights: Mapping[str, float] | None = None) -> int:  # fmt: skip
+    """Index of the best candidate under ``mode``; ties go to the earliest (the first sample)."""
+    if not candidates:
+        raise ValueError("choose: no candidates")
+    if mode == "reranker-greedy" and candidates[0].reranker_score is None:
+        return 0  # one greedy answer from the reranker model: nothing to compare
+    s = scores(candidates, mode, weight, weights)
+    return max(range(len(s)), key=lambda i: (s[i], -i))
+
+
+def mode_params(mode: str, weight: float, weights: Mapping[str, float] | None) -> dict:
+    """What a mode's choice depends on, for reports and answers."""
+    if mode in ("mix", "pmi"):
+        return {"weight": weight}
+    if mode == "combined":
+        return {"weights": {f: float(w) for f, w in (weights or {}).items() if w}}
+    return {}
+
+
+def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float]],
+              modes: Sequence[str] = ("reranker", "generator", "mix", "consensus", "pmi", "combined")) -> dict:
+    """Each mode's weight (or weights) maximising the mean utility of its picks, and that mean.
+
+    ``utilities[i][j]`` is candidate j of row i scored against row i's reference (ROUGE-L F): use
+    validation rows, never the rows the result will be reported on. A mode whose features some
+    candidate lacks is left out. Ties keep the first grid value (weights near the plain rule)."""
+    out: dict[str, dict] = {}
+
+    def mean_pick(mode: str, weight: float = 0.5, weights=None) -> float:
+        picks = [u[choose(cs, mode, weight, weights)] for cs, u in zip(candidates, utilities)]
+        return sum(picks) / len(picks)
+
+    def has(names) -> bool:
+        try:
+            for cs in candidates:
+                for c in cs:
+                    for n in names:
+                        feature(c, n)
+        except ValueError:
+            return False
+        return True
+
+    for mode in modes:
+        if mode == "combined":
+            names = [f for f in FEATURES if has([f])]
+            best = None
+            for ws in itertools.product(COMBINED_GRID, repeat=len(names)):
+                if not any(ws):
+                    continue
+                weights = dict(zip(names, ws))
+                value = mean_pick(mode, weights=weights)
+                if best is None or value > best[0]:
+                    best = (value, weights)
+            if best is not None:
+                out[mode] = {"weights": {f: w for f, w in best[1].items() if w}, "mean_rougeL": best[0]}
+        elif has(MODE_FEATURES[mode]):
+            if mode in ("mix", "pmi"):
+                value, weight = max(((mean_pick(mode, w), w) for w in WEIGHT_GRID), key=lambda t: (t[0], -t[1]))
+                out[mode] = {"weight": weight, "mean_rougeL": value}
+            else:
+                out[mode] = {"mean_rougeL": mean_pick(mode)}
+    return out
