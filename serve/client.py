@@ -107,7 +107,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="makes the sampled candidates reproducible")
     parser.add_argument("--mode", default=None, choices=MODES, help="scoring mode")
-    parser.add_argument("--weight", type=float, default=None, help="generator log-prob weight in mode=mix")
+    parser.add_argument("--weight", type=float, default=None, help="mode mix: the generator log-prob's weight; mode pmi: the prior's")
     parser.add_argument("--candidates", action="store_true", help="also print every candidate with its scores")
     parser.add_argument("--json", action="store_true", help="print the whole JSON answer")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")

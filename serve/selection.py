@@ -62,6 +62,18 @@ def feature(c, name: str) -> float:
     return float(value)
 
 
+def has_features(candidates: Sequence[Sequence], names: Sequence[str]) -> bool:
+    """Every candidate of every request carries each feature in ``names``."""
+    try:
+        for cs in candidates:
+            for c in cs:
+                for n in names:
+                    feature(c, n)
+    except ValueError:
+        return False
+    return True
+
+
 def consensus_scores(texts: Sequence[str]) -> list[float]:
     """Each text's mean ROUGE-L F against the others (0.0 for a lone text)."""
     from rouge_score import rouge_scorer
@@ -137,19 +149,9 @@ def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float
         picks = [u[choose(cs, mode, weight, weights)] for cs, u in zip(candidates, utilities)]
         return sum(picks) / len(picks)
 
-    def has(names) -> bool:
-        try:
-            for cs in candidates:
-                for c in cs:
-                    for n in names:
-                        feature(c, n)
-        except ValueError:
-            return False
-        return True
-
     for mode in modes:
         if mode == "combined":
-            names = [f for f in FEATURES if has([f])]
+            names = [f for f in FEATURES if has_features(candidates, [f])]
             best = None
             for ws in itertools.product(COMBINED_GRID, repeat=len(names)):
                 if not any(ws):
@@ -160,7 +162,7 @@ def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float
                     best = (value, weights)
             if best is not None:
                 out[mode] = {"weights": {f: w for f, w in best[1].items() if w}, "mean_rougeL": best[0]}
-        elif has(MODE_FEATURES[mode]):
+        elif has_features(candidates, MODE_FEATURES[mode]):
             if mode in ("mix", "pmi"):
                 value, weight = max(((mean_pick(mode, w), w) for w in WEIGHT_GRID), key=lambda t: (t[0], -t[1]))
                 out[mode] = {"weight": weight, "mean_rougeL": value}

@@ -50,18 +50,37 @@ def _reading(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_choices(choices: dict) -> list[str]:
-    if not choices:
-        return []
-    L = ["## How the ensemble chose among its candidates", "",
-         f"Each of the {choices['num_examples']} prompts got k={choices['k']} sampled candidates. ROUGE-L F of the one each "
-         "way of choosing returns, on the same candidates, with 95% bootstrap intervals:", "",
-         "| choice | ROUGE-L F (0-1) |", "|---|---|"]  # fmt: skip
-    L += [f"| {name} | {fmt_ci(*ci, 3)} |" for name, ci in choices["rougeL"].items()]
-    L += ["", "Paired against a random pick (B − A):", ""]
-    for t in choices["tests"]:
+def render_selection(selection: dict, methods: dict) -> list[str]:
+    """How the ensemble's rule was fixed (validation rows), then every rule on the test candidates."""
+    L = ["## How the ensemble chose among its candidates", ""]
+    if selection.get("modes"):
+        L += [f"The rule and its weights were fixed on {selection['rows']} validation rows ({selection['source']}) "
+              f"before any test row was decoded: each mode's weights maximise the mean ROUGE-L F of its picks "
+              f"there, and the best mode, **{selection['chosen']}**, is the ensemble's. Validation ROUGE-L F:", "",
+              "| mode | weights | validation ROUGE-L F |", "|---|---|---|"]  # fmt: skip
+        for mode, f in selection["modes"].items():
+            w = f.get("weights") or ({"weight": f["weight"]} if "weight" in f else {})
+            L.append(f"| {mode} | {', '.join(f'{k} {v:+g}' for k, v in w.items()) or '–'} | {f['mean_rougeL']:.3f} |")
+        L.append("")
+    else:
+        L += [f"No validation rows were given (`validation.train`): the configured mode, {selection.get('chosen')}, "
+              "was used, and the other modes below use their default weights.", ""]
+    if not methods:
+        return L
+    L += [f"Every rule on the same candidates: {methods['num_examples']} test prompts, k={methods['k']} sampled "
+          "candidates each, 95% bootstrap intervals. Model time is the decoding and scoring passes the rule needs, "
+          "per request, amortised over the report's batches. A random pick's ROUGE-L is the mean over the k "
+          "candidates; its BLEU-4 is the first sample's.", "",
+          "| choice | ROUGE-L F (0-1) | BLEU-4 | model time (ms / request) |", "|---|---|---|---|"]  # fmt: skip
+    for m in methods["methods"]:
+        ms = f"{m['latency_ms']:.0f}" if m.get("latency_ms") is not None else "–"
+        L.append(f"| {m['name']} | {fmt_ci(*m['rougeL'], 3)} | {fmt_ci(*m['bleu4'], 2)} | {ms} |")
+    L += ["", "Paired tests (B − A on the same resampled examples):", ""]
+    for t in methods["tests"]:
         verdict = {1: "better", -1: "worse", 0: "no detectable difference"}[_sign(t)]
-        L.append(f"- {t['b']}: Δ {t['delta']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]: {verdict}")
+        digits = 3 if t["metric"] == "rougeL" else 2
+        L.append(f"- {t['b']} vs {t['a']}, {'ROUGE-L' if t['metric'] == 'rougeL' else 'BLEU-4'}: "
+                 f"Δ {t['delta']:+.{digits}f} [{t['low']:+.{digits}f}, {t['high']:+.{digits}f}]: {verdict}")  # fmt: skip
     return L
 
 
@@ -83,8 +102,8 @@ def render_markdown(report: dict, rows: list[dict], systems: dict[str, dict]) ->
         L.append(f"| {t['a']} | {t['b']} | {t['metric']} | {t['delta']:+.3f} | [{t['low']:+.3f}, {t['high']:+.3f}] "
                  f"| {t['p_not_better']:.3f} | {reading} |")
     L += ["", "## What these numbers support", "", *_reading(report)]
-    if report.get("ensemble_choices"):
-        L += ["", *render_choices(report["ensemble_choices"])]
+    if report.get("selection"):
+        L += ["", *render_selection(report["selection"], report.get("selection_methods") or {})]
     L += ["", "## Resources", "", "| system | peak train memory (GiB) | trainable params | trained tokens/s | "
           "train time (s, optimizer steps) | generation latency (ms / example) |", "|---|---|---|---|---|---|"]
     for name, s in report["systems"].items():

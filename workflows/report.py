@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from duetto.config import ConfigError, dump_yaml
-from duetto.serve.ensemble import Mode
+from duetto.config import ConfigError, dump_yaml, to_dict
+from duetto.serve.selection import Mode
 from duetto.workflows.render import fmt_ci, render_markdown
 
 
@@ -30,9 +30,23 @@ class EnsembleSettings:
     top_p: float = 0.95
     """Nucleus sampling mass."""
     mode: Mode = "reranker"
-    """Choice rule, as in `duetto serve` (ensemble.mode there)."""
+    """Choice rule, as in `duetto serve` (ensemble.mode there); with validation rows, the rule fitted there."""
     weight: float = 0.5
-    """Weight of the generator log-prob in `mix` mode."""
+    """mix: the generator log-prob's weight; pmi: the prior's (as in `duetto serve`)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Mode combined: each feature's weight (as in `duetto serve`)."""
+
+
+@dataclass
+class ValidationSettings:
+    train: str = ""
+    """A unified train.jsonl whose last `val_size` rows the trials held out (data.val_size of the sweep):
+    the ensemble's candidates there fix each selection mode's weights and the default mode before any
+    test row is decoded. Empty: the configured ensemble.mode and weights are used as they are."""
+    val_size: float = 0.15
+    """The held-out share (or count) of `train`, as the sweep's data.val_size."""
+    num_examples: int = 0
+    """First N validation rows (0 = all)."""
 
 
 @dataclass
@@ -62,6 +76,7 @@ class ReportConfig:
     bootstrap: int = 1000
     """Bootstrap resamples."""
     ensemble: EnsembleSettings = field(default_factory=EnsembleSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     out: str = "docs/results/study"
     """Folder for report.md, report.json and outputs.jsonl."""
     device: str = "auto"
@@ -82,11 +97,18 @@ def _log(msg: str) -> None:
     print(f"[duetto report {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _decode(lm, rows: list[dict], cfg: ReportConfig, *, generator=None, reranker=None, ensemble: bool = False):
-    """Answers for every row, in batches; returns (texts, seconds per example, extra per-row info)."""
+def _decode(lm, rows: list[dict], cfg: ReportConfig, *, generator=None, reranker=None, ensemble: bool = False,
+            selection: dict | None = None):  # fmt: skip
+    """Answers for every row, in batches; returns (texts, seconds per example, extra per-row info).
+    The ensemble computes every candidate feature whatever its mode (``selection``: mode, weight,
+    weights), so every mode can be compared on the same candidates; its info[0] also holds each
+    step's milliseconds per request (``step_ms``)."""
     from duetto.serve.ensemble import EnsembleRequest, ensemble_generate, sample_requests
+    from duetto.serve.selection import FEATURES
 
     texts, info = [], []
+    step_totals: dict[str, float] = {}
+    keys = ("text", "generator_logprob", "reranker_score", "prior_score", "consensus")
     t0 = time.perf_counter()
     e = cfg.ensemble
     for i in range(0, len(rows), cfg.batch_size):
@@ -98,16 +120,23 @@ def _decode(lm, rows: list[dict], cfg: ReportConfig, *, generator=None, reranker
             import torch
 
             torch.manual_seed(cfg.seed + i)
-            for res in ensemble_generate(generator, reranker, reqs, mode=e.mode, weight=e.weight):
+            sel = selection or {"mode": e.mode, "weight": e.weight, "weights": e.weights}
+            results = ensemble_generate(generator, reranker, reqs, mode=sel["mode"], weight=sel["weight"],
+                                        weights=sel["weights"] or None, features=FEATURES)  # fmt: skip
+            for step, ms in results[0].timings_ms.items():  # one batch: the same timings for each result
+                if step in ("generate", "score", "prior", "consensus"):
+                    step_totals[step] = step_totals.get(step, 0.0) + ms
+            for res in results:
                 texts.append(res.response)
                 info.append({"chosen_index": res.chosen_index,
-                             "candidates": [{"text": c.text, "generator_logprob": c.generator_logprob,
-                                             "reranker_score": c.reranker_score} for c in res.candidates]})
+                             "candidates": [{k: getattr(c, k) for k in keys} for c in res.candidates]})
         else:
             for cands in sample_requests(lm, reqs, greedy=True):
                 texts.append(cands[0].text)
                 info.append({})
     _log(f"{'ensemble' if ensemble else lm.name}: {len(rows)} examples in {time.perf_counter() - t0:.0f} s")
+    if info and ensemble:
+        info[0]["step_ms"] = {step: ms / len(rows) for step, ms in step_totals.items()}
     return texts, (time.perf_counter() - t0) / max(1, len(rows)), info
 
 
@@ -169,55 +198,28 @@ def _provenance(test_path: str, specs: dict[str, Any]) -> dict[str, Any]:
     return {"data": data, "trials": trials}
 
 
-RANDOM_PICK = "any one candidate (mean over the k: a random pick)"
+def _validation_rows(cfg: ReportConfig) -> list[dict]:
+    """The rows the sweep held out of train.jsonl (the same split function the trials use)."""
+    from duetto.trainers.trial_data import read_rows, split_validation
+
+    v = cfg.validation
+    _, held = split_validation(read_rows(v.train, key="validation.train"), v.val_size, v.train)
+    return held[: v.num_examples] if v.num_examples > 0 else held
 
 
-def ensemble_choices(rows: list[dict], *, mode: str = "reranker", weight: float = 0.5, n_resamples: int = 1000,
-                     seed: int = 0) -> dict:
-    """ROUGE-L of the candidate each way of choosing would have returned, from the stored candidates
-    (``outputs.jsonl`` rows: ``reference``, ``ensemble_candidates``, ``ensemble_chosen_index``). It
-    separates what sampling costs from what re-ranking buys: a random pick (the mean over the k),
-    what the ensemble returned (in its ``mode``), the reranker's pick, the generator's own pick, the
-    ``mix`` mode, and the best candidate against the reference (an upper bound no chooser can
-    pass). A way whose scores were not stored (no reranker scores in mode generator) is left out.
-    ROUGE-L only: it is a mean of per-example scores, so "a random pick" is exact; corpus BLEU is not."""
-    import numpy as np
+def _modes_to_compare(cfg: ReportConfig, selection: dict | None) -> dict[str, dict]:
+    """Every mode with its weights: those fitted on validation rows, else the configured ones."""
+    from duetto.workflows.selection_report import DEFAULT_PARAMS
 
-    from duetto.serve.ensemble import choose
-    from duetto.trainers.inference import Candidate
-    from duetto.trainers.evaluate import rouge_l_scores
-    from duetto.workflows.stats import bootstrap_ci, paired_bootstrap, rouge_from_sums
-
-    rows = [r for r in rows if r.get("ensemble_candidates")]
-    if not rows:
-        return {}
-    cands = [[Candidate(**{k: c.get(k) for k in ("text", "generator_logprob", "reranker_score")})
-              for c in r["ensemble_candidates"]] for r in rows]  # fmt: skip
-    flat_refs = [r["reference"] for r, cs in zip(rows, cands) for _ in cs]
-    flat = iter(rouge_l_scores([c.text for cs in cands for c in cs], flat_refs))
-    scores = [[next(flat) for _ in cs] for cs in cands]
-    has_rer = all(c.reranker_score is not None for cs in cands for c in cs)
-    has_gen = all(c.generator_logprob is not None for cs in cands for c in cs)
-    returned = [s[int(r.get("ensemble_chosen_index") or 0)] for r, s in zip(rows, scores)]
-    picks = {RANDOM_PICK: [sum(s) / len(s) for s in scores], f"what the ensemble returned (mode {mode})": returned}
-    ways = [("the reranker's pick (mode reranker)", "reranker", has_rer),
-            ("the generator's own pick (mode generator)", "generator", has_gen),
-            (f"mode mix, weight {weight:g}", "mix", has_rer and has_gen)]  # fmt: skip
-    for name, way, available in ways:
-        if available and way != mode:
-            picks[name] = [s[choose(cs, way, weight)] for cs, s in zip(cands, scores)]
-    picks["the best candidate against the reference (upper bound)"] = [max(s) for s in scores]
-    stats = {name: np.asarray(v, dtype=np.float64).reshape(-1, 1) for name, v in picks.items()}
-    tests = [{"a": RANDOM_PICK, "b": name, **paired_bootstrap(stats[RANDOM_PICK], stats[name], rouge_from_sums,
-                                                               n_resamples=n_resamples, seed=seed)}
-             for name in list(stats)[1:-1]]  # fmt: skip
-    return {
-        "k": max(len(cs) for cs in cands),
-        "num_examples": len(rows),
-        "mode": mode,
-        "rougeL": {name: bootstrap_ci(st, rouge_from_sums, n_resamples=n_resamples, seed=seed) for name, st in stats.items()},
-        "tests": tests,
-    }
+    if selection:
+        return {m: {k: v for k, v in f.items() if k in ("weight", "weights")} for m, f in selection["modes"].items()}
+    e = cfg.ensemble
+    modes = {m: dict(DEFAULT_PARAMS.get(m, {})) for m in ("reranker", "generator", "mix", "consensus", "pmi")}
+    if e.mode in ("mix", "pmi"):
+        modes[e.mode] = {"weight": e.weight}
+    if e.weights:
+        modes["combined"] = {"weights": dict(e.weights)}
+    return modes
 
 
 def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
@@ -252,11 +254,25 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
         systems[name] = {"texts": texts, "latency_s": lat, "source": specs[name].trial_dir or specs[name].path}
 
     q_lm, g_lm = load_lm(qlora_src, device=device), load_lm(galore_src, device=device)
+    e = cfg.ensemble
+    chosen = {"mode": e.mode, "weight": e.weight, "weights": dict(e.weights)}
+    selection = None
+    if cfg.validation.train:  # fixed here, before any test row is decoded
+        from duetto.workflows.selection_report import fit_selection
+
+        val_rows = _validation_rows(cfg)
+        _, _, val_info = _decode(None, val_rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True)
+        selection = fit_selection([{"reference": r["response"], "ensemble_candidates": i["candidates"]}
+                                   for r, i in zip(val_rows, val_info)])  # fmt: skip
+        selection["source"] = f"{cfg.validation.train}, last {cfg.validation.val_size:g}"
+        chosen = {"mode": selection["chosen"], "weight": selection["params"].get("weight", e.weight),
+                  "weights": selection["params"].get("weights", {})}  # fmt: skip
+        _log(f"validation ({len(val_rows)} rows): mode {chosen['mode']} {selection['params']}")
     single("QLoRA", q_lm)
     single("GaLore", g_lm)
-    texts, lat, info = _decode(None, rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True)
-    systems["Ensemble (QLoRA top-k → GaLore re-rank)"] = {"texts": texts, "latency_s": lat, "info": info,
-                                                       "source": f"{qlora_src} + {galore_src}"}
+    texts, lat, info = _decode(None, rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True, selection=chosen)
+    systems[f"Ensemble (QLoRA top-{e.k}, mode {chosen['mode']})"] = {
+        "texts": texts, "latency_s": lat, "info": info, "source": f"{qlora_src} + {galore_src}"}
     for label, src in cfg.extra.items():
         single(label, load_lm(src, device=device))
 
@@ -288,15 +304,20 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
                         "ensemble_chosen_index": ens_info.get("chosen_index")})  # fmt: skip
     with open(out / "outputs.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
-    choices = ensemble_choices(records, mode=cfg.ensemble.mode, weight=cfg.ensemble.weight, n_resamples=n,
-                               seed=cfg.seed)  # fmt: skip
+    from duetto.workflows.selection_report import selection_table
+
+    methods = selection_table(records, modes=_modes_to_compare(cfg, selection), returned_mode=chosen["mode"],
+                              best_single=(better, systems[better]["texts"]),
+                              per_request_ms=systems[ens_name]["info"][0].get("step_ms") if rows else None,
+                              n_resamples=n, seed=cfg.seed)  # fmt: skip
     report = {
-        "config": {k: v for k, v in cfg.__dict__.items() if k != "ensemble"} | {"ensemble": cfg.ensemble.__dict__},
+        "config": to_dict(cfg),
         "command": command,
         "num_examples": len(rows),
         "systems": {k: {kk: vv for kk, vv in v.items() if kk not in ("texts", "info")} for k, v in systems.items()},
         "tests": tests,
-        "ensemble_choices": choices,
+        "selection": selection or {"fitted_on": None, "chosen": chosen["mode"]},
+        "selection_methods": methods,
         "resources": resources,
         "provenance": provenance,
         "versions": _versions(),

@@ -126,6 +126,17 @@ def test_generate_returns_the_reranker_choice(http, galore_trial, load_lm):
     mix = http.post("/v1/generate", json={**body, "mode": "mix", "weight": 0.3}, headers=AUTH).json()
     mixed = [0.7 * c["reranker_score"] + 0.3 * c["generator_logprob"] for c in mix["candidates"]]
     assert mix["chosen_index"] == max(range(4), key=lambda i: (mixed[i], -i)) and mix["weight"] == 0.3
+    # pmi: the reranker scores each candidate again after an empty instruction
+    pmi = http.post("/v1/generate", json={**body, "mode": "pmi", "weight": 1.0}, headers=AUTH).json()
+    assert [c["reranker_score"] for c in pmi["candidates"]] == pytest.approx(scores, abs=1e-4)
+    blank = score_candidates(rer.model, rer.tokenizer, [("", "", c["text"]) for c in pmi["candidates"]],
+                             template="chat", max_seq_len=max_seq_len)  # fmt: skip
+    assert [c["prior_score"] for c in pmi["candidates"]] == pytest.approx(blank, abs=1e-4)
+    pmis = [c["reranker_score"] - c["prior_score"] for c in pmi["candidates"]]
+    assert pmi["chosen_index"] == max(range(4), key=lambda i: (pmis[i], -i)) and pmi["weight"] == 1.0
+    cons = http.post("/v1/generate", json={**body, "mode": "consensus"}, headers=AUTH).json()
+    agree = [c["consensus"] for c in cons["candidates"]]
+    assert cons["chosen_index"] == max(range(4), key=lambda i: (agree[i], -i)) and cons["batch"].keys() == {"generator"}
     greedy = http.post("/v1/generate", json={"instruction": body["instruction"], "mode": "reranker-greedy", "max_new_tokens": 4},
                        headers=AUTH).json()  # fmt: skip
     assert len(greedy["candidates"]) == 1 and greedy["candidates"][0]["generator_logprob"] is None
@@ -218,6 +229,7 @@ BAD_REQUESTS = [
     ("unknown-field", "/v1/generate", {"instruction": "hi", "beam_width": 3}, 422, "beam_width"),
     ("unknown-mode", "/v1/generate", {"instruction": "hi", "mode": "best"}, 422, "mode"),
     ("weight-without-mix", "/v1/generate", {"instruction": "hi", "weight": 0.5}, 422, "weight"),
+    ("combined-without-weights", "/v1/generate", {"instruction": "hi", "mode": "combined"}, 422, "mode"),
     ("prompt-over-context", "/v1/generate", {"instruction": LONG}, 422, "instruction"),
     ("body-too-large", "/v1/generate", {"instruction": "x" * 30000}, 413, "body"),
     # a lone UTF-16 surrogate is valid JSON but no tokenizer can encode it

@@ -8,6 +8,8 @@ import json
 import pytest
 
 from duetto.config import ConfigError, load_config
+from duetto.serve.selection import choose
+from duetto.trainers.inference import Candidate
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     cfg = load_config(ReportConfig, None, [
         f"baseline={tiny_gemma_dir}", f"qlora={tiny_trials['qlora']}", f"galore={tiny_trials['galore']}",
         f"test={unified_data[1]}", "num_examples=6", "max_new_tokens=6", "bootstrap=40", "ensemble.k=3",
-        f"out={tmp_path / 'rep'}", "device=cpu",
+        f"out={tmp_path / 'rep'}", "device=cpu", f"validation.train={unified_data[0]}", "validation.val_size=5",
     ])
     report = build_report(cfg, command="pytest")
     systems = report["systems"]
@@ -50,18 +52,29 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     rows = [json.loads(line) for line in (tmp_path / "rep" / "outputs.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert all(len(r["ensemble_candidates"]) == 3 for r in rows)
-    for r in rows:  # the ensemble returns one of its own candidates, the one the reranker scored best
-        cands = r["ensemble_candidates"]
-        best = max(range(3), key=lambda i: cands[i]["reranker_score"])
-        assert r["ensemble_chosen_index"] == best
+    # the mode and its weights were fitted on the 5 validation rows; the ensemble returns the candidate
+    # that rule picks, recomputed here from the stored candidates (every feature stored for each)
+    sel = report["selection"]
+    assert sel["rows"] == 5 and sel["chosen"] in sel["modes"] and sel["source"].endswith("last 5")
+    assert set(sel["modes"]) == {"reranker", "generator", "mix", "consensus", "pmi", "combined"}
+    assert sel["modes"][sel["chosen"]]["mean_rougeL"] == max(f["mean_rougeL"] for f in sel["modes"].values())
+    for r in rows:
+        cands = [Candidate(**c) for c in r["ensemble_candidates"]]
+        assert all(None not in (c.reranker_score, c.generator_logprob, c.prior_score, c.consensus) for c in cands)
+        params = sel["params"]
+        assert r["ensemble_chosen_index"] == choose(cands, sel["chosen"], params.get("weight", 0.5), params.get("weights"))
     md = (tmp_path / "rep" / "report.md").read_text()
     for heading in ("## Quality", "## Paired bootstrap tests", "## What these numbers support", "## Resources",
                     "## Examples", "## Set-up", "## How the ensemble chose among its candidates"):
         assert heading in md
-    # the reranker's pick, re-scored from the stored candidates, is the ensemble row itself
-    picks = report["ensemble_choices"]["rougeL"]
-    ens = next(v for k, v in systems.items() if k.startswith("Ensemble"))
-    assert picks["what the ensemble returned (mode reranker)"][0] == pytest.approx(ens["rougeL"][0])
+    # the chosen rule's pick, re-scored from the stored candidates, is the ensemble row itself
+    methods = report["selection_methods"]["methods"]
+    returned = next(m for m in methods if m["name"].endswith("(what the ensemble returned)"))
+    ens_name, ens = next((k, v) for k, v in systems.items() if k.startswith("Ensemble"))
+    assert returned["mode"] == sel["chosen"] and f"mode {sel['chosen']}" in ens_name
+    assert returned["rougeL"][0] == pytest.approx(ens["rougeL"][0]) and returned["bleu4"][0] == pytest.approx(ens["bleu4"][0])
+    assert {m["mode"] for m in methods} >= {None, "reranker", "generator", "mix", "consensus", "pmi"}
+    assert all(m["latency_ms"] > 0 for m in methods if m["mode"])
     # every paired test is read out in words, each with its own verdict
     reading = md.split("## What these numbers support")[1].split("## Resources")[0]
     resources = md.split("## Resources")[1].split("## Examples")[0]
@@ -84,13 +97,19 @@ def test_report_config_needs_both_trials():
         load_config(ReportConfig, None, ["qlora=x"])
 
 
-def test_ensemble_choices_separate_sampling_from_reranking():
+def test_selection_table_separates_sampling_from_reranking():
     """Two prompts, two candidates each: the reranker prefers the wrong one, the generator the right one."""
-    from duetto.workflows.render import render_choices
-    from duetto.workflows.report import ensemble_choices
+    from duetto.workflows.render import render_selection
+    from duetto.workflows.selection_report import ORACLE, RANDOM_PICK, selection_table
 
     def cand(text, gen, rer):
         return {"text": text, "generator_logprob": gen, "reranker_score": rer}
+
+    def table(rows, returned):
+        modes = {"reranker": {}, "generator": {}, "mix": {"weight": 0.5}, "pmi": {"weight": 1.0}}
+        single = ("QLoRA", ["the cat sat", "water boils"])
+        return selection_table(rows, modes=modes, returned_mode=returned, best_single=single, n_resamples=50,
+                               per_request_ms={"generate": 10.0, "score": 2.0})  # fmt: skip
 
     rows = [
         {"reference": "the cat sat on the mat", "ensemble_chosen_index": 1, "ensemble_candidates": [
@@ -98,21 +117,22 @@ def test_ensemble_choices_separate_sampling_from_reranking():
         {"reference": "water boils at one hundred degrees", "ensemble_chosen_index": 1, "ensemble_candidates": [
             cand("boils at one hundred", -0.2, -1.0), cand("ice is cold", -2.0, -0.1)]},
     ]
-    c = ensemble_choices(rows, mode="reranker", weight=0.5, n_resamples=50)
-    r = {name.split(" (")[0]: ci[0] for name, ci in c["rougeL"].items()}
-    assert r["what the ensemble returned"] == 0.0  # both wrong picks share no word with their reference
-    assert "the reranker's pick" not in r  # the same as what was returned in mode reranker
-    assert r["the generator's own pick"] == r["the best candidate against the reference"] > r["any one candidate"] > 0
-    assert r["mode mix, weight 0.5"] == r["the generator's own pick"]  # (-0.1-2.0)/2 > (-3.0-0.5)/2, and so on
-    assert [t["b"].split(" (")[0] for t in c["tests"]] == ["what the ensemble returned", "the generator's own pick",
-                                                          "mode mix, weight 0.5"]
-    assert "## How the ensemble chose among its candidates" in "\n".join(render_choices(c))
-    # mode generator stores no reranker scores: the rows that need them are left out, not a crash
+    c = table(rows, "reranker")
+    r = {m["name"].split(",")[0].replace(" (what the ensemble returned)", ""): m["rougeL"][0] for m in c["methods"]}
+    assert r["mode reranker"] == 0.0  # both wrong picks share no word with their reference
+    assert r["mode generator"] == r[ORACLE] > r[RANDOM_PICK] > 0
+    assert r["mode mix"] == r["mode generator"]  # (-0.1-2.0)/2 > (-3.0-0.5)/2, and so on
+    assert "mode pmi" not in r and "mode consensus" not in r  # no prior stored; consensus not asked for
+    assert c["features"] == ["reranker", "generator", "consensus"]  # consensus comes from the texts alone
+    latency = {m["mode"]: m.get("latency_ms") for m in c["methods"] if m["mode"]}
+    assert latency == {"reranker": 12.0, "generator": 10.0, "mix": 12.0}
+    tested = {(t["a"], t["b"].split(",")[0].split(" (")[0], t["metric"]) for t in c["tests"]}
+    assert ("QLoRA", "mode generator", "bleu4") in tested and (RANDOM_PICK, "mode mix", "rougeL") in tested
+    assert "## How the ensemble chose among its candidates" in "\n".join(render_selection({"chosen": "reranker"}, c))
+    # mode generator stores no reranker scores: the modes that need them are left out, not a crash
     for row in rows:
-        row["ensemble_chosen_index"] = 0
         for cd in row["ensemble_candidates"]:
             cd["reranker_score"] = None
-    r = {name.split(" (")[0]: ci[0] for name, ci in ensemble_choices(rows, mode="generator", n_resamples=50)["rougeL"].items()}
-    assert set(r) == {"any one candidate", "what the ensemble returned", "the best candidate against the reference"}
-    assert r["what the ensemble returned"] == r["the best candidate against the reference"]
-    assert ensemble_choices([{"reference": "x", "ensemble_candidates": None}]) == {}
+    modes = {m["mode"] for m in table(rows, "generator")["methods"]}
+    assert modes == {None, "generator"}
+    assert selection_table([{"reference": "x", "ensemble_candidates": None}], modes={}, returned_mode="reranker") == {}

@@ -1,0 +1,141 @@
+"""Every way of choosing among the ensemble's candidates, compared on the same stored candidates.
+
+``fit_selection`` fixes each mode's weights, and the default mode, on validation rows (the sweep's
+split held out of train.jsonl); ``selection_table`` then scores every mode on the test rows' stored
+candidates: BLEU-4 and ROUGE-L with bootstrap intervals, paired tests against the best single model
+and against a random pick, the oracle (the best candidate against the reference, a bound no chooser
+passes) and each mode's model time per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from duetto.serve.selection import FEATURES, choose, consensus_scores, features_for, fit_modes, has_features
+from duetto.trainers.inference import Candidate
+
+RANDOM_PICK = "any one candidate (a random pick)"
+ORACLE = "the best candidate against the reference (upper bound)"
+#: Preference among modes whose validation scores tie: the simpler rule first.
+MODE_ORDER = ("reranker", "generator", "mix", "consensus", "pmi", "combined")
+#: Weights used when no validation rows fixed them (pmi at 1 is pointwise mutual information).
+DEFAULT_PARAMS = {"mix": {"weight": 0.5}, "pmi": {"weight": 1.0}}
+
+
+def stored_candidates(rows: Sequence[dict]) -> list[list[Candidate]]:
+    """The candidates of ``outputs.jsonl``-style rows (``ensemble_candidates``), consensus filled in."""
+    out = []
+    for r in rows:
+        cs = [Candidate(**{k: c.get(k) for k in ("text", "generator_logprob", "reranker_score", "prior_score",
+                                                  "consensus")}) for c in r["ensemble_candidates"]]  # fmt: skip
+        if any(c.consensus is None for c in cs):
+            for c, s in zip(cs, consensus_scores([c.text for c in cs])):
+                c.consensus = s
+        out.append(cs)
+    return out
+
+
+def candidate_rouge(cands: Sequence[Sequence[Candidate]], references: Sequence[str]) -> list[list[float]]:
+    from duetto.trainers.evaluate import rouge_l_scores
+
+    flat = iter(rouge_l_scores([c.text for cs in cands for c in cs], [r for r, cs in zip(references, cands) for _ in cs]))
+    return [[next(flat) for _ in cs] for cs in cands]
+
+
+def _params(mode: str, fitted: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in fitted.items() if k in ("weight", "weights")}
+
+
+def fit_selection(rows: Sequence[dict]) -> dict:
+    """Each mode's weights and the default mode, fitted on validation rows with stored candidates:
+    ``{"rows", "k", "modes": {mode: {params, mean_rougeL}}, "chosen", "params"}``."""
+    rows = [r for r in rows if r.get("ensemble_candidates")]
+    if not rows:
+        raise ValueError("fit_selection: no rows with candidates")
+    cands = stored_candidates(rows)
+    fitted = fit_modes(cands, candidate_rouge(cands, [r["reference"] for r in rows]), MODE_ORDER)
+    chosen = max(fitted, key=lambda m: (fitted[m]["mean_rougeL"], -MODE_ORDER.index(m)))
+    return {"rows": len(rows), "k": max(len(cs) for cs in cands), "modes": fitted, "chosen": chosen,
+            "params": _params(chosen, fitted[chosen])}  # fmt: skip
+
+
+def step_ms(mode: str, params: Mapping[str, Any], per_request_ms: Mapping[str, float]) -> float | None:
+    """Model and selection time per request of ``mode``: sampling, plus the scoring passes its features need."""
+    steps = ["generate"] + [s for f, s in (("reranker", "score"), ("prior", "prior"), ("consensus", "consensus"))
+                            if f in features_for(mode, params.get("weights"))]  # fmt: skip
+    if not all(s in per_request_ms for s in steps):
+        return None
+    return sum(per_request_ms[s] for s in steps)
+
+
+def selection_table(rows: Sequence[dict], *, modes: Mapping[str, Mapping[str, Any]], returned_mode: str,
+                    best_single: tuple[str, Sequence[str]] | None = None,
+                    per_request_ms: Mapping[str, float] | None = None, n_resamples: int = 1000,
+                    seed: int = 0) -> dict:  # fmt: skip
+    """Every mode in ``modes`` (mode -> its weights) scored on the same stored candidates.
+
+    A random pick's ROUGE-L is the mean over the k candidates (its expectation, exactly); its BLEU-4 is
+    the first sample's (one random draw: corpus BLEU is not a mean). A mode whose features were not
+    stored is left out. ``best_single``: (name, its answers to the same rows) for the paired tests."""
+    import numpy as np
+
+    from duetto.workflows.stats import METRICS, bootstrap_ci, paired_bootstrap, rouge_from_sums
+
+    keep = [i for i, r in enumerate(rows) if r.get("ensemble_candidates")]
+    if not keep:
+        return {}
+    rows = [rows[i] for i in keep]
+    refs = [r["reference"] for r in rows]
+    cands = stored_candidates(rows)
+    util = candidate_rouge(cands, refs)
+    texts: dict[str, list[str]] = {RANDOM_PICK: [cs[0].text for cs in cands]}
+    rouge: dict[str, np.ndarray] = {RANDOM_PICK: np.asarray([sum(u) / len(u) for u in util]).reshape(-1, 1)}
+    methods = [{"name": RANDOM_PICK, "mode": None, "params": {}}]
+    for mode in MODE_ORDER:
+        if mode not in modes:
+            continue
+        params = dict(modes[mode])
+        try:
+            picks = [choose(cs, mode, params.get("weight", 0.5), params.get("weights")) for cs in cands]
+        except ValueError:  # a feature this mode reads was not stored
+            continue
+        name = f"mode {mode}"
+        if "weight" in params:
+            name += f", weight {params['weight']:g}"
+        if "weights" in params:
+            name += ", weights " + ", ".join(f"{f} {w:+g}" for f, w in params["weights"].items())
+        if mode == returned_mode:
+            name += " (what the ensemble returned)"
+        texts[name] = [cs[j].text for cs, j in zip(cands, picks)]
+        rouge[name] = np.asarray([u[j] for u, j in zip(util, picks)]).reshape(-1, 1)
+        methods.append({"name": name, "mode": mode, "params": params,
+                        "latency_ms": step_ms(mode, params, per_request_ms or {})})  # fmt: skip
+    best = [max(range(len(u)), key=u.__getitem__) for u in util]
+    texts[ORACLE] = [cs[j].text for cs, j in zip(cands, best)]
+    rouge[ORACLE] = np.asarray([u[j] for u, j in zip(util, best)]).reshape(-1, 1)
+    methods.append({"name": ORACLE, "mode": None, "params": {}})
+    bleu_stat, bleu_from = METRICS["bleu4"]
+    stats = {m["name"]: {"rougeL": rouge[m["name"]], "bleu4": bleu_stat(texts[m["name"]], refs)} for m in methods}
+    from_sums = {"rougeL": rouge_from_sums, "bleu4": bleu_from}
+    for m in methods:
+        for metric in ("rougeL", "bleu4"):
+            m[metric] = bootstrap_ci(stats[m["name"]][metric], from_sums[metric], n_resamples=n_resamples, seed=seed)
+    tests = []
+    single = None
+    if best_single is not None:
+        name, answers = best_single
+        answers = [answers[i] for i in keep]
+        single = {"rougeL": METRICS["rougeL"][0](answers, refs), "bleu4": bleu_stat(answers, refs)}
+    for m in methods[1:-1]:
+        tests.append({"a": RANDOM_PICK, "b": m["name"], "metric": "rougeL",
+                      **paired_bootstrap(rouge[RANDOM_PICK], rouge[m["name"]], rouge_from_sums,
+                                         n_resamples=n_resamples, seed=seed)})  # fmt: skip
+        if single is not None:
+            for metric in ("rougeL", "bleu4"):
+                tests.append({"a": best_single[0], "b": m["name"], "metric": metric,
+                              **paired_bootstrap(single[metric], stats[m["name"]][metric], from_sums[metric],
+                                                 n_resamples=n_resamples, seed=seed)})  # fmt: skip
+    return {"k": max(len(cs) for cs in cands), "num_examples": len(rows), "mode": returned_mode,
+            "best_single": best_single[0] if best_single else None, "methods": methods, "tests": tests,
+            "features": [f for f in FEATURES if has_features(cands, [f])]}  # fmt: skip
