@@ -56,11 +56,13 @@ def render_selection(selection: dict, methods: dict) -> list[str]:
     if selection.get("modes"):
         L += [f"The rule and its weights were fixed on {selection['rows']} validation rows ({selection['source']}) "
               f"before any test row was decoded: each mode's weights maximise the mean ROUGE-L F of its picks "
-              f"there, and the best mode, **{selection['chosen']}**, is the ensemble's. Validation ROUGE-L F:", "",
-              "| mode | weights | validation ROUGE-L F |", "|---|---|---|"]  # fmt: skip
+              f"there; the mode with the best {selection['folds']}-fold cross-validated ROUGE-L F (weights fitted on "
+              f"the other folds), **{selection['chosen']}**, is the ensemble's.", "",
+              "| mode | weights | validation ROUGE-L F, fitted rows | cross-validated |", "|---|---|---|---|"]  # fmt: skip
         for mode, f in selection["modes"].items():
             w = f.get("weights") or ({"weight": f["weight"]} if "weight" in f else {})
-            L.append(f"| {mode} | {', '.join(f'{k} {v:+g}' for k, v in w.items()) or '–'} | {f['mean_rougeL']:.3f} |")
+            L.append(f"| {mode} | {', '.join(f'{k} {v:+g}' for k, v in w.items()) or '–'} | {f['mean_rougeL']:.3f} "
+                     f"| {f['cv_rougeL']:.3f} |")  # fmt: skip
         L.append("")
     else:
         L += [f"No validation rows were given (`validation.train`): the configured mode, {selection.get('chosen')}, "

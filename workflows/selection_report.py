@@ -47,17 +47,42 @@ def _params(mode: str, fitted: Mapping[str, Any]) -> dict:
     return {k: v for k, v in fitted.items() if k in ("weight", "weights")}
 
 
-def fit_selection(rows: Sequence[dict]) -> dict:
-    """Each mode's weights and the default mode, fitted on validation rows with stored candidates:
-    ``{"rows", "k", "modes": {mode: {params, mean_rougeL}}, "chosen", "params"}``."""
+def cross_validated(cands: Sequence[Sequence[Candidate]], util: Sequence[Sequence[float]], folds: int = 5) -> dict:
+    """Each mode's mean ROUGE-L on rows its weights were not fitted on: the rows are dealt into
+    ``folds`` folds, and each fold's picks use the weights fitted on the others. A mode with free
+    weights always looks better on the rows it was fitted on (on random scores, combined's 1,295
+    weight settings reach 0.59 where every rule is worth 0.50), so the default mode is chosen on this."""
+    n = len(cands)
+    folds = min(folds, n)
+    if folds < 2:
+        return {}
+    picked: dict[str, list[float]] = {}
+    for f in range(folds):
+        fit_rows = [i for i in range(n) if i % folds != f]
+        fitted = fit_modes([cands[i] for i in fit_rows], [util[i] for i in fit_rows], MODE_ORDER)
+        for mode, p in fitted.items():
+            for i in range(f, n, folds):
+                j = choose(cands[i], mode, p.get("weight", 0.5), p.get("weights"))
+                picked.setdefault(mode, []).append(util[i][j])
+    return {m: sum(v) / len(v) for m, v in picked.items() if len(v) == n}
+
+
+def fit_selection(rows: Sequence[dict], folds: int = 5) -> dict:
+    """Each mode's weights (fitted on all the rows) and the default mode (the best cross-validated
+    ROUGE-L F over ``folds`` folds), from validation rows with stored candidates: ``{"rows", "k",
+    "modes": {mode: {params, mean_rougeL, cv_rougeL}}, "chosen", "params"}``."""
     rows = [r for r in rows if r.get("ensemble_candidates")]
     if not rows:
         raise ValueError("fit_selection: no rows with candidates")
     cands = stored_candidates(rows)
-    fitted = fit_modes(cands, candidate_rouge(cands, [r["reference"] for r in rows]), MODE_ORDER)
-    chosen = max(fitted, key=lambda m: (fitted[m]["mean_rougeL"], -MODE_ORDER.index(m)))
-    return {"rows": len(rows), "k": max(len(cs) for cs in cands), "modes": fitted, "chosen": chosen,
-            "params": _params(chosen, fitted[chosen])}  # fmt: skip
+    util = candidate_rouge(cands, [r["reference"] for r in rows])
+    fitted = fit_modes(cands, util, MODE_ORDER)
+    cv = cross_validated(cands, util, folds)
+    for mode, f in fitted.items():
+        f["cv_rougeL"] = cv.get(mode, f["mean_rougeL"])
+    chosen = max(fitted, key=lambda m: (fitted[m]["cv_rougeL"], -MODE_ORDER.index(m)))
+    return {"rows": len(rows), "k": max(len(cs) for cs in cands), "folds": min(folds, len(rows)), "modes": fitted,
+            "chosen": chosen, "params": _params(chosen, fitted[chosen])}  # fmt: skip
 
 
 def step_ms(mode: str, params: Mapping[str, Any], per_request_ms: Mapping[str, float]) -> float | None:

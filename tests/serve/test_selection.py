@@ -66,3 +66,25 @@ def test_fit_modes_finds_the_rule_that_matches_the_references():
     # a feature the candidates lack leaves its modes out
     bare = [[Candidate(c.text, reranker_score=c.reranker_score) for c in cs] for cs in rows]
     assert set(fit_modes(bare, utilities)) == {"reranker", "combined"}
+
+
+def test_the_default_mode_is_chosen_on_rows_its_weights_never_saw():
+    """On scores unrelated to the references every rule is worth the same; fitted in-sample, combined's
+    many weight settings look better, cross-validated they do not, and the simple rule is kept."""
+    import random
+
+    from duetto.workflows.selection_report import cross_validated, fit_selection
+
+    rnd = random.Random(0)
+    words = "the a cat dog sat ran mat far on in".split()
+    rows = []
+    for _ in range(60):
+        cands = [{"text": " ".join(rnd.choices(words, k=6)), "reranker_score": rnd.gauss(-2, 0.3),
+                  "generator_logprob": rnd.gauss(-1.5, 0.3), "prior_score": rnd.gauss(-3, 0.5)} for _ in range(4)]
+        rows.append({"reference": " ".join(rnd.choices(words, k=6)), "ensemble_candidates": cands})
+    sel = fit_selection(rows)
+    modes = sel["modes"]
+    assert modes["combined"]["mean_rougeL"] > modes["reranker"]["mean_rougeL"] + 0.02  # fitted on these rows
+    assert modes["combined"]["cv_rougeL"] < modes["combined"]["mean_rougeL"] - 0.02  # not on unseen ones
+    assert sel["folds"] == 5 and sel["chosen"] == max(modes, key=lambda m: modes[m]["cv_rougeL"])
+    assert cross_validated([], []) == {}

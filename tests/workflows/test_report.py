@@ -57,7 +57,7 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     sel = report["selection"]
     assert sel["rows"] == 5 and sel["chosen"] in sel["modes"] and sel["source"].endswith("last 5")
     assert set(sel["modes"]) == {"reranker", "generator", "mix", "consensus", "pmi", "combined"}
-    assert sel["modes"][sel["chosen"]]["mean_rougeL"] == max(f["mean_rougeL"] for f in sel["modes"].values())
+    assert sel["modes"][sel["chosen"]]["cv_rougeL"] == max(f["cv_rougeL"] for f in sel["modes"].values())
     for r in rows:
         cands = [Candidate(**c) for c in r["ensemble_candidates"]]
         assert all(None not in (c.reranker_score, c.generator_logprob, c.prior_score, c.consensus) for c in cands)
