@@ -38,7 +38,9 @@ def duetto_cache(tmp_path, monkeypatch):
     return root
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout (CI copies it there); DUETTO_SHARED_DATA names another copy (a GPU
+# machine, where only the checkout and what a run carries arrive)
+SHARED = Path(os.environ.get("DUETTO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
