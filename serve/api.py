@@ -142,4 +142,5 @@ def usage(prompt_tokens: int, out: dict) -> dict:
 
 def extension(out: dict) -> dict:
     """The ``duetto`` block of an OpenAI-style answer: what the ensemble did."""
-    return {key: out[key] for key in ("candidates", "chosen_index", "mode", "weight", "timings_ms", "batch")}
+    keys = ("candidates", "chosen_index", "mode", "weight", "weights", "timings_ms", "batch")
+    return {key: out[key] for key in keys if key in out}

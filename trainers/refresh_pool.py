@@ -16,6 +16,7 @@ The projection of each gradient with its new matrix runs back on the submitting 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -35,6 +36,7 @@ class RefreshPool:
 
     def __init__(self, device: torch.device, workers: int = WORKERS):
         self.cuda = device.type == "cuda" and workers > 0
+        self.device = device
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -43,7 +45,7 @@ class RefreshPool:
     def _stream(self) -> torch.cuda.Stream:
         s = getattr(self._local, "stream", None)
         if s is None:
-            s = self._local.stream = torch.cuda.Stream()
+            s = self._local.stream = torch.cuda.Stream(device=self.device)
         return s
 
     def submit(self, svd: Callable[[torch.Tensor], None], then: Callable[[torch.Tensor], None],
@@ -54,6 +56,7 @@ class RefreshPool:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="galore-refresh")
+            weakref.finalize(self, self._pool.shutdown, wait=False)  # the threads end with the optimizer
         ready = torch.cuda.Event()
         ready.record()  # on the stream that produced the gradient (backward's, or the optimizer step's)
 
@@ -74,7 +77,14 @@ class RefreshPool:
         """Run ``then`` for finished SVDs in order, waiting for the oldest while more than ``keep`` wait."""
         while self._queue and (len(self._queue) > keep or self._queue[0][0].done()):
             future, then, grad = self._queue.popleft()
-            torch.cuda.current_stream().wait_event(future.result())  # re-raises a worker's exception
+            try:
+                done = future.result()
+            except BaseException:  # a failed SVD fails the step: nothing left queued runs into a later one
+                for f, _, _ in self._queue:
+                    f.cancel()
+                self._queue.clear()
+                raise
+            torch.cuda.current_stream().wait_event(done)
             then(grad)
 
     def wait(self) -> None:

@@ -45,6 +45,8 @@ class ValidationSettings:
     test row is decoded. Empty: the configured ensemble.mode and weights are used as they are."""
     val_size: float = 0.15
     """The held-out share (or count) of `train`, as the sweep's data.val_size."""
+    limit_train: int = 0
+    """The trials' data.limit_train: they held out the tail of the first N rows of `train` (0 = all)."""
     num_examples: int = 0
     """First N validation rows (0 = all)."""
 
@@ -83,10 +85,23 @@ class ReportConfig:
     """cuda | cpu | auto."""
 
     def validate(self) -> None:
+        from duetto.serve.selection import check_mode
+
         if not self.sweep and not (self.qlora and self.galore):
             raise ConfigError("qlora / galore: name both trials, or a sweep dir")
-        if self.ensemble.k < 1:
+        e = self.ensemble
+        if e.k < 1:
             raise ConfigError("ensemble.k: must be >= 1")
+        if not 0.0 <= e.weight <= 1.0:
+            raise ConfigError("ensemble.weight: must be in [0, 1]")
+        if e.weights or e.mode == "combined":
+            try:
+                check_mode("combined", e.weights)
+            except ValueError as err:
+                raise ConfigError(f"ensemble.{err}") from None
+        if self.validation.train and e.mode == "reranker-greedy":
+            raise ConfigError("validation.train fits the rule that picks among sampled candidates; "
+                              "ensemble.mode reranker-greedy samples none")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,20 +218,16 @@ def _validation_rows(cfg: ReportConfig) -> list[dict]:
     from duetto.trainers.trial_data import read_rows, split_validation
 
     v = cfg.validation
-    _, held = split_validation(read_rows(v.train, key="validation.train"), v.val_size, v.train)
+    _, held = split_validation(read_rows(v.train, v.limit_train, key="validation.train"), v.val_size, v.train)
     return held[: v.num_examples] if v.num_examples > 0 else held
 
 
 def _modes_to_compare(cfg: ReportConfig, selection: dict | None) -> dict[str, dict]:
     """Every mode with its weights: those fitted on validation rows, else the configured ones."""
-    from duetto.workflows.selection_report import DEFAULT_PARAMS
-
     if selection:
         return {m: {k: v for k, v in f.items() if k in ("weight", "weights")} for m, f in selection["modes"].items()}
     e = cfg.ensemble
-    modes = {m: dict(DEFAULT_PARAMS.get(m, {})) for m in ("reranker", "generator", "mix", "consensus", "pmi")}
-    if e.mode in ("mix", "pmi"):
-        modes[e.mode] = {"weight": e.weight}
+    modes = {"reranker": {}, "generator": {}, "mix": {"weight": e.weight}, "consensus": {}, "pmi": {"weight": e.weight}}
     if e.weights:
         modes["combined"] = {"weights": dict(e.weights)}
     return modes
@@ -243,6 +254,24 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     specs = {"QLoRA": inspect_saved(qlora_src), "GaLore": inspect_saved(galore_src),
              **{label: inspect_saved(src) for label, src in cfg.extra.items()}}
     provenance = _provenance(cfg.test, specs)
+    val_rows = _validation_rows(cfg) if cfg.validation.train else None
+    q_lm, g_lm = load_lm(qlora_src, device=device), load_lm(galore_src, device=device)
+    e = cfg.ensemble
+    chosen = {"mode": e.mode, "weight": e.weight, "weights": dict(e.weights)}
+    selection = None
+    if val_rows is not None:  # the rule is fixed before any test row is decoded
+        from duetto.workflows.selection_report import fit_selection
+
+        # sampled and scored with every feature whatever the mode; the fit then chooses among all modes
+        sampling = {"mode": "reranker", "weight": e.weight, "weights": {}}
+        _, _, val_info = _decode(None, val_rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True, selection=sampling)
+        selection = fit_selection([{"reference": r["response"], "ensemble_candidates": i["candidates"]}
+                                   for r, i in zip(val_rows, val_info)])  # fmt: skip
+        v = cfg.validation
+        selection["source"] = f"{v.train}" + (f", first {v.limit_train}" if v.limit_train else "") + f", last {v.val_size:g}"
+        chosen = {"mode": selection["chosen"], "weight": selection["params"].get("weight", e.weight),
+                  "weights": selection["params"].get("weights", {})}  # fmt: skip
+        _log(f"validation ({len(val_rows)} rows): mode {chosen['mode']} {selection['params']}")
     systems: dict[str, dict[str, Any]] = {}
     base_lm = load_lm(cfg.baseline, cfg.template, device=device)  # loaded as the endpoint loads it
     texts, lat, _ = _decode(base_lm, rows, cfg)
@@ -253,21 +282,6 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
         texts, lat, _ = _decode(lm, rows, cfg)
         systems[name] = {"texts": texts, "latency_s": lat, "source": specs[name].trial_dir or specs[name].path}
 
-    q_lm, g_lm = load_lm(qlora_src, device=device), load_lm(galore_src, device=device)
-    e = cfg.ensemble
-    chosen = {"mode": e.mode, "weight": e.weight, "weights": dict(e.weights)}
-    selection = None
-    if cfg.validation.train:  # fixed here, before any test row is decoded
-        from duetto.workflows.selection_report import fit_selection
-
-        val_rows = _validation_rows(cfg)
-        _, _, val_info = _decode(None, val_rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True)
-        selection = fit_selection([{"reference": r["response"], "ensemble_candidates": i["candidates"]}
-                                   for r, i in zip(val_rows, val_info)])  # fmt: skip
-        selection["source"] = f"{cfg.validation.train}, last {cfg.validation.val_size:g}"
-        chosen = {"mode": selection["chosen"], "weight": selection["params"].get("weight", e.weight),
-                  "weights": selection["params"].get("weights", {})}  # fmt: skip
-        _log(f"validation ({len(val_rows)} rows): mode {chosen['mode']} {selection['params']}")
     single("QLoRA", q_lm)
     single("GaLore", g_lm)
     texts, lat, info = _decode(None, rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True, selection=chosen)

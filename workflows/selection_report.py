@@ -19,8 +19,6 @@ RANDOM_PICK = "any one candidate (a random pick)"
 ORACLE = "the best candidate against the reference (upper bound)"
 #: Preference among modes whose validation scores tie: the simpler rule first.
 MODE_ORDER = ("reranker", "generator", "mix", "consensus", "pmi", "combined")
-#: Weights used when no validation rows fixed them (pmi at 1 is pointwise mutual information).
-DEFAULT_PARAMS = {"mix": {"weight": 0.5}, "pmi": {"weight": 1.0}}
 
 
 def stored_candidates(rows: Sequence[dict]) -> list[list[Candidate]]:

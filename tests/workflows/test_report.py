@@ -97,6 +97,19 @@ def test_report_config_needs_both_trials():
         load_config(ReportConfig, None, ["qlora=x"])
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["ensemble.mode=combined"], "non-zero weight"),
+    (["ensemble.weights={length: 1.0}"], "unknown feature 'length'"),
+    (["ensemble.weight=3"], r"ensemble.weight: must be in \[0, 1\]"),
+    (["ensemble.mode=reranker-greedy", "validation.train=t.jsonl"], "samples none"),
+])  # fmt: skip
+def test_report_config_checks_the_selection_rule_before_decoding(overrides, message):
+    from duetto.workflows.report import ReportConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(ReportConfig, None, ["qlora=q", "galore=g", *overrides])
+
+
 def test_selection_table_separates_sampling_from_reranking():
     """Two prompts, two candidates each: the reranker prefers the wrong one, the generator the right one."""
     from duetto.workflows.render import render_selection
