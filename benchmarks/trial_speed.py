@@ -15,6 +15,9 @@ the largest `max_memory_allocated` of a step. Prints a table; writes --out as JS
 
     python benchmarks/trial_speed.py --data DIR --model smollm2=DIR [--model gemma3-1b=DIR] \
         --steps 200 --wall-steps 300 --out benchmarks/results/trial_speed_h200.json
+
+A row takes 3-6 minutes (the anchor is the slow part): where one call's time is limited, measure a
+few rows a call with --methods / --model and --append, which keeps the file's other rows.
 """
 
 from __future__ import annotations
@@ -136,11 +139,22 @@ def main() -> None:
     ap.add_argument("--skip-anchor", action="store_true")
     ap.add_argument("--extra", action="append", default=[], help="override for the duetto runs")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of an existing --out measured on the same GPU, replacing those of the same "
+                         "model and method (one row set per call where a call's time is limited)")
     args = ap.parse_args()
     import torch
 
     rows = []
-    result = {"rows": rows, "machine": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+    machine = torch.cuda.get_device_name(0)
+    if args.append and Path(args.out).exists():
+        earlier = json.loads(Path(args.out).read_text())
+        if earlier.get("machine") != machine:
+            raise SystemExit(f"--append: {args.out} was measured on {earlier.get('machine')}, this is {machine}; "
+                             "ratios hold across machines, rows of one table should not mix them")  # fmt: skip
+        wanted = {(spec.split("=", 1)[0], m) for spec in args.model for m in args.methods.split(",")}
+        rows.extend(r for r in earlier["rows"] if (r["model"], r["method"]) not in wanted)
+    result = {"rows": rows, "machine": machine, "date": datetime.date.today().isoformat(),
               "settings": {"steps": args.steps, "wall_steps": args.wall_steps, "log_every": LOG_EVERY,
                            "eval_rows": EVAL_ROWS, "extra": args.extra}}  # fmt: skip
     for spec in args.model:
