@@ -77,13 +77,13 @@ def instrument() -> None:
 def run(method: str, model: str, data: str, steps: int, out: Path, workers: int) -> dict:
     import torch
 
-    from trial_speed import _cfg  # benchmarks/ is on sys.path when this script runs
+    from trial_speed import study_config  # benchmarks/ is on sys.path when this script runs
     from duetto.trainers.trial import run_trial
 
     PHASES.clear()
     STEPS.clear()
     PEAKS.clear()
-    cfg = _cfg(method, model, data, steps, out, [f"scaling.num_workers={workers}"])
+    cfg = study_config(method, model, data, steps, out, [f"scaling.num_workers={workers}"])
     t0 = time.perf_counter()
     m = run_trial(cfg, overwrite=True)
     wall = time.perf_counter() - t0

@@ -38,7 +38,7 @@ LOG_EVERY = 10
 EVAL_ROWS = 64
 
 
-def _cfg(method: str, model: str, data: str, steps: int, out: Path, extra=()):
+def study_config(method: str, model: str, data: str, steps: int, out: Path, extra=()):
     from duetto.config import load_config
     from duetto.trainers.config import TrialConfig
 
@@ -163,13 +163,13 @@ def main() -> None:
             row = {"model": name, "method": method, "variant": "duetto train (fast path) vs HF Trainer"}
             work = Path(args.work) / f"{name}_{method}"
             try:
-                cfg = _cfg(method, path, args.data, args.steps, work / "ours", args.extra)
+                cfg = study_config(method, path, args.data, args.steps, work / "ours", args.extra)
                 m = ours(cfg)
                 curve = m.get("train_loss_curve", [])
                 row.update(tokens_per_s=m["tokens_per_second"], peak_memory_bytes=m["peak_memory_bytes"],
                            train_loss_mean_200=mean_loss(curve, 200), eval_loss=m["eval_loss"],
                            fast_path=m.get("fast_path"))  # fmt: skip
-                wall = ours(_cfg(method, path, args.data, args.wall_steps, work / "wall", args.extra))
+                wall = ours(study_config(method, path, args.data, args.wall_steps, work / "wall", args.extra))
                 row.update(train_seconds=wall["train_seconds"], wall_seconds=wall["wall_seconds"],
                            command_wall_seconds=wall["command_wall_seconds"], wall_steps=args.wall_steps,
                            wall_tokens_per_s=wall["tokens_per_second"])  # fmt: skip

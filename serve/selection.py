@@ -28,6 +28,8 @@ from typing import Literal
 Mode = Literal["reranker", "mix", "generator", "consensus", "pmi", "combined", "reranker-greedy"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 FEATURES = ("reranker", "generator", "prior", "consensus")
+#: The modes fitted on validation rows, simplest first (the first of equal scores is kept).
+FITTED_MODES = ("reranker", "generator", "mix", "consensus", "pmi", "combined")
 #: The features each mode reads (combined: those its weights name).
 MODE_FEATURES = {"reranker": ("reranker",), "mix": ("reranker", "generator"), "generator": ("generator",),
                  "consensus": ("consensus",), "pmi": ("reranker", "prior"), "reranker-greedy": ()}  # fmt: skip
@@ -136,8 +138,13 @@ def mode_params(mode: str, weight: float, weights: Mapping[str, float] | None) -
     return {}
 
 
+def fitted_params(fitted: Mapping) -> dict:
+    """The weights of one ``fit_modes`` entry (without its scores)."""
+    return {k: v for k, v in fitted.items() if k in ("weight", "weights")}
+
+
 def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float]],
-              modes: Sequence[str] = ("reranker", "generator", "mix", "consensus", "pmi", "combined")) -> dict:
+              modes: Sequence[str] = FITTED_MODES) -> dict:
     """Each mode's weight (or weights) maximising the mean utility of its picks, and that mean.
 
     ``utilities[i][j]`` is candidate j of row i scored against row i's reference (ROUGE-L F): use

@@ -120,6 +120,10 @@ class _PlainGroup:
             self.flat_p = torch.empty(numel, dtype=params[0].dtype, device=params[0].device)
             self.flat_g = torch.empty_like(self.flat_p)
 
+    def update_target(self) -> torch.Tensor:
+        """What bitsandbytes steps (and takes the norm of, when it clips): the lone weight, flattened."""
+        return self.views[0]
+
     def step(self, step: int, param_norm: float | None = None) -> None:
         if len(self.params) == 1:  # a lone tensor (the embedding: 0.6 GB on gemma-3-1b) steps in place
             p, flat = self.params[0], self.views[0]
@@ -169,6 +173,10 @@ class _ProjectedGroup:
             torch.matmul(grad, self.ortho[j].t(), out=self.low[j])
         else:
             torch.matmul(self.ortho[j].t(), grad, out=self.low[j])
+
+    def update_target(self) -> torch.Tensor:
+        """What bitsandbytes steps (and takes the norm of, when it clips): the zero low-rank "weight"."""
+        return self.delta.zero_()
 
     def step(self, step: int, param_norm: float | None = None) -> None:
         g = self.group
@@ -294,12 +302,11 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
         groups = [*self.projected, *self.plain]
         # Updates clipped by max_unorm need their weight's norm as a host float: read all of them with
         # one wait instead of one per tensor (61 a step on SmolLM2, ~18 ms of host time).
-        clipped = [i for i, grp in enumerate(groups) if grp.adam.clips]
+        clipped = [i for i, grp in enumerate(groups) if grp.adam.clips]  # lone tensors only (see _add_plain)
         norms = [None] * len(groups)
         if clipped:
-            # the library's norm: of the zero low-rank "weight" for projected groups, of the weight otherwise
-            weights = [groups[i].delta.zero_() if i < len(self.projected) else groups[i].views[0] for i in clipped]
-            for i, n in zip(clipped, torch.stack([torch.norm(w.float()) for w in weights]).tolist()):
+            targets = [groups[i].update_target() for i in clipped]
+            for i, n in zip(clipped, torch.stack([torch.norm(t.float()) for t in targets]).tolist()):
                 norms[i] = n
         for grp, n in zip(groups, norms):
             grp.step(step, n)

@@ -224,8 +224,10 @@ def _validation_rows(cfg: ReportConfig) -> list[dict]:
 
 def _modes_to_compare(cfg: ReportConfig, selection: dict | None) -> dict[str, dict]:
     """Every mode with its weights: those fitted on validation rows, else the configured ones."""
+    from duetto.serve.selection import fitted_params
+
     if selection:
-        return {m: {k: v for k, v in f.items() if k in ("weight", "weights")} for m, f in selection["modes"].items()}
+        return {m: fitted_params(f) for m, f in selection["modes"].items()}
     e = cfg.ensemble
     modes = {"reranker": {}, "generator": {}, "mix": {"weight": e.weight}, "consensus": {}, "pmi": {"weight": e.weight}}
     if e.weights:

@@ -12,13 +12,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from duetto.serve.selection import FEATURES, choose, consensus_scores, features_for, fit_modes, has_features
+from duetto.serve.selection import (
+    FEATURES,
+    FITTED_MODES,
+    choose,
+    consensus_scores,
+    features_for,
+    fit_modes,
+    fitted_params,
+    has_features,
+)
 from duetto.trainers.inference import Candidate
 
 RANDOM_PICK = "any one candidate (a random pick)"
 ORACLE = "the best candidate against the reference (upper bound)"
-#: Preference among modes whose validation scores tie: the simpler rule first.
-MODE_ORDER = ("reranker", "generator", "mix", "consensus", "pmi", "combined")
 
 
 def stored_candidates(rows: Sequence[dict]) -> list[list[Candidate]]:
@@ -41,10 +48,6 @@ def candidate_rouge(cands: Sequence[Sequence[Candidate]], references: Sequence[s
     return [[next(flat) for _ in cs] for cs in cands]
 
 
-def _params(mode: str, fitted: Mapping[str, Any]) -> dict:
-    return {k: v for k, v in fitted.items() if k in ("weight", "weights")}
-
-
 def cross_validated(cands: Sequence[Sequence[Candidate]], util: Sequence[Sequence[float]], folds: int = 5) -> dict:
     """Each mode's mean ROUGE-L on rows its weights were not fitted on: the rows are dealt into
     ``folds`` folds, and each fold's picks use the weights fitted on the others. A mode with free
@@ -57,7 +60,7 @@ def cross_validated(cands: Sequence[Sequence[Candidate]], util: Sequence[Sequenc
     picked: dict[str, list[float]] = {}
     for f in range(folds):
         fit_rows = [i for i in range(n) if i % folds != f]
-        fitted = fit_modes([cands[i] for i in fit_rows], [util[i] for i in fit_rows], MODE_ORDER)
+        fitted = fit_modes([cands[i] for i in fit_rows], [util[i] for i in fit_rows], FITTED_MODES)
         for mode, p in fitted.items():
             for i in range(f, n, folds):
                 j = choose(cands[i], mode, p.get("weight", 0.5), p.get("weights"))
@@ -74,13 +77,13 @@ def fit_selection(rows: Sequence[dict], folds: int = 5) -> dict:
         raise ValueError("fit_selection: no rows with candidates")
     cands = stored_candidates(rows)
     util = candidate_rouge(cands, [r["reference"] for r in rows])
-    fitted = fit_modes(cands, util, MODE_ORDER)
+    fitted = fit_modes(cands, util, FITTED_MODES)
     cv = cross_validated(cands, util, folds)
     for mode, f in fitted.items():
         f["cv_rougeL"] = cv.get(mode, f["mean_rougeL"])
-    chosen = max(fitted, key=lambda m: (fitted[m]["cv_rougeL"], -MODE_ORDER.index(m)))
+    chosen = max(fitted, key=lambda m: (fitted[m]["cv_rougeL"], -FITTED_MODES.index(m)))
     return {"rows": len(rows), "k": max(len(cs) for cs in cands), "folds": min(folds, len(rows)), "modes": fitted,
-            "chosen": chosen, "params": _params(chosen, fitted[chosen])}  # fmt: skip
+            "chosen": chosen, "params": fitted_params(fitted[chosen])}  # fmt: skip
 
 
 def step_ms(mode: str, params: Mapping[str, Any], per_request_ms: Mapping[str, float]) -> float | None:
@@ -115,7 +118,7 @@ def selection_table(rows: Sequence[dict], *, modes: Mapping[str, Mapping[str, An
     texts: dict[str, list[str]] = {RANDOM_PICK: [cs[0].text for cs in cands]}
     rouge: dict[str, np.ndarray] = {RANDOM_PICK: np.asarray([sum(u) / len(u) for u in util]).reshape(-1, 1)}
     methods = [{"name": RANDOM_PICK, "mode": None, "params": {}}]
-    for mode in MODE_ORDER:
+    for mode in FITTED_MODES:
         if mode not in modes:
             continue
         params = dict(modes[mode])
