@@ -74,6 +74,13 @@ def resolve_sources(cfg: ServeConfig) -> ServeConfig:
     return cfg
 
 
+def model_settings(cfg: ServeConfig, source: str, template: str, warm_decoding: bool) -> dict:
+    """What a model replica loads and how (serve/replicas.py _ModelReplica)."""
+    return {"source": source, "template": template, "quantize": cfg.quantize, "adapter": cfg.adapter,
+            "dtype": cfg.dtype, "context_cap": cfg.limits.max_context_tokens, "allow_pickle": cfg.allow_pickle_weights,
+            "engine": cfg.engine, "decoding": to_dict(cfg.decoding), "warm_decoding": warm_decoding}  # fmt: skip
+
+
 def app_from_config(cfg: ServeConfig):
     """The bound Serve application (nothing starts until serve.run)."""
     cfg = resolve_gpus(resolve_sources(cfg), cluster_gpus())
@@ -82,14 +89,14 @@ def app_from_config(cfg: ServeConfig):
         p = Path(getattr(cfg, name)).expanduser()
         if p.exists():
             setattr(cfg, name, str(p.resolve()))
-    cap = cfg.limits.max_context_tokens
     gen_opts, rer_opts = cfg.generator_deployment, cfg.reranker_deployment
-    allow_pickle = cfg.allow_pickle_weights
     generator = Generator.options(**_deploy_options(gen_opts)).bind(
-        cfg.generator, cfg.generator_template, cfg.quantize, cfg.dtype, cap, to_dict(gen_opts), allow_pickle
+        model_settings(cfg, cfg.generator, cfg.generator_template, True), to_dict(gen_opts)
     )
     reranker = Reranker.options(**_deploy_options(rer_opts)).bind(
-        cfg.reranker, cfg.reranker_template, cfg.quantize, cfg.dtype, cap, to_dict(rer_opts), allow_pickle
+        # the reranker decodes only in mode reranker-greedy: other modes never wait for its compilation
+        model_settings(cfg, cfg.reranker, cfg.reranker_template, cfg.ensemble.mode == "reranker-greedy"),
+        to_dict(rer_opts),
     )
     ing = cfg.ingress_deployment
     return Ingress.options(

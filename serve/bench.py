@@ -50,6 +50,9 @@ class BenchResult:
     req_per_s: float = 0.0
     latency_ms: dict[str, float] = field(default_factory=dict)
     batch_requests_mean: dict[str, float] = field(default_factory=dict)
+    step_ms_mean: dict[str, float] = field(default_factory=dict)
+    """Mean of each step's time as the ingress measured it (/v1/generate's timings_ms: generate,
+    generate_model, score, score_model, total): where a request's latency goes."""
     """Mean requests per model call, per model (Serve batching at work), from the answers' reports."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +115,7 @@ async def run_load(url: str, *, concurrency: int, duration_s: float, route: str 
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     batch_sizes: dict[str, list[int]] = {}
+    step_ms: dict[str, list[float]] = {}
     sent = 0
     start = deadline = 0.0
 
@@ -132,8 +136,11 @@ async def run_load(url: str, *, concurrency: int, duration_s: float, route: str 
                 continue
             if resp.status_code == 200:
                 latencies.append((time.perf_counter() - t0) * 1000.0)
-                for who, n in _batch_sizes(resp).items():
+                body = _body(resp)
+                for who, n in _batch_sizes(body).items():
                     batch_sizes.setdefault(who, []).append(n)
+                for step, ms in (body.get("timings_ms") or {}).items():
+                    step_ms.setdefault(step, []).append(float(ms))
             else:
                 errors[f"http_{resp.status_code}"] += 1
 
@@ -162,18 +169,21 @@ async def run_load(url: str, *, concurrency: int, duration_s: float, route: str 
         },
         # a call of n requests is reported by its n answers: each weighs 1/n, so the sum counts calls
         batch_requests_mean={who: len(ns) / sum(1 / n for n in ns) for who, ns in sorted(batch_sizes.items())},
+        step_ms_mean={step: round(sum(ms) / len(ms), 1) for step, ms in step_ms.items()},
     )
 
 
-def _batch_sizes(resp: Any) -> dict[str, int]:
-    """{model: requests in the call that served this one}: /v1/generate's "batch", or the OpenAI routes'
-    "duetto" extension; {} for any other answer."""
+def _body(resp: Any) -> dict:
     try:
         body = resp.json()
     except ValueError:
         return {}
-    if not isinstance(body, dict):
-        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _batch_sizes(body: dict) -> dict[str, int]:
+    """{model: requests in the call that served this one}: /v1/generate's "batch", or the OpenAI routes'
+    "duetto" extension; {} for any other answer."""
     ext = body.get("duetto")
     batch = body.get("batch") or (ext.get("batch") if isinstance(ext, dict) else None)
     return {str(k): v for k, v in batch.items() if isinstance(v, int) and v > 0} if isinstance(batch, dict) else {}

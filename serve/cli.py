@@ -19,7 +19,7 @@ ACTIONS = ("run", "bench")
 
 #: ServeConfig fields with a named flag on `duetto serve run` (flag name, dotted key).
 SERVE_FLAGS = ["generator", "reranker", "from_sweep", ("mode", "ensemble.mode"), ("weight", "ensemble.weight"),
-               "quantize", "host", "port", ("k", "ensemble.k"), ("max_new_tokens", "ensemble.max_new_tokens"),
+               "quantize", "adapter", "host", "port", ("k", "ensemble.k"), ("max_new_tokens", "ensemble.max_new_tokens"),
                "api_key"]  # fmt: skip
 
 

@@ -76,6 +76,29 @@ class Limits:
 
 
 @dataclass
+class DecodingOptions:
+    static_cache: Literal["auto", "on", "off"] = "auto"
+    """Decode on static shapes: a preallocated KV cache per (rows, length) bucket, compiled once and
+    replayed as CUDA graphs. auto = on for plain weights on GPU (bitsandbytes' 4/8-bit layers do not
+    compile; CPU does not compile), off = transformers' dynamic cache."""
+    row_buckets: list[int] = field(default_factory=lambda: [4, 16, 64, 128])
+    """Candidate rows per generate call are padded up to one of these (more than the largest run in chunks of it)."""
+    length_buckets: list[int] = field(default_factory=lambda: [256, 640])
+    """KV cache lengths: a call takes the shortest that holds its longest prompt + max_new_tokens; longer calls
+    decode with the dynamic cache. Every rows x length pair compiles at start-up (warm-up)."""
+    score_rows: int = 128
+    """Scored (prompt, candidate) rows per reranker forward."""
+
+    def validate(self) -> None:
+        if not self.row_buckets or min(self.row_buckets) < 1:
+            raise ValueError("row_buckets: give at least one size >= 1")
+        if not self.length_buckets or min(self.length_buckets) < 2:
+            raise ValueError("length_buckets: give at least one length >= 2")
+        if self.score_rows < 1:
+            raise ValueError("score_rows: must be >= 1")
+
+
+@dataclass
 class DeploymentOptions:
     num_replicas: int = 1
     """Replicas of this deployment."""
@@ -84,12 +107,14 @@ class DeploymentOptions:
     num_gpus: float | None = None
     """GPUs per replica; empty = auto: 0.5 when the Ray cluster has a GPU (the generator and the reranker
     share one), else 0. >0 also puts the model on CUDA."""
-    max_ongoing_requests: int = 32
-    """Requests one replica works on at once (must be >= max_batch_size so a full batch can form)."""
-    max_queued_requests: int = 64
+    max_ongoing_requests: int = 64
+    """Requests one replica holds at once (>= max_batch_size so a full batch can form; 2 x max_batch_size lets
+    the next full batch gather at the replica while one runs, instead of trickling in as slots free up)."""
+    max_queued_requests: int = 128
     """Requests waiting for a replica beyond that; more are refused with 503 (back-pressure), never left to hang."""
-    max_batch_size: int = 8
-    """@serve.batch: most concurrent requests merged into one model call."""
+    max_batch_size: int = 32
+    """@serve.batch: most concurrent requests merged into one model call (k candidates each: keep
+    max_batch_size x k within decoding.row_buckets' largest, or the call runs in chunks)."""
     batch_wait_timeout_s: float = 0.01
     """@serve.batch: how long the first request waits for others to join its batch."""
 
@@ -143,6 +168,13 @@ class ServeConfig:
     """Prompt template of the reranker (study|chat); empty = its trial's config.yaml, else chat if the tokenizer has one."""
     quantize: str = "auto"
     """Base weights under a PEFT adapter: auto = the trial's qlora.bits on GPU, un-quantized on CPU (int8 on CPU is slow)."""
+    adapter: Literal["auto", "merge", "keep"] = "auto"
+    """A PEFT adapter: merge = fold it into the base (a quantized base is dequantized first, so the weights are
+    what it trained against) and serve plain bf16 weights, which decode fastest; keep = the adapter on the
+    quantized base (least memory); auto = merge unless the merged weights would take over half the free GPU memory."""
+    engine: str = "hf"
+    """Inference engine of both models (serve/engine.py ENGINES): hf = transformers."""
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Weights dtype: auto = bfloat16 on GPU, float32 on CPU (Gemma 3 overflows in fp16, so it is not offered)."""
     allow_pickle_weights: bool = False
@@ -177,6 +209,10 @@ class ServeConfig:
                 raise ConfigError(f"{name}: must be study, chat or empty, got {template!r}")
         if self.quantize not in ("auto", "none", "8", "4"):
             raise ConfigError(f"quantize: must be auto, none, 8 or 4, got {self.quantize!r}")
+        from duetto.serve.engine import ENGINES
+
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: must be one of {', '.join(sorted(ENGINES))}, got {self.engine!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: must be in 1..65535, got {self.port}")
         if not self.route_prefix.startswith("/"):

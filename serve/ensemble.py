@@ -181,7 +181,7 @@ def sample_requests(
         cands = generate_candidates(
             lm.model, lm.tokenizer, prompts, [1 if greedy else requests[i].k for i in idxs],
             max_new_tokens=max_new, temperature=0.0 if greedy else temperature, top_p=top_p,
-            seed=requests[idxs[0]].seed, stop_ids=lm.stop_ids, max_prompt_tokens=lm.max_seq_len,
+            seed=requests[idxs[0]].seed, stop_ids=lm.stop_ids, max_prompt_tokens=lm.max_seq_len, static=lm.static,
         )  # fmt: skip
         for i, cs in zip(idxs, cands):
             out[i] = cs

@@ -182,12 +182,62 @@ def _model_name_to_path(name: str) -> str:
         return name
 
 
+#: adapter=auto merges on GPU while the merged weights take at most this share of the free GPU memory.
+MERGE_MEMORY_SHARE = 0.5
+
+
+def merge_adapter(setting: str, device: str, bits: int | None, weight_bytes: int) -> bool:
+    """Whether an adapter is merged into its base: merge / keep as set; auto merges un-quantized bases
+    (exact, and one matmul per layer instead of two) and, on GPU, quantized ones whose merged weights
+    (``weight_bytes``) fit in MERGE_MEMORY_SHARE of the free memory: a merged model decodes on plain
+    bf16 matmuls, compiles and replays as CUDA graphs, where bitsandbytes' 4/8-bit kernels do not."""
+    if setting not in ("auto", "merge", "keep"):
+        raise ConfigError(f"adapter: must be auto, merge or keep, got {setting!r}")
+    if setting != "auto":
+        return setting == "merge"
+    if bits is None:
+        return True
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return weight_bytes <= MERGE_MEMORY_SHARE * free
+
+
+def dequantize_bnb(model: Any, dtype: Any) -> Any:
+    """Replace every bitsandbytes 4/8-bit Linear of ``model`` with a plain ``nn.Linear`` holding its
+    dequantized weight (PEFT's ``dequantize_bnb_weight``, the step PEFT's own merge uses), so an adapter
+    merged afterwards adds to exactly the weights it was trained against."""
+    import torch
+    from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or not get_bnb_param_type(module.weight):
+            continue
+        weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
+        plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device=weight.device, dtype=dtype)  # fmt: skip
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if module.bias is not None:
+                plain.bias.copy_(module.bias.to(dtype))
+        model.set_submodule(name, plain)
+    # no longer quantized: generate may compile it, save_pretrained writes plain weights
+    hf_quantizer = getattr(model, "hf_quantizer", None)
+    if hf_quantizer is not None:
+        hf_quantizer.remove_quantization_config(model)
+    return model
+
+
 def load_for_inference(
     spec: SavedModel, device: str = "cpu", dtype: str = "auto", quantize: str = "auto", tokenizer: Any = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, adapter: str = "auto",
 ):  # fmt: skip
-    """(model, tokenizer) in eval mode on ``device``; a PEFT adapter is merged when its base is not quantized.
-    Weights come from safetensors only unless ``allow_pickle`` (see require_safe_weights)."""
+    """(model, tokenizer) in eval mode on ``device``. A PEFT adapter's base loads at ``quantize`` bits
+    (quantize_bits); ``adapter`` (merge_adapter) then folds the adapter into it, after dequantizing a
+    quantized base, or keeps it as a PEFT model on the quantized base. Weights come from safetensors
+    only unless ``allow_pickle`` (see require_safe_weights)."""
     from transformers import AutoModelForCausalLM
 
     from duetto.models import load_tokenizer
@@ -213,9 +263,13 @@ def load_for_inference(
             kwargs["quantization_config"] = BitsAndBytesConfig(**({"load_in_8bit": True} if bits == 8 else nf4))
             kwargs["device_map"] = {"": device}
         base = AutoModelForCausalLM.from_pretrained(_model_name_to_path(spec.base or ""), **kwargs)
+        merged_bytes = base.num_parameters() * torch_dtype.itemsize
+        merge = merge_adapter(adapter, device, bits, merged_bytes)
+        if merge and bits is not None:
+            base = dequantize_bnb(base, torch_dtype)
         model = PeftModel.from_pretrained(base, spec.path)
-        if bits is None:
-            model = model.merge_and_unload()  # exact in fp32/bf16, and one matmul per layer instead of two
+        if merge:
+            model = model.merge_and_unload()
             model.to(device)
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -264,14 +318,14 @@ def prompting_info(source: str, template_override: str = "", context_cap: int = 
 
 
 def load_lm(source: str, template: str = "", *, device: str = "cpu", dtype: str = "auto", quantize: str = "auto",
-            context_cap: int = 0, allow_pickle: bool = False):  # fmt: skip
+            context_cap: int = 0, allow_pickle: bool = False, adapter: str = "auto"):  # fmt: skip
     """Everything generation and scoring need for one model (a ``duetto.trainers.inference.LoadedModel``):
     the deployments, the benchmark and the report load models through this one function."""
     from duetto.tokens import stop_token_ids
     from duetto.trainers.inference import LoadedModel
 
     info = prompting_info(source, template, context_cap)
-    model, tokenizer = load_for_inference(info.spec, device, dtype, quantize, info.tokenizer, allow_pickle)
+    model, tokenizer = load_for_inference(info.spec, device, dtype, quantize, info.tokenizer, allow_pickle, adapter)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

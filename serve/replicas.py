@@ -1,13 +1,14 @@
 """The model deployments: Generator samples candidates, Reranker scores them (or answers greedily).
 
-Each replica loads its model once; the batched methods (``@serve.batch``) merge every batch that
-queued while the model was busy into one call (serve/merge.py). The model calls themselves are
-``duetto.trainers.inference`` through ``duetto.serve.ensemble``'s in-process steps.
+Each replica loads its model once into an engine (serve/engine.py) and warms it up before Serve
+counts it ready; the batched methods (``@serve.batch``) merge every batch that queued while the model
+was busy into one call (serve/merge.py).
 """
 
 # No `from __future__ import annotations`: Ray ships these classes to their replicas, where string
 # annotations would have to be resolved again.
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import threading
@@ -33,27 +34,45 @@ _CLIENT_GONE = "_duetto_client_gone"
 
 
 class _ModelReplica:
-    """Loads one model for a replica; sync model calls run in a worker thread under one lock, so the
-    event loop keeps accepting requests (and forming the next batch) while the model computes. The
-    batches formed meanwhile are parked and merged into the next call (serve/merge.py)."""
+    """Loads one model for a replica; model calls run one at a time on one worker thread of their own,
+    so the event loop keeps accepting requests (and forming the next batch) while the model computes,
+    and compiled CUDA graphs (recorded per thread) are always replayed on the thread that recorded them.
+    The batches formed meanwhile are parked and merged into the next call (serve/merge.py).
 
-    def __init__(self, source: str, template: str, quantize: str, dtype: str, context_cap: int, options: dict,
-                 allow_pickle: bool = False):  # fmt: skip
+    ``model`` holds source, template, quantize, adapter, dtype, context_cap, allow_pickle, engine and
+    decoding (the ServeConfig fields) and warm_decoding (whether warm-up compiles the generate path:
+    the reranker generates only in mode reranker-greedy); ``options`` is the deployment's
+    DeploymentOptions as a dict."""
+
+    def __init__(self, model: dict, options: dict):
         import ray
 
-        from duetto.serve.loading import inspect_saved, load_lm, pick_device
+        from duetto.config import from_dict
+        from duetto.serve.config import DecodingOptions
+        from duetto.serve.engine import ENGINES
+        from duetto.serve.loading import inspect_saved, pick_device
         from duetto.serve.merge import MergedCalls
 
         t0 = time.perf_counter()
         # the GPUs Ray actually assigned, so a Serve config file's ray_actor_options decide too
         self.device = pick_device(bool(ray.get_gpu_ids()))
-        self.lm = load_lm(source, template, device=self.device, dtype=dtype, quantize=quantize, context_cap=context_cap,
-                          allow_pickle=allow_pickle)  # fmt: skip
-        self.spec = inspect_saved(source)
+        source = model["source"]
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._lock = threading.Lock()
+        load = functools.partial(
+            ENGINES[model.get("engine", "hf")], source, model.get("template", ""), device=self.device,
+            dtype=model.get("dtype", "auto"), quantize=model.get("quantize", "auto"), adapter=model.get("adapter", "auto"),
+            context_cap=int(model.get("context_cap", 0)), allow_pickle=bool(model.get("allow_pickle", False)),
+            decoding=from_dict(DecodingOptions, model.get("decoding") or {}),
+        )  # fmt: skip
+        self.engine = self._worker.submit(load).result()
+        self.lm = getattr(self.engine, "lm", None)
+        self.spec = inspect_saved(source)
         self.load_s = time.perf_counter() - t0
-        log.info("loaded %s (%s, template=%s) on %s in %.1f s", source, type(self.lm.model).__name__, self.lm.template,
-                 self.device, self.load_s)  # fmt: skip
+        log.info("loaded %s on %s in %.1f s", source, self.device, self.load_s)
+        # before Serve counts the replica ready: no request pays for compilation or first calls
+        decoding = bool(model.get("warm_decoding", True))
+        self.warm_up = self._worker.submit(self.engine.warm_up, decoding).result()
         # Serve's batching settings for each batched method, and the MergedCalls its batches share the model through
         size = int(options["max_batch_size"])
         self._merged = {}
@@ -89,12 +108,14 @@ class _ModelReplica:
             with self._lock:
                 return fn(items)
 
-        return await asyncio.to_thread(locked)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, locked)
 
     async def info(self) -> dict:
-        return {"source": self.lm.name, "adapter": self.spec.adapter, "method": self.spec.method,
-                "template": self.lm.template, "device": self.device, "context": self.lm.context,
-                "load_s": round(self.load_s, 2)}  # fmt: skip
+        info = {"source": self.spec.source, "adapter": self.spec.adapter, "method": self.spec.method,
+                "device": self.device, "load_s": round(self.load_s, 2), **self.engine.info()}  # fmt: skip
+        if self.lm is not None:
+            info.update(template=self.lm.template, context=self.lm.context)
+        return info
 
 
 def _batch_method(name: str, answer: Callable[[Any], dict]) -> Any:
@@ -134,9 +155,7 @@ def _scored_from(items: list[dict]):
 @serve.deployment(name="Generator")
 class Generator(_ModelReplica):
     def _model_calls(self) -> dict:
-        from duetto.serve.ensemble import sample_requests
-
-        return {"_generate_batch": lambda items: sample_requests(self.lm, _requests_from(items))}
+        return {"_generate_batch": lambda items: self.engine.sample(_requests_from(items))}
 
     async def generate(self, request: dict) -> dict:
         """One request ({instruction, input, k, max_new_tokens, temperature, top_p, seed}) -> its candidates."""
@@ -148,11 +167,9 @@ class Generator(_ModelReplica):
 @serve.deployment(name="Reranker")
 class Reranker(_ModelReplica):
     def _model_calls(self) -> dict:
-        from duetto.serve.ensemble import sample_requests, score_requests
-
         return {
-            "_score_batch": lambda items: score_requests(self.lm, *_scored_from(items)),
-            "_greedy_batch": lambda items: sample_requests(self.lm, _requests_from(items), greedy=True),
+            "_score_batch": lambda items: self.engine.score(*_scored_from(items)),
+            "_greedy_batch": lambda items: self.engine.sample(_requests_from(items), greedy=True),
         }
 
     async def score(self, request: dict) -> dict:

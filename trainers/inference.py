@@ -3,6 +3,9 @@
 - ``generate_candidates`` samples k candidates per prompt (temperature 0: one greedy answer) in one
   batched ``generate`` call; ``greedy_decode`` is its greedy path in batches, for evaluation.
 - ``score_candidates`` is the mean log-likelihood of each response given its prompt.
+- ``StaticDecoding`` gives ``generate_candidates`` static shapes (one KV cache per row and length
+  bucket, reused by every call), so that on CUDA the decoding step compiles once per bucket and
+  replays as a CUDA graph; ``warm_up`` compiles every bucket before the first real call.
 
 A prompt is encoded as training encodes it (``data.prompts.encode_prompt``: BOS once) and cut to
 the trained model's ``max_seq_len`` by the rule training uses (BOS + the prompt's tail). A scored
@@ -28,6 +31,14 @@ from typing import Any
 # (Gemma 3) never materialises a rows x seq x vocab tensor.
 _LOGIT_POSITIONS_PER_SLICE = 2048
 
+# generate's keyword for a cache the caller owns: `cache` since transformers renamed it (its outputs then
+# name the field `cache` too), `past_key_values` before.
+def _cache_kwarg() -> str:
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+
+
 # torch.manual_seed is process-global; hold this while seeding + sampling so concurrent callers in
 # one process (threads of a replica) cannot interleave draws.
 _SAMPLING_LOCK = threading.Lock()
@@ -47,6 +58,91 @@ class LoadedModel:
     context: int
     """The context window (capped by Serve's limits.max_context_tokens): prompt + answer must fit."""
     name: str = ""
+    static: StaticDecoding | None = None
+    """Static-shape decoding for ``generate_candidates`` (None: the default dynamic cache)."""
+
+
+def _bucket(n: int, sizes: Sequence[int]) -> int | None:
+    return next((b for b in sorted(sizes) if b >= n), None)
+
+
+class StaticDecoding:
+    """Static KV caches for ``generate_candidates``: a call's rows are padded up to a row bucket (copies
+    of its last row, whose outputs are dropped) and decode into a preallocated ``StaticCache`` whose
+    length is the smallest length bucket that holds prompt + new tokens. A call with more rows than the
+    largest bucket runs in chunks of it.
+
+    Each (rows, length) pair is one shape for the model's decoding step, so on CUDA transformers'
+    auto-compile (``torch.compile``, CUDA graphs) compiles it once and replays it at every later call;
+    the caches stay allocated, so the graphs' buffers never move. A call whose prompt + new tokens
+    exceed the longest bucket decodes with the dynamic cache instead. On CPU nothing compiles: the
+    static path then computes what the dynamic one does (a test checks it).
+    """
+
+    def __init__(self, rows: Sequence[int], lengths: Sequence[int]):
+        if not rows or not lengths or min(rows) < 1 or min(lengths) < 2:
+            raise ValueError(f"static decoding needs row buckets >= 1 and length buckets >= 2, got {rows} / {lengths}")
+        self.rows = tuple(sorted(set(int(r) for r in rows)))
+        self.lengths = tuple(sorted(set(int(n) for n in lengths)))
+        self._caches: dict[tuple[int, int], Any] = {}
+
+    def length_for(self, needed: int) -> int | None:
+        """The cache length bucket for prompt + new tokens (None: longer than every bucket)."""
+        return _bucket(needed, self.lengths)
+
+    def chunks(self, n: int) -> list[tuple[int, int, int]]:
+        """(start, stop, padded rows) of each generate call for ``n`` rows."""
+        top = self.rows[-1]
+        out = []
+        for s in range(0, n, top):
+            m = min(top, n - s)
+            out.append((s, s + m, _bucket(m, self.rows) or top))
+        return out
+
+    def cache(self, model: Any, rows: int, length: int) -> Any:
+        """The emptied cache of that bucket (created at its first use)."""
+        from transformers import StaticCache
+
+        key = (rows, length)
+        cache = self._caches.get(key)
+        if cache is None:
+            cache = self._caches[key] = StaticCache(config=model.config, max_cache_len=length)
+        else:
+            cache.reset()
+        return cache
+
+    def allow_recompiles(self) -> None:
+        """torch.compile keeps 8 shapes of a function by default and runs eager past that: allow one
+        per bucket (and a few for the model's other compiled callers)."""
+        import torch._dynamo
+
+        needed = len(self.rows) * len(self.lengths) + 8
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name) and getattr(cfg, name) < needed:
+                setattr(cfg, name, needed)
+
+    def warm_up(self, model: Any, tokenizer: Any, stop_ids: Sequence[int] | None = None) -> dict[str, float]:
+        """Run one short sampled generate call in every bucket, so compilation and CUDA-graph capture
+        happen here and never in a request; returns the seconds each bucket took."""
+        import time
+
+        self.allow_recompiles()
+        times = {}
+        prompt = tokenizer.decode(tokenizer("Hello")["input_ids"], skip_special_tokens=True) or "Hello"
+        # The second shape torch.compile sees makes the dimensions that changed dynamic (automatic dynamic
+        # shapes): changing rows and length together there leaves one more compile instead of two.
+        pairs = [(r, n) for n in self.lengths for r in self.rows]
+        pairs.sort(key=lambda p: (p != (self.rows[0], self.lengths[0]), p != (self.rows[-1], self.lengths[-1])))
+        for rows, length in pairs:
+            t = time.perf_counter()
+            # two calls: the first compiles, the second records the CUDA graph
+            for _ in range(2):
+                generate_candidates(model, tokenizer, [prompt], rows, max_new_tokens=min(4, length - 1),
+                                    temperature=1.0, stop_ids=stop_ids, max_prompt_tokens=1, static=self,
+                                    _length=length)  # fmt: skip
+            times[f"{rows}x{length}"] = round(time.perf_counter() - t, 2)
+        return times
 
 
 @dataclass
@@ -104,13 +200,15 @@ def _eval_mode(model: Any) -> Iterator[None]:
 def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: int | Sequence[int], *,
                         max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
                         seed: int | None = None, stop_ids: Sequence[int] | None = None,
-                        max_prompt_tokens: int | None = None) -> list[list[Candidate]]:  # fmt: skip
+                        max_prompt_tokens: int | None = None, static: StaticDecoding | None = None,
+                        _length: int | None = None) -> list[list[Candidate]]:  # fmt: skip
     """Sample ``k`` candidates per templated prompt in one batched ``generate`` call.
 
     ``k`` may differ per prompt (each prompt's row is repeated k times, which is what
     ``num_return_sequences`` does, so requests with different k share one call). temperature 0 means
     greedy decoding: one candidate per prompt whatever k says (k greedy copies would be identical).
-    ``max_prompt_tokens`` cuts each prompt by the training rule (BOS + its tail).
+    ``max_prompt_tokens`` cuts each prompt by the training rule (BOS + its tail). ``static`` decodes
+    on static shapes (see StaticDecoding; ``_length`` forces its length bucket, for warm-up).
     """
     import torch
 
@@ -132,8 +230,6 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
     device = next(model.parameters()).device
     # left-padded so every row continues from its right edge
     encoded = {p: encode_prompt(p, tokenizer, max_prompt_tokens) for p in set(rows)}
-    enc = pad_batch([{"input_ids": encoded[p]} for p in rows], tokenizer.pad_token_id, side="left")
-    enc = {key: v.to(device) for key, v in enc.items()}
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, use_cache=True,
                                       pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
                                       output_logits=True)  # fmt: skip
@@ -141,24 +237,36 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
         gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    widest = max(len(encoded[p]) for p in rows)
+    length = _length or (static.length_for(widest + max_new_tokens) if static else None)
+    calls = static.chunks(len(rows)) if length else [(0, len(rows), len(rows))]
+    id_rows: list[list[int]] = []
+    logps = []
     with _SAMPLING_LOCK, _eval_mode(model), torch.inference_mode():
         if seed is not None:
             torch.manual_seed(seed)
-        out = model.generate(**enc, **gen_kwargs)
-        # Raw log-softmax of each chosen token: the model's own probability, not the warped sampler's.
-        # Step by step, so a 262k vocabulary never needs a steps x rows x vocab tensor.
-        gen_ids = out.sequences[:, enc["input_ids"].shape[1] :]
-        logp = torch.stack(
-            [
-                torch.log_softmax(step.float(), dim=-1).gather(-1, gen_ids[:, t : t + 1]).squeeze(-1)
-                for t, step in enumerate(out.logits)
-            ],
-            dim=1,
-        ).cpu()
-        del out.logits
-    new_ids = gen_ids.cpu().tolist()
+        for start, stop_row, padded in calls:
+            part = rows[start:stop_row]
+            part = part + [part[-1]] * (padded - len(part))  # bucket padding: copies, dropped below
+            enc = pad_batch([{"input_ids": encoded[p]} for p in part], tokenizer.pad_token_id, side="left")
+            enc = {key: v.to(device) for key, v in enc.items()}
+            extra = {_cache_kwarg(): static.cache(model, padded, length)} if length else {}
+            out = model.generate(**enc, **gen_kwargs, **extra)
+            # Raw log-softmax of each chosen token: the model's own probability, not the warped sampler's.
+            # Step by step, so a 262k vocabulary never needs a steps x rows x vocab tensor.
+            gen_ids = out.sequences[: stop_row - start, enc["input_ids"].shape[1] :]
+            logps.append(torch.stack(
+                [
+                    torch.log_softmax(step[: stop_row - start].float(), dim=-1).gather(-1, gen_ids[:, t : t + 1]).squeeze(-1)
+                    for t, step in enumerate(out.logits)
+                ],
+                dim=1,
+            ).cpu())  # fmt: skip
+            del out
+            id_rows.extend(gen_ids.cpu().tolist())
+    logp = [row for part in logps for row in part]
     flat: list[Candidate] = []
-    for ids, lp in zip(new_ids, logp):
+    for ids, lp in zip(id_rows, logp):
         end = next((i for i, t in enumerate(ids) if t in stop_set), None)
         n = len(ids) if end is None else end + 1
         text_ids = ids if end is None else ids[:end]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from duetto.config import ConfigError, dump_yaml, to_dict
+from duetto.serve.config import DecodingOptions
 from duetto.serve.selection import Mode
 from duetto.workflows.render import fmt_ci, render_markdown
 
@@ -79,6 +80,8 @@ class ReportConfig:
     """Bootstrap resamples."""
     ensemble: EnsembleSettings = field(default_factory=EnsembleSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+    """Static-shape decoding of every model, as `duetto serve` decodes (its decoding.* keys): on by default on GPU."""
     out: str = "docs/results/study"
     """Folder for report.md, report.json and outputs.jsonl."""
     device: str = "auto"
@@ -257,7 +260,12 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
              **{label: inspect_saved(src) for label, src in cfg.extra.items()}}
     provenance = _provenance(cfg.test, specs)
     val_rows = _validation_rows(cfg) if cfg.validation.train else None
-    q_lm, g_lm = load_lm(qlora_src, device=device), load_lm(galore_src, device=device)
+    from duetto.serve.engine import use_static_decoding
+
+    def load(src: str, template: str = ""):
+        return use_static_decoding(load_lm(src, template, device=device), cfg.decoding)
+
+    q_lm, g_lm = load(qlora_src), load(galore_src)
     e = cfg.ensemble
     chosen = {"mode": e.mode, "weight": e.weight, "weights": dict(e.weights)}
     selection = None
@@ -275,7 +283,7 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
                   "weights": selection["params"].get("weights", {})}  # fmt: skip
         _log(f"validation ({len(val_rows)} rows): mode {chosen['mode']} {selection['params']}")
     systems: dict[str, dict[str, Any]] = {}
-    base_lm = load_lm(cfg.baseline, cfg.template, device=device)  # loaded as the endpoint loads it
+    base_lm = load(cfg.baseline, cfg.template)  # loaded as the endpoint loads it
     texts, lat, _ = _decode(base_lm, rows, cfg)
     systems["Baseline"] = {"texts": texts, "latency_s": lat, "source": cfg.baseline}
     del base_lm
@@ -290,7 +298,7 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     systems[f"Ensemble (QLoRA top-{e.k}, mode {chosen['mode']})"] = {
         "texts": texts, "latency_s": lat, "info": info, "source": f"{qlora_src} + {galore_src}"}
     for label, src in cfg.extra.items():
-        single(label, load_lm(src, device=device))
+        single(label, load(src))
 
     n = cfg.bootstrap
     t0 = time.perf_counter()

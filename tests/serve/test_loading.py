@@ -11,6 +11,7 @@ from duetto.config import ConfigError
 from duetto.serve.loading import (
     inspect_saved,
     load_for_inference,
+    merge_adapter,
     models_from_sweep,
     prompting_info,
     quantize_bits,
@@ -60,6 +61,51 @@ def test_adapter_is_applied_and_merged_exactly(qlora_trial, tiny_gemma_dir):
         got = merged(input_ids=ids).logits
     assert torch.allclose(got, unmerged, atol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-3)  # the adapter really changes the model
+
+
+def test_a_quantized_base_is_dequantized_before_the_adapter_is_merged(qlora_trial, bits=4):
+    """adapter=merge over a 4/8-bit base computes what the PEFT adapter on that quantized base computes
+    (the weights it trained against), as plain Linear layers, with no quantizer left on the model."""
+    spec = inspect_saved(qlora_trial)
+    kept, tok = load_for_inference(spec, "cpu", dtype="float32", quantize=str(bits), adapter="keep")
+    merged, _ = load_for_inference(spec, "cpu", dtype="float32", quantize=str(bits), adapter="merge")
+    plain, _ = load_for_inference(spec, "cpu", dtype="float32", quantize="none")  # the original weights + adapter
+    ids = torch.tensor([tok("What is the capital of Peru?")["input_ids"]])
+    with torch.no_grad():
+        want, got, other = (m(input_ids=ids).logits for m in (kept, merged, plain))
+    # bitsandbytes' own 4/8-bit matmul rounds a little differently from the dequantized weights (under
+    # 1% of the logits here); merging into the original weights instead is an order of magnitude off
+    off, off_plain = (got - want).abs().max().item(), (other - want).abs().max().item()
+    assert off < 0.02 * want.abs().max().item() and off < off_plain / 5, (off, off_plain)
+    assert all(type(m) is torch.nn.Linear for m in merged.modules() if isinstance(m, torch.nn.Linear))
+    assert getattr(merged, "hf_quantizer", None) is None and not getattr(merged, "is_quantized", False)
+
+
+def test_an_int8_base_merges_its_dequantized_weights(qlora_trial):
+    """LLM.int8 also rounds activations, so its logits are no reference: the merged weight itself is
+    the int8 weight dequantized (int8 x row scale / 127) plus the LoRA delta."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = inspect_saved(qlora_trial)
+    merged, _ = load_for_inference(spec, "cpu", dtype="float32", quantize="8", adapter="merge")
+    kept, _ = load_for_inference(spec, "cpu", dtype="float32", quantize="8", adapter="keep")
+    layer = kept.base_model.model.model.layers[0].self_attn.q_proj
+    w8 = layer.base_layer.weight
+    scb = w8.SCB if getattr(w8, "SCB", None) is not None else layer.base_layer.state.SCB
+    want = w8.data.float() * scb.float().view(-1, 1) / 127 + layer.get_delta_weight("default")
+    got = merged.model.layers[0].self_attn.q_proj.weight
+    assert torch.allclose(got, want, atol=1e-6)
+    original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec.base), spec.path).merge_and_unload()
+    assert not torch.allclose(original.model.layers[0].self_attn.q_proj.weight, want, atol=1e-4)
+
+
+def test_merge_choice():
+    assert merge_adapter("auto", "cpu", None, 10**12)  # un-quantized: merging is exact
+    assert not merge_adapter("auto", "cpu", 4, 1)  # quantized on CPU: kept as trained
+    assert merge_adapter("merge", "cpu", 4, 10**12) and not merge_adapter("keep", "cuda", None, 1)
+    with pytest.raises(ConfigError, match="adapter: must be auto, merge or keep"):
+        merge_adapter("yes", "cpu", None, 1)
 
 
 def test_quantize_choice(qlora_trial, galore_trial):
