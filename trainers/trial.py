@@ -79,7 +79,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
-    restored = _restore(rank)
+    restored = _restore(rank, Path(cfg.output_dir))
     if restored is None:  # the trial had already finished and has reported its metrics again
         return
     resume_from, resumed_step = restored
@@ -139,14 +139,20 @@ def _fast_path_summary(trainer, run: TrialSetup) -> str:
     return f"on: {graphed.replays} of {trainer.state.global_step} steps replayed as a CUDA graph"
 
 
-def _restore(rank: int) -> tuple[str | None, int] | None:
-    """(HF checkpoint copied out of Ray's latest, its step) of a restarted trial, (None, 0) for a fresh one;
-    None when the trial had already finished (its metrics are reported again)."""
+def _restore(rank: int, output_dir: Path) -> tuple[str | None, int] | None:
+    """(HF checkpoint to resume from, its step) of a restarted trial, (None, 0) for a fresh one; None
+    when the trial had already finished (its metrics are reported again).
+
+    On Ray workers that is a copy of Ray's latest checkpoint. Ray Train's local mode keeps no checkpoints
+    of its own, so there it is the newest of the trial's own HF checkpoints in ``output_dir``, which
+    exist at start only when `duetto train --resume` let an unfinished run stand (else they were removed
+    with --overwrite, or the run was refused)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None, 0
+        saved = sorted((output_dir / "hf_checkpoints").glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[-1]))
+        return (str(saved[-1]), _checkpoint_step(saved[-1])) if saved else (None, 0)
     with checkpoint.as_directory() as d:
         if (Path(d) / "metrics.json").exists():  # the trial had finished: report it again, done
             final = json.loads((Path(d) / "metrics.json").read_text())
@@ -156,9 +162,12 @@ def _restore(rank: int) -> tuple[str | None, int] | None:
             return None, 0
         local = Path(tempfile.mkdtemp(prefix="duetto-resume-"))
         shutil.copytree(Path(d) / "checkpoint", local / "checkpoint")
-    state_file = local / "checkpoint" / "trainer_state.json"
-    step = int(json.loads(state_file.read_text()).get("global_step", 0)) if state_file.exists() else 0
-    return str(local / "checkpoint"), step
+    return str(local / "checkpoint"), _checkpoint_step(local / "checkpoint")
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    state_file = checkpoint / "trainer_state.json"
+    return int(json.loads(state_file.read_text()).get("global_step", 0)) if state_file.exists() else 0
 
 
 @dataclass
@@ -323,9 +332,10 @@ def build_torch_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callb
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
+    workers = s.workers()
     if s.use_gpu is not None:
         use_gpu = s.use_gpu
-    elif s.num_workers == 0:
+    elif workers == 0:
         import torch
 
         use_gpu = torch.cuda.is_available()
@@ -343,7 +353,7 @@ def build_torch_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callb
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg_dict,
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(storage_path).resolve()),
@@ -371,8 +381,12 @@ def run_trial(cfg: TrialConfig, *, storage_path: str | None = None, name: str | 
     rows = load_rows(cfg)
     out = Path(cfg.output_dir).resolve()
     run_dir = Path(storage_path or out / "ray").resolve() / (name or "trial")
+    cfg.scaling.num_workers = cfg.scaling.workers()  # auto resolved once, here: trial.yaml records the choice
     check_output_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
     print(header(cfg, rows, out), flush=True)
+    metrics_file = out / "metrics.json"
+    if resume and cfg.scaling.num_workers == 0 and metrics_file.exists():
+        return json.loads(metrics_file.read_text())  # finished: local mode keeps no Ray checkpoint to report it from
     if cfg.scaling.num_workers > 0:  # local mode (0 workers) runs in this process: no cluster needed
         from duetto.ray_connect import connect
 
@@ -383,7 +397,6 @@ def run_trial(cfg: TrialConfig, *, storage_path: str | None = None, name: str | 
     result = trainer.fit()
     if result.error:
         raise result.error
-    metrics_file = out / "metrics.json"
     if metrics_file.exists():
         return json.loads(metrics_file.read_text())
     return dict(result.metrics or {})

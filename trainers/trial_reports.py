@@ -47,9 +47,10 @@ def header(cfg: TrialConfig, rows, output_dir) -> str:
 def device_plan(cfg: TrialConfig) -> str:
     """Where the trial will run, as far as is known before Ray starts."""
     s, use_gpu = cfg.scaling, cfg.scaling.use_gpu
-    where = f"{s.num_workers} Ray worker" + "s" * (s.num_workers > 1) if s.num_workers else "in-process (Ray Train local mode)"
+    n = s.workers()
+    where = f"{n} Ray worker" + "s" * (n > 1) if n else "in-process (Ray Train local mode)"
     if use_gpu is None:
-        if s.num_workers > 0 and os.environ.get("RAY_ADDRESS"):
+        if n > 0 and os.environ.get("RAY_ADDRESS"):
             return f"{where}, on GPUs if the cluster has them"
         import torch
 

@@ -171,7 +171,7 @@ def test_cli_trains_through_ray_workers(tmp_path, tiny_gemma_dir, unified_data):
         f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}",
         f"output_dir={tmp_path / 'cli'}", "max_steps=4", "max_seq_len=64", "qlora.bits=4",
         "eval.num_examples=2", "eval.max_new_tokens=4", "eval.loss_examples=8", "interim_eval_examples=0",
-        "scaling.cpus_per_worker=1", "logging_steps=2",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=1", "logging_steps=2",
     ]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=env,
@@ -299,3 +299,40 @@ def test_compiled_trial_sees_one_batch_shape(tmp_path, tiny_gemma_dir, unified_d
                   "report_every_steps=0", "interim_eval_examples=0", "compile=true"))
     assert {s[1] for s in shapes} == {64}, shapes  # max_seq_len=64 in _cfg
     assert m["step"] == 4 and math.isfinite(m["train_loss"])
+
+
+def test_auto_workers_run_in_process_unless_a_cluster_is_joined(monkeypatch):
+    from duetto.trainers.config import ScalingOptions
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ScalingOptions().num_workers == "auto" and ScalingOptions().workers() == 0
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # as inside `ray job submit`
+    assert ScalingOptions().workers() == 1
+    assert ScalingOptions(num_workers=2).workers() == 2 and ScalingOptions(num_workers=0).workers() == 0
+
+
+def test_local_mode_resumes_exactly_from_its_own_checkpoint(tmp_path, tiny_gemma_dir, unified_data, monkeypatch):
+    """In Ray Train's local mode (no Ray checkpoints), a trial that fails at step 8 resumes from its
+    step-6 HF checkpoint under --resume and ends with the uninterrupted run's loss curve; resuming a
+    finished run reports it again without training."""
+    from duetto.trainers.trial import run_trial
+    from duetto.trainers.trial_reports import FAIL_AT_STEP_ENV
+
+    extra = ["method=qlora", "interim_eval_examples=0"]
+    whole = run_trial(_cfg(tmp_path / "whole", tiny_gemma_dir, unified_data, *extra))
+    cfg = _cfg(tmp_path / "broken", tiny_gemma_dir, unified_data, *extra)
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "8")
+    with pytest.raises(RuntimeError, match="injected failure at step 8"):
+        run_trial(cfg)
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_trial(_cfg(tmp_path / "broken", tiny_gemma_dir, unified_data, *extra))  # not without --resume
+    m = run_trial(_cfg(tmp_path / "broken", tiny_gemma_dir, unified_data, *extra), resume=True)
+    assert m["resumed_from_step"] == 6 and m["step"] == 12
+    curve = dict((s, loss) for s, loss in m["train_loss_curve"])
+    assert set(curve) == {s for s, _ in whole["train_loss_curve"]}
+    for step, loss in whole["train_loss_curve"]:
+        assert curve[step] == pytest.approx(loss, rel=1e-4), step
+    assert m["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-4)
+    again = run_trial(_cfg(tmp_path / "broken", tiny_gemma_dir, unified_data, *extra), resume=True)
+    assert again == json.loads((Path(cfg.output_dir) / "metrics.json").read_text())

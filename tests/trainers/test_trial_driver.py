@@ -236,9 +236,9 @@ def test_header_says_what_runs(tmp_path, unified_data, monkeypatch):
     cfg = _cfg(tmp_path, *unified_data, "method=galore", "model=tiny", "scaling.use_gpu=false", "data.val_size=6")
     line = header(cfg, load_rows(cfg), tmp_path / "out")
     assert line == (f"duetto train: galore of tiny on 90 train rows ({unified_data[0]}), evaluated on 6 validation "
-                    f"rows; 1 Ray worker on CPU; output {tmp_path / 'out'}")  # fmt: skip
-    local = _cfg(tmp_path, *unified_data, "scaling.num_workers=0", "scaling.use_gpu=false")
-    assert "in-process (Ray Train local mode) on CPU" in header(local, load_rows(local), "o")
+                    f"rows; in-process (Ray Train local mode) on CPU; output {tmp_path / 'out'}")  # fmt: skip
+    worker = _cfg(tmp_path, *unified_data, "scaling.num_workers=1", "scaling.use_gpu=false")
+    assert "; 1 Ray worker on CPU;" in header(worker, load_rows(worker), "o")
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     joined = _cfg(tmp_path, *unified_data, "scaling.num_workers=2", "galore.layerwise=false")
     assert "2 Ray workers, on GPUs if the cluster has them" in header(joined, load_rows(joined), "o")
