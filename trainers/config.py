@@ -67,7 +67,8 @@ class EvalOptions:
     max_new_tokens: int = 64
     """Generation budget per response."""
     batch_size: int = 0
-    """Prompts per generate() call; 0 = 64 on a GPU, 16 on CPU."""
+    """Prompts per generate() call; 0 = 256 on a GPU (decoding is launch-bound there: on an H100 a call of
+    128 rows took 1.29 s, one of 32 rows 1.23 s), 16 on CPU."""
     loss_examples: int = 0
     """Rows of the test split used for eval_loss (0 = the whole test split)."""
 

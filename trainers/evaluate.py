@@ -42,6 +42,6 @@ def evaluate_generation(model, tokenizer, rows: Sequence[dict], *, template: str
 
     prompts = [prompt_text(tokenizer, template, r["instruction"], r.get("input", "")) for r in rows]
     cands = greedy_decode(model, tokenizer, prompts, max_new_tokens=max_new_tokens, max_prompt_tokens=max_seq_len,
-                          batch_size=batch_size)  # fmt: skip
+                          batch_size=batch_size, logprobs=False)  # fmt: skip
     preds = [c.text for c in cands]
     return text_metrics(preds, [r["response"] for r in rows]), preds

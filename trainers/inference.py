@@ -201,7 +201,7 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
                         max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
                         seed: int | None = None, stop_ids: Sequence[int] | None = None,
                         max_prompt_tokens: int | None = None, static: StaticDecoding | None = None,
-                        _length: int | None = None) -> list[list[Candidate]]:  # fmt: skip
+                        logprobs: bool = True, _length: int | None = None) -> list[list[Candidate]]:  # fmt: skip
     """Sample ``k`` candidates per templated prompt in one batched ``generate`` call.
 
     ``k`` may differ per prompt (each prompt's row is repeated k times, which is what
@@ -209,6 +209,8 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
     greedy decoding: one candidate per prompt whatever k says (k greedy copies would be identical).
     ``max_prompt_tokens`` cuts each prompt by the training rule (BOS + its tail). ``static`` decodes
     on static shapes (see StaticDecoding; ``_length`` forces its length bucket, for warm-up).
+    ``logprobs=False`` skips ``generator_logprob`` (None): generate then keeps no per-step logits, a
+    rows x vocab float32 copy per new token, so large batches fit (evaluation needs only the text).
     """
     import torch
 
@@ -232,7 +234,7 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
     encoded = {p: encode_prompt(p, tokenizer, max_prompt_tokens) for p in set(rows)}
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, use_cache=True,
                                       pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                                      output_logits=True)  # fmt: skip
+                                      output_logits=logprobs)  # fmt: skip
     if greedy:  # None: a model's own sampling defaults would otherwise warn under greedy decoding
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
@@ -252,16 +254,19 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
             enc = {key: v.to(device) for key, v in enc.items()}
             extra = {_cache_kwarg(): static.cache(model, padded, length)} if length else {}
             out = model.generate(**enc, **gen_kwargs, **extra)
-            # Raw log-softmax of each chosen token: the model's own probability, not the warped sampler's.
-            # Step by step, so a 262k vocabulary never needs a steps x rows x vocab tensor.
             gen_ids = out.sequences[: stop_row - start, enc["input_ids"].shape[1] :]
-            logps.append(torch.stack(
-                [
-                    torch.log_softmax(step[: stop_row - start].float(), dim=-1).gather(-1, gen_ids[:, t : t + 1]).squeeze(-1)
-                    for t, step in enumerate(out.logits)
-                ],
-                dim=1,
-            ).cpu())  # fmt: skip
+            if not logprobs:
+                logps.append(torch.full(gen_ids.shape, float("nan")))
+            else:
+                # Raw log-softmax of each chosen token: the model's own probability, not the warped
+                # sampler's. Step by step, so a 262k vocabulary never needs a steps x rows x vocab tensor.
+                logps.append(torch.stack(
+                    [
+                        torch.log_softmax(step[: stop_row - start].float(), dim=-1).gather(-1, gen_ids[:, t : t + 1]).squeeze(-1)
+                        for t, step in enumerate(out.logits)
+                    ],
+                    dim=1,
+                ).cpu())  # fmt: skip
             del out
             id_rows.extend(gen_ids.cpu().tolist())
     logp = [row for part in logps for row in part]
@@ -270,7 +275,7 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
         end = next((i for i, t in enumerate(ids) if t in stop_set), None)
         n = len(ids) if end is None else end + 1
         text_ids = ids if end is None else ids[:end]
-        mean_lp = float(lp[:n].sum() / max(n, 1))
+        mean_lp = float(lp[:n].sum() / max(n, 1)) if logprobs else None
         text = tokenizer.decode(text_ids, skip_special_tokens=True).strip()
         flat.append(Candidate(text, mean_lp, tokens=n, finish_reason="length" if end is None else "stop",
                               token_ids=[int(t) for t in ids[:n]]))  # fmt: skip
@@ -279,14 +284,14 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
 
 
 def greedy_decode(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                  max_prompt_tokens: int | None, batch_size: int = 16,
-                  stop_ids: Sequence[int] | None = None) -> list[Candidate]:  # fmt: skip
+                  max_prompt_tokens: int | None, batch_size: int = 16, stop_ids: Sequence[int] | None = None,
+                  logprobs: bool = True) -> list[Candidate]:  # fmt: skip
     """One greedy answer per templated prompt, ``batch_size`` prompts per ``generate`` call."""
     out: list[Candidate] = []
     for s in range(0, len(prompts), batch_size):
         cands = generate_candidates(
             model, tokenizer, prompts[s : s + batch_size], 1, max_new_tokens=max_new_tokens, temperature=0.0,
-            stop_ids=stop_ids, max_prompt_tokens=max_prompt_tokens,
+            stop_ids=stop_ids, max_prompt_tokens=max_prompt_tokens, logprobs=logprobs,
         )  # fmt: skip
         out.extend(cs[0] for cs in cands)
     return out

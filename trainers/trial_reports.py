@@ -32,7 +32,7 @@ def generation_metrics(model, tokenizer, rows: list[dict], cfg: TrialConfig) -> 
     """(BLEU/ROUGE, predictions) of ``rows`` with the trial's template and evaluation settings."""
     from duetto.trainers.evaluate import evaluate_generation
 
-    batch = cfg.eval.batch_size or (64 if next(model.parameters()).is_cuda else 16)
+    batch = cfg.eval.batch_size or (256 if next(model.parameters()).is_cuda else 16)
     return evaluate_generation(model, tokenizer, rows, template=cfg.template, max_seq_len=cfg.max_seq_len,
                                max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch)
 

@@ -69,3 +69,15 @@ def test_warm_up_fills_every_bucket(lm):
     times = static.warm_up(lm.model, lm.tokenizer, lm.stop_ids)
     assert set(times) == {"2x16", "4x16", "2x32", "4x32"}
     assert set(static._caches) == {(2, 16), (4, 16), (2, 32), (4, 32)}
+
+
+def test_decoding_without_logprobs_gives_the_same_answers(lm):
+    from duetto.trainers.inference import greedy_decode
+
+    prompts = [prompt_text(lm.tokenizer, lm.template, q) for q in QUESTIONS]
+    with_lp = greedy_decode(lm.model, lm.tokenizer, prompts, max_new_tokens=8, max_prompt_tokens=None, batch_size=3)
+    without = greedy_decode(lm.model, lm.tokenizer, prompts, max_new_tokens=8, max_prompt_tokens=None, batch_size=3,
+                            logprobs=False)  # fmt: skip
+    assert [c.token_ids for c in with_lp] == [c.token_ids for c in without]
+    assert [c.text for c in with_lp] == [c.text for c in without]
+    assert all(c.generator_logprob is None for c in without) and all(c.generator_logprob < 0 for c in with_lp)
