@@ -106,6 +106,8 @@ class StaticDecoding:
         key = (rows, length)
         cache = self._caches.get(key)
         if cache is None:
+            if not self._caches:
+                self.allow_recompiles()
             cache = self._caches[key] = StaticCache(config=model.config, max_cache_len=length)
         else:
             cache.reset()
@@ -127,7 +129,6 @@ class StaticDecoding:
         happen here and never in a request; returns the seconds each bucket took."""
         import time
 
-        self.allow_recompiles()
         times = {}
         prompt = tokenizer.decode(tokenizer("Hello")["input_ids"], skip_special_tokens=True) or "Hello"
         # The second shape torch.compile sees makes the dimensions that changed dynamic (automatic dynamic
