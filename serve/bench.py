@@ -50,10 +50,10 @@ class BenchResult:
     req_per_s: float = 0.0
     latency_ms: dict[str, float] = field(default_factory=dict)
     batch_requests_mean: dict[str, float] = field(default_factory=dict)
+    """Mean requests per model call, per model (Serve batching at work), from the answers' reports."""
     step_ms_mean: dict[str, float] = field(default_factory=dict)
     """Mean of each step's time as the ingress measured it (/v1/generate's timings_ms: generate,
     generate_model, score, score_model, total): where a request's latency goes."""
-    """Mean requests per model call, per model (Serve batching at work), from the answers' reports."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

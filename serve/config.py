@@ -92,8 +92,8 @@ class DecodingOptions:
     def validate(self) -> None:
         if not self.row_buckets or min(self.row_buckets) < 1:
             raise ValueError("row_buckets: give at least one size >= 1")
-        if not self.length_buckets or min(self.length_buckets) < 2:
-            raise ValueError("length_buckets: give at least one length >= 2")
+        if not self.length_buckets or min(self.length_buckets) < 16:
+            raise ValueError("length_buckets: give at least one length, each >= 16")
         if self.score_rows < 1:
             raise ValueError("score_rows: must be >= 1")
 

@@ -83,7 +83,11 @@ class HFEngine:
         from duetto.trainers.inference import Candidate
 
         t = time.perf_counter()
-        if decoding and self.lm.static is not None:
+        if not decoding:
+            # a request that decodes here anyway (mode reranker-greedy asked per request) then uses the
+            # dynamic cache: compiling a bucket inside a request would hold every other call for a minute
+            self.lm.static = None
+        elif self.lm.static is not None:
             self.warm_up_s = self.lm.static.warm_up(self.lm.model, self.lm.tokenizer, self.lm.stop_ids)
         # the scoring kernels' first call (cuBLAS handles, allocator) at the largest batch
         rows = self.decoding.score_rows

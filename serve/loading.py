@@ -212,9 +212,9 @@ def dequantize_bnb(model: Any, dtype: Any) -> Any:
     import torch
     from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear) or not get_bnb_param_type(module.weight):
-            continue
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and get_bnb_param_type(m.weight)]
+    for name in names:  # by name, so each quantized module is freed once replaced
+        module = model.get_submodule(name)
         weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
         plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                 device=weight.device, dtype=dtype)  # fmt: skip

@@ -12,8 +12,9 @@ the trained model's ``max_seq_len`` by the rule training uses (BOS + the prompt'
 (prompt, response) is encoded exactly like a training example at that length.
 
 Scores are length-normalised so long and short answers compete fairly:
-- ``generator_logprob``: mean log-probability per generated token under the model's *raw*
-  distribution (before temperature / top-p), stop token included when one was produced.
+- ``generator_logprob``: mean log-probability per generated token under the model's own
+  distribution (before temperature / top-p; after the generation config's own processors, such as
+  suppressed ids), stop token included when one was produced.
 - ``reranker_score``: mean log-likelihood of the response tokens given the prompt, with the
   prompt/response encoding (and label mask) training used.
 """
@@ -138,8 +139,9 @@ class StaticDecoding:
         for rows, length in pairs:
             t = time.perf_counter()
             # two calls: the first compiles, the second records the CUDA graph
-            for _ in range(2):
-                generate_candidates(model, tokenizer, [prompt], rows, max_new_tokens=min(4, length - 1),
+            new = min(4, length - 1)
+            for _ in range(2):  # every step decodes (min_new_tokens): a sampled stop token would end it early
+                generate_candidates(model, tokenizer, [prompt], rows, max_new_tokens=new, min_new_tokens=new,
                                     temperature=1.0, stop_ids=stop_ids, max_prompt_tokens=1, static=self,
                                     _length=length)  # fmt: skip
             times[f"{rows}x{length}"] = round(time.perf_counter() - t, 2)
@@ -198,11 +200,42 @@ def _eval_mode(model: Any) -> Iterator[None]:
             model.train()
 
 
+def _chosen_logprobs():
+    """A logits processor that records each chosen token's log-probability under the model's
+    distribution: after the generation config's own processors (e.g. suppressed ids), before
+    temperature and top-p, which transformers applies after any processor passed in. Step t's token is
+    known at step t+1's call (the last id of ``input_ids``), so it keeps one rows x vocab tensor, never
+    one per new token (64 tokens x 128 rows x Gemma 3's 262k ids would be 8.6 GB)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class ChosenLogprobs(LogitsProcessor):
+        def __init__(self) -> None:
+            self.previous: torch.Tensor | None = None
+            self.steps: list[torch.Tensor] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.previous is not None:
+                self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+            self.previous = torch.log_softmax(scores.float(), dim=-1)
+            return scores
+
+        def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+            """(rows, new tokens) log-probabilities, once generate has returned ``sequences``."""
+            if self.previous is not None:
+                self.steps.append(self.previous.gather(-1, sequences[:, -1:]).squeeze(-1))
+                self.previous = None
+            return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0)).float()
+
+    return ChosenLogprobs()
+
+
 def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: int | Sequence[int], *,
                         max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
                         seed: int | None = None, stop_ids: Sequence[int] | None = None,
                         max_prompt_tokens: int | None = None, static: StaticDecoding | None = None,
-                        logprobs: bool = True, _length: int | None = None) -> list[list[Candidate]]:  # fmt: skip
+                        logprobs: bool = True, min_new_tokens: int = 0,
+                        _length: int | None = None) -> list[list[Candidate]]:  # fmt: skip
     """Sample ``k`` candidates per templated prompt in one batched ``generate`` call.
 
     ``k`` may differ per prompt (each prompt's row is repeated k times, which is what
@@ -210,8 +243,7 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
     greedy decoding: one candidate per prompt whatever k says (k greedy copies would be identical).
     ``max_prompt_tokens`` cuts each prompt by the training rule (BOS + its tail). ``static`` decodes
     on static shapes (see StaticDecoding; ``_length`` forces its length bucket, for warm-up).
-    ``logprobs=False`` skips ``generator_logprob`` (None): generate then keeps no per-step logits, a
-    rows x vocab float32 copy per new token, so large batches fit (evaluation needs only the text).
+    ``logprobs=False`` skips ``generator_logprob`` (None; evaluation needs only the text).
     """
     import torch
 
@@ -234,8 +266,9 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
     # left-padded so every row continues from its right edge
     encoded = {p: encode_prompt(p, tokenizer, max_prompt_tokens) for p in set(rows)}
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, use_cache=True,
-                                      pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                                      output_logits=logprobs)  # fmt: skip
+                                      pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)  # fmt: skip
+    if min_new_tokens:
+        gen_kwargs["min_new_tokens"] = min_new_tokens
     if greedy:  # None: a model's own sampling defaults would otherwise warn under greedy decoding
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
@@ -254,20 +287,15 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
             enc = pad_batch([{"input_ids": encoded[p]} for p in part], tokenizer.pad_token_id, side="left")
             enc = {key: v.to(device) for key, v in enc.items()}
             extra = {_cache_kwarg(): static.cache(model, padded, length)} if length else {}
+            recorder = _chosen_logprobs() if logprobs else None
+            if recorder is not None:
+                extra["logits_processor"] = [recorder]
             out = model.generate(**enc, **gen_kwargs, **extra)
             gen_ids = out.sequences[: stop_row - start, enc["input_ids"].shape[1] :]
-            if not logprobs:
+            if recorder is None:
                 logps.append(torch.full(gen_ids.shape, float("nan")))
             else:
-                # Raw log-softmax of each chosen token: the model's own probability, not the warped
-                # sampler's. Step by step, so a 262k vocabulary never needs a steps x rows x vocab tensor.
-                logps.append(torch.stack(
-                    [
-                        torch.log_softmax(step[: stop_row - start].float(), dim=-1).gather(-1, gen_ids[:, t : t + 1]).squeeze(-1)
-                        for t, step in enumerate(out.logits)
-                    ],
-                    dim=1,
-                ).cpu())  # fmt: skip
+                logps.append(recorder.finish(out.sequences)[: stop_row - start].cpu())
             del out
             id_rows.extend(gen_ids.cpu().tolist())
     logp = [row for part in logps for row in part]

@@ -79,7 +79,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
-    restored = _restore(rank, Path(cfg.output_dir))
+    restored = _restore(rank, Path(cfg.output_dir) if world == 1 else None)
     if restored is None:  # the trial had already finished and has reported its metrics again
         return
     resume_from, resumed_step = restored
@@ -139,19 +139,19 @@ def _fast_path_summary(trainer, run: TrialSetup) -> str:
     return f"on: {graphed.replays} of {trainer.state.global_step} steps replayed as a CUDA graph"
 
 
-def _restore(rank: int, output_dir: Path) -> tuple[str | None, int] | None:
+def _restore(rank: int, output_dir: Path | None) -> tuple[str | None, int] | None:
     """(HF checkpoint to resume from, its step) of a restarted trial, (None, 0) for a fresh one; None
     when the trial had already finished (its metrics are reported again).
 
-    On Ray workers that is a copy of Ray's latest checkpoint. Ray Train's local mode keeps no checkpoints
-    of its own, so there it is the newest of the trial's own HF checkpoints in ``output_dir``, which
-    exist at start only when `duetto train --resume` let an unfinished run stand (else they were removed
-    with --overwrite, or the run was refused)."""
+    That is a copy of Ray's latest checkpoint when Ray has one. Ray Train's local mode keeps none, so a
+    single-process trial (``output_dir`` given) then resumes from the newest complete one of its own HF
+    checkpoints there, which exist at start only when `duetto train --resume` let an unfinished run
+    stand (else --overwrite removed them, or the run was refused)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        saved = sorted((output_dir / "hf_checkpoints").glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[-1]))
+        saved = _complete_hf_checkpoints(output_dir) if output_dir is not None else []
         return (str(saved[-1]), _checkpoint_step(saved[-1])) if saved else (None, 0)
     with checkpoint.as_directory() as d:
         if (Path(d) / "metrics.json").exists():  # the trial had finished: report it again, done
@@ -163,6 +163,14 @@ def _restore(rank: int, output_dir: Path) -> tuple[str | None, int] | None:
         local = Path(tempfile.mkdtemp(prefix="duetto-resume-"))
         shutil.copytree(Path(d) / "checkpoint", local / "checkpoint")
     return str(local / "checkpoint"), _checkpoint_step(local / "checkpoint")
+
+
+def _complete_hf_checkpoints(output_dir: Path) -> list[Path]:
+    """output_dir/hf_checkpoints/checkpoint-N folders by step. A crash during a save leaves a newest
+    folder without trainer_state.json (the Trainer writes it last): such a folder is skipped."""
+    found = [d for d in (output_dir / "hf_checkpoints").glob("checkpoint-*")
+             if d.name.rpartition("-")[2].isdigit() and (d / "trainer_state.json").is_file()]  # fmt: skip
+    return sorted(found, key=lambda d: int(d.name.rpartition("-")[2]))
 
 
 def _checkpoint_step(checkpoint: Path) -> int:
@@ -381,13 +389,13 @@ def run_trial(cfg: TrialConfig, *, storage_path: str | None = None, name: str | 
     rows = load_rows(cfg)
     out = Path(cfg.output_dir).resolve()
     run_dir = Path(storage_path or out / "ray").resolve() / (name or "trial")
-    cfg.scaling.num_workers = cfg.scaling.workers()  # auto resolved once, here: trial.yaml records the choice
     check_output_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
     print(header(cfg, rows, out), flush=True)
+    workers = cfg.scaling.workers()
     metrics_file = out / "metrics.json"
-    if resume and cfg.scaling.num_workers == 0 and metrics_file.exists():
+    if resume and workers == 0 and metrics_file.exists():
         return json.loads(metrics_file.read_text())  # finished: local mode keeps no Ray checkpoint to report it from
-    if cfg.scaling.num_workers > 0:  # local mode (0 workers) runs in this process: no cluster needed
+    if workers > 0:  # local mode (0 workers) runs in this process: no cluster needed
         from duetto.ray_connect import connect
 
         connect()
@@ -440,9 +448,13 @@ def check_output_dir(cfg: TrialConfig, run_dir: Path, *, resume: bool, overwrite
 
 
 def settings_diff(before: TrialConfig, now: TrialConfig) -> list[tuple[str, Any, Any]]:
-    """(dotted key, before, now) for every setting that differs; data paths compared resolved."""
+    """(dotted key, before, now) for every setting that differs; data paths compared resolved. Where the
+    run happens is no setting of the trial: num_workers auto matches any count (a run on Ray workers
+    resumes in local mode from its HF checkpoints, and the other way round)."""
     a, b = _flat(before), _flat(now)
-    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    auto = "auto" in (a.get("scaling.num_workers"), b.get("scaling.num_workers"))
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and not (auto and k == "scaling.num_workers")]  # fmt: skip
 
 
 def _flat(cfg: TrialConfig) -> dict[str, Any]:

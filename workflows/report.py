@@ -263,7 +263,10 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     from duetto.serve.engine import use_static_decoding
 
     def load(src: str, template: str = ""):
-        return use_static_decoding(load_lm(src, template, device=device), cfg.decoding)
+        lm = use_static_decoding(load_lm(src, template, device=device), cfg.decoding)
+        if lm.static is not None:  # compiled here, so the latency columns time decoding alone
+            lm.static.warm_up(lm.model, lm.tokenizer, lm.stop_ids)
+        return lm
 
     q_lm, g_lm = load(qlora_src), load(galore_src)
     e = cfg.ensemble

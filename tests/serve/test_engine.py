@@ -40,14 +40,17 @@ def test_engine_calls_are_the_ensemble_steps(galore_trial):
 
 def test_warm_up_compiles_the_decoding_buckets_only_when_asked(galore_trial):
     engine = _engine(galore_trial, "on", row_buckets=[2], length_buckets=[32], score_rows=4)
-    assert set(engine.warm_up(decoding=False)) == {"total"} and not engine.lm.static._caches
     assert set(engine.warm_up()) == {"2x32", "total"} and set(engine.lm.static._caches) == {(2, 32)}
+    cold = _engine(galore_trial, "on", row_buckets=[2], length_buckets=[32], score_rows=4)
+    # not warmed: a request that decodes anyway gets the dynamic cache, never a compile on the spot
+    assert set(cold.warm_up(decoding=False)) == {"total"} and cold.lm.static is None
+    assert len(cold.sample([EnsembleRequest("Hi", k=1, max_new_tokens=4, temperature=0.0)], greedy=True)[0]) == 1
 
 
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [("adapter", "fold", "adapter: must be one of"), ("engine", "vllm", "engine: must be one of hf"),
-     ("decoding.row_buckets", [], "row_buckets"), ("decoding.length_buckets", [1], "length_buckets"),
+     ("decoding.row_buckets", [], "row_buckets"), ("decoding.length_buckets", [8], "length_buckets"),
      ("decoding.static_cache", "maybe", "static_cache")],
 )  # fmt: skip
 def test_bad_engine_settings_name_the_key(key, value, message):

@@ -336,3 +336,27 @@ def test_local_mode_resumes_exactly_from_its_own_checkpoint(tmp_path, tiny_gemma
     assert m["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-4)
     again = run_trial(_cfg(tmp_path / "broken", tiny_gemma_dir, unified_data, *extra), resume=True)
     assert again == json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+
+
+def test_local_resume_skips_a_half_written_checkpoint(tmp_path):
+    from duetto.trainers.trial import _complete_hf_checkpoints
+
+    root = tmp_path / "hf_checkpoints"
+    for name, complete in (("checkpoint-6", True), ("checkpoint-12", False), ("checkpoint-x", True), ("checkpoint-30", True)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "trainer_state.json").write_text('{"global_step": 0}')
+    assert [d.name for d in _complete_hf_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-30"]
+    assert _complete_hf_checkpoints(tmp_path / "none") == []
+
+
+def test_auto_workers_resume_a_run_of_any_worker_count(tmp_path, tiny_gemma_dir, unified_data):
+    from duetto.trainers.trial import settings_diff
+
+    one = _cfg(tmp_path, tiny_gemma_dir, unified_data, "scaling.num_workers=1")
+    auto = _cfg(tmp_path, tiny_gemma_dir, unified_data, "scaling.num_workers=auto")
+    two = _cfg(tmp_path, tiny_gemma_dir, unified_data, "scaling.num_workers=2", "method=qlora")
+    assert settings_diff(one, auto) == [] and settings_diff(auto, one) == []
+    assert ("scaling.num_workers", 1, 2) in settings_diff(one, _cfg(tmp_path, tiny_gemma_dir, unified_data,
+                                                                    "scaling.num_workers=2"))  # fmt: skip
+    assert settings_diff(two, two) == []
