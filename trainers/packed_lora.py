@@ -1,0 +1,166 @@
+"""Several QLoRA trials on one frozen base: each trial's rows pass through the shared base once and
+through its own LoRA adapter, in the same forward and backward.
+
+``PackedLoraLinear`` wraps a base linear layer (plain or bitsandbytes 4/8-bit) with one LoRA adapter
+per trial (its own rank, alpha and dropout). A packed batch holds the trials' rows one block after
+the other; ``set_slices`` tells every packed layer which rows are whose. The base runs once over all
+rows; each block then adds its own trial's ``scaling * B(A(dropout(x)))``. The blocks are joined with
+``torch.cat`` and plain autograd, so each trial's gradients are exactly those of its rows alone.
+
+``PackedTrials`` owns one optimizer (AdamW, as the HF Trainer builds it for LoRA weights), one
+learning-rate schedule and one gradient clip per trial, and steps them all after one backward of the
+summed per-trial losses (the trials share no trainable weight, so the sum's gradient is each loss's own).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int
+    alpha: float
+    dropout: float = 0.0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class PackedLoraLinear(nn.Module):
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, specs: Sequence[LoraSpec]):
+        super().__init__()
+        self.base = base
+        self.specs = list(specs)
+        self.lora_A = nn.ModuleList(nn.Linear(in_features, s.r, bias=False) for s in specs)
+        self.lora_B = nn.ModuleList(nn.Linear(s.r, out_features, bias=False) for s in specs)
+        for a, b in zip(self.lora_A, self.lora_B):  # PEFT's default init: B = 0, so a fresh adapter is a no-op
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+        self.slices: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.slices:
+            raise RuntimeError("PackedLoraLinear: set_slices() first (which rows belong to which trial)")
+        parts = []
+        for t, (start, stop) in enumerate(self.slices):
+            spec = self.specs[t]
+            xt = x[start:stop]
+            if spec.dropout and self.training:
+                xt = nn.functional.dropout(xt, spec.dropout)
+            a = self.lora_A[t]
+            delta = self.lora_B[t](a(xt.to(a.weight.dtype))) * spec.scaling
+            parts.append(out[start:stop] + delta.to(out.dtype))
+        return torch.cat(parts)
+
+    def adapter_params(self, t: int) -> list[nn.Parameter]:
+        return [self.lora_A[t].weight, self.lora_B[t].weight]
+
+
+def pack_lora(model: nn.Module, target_modules: Sequence[str], specs: Sequence[LoraSpec]) -> dict[str, PackedLoraLinear]:
+    """Freeze ``model`` and wrap every linear layer whose name ends in one of ``target_modules`` (as
+    PEFT matches them) with a PackedLoraLinear of one adapter per spec; returns {name: layer}."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    packed: dict[str, PackedLoraLinear] = {}
+    names = [n for n, m in model.named_modules() if _is_linear(m) and n.rpartition(".")[2] in set(target_modules)]
+    for name in names:
+        base = model.get_submodule(name)
+        layer = PackedLoraLinear(base, base.in_features, base.out_features, specs)
+        layer.to(device=_device_of(base))
+        model.set_submodule(name, layer)
+        packed[name] = layer
+    if not packed:
+        raise ValueError(f"target_modules {list(target_modules)}: no linear layer of the model matches")
+    return packed
+
+
+def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int]]) -> None:
+    for layer in layers.values():
+        layer.slices = list(slices)
+
+
+def load_peft_adapter(layers: dict[str, PackedLoraLinear], t: int, state: dict[str, torch.Tensor]) -> None:
+    """Trial ``t``'s A and B from a PEFT LoRA state dict (``get_peft_model_state_dict`` keys:
+    ``base_model.model.<name>.lora_A.weight``)."""
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_A[t].weight.copy_(state[f"base_model.model.{name}.lora_A.weight"])
+            layer.lora_B[t].weight.copy_(state[f"base_model.model.{name}.lora_B.weight"])
+
+
+def peft_adapter_state(layers: dict[str, PackedLoraLinear], t: int) -> dict[str, torch.Tensor]:
+    """Trial ``t``'s adapter under PEFT's saved key names (``set_peft_model_state_dict`` loads it)."""
+    state = {}
+    for name, layer in layers.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[t].weight.detach().clone()
+        state[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[t].weight.detach().clone()
+    return state
+
+
+@dataclass
+class TrialOptim:
+    learning_rate: float
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 1
+    scheduler: str = "linear"
+
+
+class PackedTrials:
+    """One optimizer, schedule and gradient clip per trial over its own adapter weights."""
+
+    def __init__(self, layers: dict[str, PackedLoraLinear], optims: Sequence[TrialOptim]):
+        from transformers import get_scheduler
+
+        self.layers = layers
+        self.optims = list(optims)
+        self.params = [[p for layer in layers.values() for p in layer.adapter_params(t)] for t in range(len(optims))]
+        self.optimizers = []
+        self.schedulers = []
+        for params, o in zip(self.params, self.optims):
+            # the HF Trainer's groups for LoRA weights: every one decays (none is a bias or a norm)
+            opt = torch.optim.AdamW([{"params": params, "weight_decay": o.weight_decay}], lr=o.learning_rate)
+            self.optimizers.append(opt)
+            self.schedulers.append(get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps,
+                                                 num_training_steps=o.total_steps))  # fmt: skip
+
+    def step(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> list[float]:
+        """One optimizer step of every trial on its own batch (equal shapes, stacked in trial order);
+        returns each trial's loss (mean cross-entropy over its label tokens, as HF computes it)."""
+        sizes = [b["input_ids"].shape[0] for b in batches]
+        bounds = [sum(sizes[:t]) for t in range(len(sizes) + 1)]
+        set_slices(self.layers, list(zip(bounds[:-1], bounds[1:])))
+        joined = {k: torch.cat([b[k] for b in batches]) for k in ("input_ids", "attention_mask", "labels")}
+        logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"]).logits
+        losses = []
+        for t, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            shift_logits = logits[start:stop, :-1].float()
+            shift_labels = joined["labels"][start:stop, 1:]
+            losses.append(nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                      shift_labels.reshape(-1), ignore_index=-100))  # fmt: skip
+        torch.stack(losses).sum().backward()
+        for params, o, opt, sched in zip(self.params, self.optims, self.optimizers, self.schedulers):
+            if o.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        return [float(x) for x in losses]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def _device_of(module: nn.Module) -> Any:
+    return next(module.parameters()).device
