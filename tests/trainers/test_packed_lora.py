@@ -100,3 +100,27 @@ def test_a_packed_layer_needs_its_row_slices(tiny_gemma_dir):
     with pytest.raises(ValueError, match="no linear layer"):
         pack_lora(AutoModelForCausalLM.from_pretrained(tiny_gemma_dir), ["nope"], [LoraSpec(r=2, alpha=4)])
     assert len(layers) == 2 * model.config.num_hidden_layers
+
+
+def test_packed_trials_follow_their_solo_duetto_train_loss_curves(tmp_path, tiny_gemma_dir, unified_data):
+    """Two QLoRA configs (different seed, lr, rank, alpha) trained together: each trial's per-step loss
+    is the one `duetto train` logs for that config alone (its LoRA init, data order, AdamW, schedule)."""
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import train_packed
+    from duetto.trainers.trial import run_trial
+
+    train, test = unified_data
+    common = [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+              "batch_size=4", "max_steps=6", "logging_steps=1", "report_every_steps=0", "interim_eval_examples=0",
+              "eval.num_examples=2", "eval.max_new_tokens=4", "eval.loss_examples=8", "scaling.num_workers=0",
+              "qlora.dropout=0.0", "warmup_ratio=0.2"]  # fmt: skip
+    variants = [["seed=1", "learning_rate=3e-3", "qlora.r=8", "qlora.alpha=16"],
+                ["seed=7", "learning_rate=1e-3", "qlora.r=4", "qlora.alpha=32", "weight_decay=0.1"]]  # fmt: skip
+    cfgs = [load_config(TrialConfig, None, common + v + [f"output_dir={tmp_path / str(i)}"]) for i, v in enumerate(variants)]
+    solo = [[loss for _, loss in run_trial(c)["train_loss_curve"]] for c in cfgs]
+    packed = train_packed([load_config(TrialConfig, None, common + v + [f"output_dir={tmp_path / 'p'}"])
+                           for v in variants], torch.device("cpu"))  # fmt: skip
+    for t in range(2):
+        assert packed[t] == pytest.approx(solo[t], rel=1e-4), t
+    assert packed[0] != pytest.approx(packed[1], rel=1e-3)  # the two trials really differ

@@ -1,0 +1,109 @@
+"""Train several QLoRA trial configs together, each as `duetto train` would train it alone.
+
+Each trial keeps what makes it itself: its LoRA init (the trial's own method build under its seed),
+its data order (the HF Trainer's: a permutation of the train rows per epoch, seeded with data_seed +
+epoch), its AdamW, learning-rate schedule and gradient clip. What the trials share is the frozen,
+quantized base, which every step runs once over all trials' rows (trainers/packed_lora.py).
+
+Work in progress: the training steps only (no evaluation, saving or Ray Tune reporting yet).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from duetto.trainers.config import TrialConfig
+from duetto.trainers.packed_lora import LoraSpec, PackedTrials, TrialOptim, load_peft_adapter, pack_lora
+
+#: Settings every trial of a pack must share: they shape the shared base and the packed batch.
+SHARED = ("method", "model", "template", "max_seq_len", "batch_size", "precision", "gradient_checkpointing",
+          "qlora.bits", "qlora.target_modules", "qlora.upcast_fp32", "gradient_accumulation_steps")  # fmt: skip
+
+
+def check_packable(cfgs: Sequence[TrialConfig]) -> None:
+    from duetto.config import ConfigError, flatten, to_dict
+
+    flat = [flatten(to_dict(c)) for c in cfgs]
+    for key in SHARED:
+        values = {str(f.get(key)) for f in flat}
+        if len(values) > 1:
+            raise ConfigError(f"{key}: trials packed together must share it, got {sorted(values)}")
+    if cfgs[0].method != "qlora":
+        raise ConfigError(f"method: only qlora trials pack on one base, got {cfgs[0].method}")
+    if cfgs[0].gradient_accumulation_steps != 1:
+        raise ConfigError("gradient_accumulation_steps: packed trials step every batch (1)")
+    if list(cfgs[0].qlora.target_modules) == ["all-linear"]:
+        raise ConfigError("qlora.target_modules: name the modules to pack (all-linear is not supported yet)")
+
+
+def hf_order(n: int, data_seed: int) -> Iterator[int]:
+    """The HF Trainer's training order (accelerate's SeedableRandomSampler): epoch e is
+    ``randperm(n)`` of a generator seeded with data_seed + e."""
+    epoch = 0
+    while True:
+        yield from torch.randperm(n, generator=torch.Generator().manual_seed(data_seed + epoch)).tolist()
+        epoch += 1
+
+
+def total_steps(cfg: TrialConfig, n_rows: int) -> int:
+    return cfg.max_steps if cfg.max_steps > 0 else math.ceil(n_rows / cfg.batch_size) * int(math.ceil(cfg.epochs))
+
+
+def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[list[float]]:
+    """Train every config for its own number of steps; returns each trial's loss per step."""
+    from peft import get_peft_model_state_dict
+    from transformers import set_seed
+
+    from duetto.models import load_tokenizer, resolve_model
+    from duetto.trainers.methods import get_method
+    from duetto.trainers.trial import resolve_dtype
+    from duetto.trainers.trial_data import EncodedDataset, PaddingCollator, load_rows
+
+    check_packable(cfgs)
+    first = cfgs[0]
+    model_path = resolve_model(first.model)
+    tokenizer = load_tokenizer(model_path)
+    dtype, _ = resolve_dtype(first.precision, device.type == "cuda")
+    inits: list[dict[str, torch.Tensor]] = []
+    datasets = []
+    base: Any = None
+    for cfg in cfgs:
+        set_seed(cfg.seed)  # as the trial's _setup: the seed, then rows and the method's build (LoRA init)
+        rows = load_rows(cfg)
+        datasets.append(EncodedDataset(rows.train, tokenizer, cfg.template, cfg.max_seq_len))
+        built = get_method("qlora").build(cfg, model_path, dtype, device)
+        inits.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(built.model).items()})
+        if base is None:
+            base = built.model.unload()  # the prepared, quantized base without LoRA layers
+        del built
+    specs = [LoraSpec(r=c.qlora.r, alpha=c.qlora.alpha, dropout=c.qlora.dropout) for c in cfgs]
+    layers = pack_lora(base, first.qlora.target_modules, specs)
+    for t, init in enumerate(inits):
+        load_peft_adapter(layers, t, init)
+    steps = [total_steps(c, len(ds)) for c, ds in zip(cfgs, datasets)]
+    optims = []
+    for cfg, n in zip(cfgs, steps):
+        warmup = cfg.warmup_ratio if cfg.warmup_ratio >= 1 else math.ceil(n * cfg.warmup_ratio)
+        optims.append(TrialOptim(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=1.0,
+                                 warmup_steps=int(warmup), total_steps=n, scheduler=cfg.lr_scheduler))  # fmt: skip
+    trials = PackedTrials(layers, optims)
+    orders = [hf_order(len(ds), c.seed) for c, ds in zip(cfgs, datasets)]
+    collate = PaddingCollator(tokenizer.pad_token_id, width=first.max_seq_len)  # one width: the trials' rows stack
+    losses: list[list[float]] = [[] for _ in cfgs]
+    base.train()
+    for step in range(max(steps)):
+        live = [t for t in range(len(cfgs)) if step < steps[t]]
+        if len(live) < len(cfgs):
+            raise NotImplementedError("trials of different lengths: leaving the pack is not implemented yet")
+        batches = []
+        for t in live:
+            idx = [next(orders[t]) for _ in range(cfgs[t].batch_size)]
+            batch = collate([datasets[t][i] for i in idx])
+            batches.append({k: v.to(device) for k, v in batch.items()})
+        for t, loss in zip(live, trials.step(base, batches)):
+            losses[t].append(loss)
+    return losses
