@@ -44,14 +44,15 @@ class PackedLoraLinear(nn.Module):
         for a, b in zip(self.lora_A, self.lora_B):  # PEFT's default init: B = 0, so a fresh adapter is a no-op
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
             nn.init.zeros_(b.weight)
-        self.slices: list[tuple[int, int]] = []
+        self.slices: list[tuple[int, int, int]] = []
+        """(trial, first row, end row) of each block of the packed batch, in row order."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if not self.slices:
             raise RuntimeError("PackedLoraLinear: set_slices() first (which rows belong to which trial)")
         parts = []
-        for t, (start, stop) in enumerate(self.slices):
+        for t, start, stop in self.slices:
             spec = self.specs[t]
             xt = x[start:stop]
             if spec.dropout and self.training:
@@ -83,7 +84,9 @@ def pack_lora(model: nn.Module, target_modules: Sequence[str], specs: Sequence[L
     return packed
 
 
-def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int]]) -> None:
+def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int, int]]) -> None:
+    """(trial, first row, end row) of each block of the next packed batch: trials that have finished
+    (or left the pack) simply have no block."""
     for layer in layers.values():
         layer.slices = list(slices)
 
@@ -134,28 +137,31 @@ class PackedTrials:
             self.schedulers.append(get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps,
                                                  num_training_steps=o.total_steps))  # fmt: skip
 
-    def step(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> list[float]:
-        """One optimizer step of every trial on its own batch (equal shapes, stacked in trial order);
-        returns each trial's loss (mean cross-entropy over its label tokens, as HF computes it)."""
-        sizes = [b["input_ids"].shape[0] for b in batches]
-        bounds = [sum(sizes[:t]) for t in range(len(sizes) + 1)]
-        set_slices(self.layers, list(zip(bounds[:-1], bounds[1:])))
-        joined = {k: torch.cat([b[k] for b in batches]) for k in ("input_ids", "attention_mask", "labels")}
+    def step(self, model: nn.Module, batches: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
+        """One optimizer step of each trial in ``batches`` ({trial: its batch}, equal sequence lengths)
+        on its own batch; returns each one's loss (mean cross-entropy over its label tokens, as HF
+        computes it). The other trials' weights and optimizer states do not move."""
+        trials = list(batches)
+        sizes = [batches[t]["input_ids"].shape[0] for t in trials]
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        set_slices(self.layers, [(t, bounds[i], bounds[i + 1]) for i, t in enumerate(trials)])
+        joined = {k: torch.cat([batches[t][k] for t in trials]) for k in ("input_ids", "attention_mask", "labels")}
         logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"]).logits
         losses = []
-        for t, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-            shift_logits = logits[start:stop, :-1].float()
-            shift_labels = joined["labels"][start:stop, 1:]
+        for i in range(len(trials)):
+            shift_logits = logits[bounds[i] : bounds[i + 1], :-1].float()
+            shift_labels = joined["labels"][bounds[i] : bounds[i + 1], 1:]
             losses.append(nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                                                       shift_labels.reshape(-1), ignore_index=-100))  # fmt: skip
         torch.stack(losses).sum().backward()
-        for params, o, opt, sched in zip(self.params, self.optims, self.optimizers, self.schedulers):
+        for t in trials:
+            params, o = self.params[t], self.optims[t]
             if o.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        return [float(x) for x in losses]
+            self.optimizers[t].step()
+            self.schedulers[t].step()
+            self.optimizers[t].zero_grad(set_to_none=True)
+        return {t: float(loss.detach()) for t, loss in zip(trials, losses)}
 
 
 def _is_linear(module: nn.Module) -> bool:

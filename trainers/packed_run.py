@@ -96,14 +96,11 @@ def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[list
     losses: list[list[float]] = [[] for _ in cfgs]
     base.train()
     for step in range(max(steps)):
-        live = [t for t in range(len(cfgs)) if step < steps[t]]
-        if len(live) < len(cfgs):
-            raise NotImplementedError("trials of different lengths: leaving the pack is not implemented yet")
-        batches = []
-        for t in live:
-            idx = [next(orders[t]) for _ in range(cfgs[t].batch_size)]
-            batch = collate([datasets[t][i] for i in idx])
-            batches.append({k: v.to(device) for k, v in batch.items()})
-        for t, loss in zip(live, trials.step(base, batches)):
+        batches = {}
+        for t in range(len(cfgs)):
+            if step < steps[t]:  # a trial that has run its steps leaves the pack
+                idx = [next(orders[t]) for _ in range(cfgs[t].batch_size)]
+                batches[t] = {k: v.to(device) for k, v in collate([datasets[t][i] for i in idx]).items()}
+        for t, loss in trials.step(base, batches).items():
             losses[t].append(loss)
     return losses
