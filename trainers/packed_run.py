@@ -5,7 +5,10 @@ its data order (the HF Trainer's: a permutation of the train rows per epoch, see
 epoch), its AdamW, learning-rate schedule and gradient clip. What the trials share is the frozen,
 quantized base, which every step runs once over all trials' rows (trainers/packed_lora.py).
 
-Work in progress: the training steps only (no evaluation, saving or Ray Tune reporting yet).
+After training, each trial is evaluated (eval loss, BLEU/ROUGE of greedy answers) through the packed
+model with only its own adapter active, and saved as a PEFT adapter folder.
+
+Work in progress: not yet wired into `duetto sweep` (no Ray Tune reporting, checkpoints or ASHA).
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def total_steps(cfg: TrialConfig, n_rows: int) -> int:
     return cfg.max_steps if cfg.max_steps > 0 else math.ceil(n_rows / cfg.batch_size) * int(math.ceil(cfg.epochs))
 
 
-def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[list[float]]:
-    """Train every config for its own number of steps; returns each trial's loss per step."""
+def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[dict[str, Any]]:
+    """Train every config for its own number of steps, then evaluate and save each one into its
+    output_dir (model/: a PEFT adapter; metrics.json); returns each trial's metrics."""
     from peft import get_peft_model_state_dict
     from transformers import set_seed
 
@@ -69,11 +73,12 @@ def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[list
     tokenizer = load_tokenizer(model_path)
     dtype, _ = resolve_dtype(first.precision, device.type == "cuda")
     inits: list[dict[str, torch.Tensor]] = []
-    datasets = []
+    datasets, row_sets = [], []
     base: Any = None
     for cfg in cfgs:
         set_seed(cfg.seed)  # as the trial's _setup: the seed, then rows and the method's build (LoRA init)
         rows = load_rows(cfg)
+        row_sets.append(rows)
         datasets.append(EncodedDataset(rows.train, tokenizer, cfg.template, cfg.max_seq_len))
         built = get_method("qlora").build(cfg, model_path, dtype, device)
         inits.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(built.model).items()})
@@ -103,4 +108,76 @@ def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[list
                 batches[t] = {k: v.to(device) for k, v in collate([datasets[t][i] for i in idx]).items()}
         for t, loss in trials.step(base, batches).items():
             losses[t].append(loss)
-    return losses
+    results = []
+    for t, cfg in enumerate(cfgs):
+        eval_ds = EncodedDataset(row_sets[t].loss(cfg), tokenizer, cfg.template, cfg.max_seq_len)
+        with only_trial(base, layers, t):
+            eval_loss = evaluate_loss(base, eval_ds, PaddingCollator(tokenizer.pad_token_id),
+                                      max(cfg.batch_size, 32 if device.type == "cuda" else 8), device)  # fmt: skip
+            from duetto.trainers.trial_reports import generation_metrics
+
+            gen, predictions = generation_metrics(base, tokenizer, row_sets[t].generation(cfg), cfg)
+        metrics = {"method": cfg.method, "eval_loss": eval_loss, "bleu4": gen["bleu4"], "rougeL": gen["rougeL"],
+                   "step": steps[t], "train_loss_curve": [[i + 1, x] for i, x in enumerate(losses[t])],
+                   "train_loss": sum(losses[t]) / len(losses[t]), "packed_with": len(cfgs) - 1}  # fmt: skip
+        save_adapter(layers, t, cfg, model_path, tokenizer, metrics)
+        results.append(metrics)
+    return results
+
+
+class only_trial:
+    """Inside, ``base`` runs every batch through trial ``t``'s adapter alone (a forward pre-hook marks
+    all rows as its rows), in eval mode: what evaluation and generation of that trial need."""
+
+    def __init__(self, base: Any, layers: dict, t: int):
+        self.base, self.layers, self.t = base, layers, t
+
+    def __enter__(self) -> None:
+        from duetto.trainers.packed_lora import set_slices
+
+        def mark(module, args, kwargs):
+            ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+            set_slices(self.layers, [(self.t, 0, ids.shape[0])])
+
+        self.hook = self.base.register_forward_pre_hook(mark, with_kwargs=True)
+        self.was_training = self.base.training
+        self.base.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.hook.remove()
+        self.base.train(self.was_training)
+
+
+def evaluate_loss(model: Any, dataset: Any, collate: Any, batch_size: int, device: torch.device) -> float:
+    """The HF Trainer's eval_loss: each batch's mean token loss, averaged with the batch's rows as weights."""
+    total, rows = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(dataset), batch_size):
+            batch = {k: v.to(device) for k, v in collate([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]).items()}
+            loss = model(**batch).loss
+            n = batch["input_ids"].shape[0]
+            total, rows = total + float(loss) * n, rows + n
+    return total / max(rows, 1)
+
+
+def save_adapter(layers: dict, t: int, cfg: TrialConfig, base_path: str, tokenizer: Any, metrics: dict) -> None:
+    """output_dir/model as PEFT saves an adapter (adapter_config.json, adapter_model.safetensors with
+    PEFT's key names), the tokenizer beside it, and metrics.json."""
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from duetto.trainers.packed_lora import peft_adapter_state
+
+    out = Path(cfg.output_dir) / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    q = cfg.qlora
+    LoraConfig(r=q.r, lora_alpha=q.alpha, lora_dropout=q.dropout, target_modules=list(q.target_modules),
+               task_type="CAUSAL_LM", base_model_name_or_path=base_path).save_pretrained(str(out))  # fmt: skip
+    state = {k: v.contiguous().cpu() for k, v in peft_adapter_state(layers, t).items()}
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(out))
+    metrics["model_dir"] = str(out.resolve())
+    (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))

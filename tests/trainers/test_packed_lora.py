@@ -4,6 +4,7 @@ exactly as it does alone under PEFT (same initial adapter, same batches, same op
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,10 +119,22 @@ def test_packed_trials_follow_their_solo_duetto_train_loss_curves(tmp_path, tiny
     variants = [["seed=1", "learning_rate=3e-3", "qlora.r=8", "qlora.alpha=16"],
                 ["seed=7", "learning_rate=1e-3", "qlora.r=4", "qlora.alpha=32", "weight_decay=0.1", "max_steps=4"]]  # fmt: skip
     cfgs = [load_config(TrialConfig, None, common + v + [f"output_dir={tmp_path / str(i)}"]) for i, v in enumerate(variants)]
-    solo = [[loss for _, loss in run_trial(c)["train_loss_curve"]] for c in cfgs]
-    packed = train_packed([load_config(TrialConfig, None, common + v + [f"output_dir={tmp_path / 'p'}"])
-                           for v in variants], torch.device("cpu"))  # fmt: skip
+    solo = [run_trial(c) for c in cfgs]
+    packed_cfgs = [load_config(TrialConfig, None, common + v + [f"output_dir={tmp_path / f'p{i}'}"])
+                   for i, v in enumerate(variants)]  # fmt: skip
+    packed = train_packed(packed_cfgs, torch.device("cpu"))
+    curves = [[loss for _, loss in m["train_loss_curve"]] for m in packed]
     for t in range(2):
-        assert packed[t] == pytest.approx(solo[t], rel=1e-4), t
-    assert len(packed[0]) == 6 and len(packed[1]) == 4  # the shorter trial left the pack after its 4 steps
-    assert packed[0][:4] != pytest.approx(packed[1], rel=1e-3)  # the two trials really differ
+        assert curves[t] == pytest.approx([loss for _, loss in solo[t]["train_loss_curve"]], rel=1e-4), t
+        assert packed[t]["eval_loss"] == pytest.approx(solo[t]["eval_loss"], rel=1e-4), t
+        assert (packed[t]["bleu4"], packed[t]["rougeL"]) == pytest.approx((solo[t]["bleu4"], solo[t]["rougeL"]), abs=1e-6)
+        # the saved adapters are PEFT's: same files, same tensors as the solo trial saved
+        from safetensors.torch import load_file
+
+        mine = load_file(str(tmp_path / f"p{t}" / "model" / "adapter_model.safetensors"))
+        theirs = load_file(str(Path(solo[t]["model_dir"]) / "adapter_model.safetensors"))
+        assert set(mine) == set(theirs)
+        for key in theirs:
+            assert torch.allclose(mine[key], theirs[key], atol=1e-5), (t, key)
+    assert len(curves[0]) == 6 and len(curves[1]) == 4  # the shorter trial left the pack after its 4 steps
+    assert curves[0][:4] != pytest.approx(curves[1], rel=1e-3)  # the two trials really differ
