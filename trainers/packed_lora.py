@@ -46,6 +46,20 @@ class PackedLoraLinear(nn.Module):
             nn.init.zeros_(b.weight)
         self.slices: list[tuple[int, int, int]] = []
         """(trial, first row, end row) of each block of the packed batch, in row order."""
+        self.in_features, self.out_features = in_features, out_features
+
+    def add_adapter(self, spec: LoraSpec) -> int:
+        """A new trial's adapter (PEFT's init: B = 0); returns its index."""
+        ref = next(p for p in self.parameters())
+        device = ref.device
+        a = nn.Linear(self.in_features, spec.r, bias=False, device=device)
+        b = nn.Linear(spec.r, self.out_features, bias=False, device=device)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        self.lora_A.append(a)
+        self.lora_B.append(b)
+        self.specs.append(spec)
+        return len(self.specs) - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -120,22 +134,35 @@ class TrialOptim:
 
 
 class PackedTrials:
-    """One optimizer, schedule and gradient clip per trial over its own adapter weights."""
+    """One optimizer, schedule and gradient clip per trial over its own adapter weights; trials may
+    be added (``add``) and removed (``remove``) between steps."""
 
-    def __init__(self, layers: dict[str, PackedLoraLinear], optims: Sequence[TrialOptim]):
+    def __init__(self, layers: dict[str, PackedLoraLinear], optims: Sequence[TrialOptim] = ()):
+        self.layers = layers
+        self.optims: dict[int, TrialOptim] = {}
+        self.params: dict[int, list[nn.Parameter]] = {}
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.schedulers: dict[int, Any] = {}
+        for t, o in enumerate(optims):
+            self.add(t, o)
+
+    def add(self, t: int, o: TrialOptim) -> None:
         from transformers import get_scheduler
 
-        self.layers = layers
-        self.optims = list(optims)
-        self.params = [[p for layer in layers.values() for p in layer.adapter_params(t)] for t in range(len(optims))]
-        self.optimizers = []
-        self.schedulers = []
-        for params, o in zip(self.params, self.optims):
-            # the HF Trainer's groups for LoRA weights: every one decays (none is a bias or a norm)
-            opt = torch.optim.AdamW([{"params": params, "weight_decay": o.weight_decay}], lr=o.learning_rate)
-            self.optimizers.append(opt)
-            self.schedulers.append(get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps,
-                                                 num_training_steps=o.total_steps))  # fmt: skip
+        params = [p for layer in self.layers.values() for p in layer.adapter_params(t)]
+        # the HF Trainer's groups for LoRA weights: every one decays (none is a bias or a norm)
+        opt = torch.optim.AdamW([{"params": params, "weight_decay": o.weight_decay}], lr=o.learning_rate)
+        self.optims[t], self.params[t], self.optimizers[t] = o, params, opt
+        self.schedulers[t] = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps,
+                                           num_training_steps=o.total_steps)  # fmt: skip
+
+    def remove(self, t: int) -> None:
+        """Trial t leaves: its optimizer state is dropped and its adapter stops taking gradients."""
+        for d in (self.optims, self.params, self.optimizers, self.schedulers):
+            d.pop(t, None)
+        for layer in self.layers.values():
+            for p in layer.adapter_params(t):
+                p.requires_grad_(False)
 
     def step(self, model: nn.Module, batches: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
         """One optimizer step of each trial in ``batches`` ({trial: its batch}, equal sequence lengths)

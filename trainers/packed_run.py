@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,73 +57,128 @@ def total_steps(cfg: TrialConfig, n_rows: int) -> int:
     return cfg.max_steps if cfg.max_steps > 0 else math.ceil(n_rows / cfg.batch_size) * int(math.ceil(cfg.epochs))
 
 
+@dataclass
+class PackedTrial:
+    cfg: TrialConfig
+    rows: Any
+    dataset: Any
+    order: Iterator[int]
+    total: int
+    step: int = 0
+    until: int = 0
+    """The trial runs while step < until (a Tune client moves it on report by report)."""
+    losses: list[float] = field(default_factory=list)
+
+
+class Pack:
+    """QLoRA trials sharing one base: ``join`` adds a trial (its LoRA init, data order, optimizer and
+    schedule as `duetto train` makes them), ``step`` runs one step of every trial allowed to run,
+    ``finish`` evaluates and saves one, ``leave`` drops one. Not thread-safe: one caller at a time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.trials: dict[int, PackedTrial] = {}
+        self.base: Any = None
+        self.layers: dict = {}
+        self.optim: PackedTrials | None = None
+        self.tokenizer: Any = None
+        self.model_path = ""
+
+    def join(self, cfg: TrialConfig, until: int | None = None) -> int:
+        from peft import get_peft_model_state_dict
+        from transformers import set_seed
+
+        from duetto.models import load_tokenizer, resolve_model
+        from duetto.trainers.methods import get_method
+        from duetto.trainers.trial import resolve_dtype
+        from duetto.trainers.trial_data import EncodedDataset, load_rows
+
+        if self.trials:
+            check_packable([next(iter(self.trials.values())).cfg, cfg])
+        else:
+            check_packable([cfg])
+        if self.base is None:
+            self.model_path = resolve_model(cfg.model)
+            self.tokenizer = load_tokenizer(self.model_path)
+        dtype, _ = resolve_dtype(cfg.precision, self.device.type == "cuda")
+        set_seed(cfg.seed)  # as the trial's _setup: the seed, then rows and the method's build (LoRA init)
+        rows = load_rows(cfg)
+        dataset = EncodedDataset(rows.train, self.tokenizer, cfg.template, cfg.max_seq_len)
+        built = get_method("qlora").build(cfg, self.model_path, dtype, self.device)
+        init = {k: v.detach().clone() for k, v in get_peft_model_state_dict(built.model).items()}
+        spec = LoraSpec(r=cfg.qlora.r, alpha=cfg.qlora.alpha, dropout=cfg.qlora.dropout)
+        if self.base is None:
+            self.base = built.model.unload()  # the prepared, quantized base without LoRA layers
+            self.layers = pack_lora(self.base, cfg.qlora.target_modules, [])
+            self.optim = PackedTrials(self.layers)
+        del built
+        (t,) = {layer.add_adapter(spec) for layer in self.layers.values()}  # the same index in every layer
+        load_peft_adapter(self.layers, t, init)
+        total = total_steps(cfg, len(dataset))
+        warmup = cfg.warmup_ratio if cfg.warmup_ratio >= 1 else math.ceil(total * cfg.warmup_ratio)
+        self.optim.add(t, TrialOptim(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=1.0,
+                                     warmup_steps=int(warmup), total_steps=total, scheduler=cfg.lr_scheduler))  # fmt: skip
+        self.trials[t] = PackedTrial(cfg, rows, dataset, hf_order(len(dataset), cfg.seed), total,
+                                     until=total if until is None else until)  # fmt: skip
+        return t
+
+    def runnable(self) -> list[int]:
+        return [t for t, tr in self.trials.items() if tr.step < min(tr.until, tr.total)]
+
+    def step(self) -> dict[int, float]:
+        """One step of every runnable trial together; {trial: its loss}."""
+        from duetto.trainers.trial_data import PaddingCollator
+
+        live = self.runnable()
+        if not live:
+            return {}
+        width = next(iter(self.trials.values())).cfg.max_seq_len  # one width: the trials' rows stack
+        collate = PaddingCollator(self.tokenizer.pad_token_id, width=width)
+        batches = {}
+        for t in live:
+            tr = self.trials[t]
+            idx = [next(tr.order) for _ in range(tr.cfg.batch_size)]
+            batches[t] = {k: v.to(self.device) for k, v in collate([tr.dataset[i] for i in idx]).items()}
+        self.base.train()
+        losses = self.optim.step(self.base, batches)
+        for t, loss in losses.items():
+            self.trials[t].step += 1
+            self.trials[t].losses.append(loss)
+        return losses
+
+    def finish(self, t: int) -> dict[str, Any]:
+        """Evaluate trial t with only its adapter, save it into its output_dir, and drop it."""
+        from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
+        from duetto.trainers.trial_reports import generation_metrics
+
+        tr, cfg = self.trials[t], self.trials[t].cfg
+        eval_ds = EncodedDataset(tr.rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
+        with only_trial(self.base, self.layers, t):
+            eval_loss = evaluate_loss(self.base, eval_ds, PaddingCollator(self.tokenizer.pad_token_id),
+                                      max(cfg.batch_size, 32 if self.device.type == "cuda" else 8), self.device)  # fmt: skip
+            gen, _ = generation_metrics(self.base, self.tokenizer, tr.rows.generation(cfg), cfg)
+        metrics = {"method": cfg.method, "eval_loss": eval_loss, "bleu4": gen["bleu4"], "rougeL": gen["rougeL"],
+                   "step": tr.step, "train_loss_curve": [[i + 1, x] for i, x in enumerate(tr.losses)],
+                   "train_loss": sum(tr.losses) / max(len(tr.losses), 1), "packed": True}  # fmt: skip
+        save_adapter(self.layers, t, cfg, self.model_path, self.tokenizer, metrics)
+        self.leave(t)
+        return metrics
+
+    def leave(self, t: int) -> None:
+        self.trials.pop(t, None)
+        if self.optim is not None:
+            self.optim.remove(t)
+
+
 def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[dict[str, Any]]:
     """Train every config for its own number of steps, then evaluate and save each one into its
     output_dir (model/: a PEFT adapter; metrics.json); returns each trial's metrics."""
-    from peft import get_peft_model_state_dict
-    from transformers import set_seed
-
-    from duetto.models import load_tokenizer, resolve_model
-    from duetto.trainers.methods import get_method
-    from duetto.trainers.trial import resolve_dtype
-    from duetto.trainers.trial_data import EncodedDataset, PaddingCollator, load_rows
-
     check_packable(cfgs)
-    first = cfgs[0]
-    model_path = resolve_model(first.model)
-    tokenizer = load_tokenizer(model_path)
-    dtype, _ = resolve_dtype(first.precision, device.type == "cuda")
-    inits: list[dict[str, torch.Tensor]] = []
-    datasets, row_sets = [], []
-    base: Any = None
-    for cfg in cfgs:
-        set_seed(cfg.seed)  # as the trial's _setup: the seed, then rows and the method's build (LoRA init)
-        rows = load_rows(cfg)
-        row_sets.append(rows)
-        datasets.append(EncodedDataset(rows.train, tokenizer, cfg.template, cfg.max_seq_len))
-        built = get_method("qlora").build(cfg, model_path, dtype, device)
-        inits.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(built.model).items()})
-        if base is None:
-            base = built.model.unload()  # the prepared, quantized base without LoRA layers
-        del built
-    specs = [LoraSpec(r=c.qlora.r, alpha=c.qlora.alpha, dropout=c.qlora.dropout) for c in cfgs]
-    layers = pack_lora(base, first.qlora.target_modules, specs)
-    for t, init in enumerate(inits):
-        load_peft_adapter(layers, t, init)
-    steps = [total_steps(c, len(ds)) for c, ds in zip(cfgs, datasets)]
-    optims = []
-    for cfg, n in zip(cfgs, steps):
-        warmup = cfg.warmup_ratio if cfg.warmup_ratio >= 1 else math.ceil(n * cfg.warmup_ratio)
-        optims.append(TrialOptim(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=1.0,
-                                 warmup_steps=int(warmup), total_steps=n, scheduler=cfg.lr_scheduler))  # fmt: skip
-    trials = PackedTrials(layers, optims)
-    orders = [hf_order(len(ds), c.seed) for c, ds in zip(cfgs, datasets)]
-    collate = PaddingCollator(tokenizer.pad_token_id, width=first.max_seq_len)  # one width: the trials' rows stack
-    losses: list[list[float]] = [[] for _ in cfgs]
-    base.train()
-    for step in range(max(steps)):
-        batches = {}
-        for t in range(len(cfgs)):
-            if step < steps[t]:  # a trial that has run its steps leaves the pack
-                idx = [next(orders[t]) for _ in range(cfgs[t].batch_size)]
-                batches[t] = {k: v.to(device) for k, v in collate([datasets[t][i] for i in idx]).items()}
-        for t, loss in trials.step(base, batches).items():
-            losses[t].append(loss)
-    results = []
-    for t, cfg in enumerate(cfgs):
-        eval_ds = EncodedDataset(row_sets[t].loss(cfg), tokenizer, cfg.template, cfg.max_seq_len)
-        with only_trial(base, layers, t):
-            eval_loss = evaluate_loss(base, eval_ds, PaddingCollator(tokenizer.pad_token_id),
-                                      max(cfg.batch_size, 32 if device.type == "cuda" else 8), device)  # fmt: skip
-            from duetto.trainers.trial_reports import generation_metrics
-
-            gen, predictions = generation_metrics(base, tokenizer, row_sets[t].generation(cfg), cfg)
-        metrics = {"method": cfg.method, "eval_loss": eval_loss, "bleu4": gen["bleu4"], "rougeL": gen["rougeL"],
-                   "step": steps[t], "train_loss_curve": [[i + 1, x] for i, x in enumerate(losses[t])],
-                   "train_loss": sum(losses[t]) / len(losses[t]), "packed_with": len(cfgs) - 1}  # fmt: skip
-        save_adapter(layers, t, cfg, model_path, tokenizer, metrics)
-        results.append(metrics)
-    return results
+    pack = Pack(device)
+    ids = [pack.join(cfg) for cfg in cfgs]
+    while pack.step():
+        pass
+    return [pack.finish(t) for t in ids]
 
 
 class only_trial:
