@@ -146,16 +146,23 @@ class Pack:
             self.trials[t].losses.append(loss)
         return losses
 
-    def finish(self, t: int) -> dict[str, Any]:
-        """Evaluate trial t with only its adapter, save it into its output_dir, and drop it."""
+    def eval_loss(self, t: int) -> float:
+        """Trial t's eval_loss now, as the HF Trainer's evaluate computes it, with only its adapter."""
         from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
-        from duetto.trainers.trial_reports import generation_metrics
 
         tr, cfg = self.trials[t], self.trials[t].cfg
         eval_ds = EncodedDataset(tr.rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
         with only_trial(self.base, self.layers, t):
-            eval_loss = evaluate_loss(self.base, eval_ds, PaddingCollator(self.tokenizer.pad_token_id),
-                                      max(cfg.batch_size, 32 if self.device.type == "cuda" else 8), self.device)  # fmt: skip
+            return evaluate_loss(self.base, eval_ds, PaddingCollator(self.tokenizer.pad_token_id),
+                                 max(cfg.batch_size, 32 if self.device.type == "cuda" else 8), self.device)  # fmt: skip
+
+    def finish(self, t: int) -> dict[str, Any]:
+        """Evaluate trial t with only its adapter, save it into its output_dir, and drop it."""
+        from duetto.trainers.trial_reports import generation_metrics
+
+        tr, cfg = self.trials[t], self.trials[t].cfg
+        eval_loss = self.eval_loss(t)
+        with only_trial(self.base, self.layers, t):
             gen, _ = generation_metrics(self.base, self.tokenizer, tr.rows.generation(cfg), cfg)
         metrics = {"method": cfg.method, "eval_loss": eval_loss, "bleu4": gen["bleu4"], "rougeL": gen["rougeL"],
                    "step": tr.step, "train_loss_curve": [[i + 1, x] for i, x in enumerate(tr.losses)],

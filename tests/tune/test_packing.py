@@ -1,0 +1,59 @@
+"""Packed QLoRA trials under a real Ray Tune run (tune/packing.py): each configuration is its own
+Tune trial with its own reports, trains in one pack with the others, and ends as it would alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def _base(tiny_gemma_dir, unified_data, tmp_path) -> dict:
+    from duetto.config import load_config, to_dict
+    from duetto.trainers.config import TrialConfig
+
+    train, test = unified_data
+    cfg = load_config(TrialConfig, None, [
+        f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+        "batch_size=4", "max_steps=6", "logging_steps=1", "report_every_steps=2", "interim_eval_examples=0",
+        "eval.num_examples=2", "eval.max_new_tokens=4", "eval.loss_examples=8", "qlora.dropout=0.0",
+        f"output_dir={tmp_path / 'base'}"])  # fmt: skip
+    return to_dict(cfg)
+
+
+def test_packed_tune_trials_report_and_end_as_they_would_alone(tmp_path, tiny_gemma_dir, unified_data):
+    import ray
+    from ray import tune
+
+    from duetto.ray_connect import init_local
+    from duetto.tune.packing import ACTOR_NAME, PackActor, leave_pack_callback, packed_trial
+    from duetto.tune.spec import trial_config
+    from duetto.trainers.packed_run import train_packed
+
+    base = _base(tiny_gemma_dir, unified_data, tmp_path)
+    grid = [{"method": "qlora", "seed": 1, "learning_rate": 3e-3, "qlora.r": 8},
+            {"method": "qlora", "seed": 7, "learning_rate": 1e-3, "qlora.r": 4}]  # fmt: skip
+    want = train_packed([trial_config(base, g, output_dir=str(tmp_path / f"ref{i}")) for i, g in enumerate(grid)],
+                        torch.device("cpu"))  # fmt: skip
+    ray.shutdown()
+    init_local(num_cpus=4, include_dashboard=False)
+    try:
+        actor = PackActor.options(name=ACTOR_NAME, num_cpus=1).remote("cpu")
+        fn = tune.with_resources(tune.with_parameters(packed_trial, base=base, sweep_dir=str(tmp_path / "sweep")),
+                                 {"cpu": 0.5})  # fmt: skip
+        results = tune.Tuner(
+            fn, param_space={"trial": tune.grid_search(grid)},
+            tune_config=tune.TuneConfig(metric="eval_loss", mode="min"),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), callbacks=[leave_pack_callback()]),
+        ).fit()  # fmt: skip
+        assert not results.errors
+        got = {r.config["trial"]["seed"]: r for r in results}
+        for g, w in zip(grid, want):
+            r = got[g["seed"]]
+            assert r.metrics["eval_loss"] == pytest.approx(w["eval_loss"], rel=1e-4)
+            steps = [row["step"] for _, row in r.metrics_dataframe.iterrows()]
+            assert steps == [2, 4, 6]  # interim reports at 2 and 4, the final one at 6
+        assert ray.get(actor.attached.remote()) == []
+    finally:
+        ray.shutdown()

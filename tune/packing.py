@@ -1,0 +1,129 @@
+"""Packed QLoRA sweeps: one packing actor per GPU trains the QLoRA trials attached to it together
+(trainers/packed_run.py ``Pack``), while each configuration stays its own Ray Tune trial.
+
+A Tune trial is a thin client (``packed_trial``): it joins the actor with its config, then moves its
+trial on one report interval at a time (``advance``) and hands each report to Tune, so ASHA sees the
+same reports and makes the same decisions as for a trial trained alone. Between two ``advance`` calls
+the trial waits in the pack without stepping: a trial ASHA stops never trains past its last report.
+Its slot is freed when Tune says the trial ended (``LeavePack``, a Tune callback) or when it finishes.
+
+Work in progress: no checkpoints (a packed trial cannot resume yet) and no pack-size choice.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import ray
+
+ACTOR_NAME = "duetto-pack"
+
+
+@ray.remote(max_concurrency=256)
+class PackActor:
+    """Owns the shared base and every attached trial; one thread steps the pack, client calls wait."""
+
+    def __init__(self, device: str = "auto"):
+        import torch
+
+        from duetto.trainers.packed_run import Pack
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pack = Pack(torch.device(device))
+        self.keys: dict[str, int] = {}
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None
+        threading.Thread(target=self._loop, daemon=True, name="pack-steps").start()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pack.runnable():
+                    self.cond.wait()
+                try:
+                    self.pack.step()
+                except BaseException as e:  # every waiting client gets it
+                    self.error = e
+                self.cond.notify_all()
+
+    def join(self, key: str, cfg: dict[str, Any]) -> int:
+        from duetto.config import from_dict
+        from duetto.trainers.config import TrialConfig
+
+        with self.cond:
+            t = self.pack.join(from_dict(TrialConfig, cfg), until=0)
+            self.keys[key] = t
+            return self.pack.trials[t].total
+
+    def advance(self, key: str, until: int) -> dict[str, Any]:
+        """Let the trial run to step ``until``; returns its report there (step, mean loss since the last)."""
+        with self.cond:
+            tr = self.pack.trials[self.keys[key]]
+            start = tr.step
+            tr.until = until
+            self.cond.notify_all()
+            while tr.step < min(until, tr.total) and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+            recent = tr.losses[start:]
+            report = {"step": tr.step, "loss": sum(recent) / max(len(recent), 1)}
+            if tr.step < tr.total:  # an interim report carries eval_loss, as a trial alone reports it
+                report["eval_loss"] = self.pack.eval_loss(self.keys[key])
+            return report
+
+    def finish(self, key: str) -> dict[str, Any]:
+        with self.cond:
+            return self.pack.finish(self.keys.pop(key))
+
+    def leave(self, key: str) -> None:
+        with self.cond:
+            t = self.keys.pop(key, None)
+            if t is not None:
+                self.pack.leave(t)
+
+    def attached(self) -> list[str]:
+        with self.cond:
+            return sorted(self.keys)
+
+
+def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, actor_name: str = ACTOR_NAME) -> None:
+    """The Tune trial of a packed QLoRA configuration: join, report interval by interval, finish."""
+    from pathlib import Path
+
+    from ray import tune
+
+    from duetto.config import to_dict
+    from duetto.tune.spec import trial_config
+
+    actor = ray.get_actor(actor_name)
+    key = tune.get_context().get_trial_id()
+    cfg = trial_config(base, config["trial"], output_dir=str(Path(sweep_dir, tune.get_context().get_trial_name())))
+    total = ray.get(actor.join.remote(key, to_dict(cfg)))
+    every = cfg.report_every_steps if cfg.report_every_steps > 0 else total
+    for until in range(every, total, every):
+        tune.report(ray.get(actor.advance.remote(key, until)))
+    ray.get(actor.advance.remote(key, total))
+    tune.report({**ray.get(actor.finish.remote(key)), "done": True})
+
+
+def leave_pack_callback(actor_name: str = ACTOR_NAME):
+    """A Tune callback that frees a trial's slot in the pack when Tune ends it (ASHA stop, error)."""
+    from ray.tune import Callback
+
+    class LeavePack(Callback):
+        def _leave(self, trial) -> None:
+            try:
+                ray.get_actor(actor_name).leave.remote(trial.trial_id)
+            except ValueError:  # no pack actor (any more)
+                pass
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._leave(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._leave(trial)
+
+    return LeavePack()
