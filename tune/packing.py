@@ -64,10 +64,12 @@ class PackActor:
             start = tr.step
             tr.until = until
             self.cond.notify_all()
-            while tr.step < min(until, tr.total) and self.error is None:
+            while tr.step < min(until, tr.total) and self.error is None and key in self.keys:
                 self.cond.wait()
             if self.error is not None:
                 raise self.error
+            if key not in self.keys:  # left meanwhile (Tune ended the trial): nobody reads this
+                return {"step": tr.step, "left": True}
             recent = tr.losses[start:]
             report = {"step": tr.step, "loss": sum(recent) / max(len(recent), 1)}
             if tr.step < tr.total:  # an interim report carries eval_loss, as a trial alone reports it
@@ -83,6 +85,7 @@ class PackActor:
             t = self.keys.pop(key, None)
             if t is not None:
                 self.pack.leave(t)
+            self.cond.notify_all()
 
     def attached(self) -> list[str]:
         with self.cond:

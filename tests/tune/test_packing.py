@@ -57,3 +57,40 @@ def test_packed_tune_trials_report_and_end_as_they_would_alone(tmp_path, tiny_ge
         assert ray.get(actor.attached.remote()) == []
     finally:
         ray.shutdown()
+
+
+def test_a_trial_tune_stops_leaves_the_pack_and_the_others_run_on(tmp_path, tiny_gemma_dir, unified_data):
+    import ray
+    from ray import tune
+
+    from duetto.ray_connect import init_local
+    from duetto.tune.packing import ACTOR_NAME, PackActor, leave_pack_callback, packed_trial
+    from duetto.tune.spec import trial_config
+    from duetto.trainers.packed_run import train_packed
+
+    base = _base(tiny_gemma_dir, unified_data, tmp_path)
+    grid = [{"method": "qlora", "seed": 1, "learning_rate": 3e-3}, {"method": "qlora", "seed": 7, "learning_rate": 1e-3}]
+    (want,) = train_packed([trial_config(base, grid[0], output_dir=str(tmp_path / "ref"))], torch.device("cpu"))
+
+    def stop(trial_id, result):  # as ASHA would: seed 7 is cut at its first report
+        return result["config"]["trial"]["seed"] == 7 and result["step"] >= 2
+
+    ray.shutdown()
+    init_local(num_cpus=4, include_dashboard=False)
+    try:
+        actor = PackActor.options(name=ACTOR_NAME, num_cpus=1).remote("cpu")
+        fn = tune.with_resources(tune.with_parameters(packed_trial, base=base, sweep_dir=str(tmp_path / "sweep")),
+                                 {"cpu": 0.5})  # fmt: skip
+        results = tune.Tuner(
+            fn, param_space={"trial": tune.grid_search(grid)},
+            tune_config=tune.TuneConfig(metric="eval_loss", mode="min"),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), stop=stop, callbacks=[leave_pack_callback()]),
+        ).fit()  # fmt: skip
+        assert not results.errors
+        got = {r.config["trial"]["seed"]: r for r in results}
+        assert got[7].metrics["step"] == 2 and "bleu4" not in got[7].metrics  # stopped at its first report
+        assert got[1].metrics["step"] == 6
+        assert got[1].metrics["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4)  # as if alone
+        assert ray.get(actor.attached.remote()) == []
+    finally:
+        ray.shutdown()
