@@ -14,6 +14,7 @@ Work in progress: not yet wired into `duetto sweep` (no Ray Tune reporting, chec
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,16 @@ from duetto.trainers.packed_lora import LoraSpec, PackedTrials, TrialOptim, load
 #: Settings every trial of a pack must share: they shape the shared base and the packed batch.
 SHARED = ("method", "model", "template", "max_seq_len", "batch_size", "precision", "gradient_checkpointing",
           "qlora.bits", "qlora.target_modules", "qlora.upcast_fp32", "gradient_accumulation_steps")  # fmt: skip
+
+
+def group_key(cfg: TrialConfig) -> str:
+    """Trials with the same key can share a pack (the SHARED settings, hashed)."""
+    import hashlib
+
+    from duetto.config import flatten, to_dict
+
+    flat = flatten(to_dict(cfg))
+    return hashlib.sha1(repr([str(flat.get(k)) for k in SHARED]).encode()).hexdigest()[:10]
 
 
 def check_packable(cfgs: Sequence[TrialConfig]) -> None:
@@ -68,6 +79,11 @@ class PackedTrial:
     until: int = 0
     """The trial runs while step < until (a Tune client moves it on report by report)."""
     losses: list[float] = field(default_factory=list)
+    trained_tokens: int = 0
+    step_seconds: float = 0.0
+    """Wall time of the pack steps this trial took part in (shared with the trials beside it)."""
+    joined_at: float = 0.0
+    trainable_params: int = 0
 
 
 class Pack:
@@ -118,8 +134,10 @@ class Pack:
         warmup = cfg.warmup_ratio if cfg.warmup_ratio >= 1 else math.ceil(total * cfg.warmup_ratio)
         self.optim.add(t, TrialOptim(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=1.0,
                                      warmup_steps=int(warmup), total_steps=total, scheduler=cfg.lr_scheduler))  # fmt: skip
+        trainable = sum(p.numel() for layer in self.layers.values() for p in layer.adapter_params(t))
         self.trials[t] = PackedTrial(cfg, rows, dataset, hf_order(len(dataset), cfg.seed), total,
-                                     until=total if until is None else until)  # fmt: skip
+                                     until=total if until is None else until, joined_at=time.perf_counter(),
+                                     trainable_params=trainable)  # fmt: skip
         return t
 
     def runnable(self) -> list[int]:
@@ -140,10 +158,15 @@ class Pack:
             idx = [next(tr.order) for _ in range(tr.cfg.batch_size)]
             batches[t] = {k: v.to(self.device) for k, v in collate([tr.dataset[i] for i in idx]).items()}
         self.base.train()
-        losses = self.optim.step(self.base, batches)
+        t0 = time.perf_counter()
+        losses = self.optim.step(self.base, batches)  # its .item()s wait for the GPU: the step is done
+        seconds = time.perf_counter() - t0
         for t, loss in losses.items():
-            self.trials[t].step += 1
-            self.trials[t].losses.append(loss)
+            tr = self.trials[t]
+            tr.step += 1
+            tr.losses.append(loss)
+            tr.step_seconds += seconds
+            tr.trained_tokens += int(batches[t]["attention_mask"].sum())
         return losses
 
     def eval_loss(self, t: int) -> float:
@@ -160,14 +183,35 @@ class Pack:
         """Evaluate trial t with only its adapter, save it into its output_dir, and drop it."""
         from duetto.trainers.trial_reports import generation_metrics
 
+        from duetto.trainers.trial_reports import peak_memory_bytes
+
         tr, cfg = self.trials[t], self.trials[t].cfg
+        train_peak = peak_memory_bytes(self.device)
         eval_loss = self.eval_loss(t)
+        gen_rows = tr.rows.generation(cfg)
         with only_trial(self.base, self.layers, t):
-            gen, _ = generation_metrics(self.base, self.tokenizer, tr.rows.generation(cfg), cfg)
-        metrics = {"method": cfg.method, "eval_loss": eval_loss, "bleu4": gen["bleu4"], "rougeL": gen["rougeL"],
-                   "step": tr.step, "train_loss_curve": [[i + 1, x] for i, x in enumerate(tr.losses)],
-                   "train_loss": sum(tr.losses) / max(len(tr.losses), 1), "packed": True}  # fmt: skip
-        save_adapter(self.layers, t, cfg, self.model_path, self.tokenizer, metrics)
+            gen, predictions = generation_metrics(self.base, self.tokenizer, gen_rows, cfg)
+        every = max(cfg.logging_steps, 1)
+        # as the HF Trainer logs it: the mean loss of each full window of logging_steps
+        curve = [[s + every, sum(tr.losses[s : s + every]) / every] for s in range(0, len(tr.losses) - every + 1, every)]
+        metrics = {
+            "method": cfg.method, "train_loss": sum(tr.losses) / max(len(tr.losses), 1), "eval_loss": eval_loss,
+            "bleu4": gen["bleu4"], "rougeL": gen["rougeL"], "peak_memory_bytes": train_peak,
+            "eval_peak_memory_bytes": peak_memory_bytes(self.device),
+            "tokens_per_second": tr.trained_tokens / tr.step_seconds if tr.step_seconds > 0 else 0.0,
+            "trained_tokens": tr.trained_tokens, "train_seconds": tr.step_seconds,
+            "train_wall_seconds": tr.step_seconds, "wall_seconds": time.perf_counter() - tr.joined_at,
+            "trainable_params": tr.trainable_params,
+            "total_params": sum(p.numel() for n, p in self.base.named_parameters() if ".lora_" not in n) + tr.trainable_params,
+            "num_train_examples": len(tr.dataset), "num_eval_examples": len(gen_rows), "eval_split": tr.rows.split,
+            "truncated_train_examples": tr.dataset.truncated, "step": tr.step, "train_loss_curve": curve,
+            "fast_path": f"packed: {len(self.trials)} trials on one base when it left", "resumed_from_step": 0,
+            "world_size": 1, "device": str(self.device), "done": True,
+        }  # fmt: skip
+        model_dir = save_adapter(self.layers, t, cfg, self.model_path, self.tokenizer)
+        from duetto.trainers.trial import write_outputs
+
+        write_outputs(cfg, self.model_path, model_dir, gen_rows, predictions, metrics)
         self.leave(t)
         return metrics
 
@@ -223,10 +267,9 @@ def evaluate_loss(model: Any, dataset: Any, collate: Any, batch_size: int, devic
     return total / max(rows, 1)
 
 
-def save_adapter(layers: dict, t: int, cfg: TrialConfig, base_path: str, tokenizer: Any, metrics: dict) -> None:
+def save_adapter(layers: dict, t: int, cfg: TrialConfig, base_path: str, tokenizer: Any) -> Any:
     """output_dir/model as PEFT saves an adapter (adapter_config.json, adapter_model.safetensors with
-    PEFT's key names), the tokenizer beside it, and metrics.json."""
-    import json
+    PEFT's key names) with the tokenizer beside it; returns that folder."""
     from pathlib import Path
 
     from peft import LoraConfig
@@ -242,5 +285,4 @@ def save_adapter(layers: dict, t: int, cfg: TrialConfig, base_path: str, tokeniz
     state = {k: v.contiguous().cpu() for k, v in peft_adapter_state(layers, t).items()}
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out))
-    metrics["model_dir"] = str(out.resolve())
-    (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return out

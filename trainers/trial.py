@@ -315,20 +315,29 @@ def _save_and_report(cfg: TrialConfig, trainer, run: TrialSetup, metrics: dict[s
             else:
                 trainer.save_model(str(model_dir))  # PEFT saves only the adapter, GaLore the full model
                 run.tokenizer.save_pretrained(str(model_dir))
-            resolved = to_dict(cfg)
-            resolved["model"] = run.model_path
-            dump_yaml(resolved, out / "config.yaml")
-            with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-                for row, pred in zip(run.gen_rows, predictions):
-                    f.write(json.dumps({"instruction": row["instruction"], "input": row.get("input", ""),
-                                        "reference": row["response"], "prediction": pred}, ensure_ascii=False) + "\n")
-            metrics["model_dir"] = str(model_dir.resolve()) if model_dir.exists() else str(model_dir)
-            text = json.dumps(metrics, indent=2, allow_nan=True)
-            (out / "metrics.json").write_text(text)
+            text = write_outputs(cfg, run.model_path, model_dir, run.gen_rows, predictions, metrics)
             Path(tmp, "metrics.json").write_text(text)
             shutil.rmtree(out / "hf_checkpoints", ignore_errors=True)  # Ray holds its own copy
             final_ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=final_ckpt)
+
+
+def write_outputs(cfg: TrialConfig, model_path: str, model_dir: Path, gen_rows: list[dict], predictions: list[str],
+                  metrics: dict[str, Any]) -> str:  # fmt: skip
+    """config.yaml (resolved), predictions.jsonl and metrics.json (with model_dir) into output_dir;
+    returns the metrics.json text."""
+    out = Path(cfg.output_dir)
+    resolved = to_dict(cfg)
+    resolved["model"] = model_path
+    dump_yaml(resolved, out / "config.yaml")
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for row, pred in zip(gen_rows, predictions):
+            f.write(json.dumps({"instruction": row["instruction"], "input": row.get("input", ""),
+                                "reference": row["response"], "prediction": pred}, ensure_ascii=False) + "\n")
+    metrics["model_dir"] = str(model_dir.resolve()) if model_dir.exists() else str(model_dir)
+    text = json.dumps(metrics, indent=2, allow_nan=True)
+    (out / "metrics.json").write_text(text)
+    return text
 
 
 # --- driver side ---

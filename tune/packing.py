@@ -92,18 +92,35 @@ class PackActor:
             return sorted(self.keys)
 
 
-def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, actor_name: str = ACTOR_NAME) -> None:
-    """The Tune trial of a packed QLoRA configuration: join, report interval by interval, finish."""
+def pack_actor_name(sweep_dir: str, group: str) -> str:
+    import hashlib
+
+    return f"{ACTOR_NAME}-{hashlib.sha1(str(sweep_dir).encode()).hexdigest()[:8]}-{group}"
+
+
+def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, actor_name: str = "",
+                 gpus: float = 0.0, cpus: float = 1.0) -> None:  # fmt: skip
+    """The Tune trial of a packed QLoRA configuration: join, report interval by interval, finish.
+    Without ``actor_name`` it joins (or starts, with ``gpus``/``cpus``) the pack of its sweep for
+    trials of its shared settings (trainers/packed_run.py group_key)."""
     from pathlib import Path
 
     from ray import tune
 
     from duetto.config import to_dict
+    from duetto.trainers.packed_run import group_key
     from duetto.tune.spec import trial_config
 
-    actor = ray.get_actor(actor_name)
     key = tune.get_context().get_trial_id()
     cfg = trial_config(base, config["trial"], output_dir=str(Path(sweep_dir, tune.get_context().get_trial_name())))
+    if actor_name:
+        actor = ray.get_actor(actor_name)
+    else:
+        name = pack_actor_name(sweep_dir, group_key(cfg))
+        # detached, outside this trial's placement group: the pack outlives the trial that started it
+        # (the sweep ends it, stop_packs), and takes its own GPU share, not this trial's
+        actor = PackActor.options(name=name, get_if_exists=True, num_gpus=gpus, num_cpus=cpus, lifetime="detached",
+                                  scheduling_strategy="DEFAULT").remote("auto")  # fmt: skip
     total = ray.get(actor.join.remote(key, to_dict(cfg)))
     every = cfg.report_every_steps if cfg.report_every_steps > 0 else total
     for until in range(every, total, every):
@@ -112,16 +129,33 @@ def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, a
     tune.report({**ray.get(actor.finish.remote(key)), "done": True})
 
 
-def leave_pack_callback(actor_name: str = ACTOR_NAME):
-    """A Tune callback that frees a trial's slot in the pack when Tune ends it (ASHA stop, error)."""
+def pack_actors(prefix: str = ACTOR_NAME) -> list[str]:
+    from ray.util import list_named_actors
+
+    return [n for n in list_named_actors() if n.startswith(prefix)]
+
+
+def stop_packs(sweep_dir: str) -> None:
+    """End the pack actors of a sweep (their trials have all finished or left)."""
+    for name in pack_actors(pack_actor_name(sweep_dir, "")):
+        try:
+            ray.kill(ray.get_actor(name))
+        except ValueError:
+            pass
+
+
+def leave_pack_callback(actor_name: str = ""):
+    """A Tune callback that frees a trial's slot in its pack when Tune ends it (ASHA stop, error):
+    ``actor_name``'s, or every pack actor's (a trial is in one at most; leave is a no-op elsewhere)."""
     from ray.tune import Callback
 
     class LeavePack(Callback):
         def _leave(self, trial) -> None:
-            try:
-                ray.get_actor(actor_name).leave.remote(trial.trial_id)
-            except ValueError:  # no pack actor (any more)
-                pass
+            for name in [actor_name] if actor_name else pack_actors():
+                try:
+                    ray.get_actor(name).leave.remote(trial.trial_id)
+                except ValueError:  # no pack actor (any more)
+                    pass
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._leave(trial)

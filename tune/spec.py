@@ -80,6 +80,10 @@ class SweepConfig:
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     failures: FailureOptions = field(default_factory=FailureOptions)
+    packing: Literal["off", "qlora"] = "off"
+    """qlora = the QLoRA trials that share a base (model, bits, sequence length, batch size, targets) train
+    together in one forward/backward on one trial's GPU share (tune/packing.py), each still its own Tune
+    trial with its own reports and ASHA decisions; packed trials do not resume from checkpoints yet."""
     max_concurrent_trials: int = 0
     """Trials running at once; 0 = as many as the cluster's GPUs (or CPUs) fit."""
     storage_path: str = ""

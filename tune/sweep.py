@@ -35,7 +35,7 @@ TRAIN_RUN_NAME = "train"
 # ----- the Tune trial (runs in a Tune actor) -----------------------------------------------------
 
 
-def sweep_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) -> None:
+def sweep_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, pack: dict[str, Any] | None = None) -> None:
     """One Tune trial = one TorchTrainer run of ``base`` + the sampled ``config["trial"]``.
 
     The trial writes into ``<sweep_dir>/<trial name>``, not ``tune.get_context().get_trial_dir()``:
@@ -47,6 +47,10 @@ def sweep_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str) ->
 
     from duetto.trainers.trial import build_torch_trainer
 
+    if pack and config["trial"]["method"] == "qlora":  # packing: qlora (``pack`` holds its actor's resources)
+        from duetto.tune.packing import packed_trial
+
+        return packed_trial(config, base, sweep_dir, **pack)
     trial_dir = str(Path(sweep_dir, tune.get_context().get_trial_name()))
     cfg = trial_config(base, config["trial"], output_dir=trial_dir)
     trainer = build_torch_trainer(cfg, storage_path=trial_dir, name=TRAIN_RUN_NAME, callbacks=[TuneReportCallback()])
@@ -59,10 +63,13 @@ def trial_name(trial) -> str:
     return f"{method}_{trial.trial_id}"
 
 
-def _trainable(sweep: SweepConfig, base: dict[str, Any], sweep_dir: Path):
+def _trainable(sweep: SweepConfig, base: dict[str, Any], sweep_dir: Path, cluster: dict[str, float] | None = None):
     from ray import tune
 
-    fn = tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_dir))
+    pack = None
+    if sweep.packing == "qlora":  # a pack takes what one trial would take
+        pack = {"gpus": gpus_per_trial(sweep, cluster or {}), "cpus": sweep.resources.cpus_per_trial}
+    fn = tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_dir), pack=pack)
     return tune.with_resources(fn, {"cpu": sweep.resources.driver_cpus})
 
 
@@ -90,14 +97,19 @@ def _check_inputs(base: dict[str, Any]) -> None:
         raise ConfigError(f"base.{e}") from None
 
 
-def _tuner(sweep: SweepConfig, base: dict[str, Any], max_concurrent: int):
+def _tuner(sweep: SweepConfig, base: dict[str, Any], max_concurrent: int, cluster: dict[str, float]):
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from duetto.tune.scheduler import build_scheduler
 
+    callbacks = []
+    if sweep.packing != "off":
+        from duetto.tune.packing import leave_pack_callback
+
+        callbacks.append(leave_pack_callback())
     return tune.Tuner(
-        _trainable(sweep, base, sweep.sweep_dir()),
+        _trainable(sweep, base, sweep.sweep_dir(), cluster),
         param_space=param_space(sweep),
         tune_config=tune.TuneConfig(
             metric=sweep.metric,
@@ -114,6 +126,7 @@ def _tuner(sweep: SweepConfig, base: dict[str, Any], max_concurrent: int):
             storage_path=str(sweep.sweep_dir().parent),
             failure_config=tune.FailureConfig(max_failures=sweep.failures.trial_retries, fail_fast=sweep.failures.fail_fast),
             verbose=sweep.verbose,
+            callbacks=callbacks,
         ),
     )
 
@@ -152,7 +165,13 @@ def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int
         f"{concurrent} at a time, {sweep.scheduler.type} on {sweep.metric} ({sweep.resolved_mode}) -> {sweep_dir}",
         flush=True,
     )
-    _tuner(sweep, base, concurrent).fit()
+    try:
+        _tuner(sweep, base, concurrent, cluster).fit()
+    finally:
+        if sweep.packing != "off":
+            from duetto.tune.packing import stop_packs
+
+            stop_packs(str(sweep_dir))
     return sweep_dir
 
 
@@ -183,7 +202,7 @@ def resume_sweep(
     print(f"duetto sweep: resuming {sweep_dir}", flush=True)
     tuner = tune.Tuner.restore(
         str(sweep_dir),
-        trainable=_trainable(sweep, base, sweep_dir),
+        trainable=_trainable(sweep, base, sweep_dir, cluster),
         resume_unfinished=True,
         resume_errored=retry_errored,
     )

@@ -3,6 +3,9 @@ Tune trial with its own reports, trains in one pack with the others, and ends as
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,12 +43,12 @@ def test_packed_tune_trials_report_and_end_as_they_would_alone(tmp_path, tiny_ge
     init_local(num_cpus=4, include_dashboard=False)
     try:
         actor = PackActor.options(name=ACTOR_NAME, num_cpus=1).remote("cpu")
-        fn = tune.with_resources(tune.with_parameters(packed_trial, base=base, sweep_dir=str(tmp_path / "sweep")),
+        fn = tune.with_resources(tune.with_parameters(packed_trial, base=base, sweep_dir=str(tmp_path / "sweep"), actor_name=ACTOR_NAME),
                                  {"cpu": 0.5})  # fmt: skip
         results = tune.Tuner(
             fn, param_space={"trial": tune.grid_search(grid)},
             tune_config=tune.TuneConfig(metric="eval_loss", mode="min"),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), callbacks=[leave_pack_callback()]),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), callbacks=[leave_pack_callback(ACTOR_NAME)]),
         ).fit()  # fmt: skip
         assert not results.errors
         got = {r.config["trial"]["seed"]: r for r in results}
@@ -79,12 +82,12 @@ def test_a_trial_tune_stops_leaves_the_pack_and_the_others_run_on(tmp_path, tiny
     init_local(num_cpus=4, include_dashboard=False)
     try:
         actor = PackActor.options(name=ACTOR_NAME, num_cpus=1).remote("cpu")
-        fn = tune.with_resources(tune.with_parameters(packed_trial, base=base, sweep_dir=str(tmp_path / "sweep")),
+        fn = tune.with_resources(tune.with_parameters(packed_trial, base=base, sweep_dir=str(tmp_path / "sweep"), actor_name=ACTOR_NAME),
                                  {"cpu": 0.5})  # fmt: skip
         results = tune.Tuner(
             fn, param_space={"trial": tune.grid_search(grid)},
             tune_config=tune.TuneConfig(metric="eval_loss", mode="min"),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), stop=stop, callbacks=[leave_pack_callback()]),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), stop=stop, callbacks=[leave_pack_callback(ACTOR_NAME)]),
         ).fit()  # fmt: skip
         assert not results.errors
         got = {r.config["trial"]["seed"]: r for r in results}
@@ -94,3 +97,48 @@ def test_a_trial_tune_stops_leaves_the_pack_and_the_others_run_on(tmp_path, tiny
         assert ray.get(actor.attached.remote()) == []
     finally:
         ray.shutdown()
+
+
+def test_duetto_sweep_packs_qlora_trials(tmp_path, tiny_gemma_dir, unified_data):
+    """`duetto sweep` with packing: qlora: every QLoRA trial is a Tune trial with a result row, ASHA
+    cuts the learners that barely move, the finished ones leave model/ and metrics.json as alone."""
+    import csv
+
+    import ray
+    import yaml
+
+    from duetto.config import load_config
+    from duetto.tune.packing import pack_actors
+    from duetto.tune.spec import SweepConfig
+    from duetto.tune.sweep import start_sweep
+
+    sweep = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "sweep_tiny.yaml").read_text())
+    sweep["base"]["model"] = str(tiny_gemma_dir)
+    sweep["base"]["data"].update(train=unified_data[0], test=unified_data[1], val_size=8)
+    sweep["storage_path"] = str(tmp_path / "sweeps")
+    sweep["methods"] = {"qlora": {"learning_rate": {"grid": [3e-2, 1e-8, 1e-8]}, "r": {"choice": [4, 8]}}}
+    sweep["num_samples"] = 1
+    sweep["packing"] = "qlora"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    ray.shutdown()
+    try:
+        sweep_dir = start_sweep(load_config(SweepConfig, path), num_cpus=4)
+        assert pack_actors() == []  # the sweep ended its pack
+        from duetto.tune.results import write_report
+
+        write_report(sweep_dir)  # as `duetto sweep` does when the run ends
+    finally:
+        ray.shutdown()
+    with open(sweep_dir / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(r["method"] == "qlora" for r in rows)
+    assert {r["status"] for r in rows} <= {"completed", "stopped early"}
+    done = [r for r in rows if r["status"] == "completed"]
+    assert done
+    for r in done:
+        metrics = json.loads((Path(r["trial_dir"]) / "metrics.json").read_text())
+        assert metrics["fast_path"].startswith("packed") and metrics["step"] == 12
+        assert (Path(metrics["model_dir"]) / "adapter_config.json").is_file()
+        assert float(r["eval_loss"]) == pytest.approx(metrics["eval_loss"])
+    assert json.loads((sweep_dir / "best.json").read_text())["qlora"]["model_dir"]
