@@ -8,7 +8,8 @@ quantized base, which every step runs once over all trials' rows (trainers/packe
 After training, each trial is evaluated (eval loss, BLEU/ROUGE of greedy answers) through the packed
 model with only its own adapter active, and saved as a PEFT adapter folder.
 
-Work in progress: not yet wired into `duetto sweep` (no Ray Tune reporting, checkpoints or ASHA).
+`duetto sweep` runs a Pack inside a packing actor (tune/packing.py); ``train_packed`` runs one in
+this process.
 """
 
 from __future__ import annotations

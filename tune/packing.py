@@ -7,7 +7,9 @@ same reports and makes the same decisions as for a trial trained alone. Between 
 the trial waits in the pack without stepping: a trial ASHA stops never trains past its last report.
 Its slot is freed when Tune says the trial ended (``LeavePack``, a Tune callback) or when it finishes.
 
-Work in progress: no checkpoints (a packed trial cannot resume yet) and no pack-size choice.
+Limits: a packed trial keeps no checkpoints, so a sweep resumed after its driver died runs its
+unfinished packed trials again from step 0; a pack holds every QLoRA trial of its shared settings that
+Tune runs at once (``max_concurrent_trials`` bounds it; nothing sizes it from GPU memory yet).
 """
 
 from __future__ import annotations
