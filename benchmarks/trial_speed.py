@@ -6,7 +6,7 @@ settings (batch 2, seq 128, GaLore rank 128 / gap 200 / scale 0.25, QLoRA r 4 / 
 
 - anchor: plain HF `Trainer` with the study's optimizer (`galore_adamw_8bit_layerwise`, or PEFT LoRA
   on a bitsandbytes base with `adamw_torch`), gradient checkpointing, on the same tokenized rows;
-- duetto: `run_trial` of configs/galore_study.yaml / qlora_study.yaml (a Ray Train worker, the GPU
+- duetto: `run_trial` of configs/galore_study.yaml / qlora_study.yaml (in process: Ray Train's local mode, the GPU
   fast path on by default), the same number of steps, then again for --wall-steps steps for the
   end-to-end wall time.
 

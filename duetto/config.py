@@ -69,6 +69,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: take the word the choice spells
+            words = ("on", "true", "yes") if value else ("off", "false", "no")
+            value = next((a for a in get_args(tp) if isinstance(a, str) and a in words), value)
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
             raise ConfigError(f"{key}: must be one of {choices}, got {value!r}")

@@ -111,3 +111,20 @@ def test_flatten_is_the_inverse_of_nest():
     assert flatten(nested) == {"method": "galore", "galore.rank": 8, "galore.target_modules": ["mlp"],
                                "data.train": "t", "extra": {}}  # fmt: skip
     assert nest(flatten(nested)) == nested
+
+
+@dataclass
+class Switches:
+    cache: Literal["auto", "on", "off"] = "auto"
+    mode: Literal["x", "y"] = "x"
+
+
+def test_yaml_booleans_become_the_on_off_words_a_choice_spells(tmp_path):
+    """YAML 1.1 reads `off` and `on` as booleans; a choice that spells them gets the word back."""
+    p = tmp_path / "s.yaml"
+    p.write_text("cache: off\n")
+    assert load_config(Switches, p, []).cache == "off"
+    assert load_config(Switches, None, ["cache=on"]).cache == "on"
+    assert load_config(Switches, None, ["cache=off"]).cache == "off"
+    with pytest.raises(ConfigError, match="mode: must be one of 'x', 'y', got True"):
+        load_config(Switches, None, ["mode=yes"])  # no such word among the choices: still an error

@@ -180,6 +180,25 @@ class Pack:
             return evaluate_loss(self.base, eval_ds, PaddingCollator(self.tokenizer.pad_token_id),
                                  max(cfg.batch_size, 32 if self.device.type == "cuda" else 8), self.device)  # fmt: skip
 
+    def interim_report(self, t: int) -> dict[str, Any]:
+        """What a trial alone reports at a report step: step, the last logged loss, eval_loss, its
+        steps' speed so far and, on interim_eval_examples rows, BLEU/ROUGE."""
+        from duetto.trainers.trial_reports import generation_metrics, peak_memory_bytes
+
+        tr, cfg = self.trials[t], self.trials[t].cfg
+        report: dict[str, Any] = {"step": tr.step, "eval_split": tr.rows.split, "eval_loss": self.eval_loss(t),
+                                  "peak_memory_bytes": peak_memory_bytes(self.device)}  # fmt: skip
+        if tr.losses:
+            every = max(cfg.logging_steps, 1)
+            report["train_loss"] = sum(tr.losses[-every:]) / len(tr.losses[-every:])
+        if tr.step_seconds > 0:
+            report["tokens_per_second"] = tr.trained_tokens / tr.step_seconds
+        rows = tr.rows.generation(cfg)[: cfg.interim_eval_examples] if cfg.interim_eval_examples > 0 else []
+        if rows:
+            with only_trial(self.base, self.layers, t):
+                report.update(generation_metrics(self.base, self.tokenizer, rows, cfg)[0])
+        return report
+
     def finish(self, t: int) -> dict[str, Any]:
         """Evaluate trial t with only its adapter, save it into its output_dir, and drop it."""
         from duetto.trainers.trial_reports import generation_metrics

@@ -60,10 +60,9 @@ class PackActor:
             return self.pack.trials[t].total
 
     def advance(self, key: str, until: int) -> dict[str, Any]:
-        """Let the trial run to step ``until``; returns its report there (step, mean loss since the last)."""
+        """Let the trial run to step ``until``; returns its report there (Pack.interim_report)."""
         with self.cond:
             tr = self.pack.trials[self.keys[key]]
-            start = tr.step
             tr.until = until
             self.cond.notify_all()
             while tr.step < min(until, tr.total) and self.error is None and key in self.keys:
@@ -72,11 +71,9 @@ class PackActor:
                 raise self.error
             if key not in self.keys:  # left meanwhile (Tune ended the trial): nobody reads this
                 return {"step": tr.step, "left": True}
-            recent = tr.losses[start:]
-            report = {"step": tr.step, "loss": sum(recent) / max(len(recent), 1)}
-            if tr.step < tr.total:  # an interim report carries eval_loss, as a trial alone reports it
-                report["eval_loss"] = self.pack.eval_loss(self.keys[key])
-            return report
+            if tr.step < tr.total:  # an interim report: what the trial alone reports there
+                return self.pack.interim_report(self.keys[key])
+            return {"step": tr.step}
 
     def finish(self, key: str) -> dict[str, Any]:
         with self.cond:

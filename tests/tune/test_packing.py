@@ -12,14 +12,14 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def _base(tiny_gemma_dir, unified_data, tmp_path) -> dict:
+def _base(tiny_gemma_dir, unified_data, tmp_path, interim: int = 0) -> dict:
     from duetto.config import load_config, to_dict
     from duetto.trainers.config import TrialConfig
 
     train, test = unified_data
     cfg = load_config(TrialConfig, None, [
         f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
-        "batch_size=4", "max_steps=6", "logging_steps=1", "report_every_steps=2", "interim_eval_examples=0",
+        "batch_size=4", "max_steps=6", "logging_steps=1", "report_every_steps=2", f"interim_eval_examples={interim}",
         "eval.num_examples=2", "eval.max_new_tokens=4", "eval.loss_examples=8", "qlora.dropout=0.0",
         f"output_dir={tmp_path / 'base'}"])  # fmt: skip
     return to_dict(cfg)
@@ -34,7 +34,7 @@ def test_packed_tune_trials_report_and_end_as_they_would_alone(tmp_path, tiny_ge
     from duetto.tune.spec import trial_config
     from duetto.trainers.packed_run import train_packed
 
-    base = _base(tiny_gemma_dir, unified_data, tmp_path)
+    base = _base(tiny_gemma_dir, unified_data, tmp_path, interim=2)
     grid = [{"method": "qlora", "seed": 1, "learning_rate": 3e-3, "qlora.r": 8},
             {"method": "qlora", "seed": 7, "learning_rate": 1e-3, "qlora.r": 4}]  # fmt: skip
     want = train_packed([trial_config(base, g, output_dir=str(tmp_path / f"ref{i}")) for i, g in enumerate(grid)],
@@ -55,8 +55,10 @@ def test_packed_tune_trials_report_and_end_as_they_would_alone(tmp_path, tiny_ge
         for g, w in zip(grid, want):
             r = got[g["seed"]]
             assert r.metrics["eval_loss"] == pytest.approx(w["eval_loss"], rel=1e-4)
-            steps = [row["step"] for _, row in r.metrics_dataframe.iterrows()]
-            assert steps == [2, 4, 6]  # interim reports at 2 and 4, the final one at 6
+            frame = r.metrics_dataframe
+            assert list(frame["step"]) == [2, 4, 6]  # interim reports at 2 and 4, the final one at 6
+            # interim reports carry what a trial alone reports there (BLEU/ROUGE on 2 rows: ASHA can rank on them)
+            assert frame["rougeL"].notna().all() and frame["eval_loss"].notna().all() and frame["train_loss"].notna().all()
         assert ray.get(actor.attached.remote()) == []
     finally:
         ray.shutdown()

@@ -1,0 +1,140 @@
+"""A sweep of study-config QLoRA trials, packed (`packing: qlora`) and unpacked, beside one plain-HF trial.
+
+    # GPU (SmolLM2-135M random weights are enough for speed; DATA from `duetto data prepare`):
+    python benchmarks/sweep_packing.py --model DIR --data DATA --out benchmarks/results/sweep_packing_h200.json
+    # CPU smoke run on the tiny model:
+    python benchmarks/sweep_packing.py --model tiny --data DATA --steps 6 --anchor-steps 4 --cpu --out /tmp/sp.json
+
+Both modes run the QLoRA search of --sweep (configs/sweep_study.yaml) with the same sampled configs
+(the sweep's seed), FIFO (no early stopping, so every config trains to the end in both modes and can
+be compared), --steps steps each. Reported per mode: the summed trained tokens of all trials over
+the sweep's wall clock (end to end, start-up and evaluation included), the sum of the trials' own
+tokens/s (over the steps each took part in), and the wall time; the anchor is plain HF `Trainer` on
+one study-config QLoRA int8 trial (benchmarks/trial_speed.py). `agreement` pairs each config's final
+eval loss packed and alone. With --full-sweep it also times the shipped sweep file as it is (both
+methods, ASHA) with packing on: `sweep_study_wall_seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def run_sweep(sweep_file: str, overrides: list[str], num_cpus: int | None) -> tuple[Path, float]:
+    import ray
+
+    from duetto.config import load_config
+    from duetto.tune.results import write_report
+    from duetto.tune.spec import SweepConfig
+    from duetto.tune.sweep import start_sweep
+
+    sweep = load_config(SweepConfig, sweep_file, overrides)
+    ray.shutdown()
+    t0 = time.perf_counter()
+    try:
+        sweep_dir = start_sweep(sweep, num_cpus=num_cpus)
+    finally:
+        ray.shutdown()
+    wall = time.perf_counter() - t0
+    write_report(sweep_dir)
+    return sweep_dir, wall
+
+
+def qlora_only(sweep_file: str, out: Path) -> str:
+    """The sweep file with its QLoRA search alone (paths inside stay relative to the repo root)."""
+    import yaml
+
+    data = yaml.safe_load(Path(sweep_file).read_text())
+    data["methods"] = {"qlora": data["methods"]["qlora"]}
+    if isinstance(data.get("num_samples"), dict):
+        data["num_samples"] = {"qlora": data["num_samples"]["qlora"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(out)
+
+
+def trials(sweep_dir: Path) -> dict[str, dict]:
+    """{config key: metrics.json} of every finished trial of a sweep folder."""
+    out = {}
+    for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
+        params = json.loads((metrics_file.parent / "params.json").read_text())["trial"]
+        key = json.dumps({k: v for k, v in sorted(params.items())})
+        out[key] = json.loads(metrics_file.read_text())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="model dir (or fetch name, e.g. tiny)")
+    ap.add_argument("--data", required=True, help="folder with train.jsonl and test.jsonl")
+    ap.add_argument("--sweep", default="configs/sweep_study.yaml")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--anchor-steps", type=int, default=100)
+    ap.add_argument("--work", default="/tmp/sweep-packing")
+    ap.add_argument("--cpu", action="store_true", help="CPU smoke run: no GPUs, small evaluations")
+    ap.add_argument("--full-sweep", action="store_true", help="also time the shipped sweep file with packing on")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    from trial_speed import anchor, study_config
+
+    work = Path(args.work)
+    common = [f"base.model={args.model}", f"base.data.train={args.data}/train.jsonl",
+              f"base.data.test={args.data}/test.jsonl", f"base.max_steps={args.steps}", "scheduler.type=fifo"]  # fmt: skip
+    if args.cpu:
+        common += ["resources.gpus_per_trial=0", "resources.cpus_per_trial=0.5", "base.eval.num_examples=2",
+                   "base.eval.max_new_tokens=4", "base.eval.loss_examples=8", "base.interim_eval_examples=0",
+                   "base.report_every_steps=0", "base.max_seq_len=64", "base.data.limit_train=64", "metric=eval_loss"]  # fmt: skip
+    num_cpus = 4 if args.cpu else None
+    rows, runs = [], {}
+    anchor_tps = float("nan")  # the anchor times CUDA steps: none on a CPU smoke run
+    if not args.cpu:
+        anchor_tps = anchor(study_config("qlora-int8", args.model, args.data, args.anchor_steps, work / "anchor"))["tokens_per_s"]
+    for mode in ("unpacked", "packed"):
+        packing = "qlora" if mode == "packed" else "off"
+        sweep_dir, wall = run_sweep(qlora_only(args.sweep, work / "sweep_qlora.yaml"),
+                                    common + [f"packing={packing}", f"storage_path={work / mode}"], num_cpus)  # fmt: skip
+        done = trials(sweep_dir)
+        runs[mode] = done
+        tokens = sum(m["trained_tokens"] for m in done.values())
+        rows.append({"method": "qlora", "mode": mode, "trials": len(done),
+                     "aggregate_tokens_per_s": tokens / wall,
+                     "sum_trial_tokens_per_s": sum(m["tokens_per_second"] for m in done.values()),
+                     "anchor_tokens_per_s": anchor_tps, "ratio": tokens / wall / anchor_tps,
+                     "wall_seconds": wall, "trained_tokens": tokens})  # fmt: skip
+    agreement = [{"config": json.loads(k), "eval_loss_packed": runs["packed"][k]["eval_loss"],
+                  "eval_loss_alone": runs["unpacked"][k]["eval_loss"]}
+                 for k in sorted(runs["packed"].keys() & runs["unpacked"].keys())]  # fmt: skip
+    full_wall = None
+    if args.full_sweep:
+        _, full_wall = run_sweep(args.sweep, [f"base.model={args.model}", f"base.data.train={args.data}/train.jsonl",
+                                              f"base.data.test={args.data}/test.jsonl", "packing=qlora",
+                                              f"storage_path={work / 'full'}"], num_cpus)  # fmt: skip
+    result = {"rows": rows, "sweep_study_wall_seconds": full_wall, "agreement": agreement,
+              "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else "CPU",
+              "date": datetime.date.today().isoformat(), "steps": args.steps, "sweep": args.sweep}  # fmt: skip
+    print(f"{'mode':<10}{'trials':>7}{'agg tok/s':>12}{'sum trial tok/s':>17}{'anchor':>9}{'ratio':>8}{'wall s':>9}")
+    for r in rows:
+        print(f"{r['mode']:<10}{r['trials']:>7}{r['aggregate_tokens_per_s']:>12.0f}{r['sum_trial_tokens_per_s']:>17.0f}"
+              f"{r['anchor_tokens_per_s']:>9.0f}{r['ratio']:>8.2f}{r['wall_seconds']:>9.0f}")  # fmt: skip
+    for a in agreement:
+        rel = abs(a["eval_loss_packed"] - a["eval_loss_alone"]) / abs(a["eval_loss_alone"])
+        print(f"  {a['config']}: eval_loss packed {a['eval_loss_packed']:.4f} alone {a['eval_loss_alone']:.4f} ({rel:.2%})")
+    if full_wall is not None:
+        print(f"{args.sweep} as shipped, packing on: {full_wall:.0f} s end to end")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
