@@ -35,25 +35,23 @@ class LoraSpec:
 
 
 class PackedLoraLinear(nn.Module):
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, specs: Sequence[LoraSpec]):
+    def __init__(self, base: nn.Linear, specs: Sequence[LoraSpec] = ()):
         super().__init__()
         self.base = base
-        self.specs = list(specs)
-        self.lora_A = nn.ModuleList(nn.Linear(in_features, s.r, bias=False) for s in specs)
-        self.lora_B = nn.ModuleList(nn.Linear(s.r, out_features, bias=False) for s in specs)
-        for a, b in zip(self.lora_A, self.lora_B):  # PEFT's default init: B = 0, so a fresh adapter is a no-op
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-            nn.init.zeros_(b.weight)
+        self.specs: list[LoraSpec] = []
+        self.lora_A = nn.ModuleList()
+        self.lora_B = nn.ModuleList()
         self.slices: list[tuple[int, int, int]] = []
         """(trial, first row, end row) of each block of the packed batch, in row order."""
-        self.in_features, self.out_features = in_features, out_features
+        for spec in specs:
+            self.add_adapter(spec)
 
     def add_adapter(self, spec: LoraSpec) -> int:
-        """A new trial's adapter (PEFT's init: B = 0); returns its index."""
-        ref = next(p for p in self.parameters())
-        device = ref.device
-        a = nn.Linear(self.in_features, spec.r, bias=False, device=device)
-        b = nn.Linear(spec.r, self.out_features, bias=False, device=device)
+        """A new trial's adapter, on the base's device, PEFT's default init (B = 0: a fresh adapter is a
+        no-op); returns its index."""
+        device = self.base.weight.device
+        a = nn.Linear(self.base.in_features, spec.r, bias=False, device=device)
+        b = nn.Linear(spec.r, self.base.out_features, bias=False, device=device)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         nn.init.zeros_(b.weight)
         self.lora_A.append(a)
@@ -86,11 +84,10 @@ def pack_lora(model: nn.Module, target_modules: Sequence[str], specs: Sequence[L
     for p in model.parameters():
         p.requires_grad_(False)
     packed: dict[str, PackedLoraLinear] = {}
-    names = [n for n, m in model.named_modules() if _is_linear(m) and n.rpartition(".")[2] in set(target_modules)]
+    # bitsandbytes' Linear4bit and Linear8bitLt are nn.Linear subclasses
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in set(target_modules)]
     for name in names:
-        base = model.get_submodule(name)
-        layer = PackedLoraLinear(base, base.in_features, base.out_features, specs)
-        layer.to(device=_device_of(base))
+        layer = PackedLoraLinear(model.get_submodule(name), specs)
         model.set_submodule(name, layer)
         packed[name] = layer
     if not packed:
@@ -190,10 +187,3 @@ class PackedTrials:
             self.optimizers[t].zero_grad(set_to_none=True)
         return {t: float(loss.detach()) for t, loss in zip(trials, losses)}
 
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-
-
-def _device_of(module: nn.Module) -> Any:
-    return next(module.parameters()).device

@@ -30,22 +30,26 @@ SHARED = ("method", "model", "template", "max_seq_len", "batch_size", "precision
           "qlora.bits", "qlora.target_modules", "qlora.upcast_fp32", "gradient_accumulation_steps")  # fmt: skip
 
 
+def shared_settings(cfg: TrialConfig) -> dict[str, str]:
+    from duetto.config import flatten, to_dict
+
+    flat = flatten(to_dict(cfg))
+    return {key: str(flat.get(key)) for key in SHARED}
+
+
 def group_key(cfg: TrialConfig) -> str:
     """Trials with the same key can share a pack (the SHARED settings, hashed)."""
     import hashlib
 
-    from duetto.config import flatten, to_dict
-
-    flat = flatten(to_dict(cfg))
-    return hashlib.sha1(repr([str(flat.get(k)) for k in SHARED]).encode()).hexdigest()[:10]
+    return hashlib.sha1(repr(list(shared_settings(cfg).values())).encode()).hexdigest()[:10]
 
 
 def check_packable(cfgs: Sequence[TrialConfig]) -> None:
-    from duetto.config import ConfigError, flatten, to_dict
+    from duetto.config import ConfigError
 
-    flat = [flatten(to_dict(c)) for c in cfgs]
+    settings = [shared_settings(c) for c in cfgs]
     for key in SHARED:
-        values = {str(f.get(key)) for f in flat}
+        values = {s[key] for s in settings}
         if len(values) > 1:
             raise ConfigError(f"{key}: trials packed together must share it, got {sorted(values)}")
     if cfgs[0].method != "qlora":
@@ -57,16 +61,18 @@ def check_packable(cfgs: Sequence[TrialConfig]) -> None:
 
 
 def hf_order(n: int, data_seed: int) -> Iterator[int]:
-    """The HF Trainer's training order (accelerate's SeedableRandomSampler): epoch e is
-    ``randperm(n)`` of a generator seeded with data_seed + e."""
-    epoch = 0
+    """The HF Trainer's training order, epoch after epoch: accelerate's SeedableRandomSampler, which
+    the Trainer's data loader samples with (each pass reseeds it with data_seed + epoch)."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    sampler = SeedableRandomSampler(range(n), data_seed=data_seed)
     while True:
-        yield from torch.randperm(n, generator=torch.Generator().manual_seed(data_seed + epoch)).tolist()
-        epoch += 1
+        yield from sampler
 
 
 def total_steps(cfg: TrialConfig, n_rows: int) -> int:
-    return cfg.max_steps if cfg.max_steps > 0 else math.ceil(n_rows / cfg.batch_size) * int(math.ceil(cfg.epochs))
+    """The HF Trainer's optimizer steps: max_steps, else epochs x batches per epoch, rounded up."""
+    return cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * math.ceil(n_rows / cfg.batch_size))
 
 
 @dataclass
@@ -110,10 +116,7 @@ class Pack:
         from duetto.trainers.trial import resolve_dtype
         from duetto.trainers.trial_data import EncodedDataset, load_rows
 
-        if self.trials:
-            check_packable([next(iter(self.trials.values())).cfg, cfg])
-        else:
-            check_packable([cfg])
+        check_packable([*(tr.cfg for tr in list(self.trials.values())[:1]), cfg])
         if self.base is None:
             self.model_path = resolve_model(cfg.model)
             self.tokenizer = load_tokenizer(self.model_path)

@@ -242,7 +242,7 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     import torch
 
     from duetto.data.unify import read_jsonl
-    from duetto.serve.loading import inspect_saved, load_lm, models_from_sweep
+    from duetto.serve.loading import inspect_saved, models_from_sweep
     from duetto.trainers.methods import quiet_int8_cast_warning
     from duetto.workflows.stats import METRICS, bootstrap_ci, paired_bootstrap
 
@@ -260,13 +260,14 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
              **{label: inspect_saved(src) for label, src in cfg.extra.items()}}
     provenance = _provenance(cfg.test, specs)
     val_rows = _validation_rows(cfg) if cfg.validation.train else None
-    from duetto.serve.engine import use_static_decoding
+    from duetto.serve.engine import load_hf
 
     def load(src: str, template: str = ""):
-        lm = use_static_decoding(load_lm(src, template, device=device), cfg.decoding)
-        if lm.static is not None:  # compiled here, so the latency columns time decoding alone
-            lm.static.warm_up(lm.model, lm.tokenizer, lm.stop_ids)
-        return lm
+        """As a Serve replica loads and warms a model, so the latency columns time decoding alone."""
+        engine = load_hf(src, template, device=device, dtype="auto", quantize="auto", adapter="auto", context_cap=0,
+                         allow_pickle=False, decoding=cfg.decoding)  # fmt: skip
+        engine.warm_up()
+        return engine.lm
 
     q_lm, g_lm = load(qlora_src), load(galore_src)
     e = cfg.ensemble

@@ -25,53 +25,55 @@ def _base(tiny_gemma_dir, unified_data, tmp_path, interim: int = 0) -> dict:
     return to_dict(cfg)
 
 
-def test_packed_tune_trials_report_and_end_as_they_would_alone(tmp_path, tiny_gemma_dir, unified_data):
+def _tune_in_one_pack(base: dict, grid: list[dict], tmp_path, stop=None):
+    """Run ``grid`` as Tune trials that are thin clients of one pack actor; (results, trials still attached)."""
     import ray
     from ray import tune
 
     from duetto.ray_connect import init_local
     from duetto.tune.packing import ACTOR_NAME, PackActor, leave_pack_callback, packed_trial
-    from duetto.tune.spec import trial_config
+
+    ray.shutdown()
+    init_local(num_cpus=4, include_dashboard=False)
+    try:
+        actor = PackActor.options(name=ACTOR_NAME, num_cpus=1).remote("cpu")
+        trial = tune.with_parameters(packed_trial, base=base, sweep_dir=str(tmp_path / "sweep"), actor_name=ACTOR_NAME)
+        results = tune.Tuner(
+            tune.with_resources(trial, {"cpu": 0.5}), param_space={"trial": tune.grid_search(grid)},
+            tune_config=tune.TuneConfig(metric="eval_loss", mode="min"),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), stop=stop,
+                                      callbacks=[leave_pack_callback(ACTOR_NAME)]),
+        ).fit()  # fmt: skip
+        return results, ray.get(actor.attached.remote())
+    finally:
+        ray.shutdown()
+
+
+def test_packed_tune_trials_report_and_end_as_they_would_alone(tmp_path, tiny_gemma_dir, unified_data):
     from duetto.trainers.packed_run import train_packed
+    from duetto.tune.spec import trial_config
 
     base = _base(tiny_gemma_dir, unified_data, tmp_path, interim=2)
     grid = [{"method": "qlora", "seed": 1, "learning_rate": 3e-3, "qlora.r": 8},
             {"method": "qlora", "seed": 7, "learning_rate": 1e-3, "qlora.r": 4}]  # fmt: skip
     want = train_packed([trial_config(base, g, output_dir=str(tmp_path / f"ref{i}")) for i, g in enumerate(grid)],
                         torch.device("cpu"))  # fmt: skip
-    ray.shutdown()
-    init_local(num_cpus=4, include_dashboard=False)
-    try:
-        actor = PackActor.options(name=ACTOR_NAME, num_cpus=1).remote("cpu")
-        fn = tune.with_resources(tune.with_parameters(packed_trial, base=base, sweep_dir=str(tmp_path / "sweep"), actor_name=ACTOR_NAME),
-                                 {"cpu": 0.5})  # fmt: skip
-        results = tune.Tuner(
-            fn, param_space={"trial": tune.grid_search(grid)},
-            tune_config=tune.TuneConfig(metric="eval_loss", mode="min"),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), callbacks=[leave_pack_callback(ACTOR_NAME)]),
-        ).fit()  # fmt: skip
-        assert not results.errors
-        got = {r.config["trial"]["seed"]: r for r in results}
-        for g, w in zip(grid, want):
-            r = got[g["seed"]]
-            assert r.metrics["eval_loss"] == pytest.approx(w["eval_loss"], rel=1e-4)
-            frame = r.metrics_dataframe
-            assert list(frame["step"]) == [2, 4, 6]  # interim reports at 2 and 4, the final one at 6
-            # interim reports carry what a trial alone reports there (BLEU/ROUGE on 2 rows: ASHA can rank on them)
-            assert frame["rougeL"].notna().all() and frame["eval_loss"].notna().all() and frame["train_loss"].notna().all()
-        assert ray.get(actor.attached.remote()) == []
-    finally:
-        ray.shutdown()
+    results, attached = _tune_in_one_pack(base, grid, tmp_path)
+    assert not results.errors
+    got = {r.config["trial"]["seed"]: r for r in results}
+    for g, w in zip(grid, want):
+        r = got[g["seed"]]
+        assert r.metrics["eval_loss"] == pytest.approx(w["eval_loss"], rel=1e-4)
+        frame = r.metrics_dataframe
+        assert list(frame["step"]) == [2, 4, 6]  # interim reports at 2 and 4, the final one at 6
+        # interim reports carry what a trial alone reports there (BLEU/ROUGE on 2 rows: ASHA can rank on them)
+        assert frame["rougeL"].notna().all() and frame["eval_loss"].notna().all() and frame["train_loss"].notna().all()
+    assert attached == []
 
 
 def test_a_trial_tune_stops_leaves_the_pack_and_the_others_run_on(tmp_path, tiny_gemma_dir, unified_data):
-    import ray
-    from ray import tune
-
-    from duetto.ray_connect import init_local
-    from duetto.tune.packing import ACTOR_NAME, PackActor, leave_pack_callback, packed_trial
-    from duetto.tune.spec import trial_config
     from duetto.trainers.packed_run import train_packed
+    from duetto.tune.spec import trial_config
 
     base = _base(tiny_gemma_dir, unified_data, tmp_path)
     grid = [{"method": "qlora", "seed": 1, "learning_rate": 3e-3}, {"method": "qlora", "seed": 7, "learning_rate": 1e-3}]
@@ -80,25 +82,13 @@ def test_a_trial_tune_stops_leaves_the_pack_and_the_others_run_on(tmp_path, tiny
     def stop(trial_id, result):  # as ASHA would: seed 7 is cut at its first report
         return result["config"]["trial"]["seed"] == 7 and result["step"] >= 2
 
-    ray.shutdown()
-    init_local(num_cpus=4, include_dashboard=False)
-    try:
-        actor = PackActor.options(name=ACTOR_NAME, num_cpus=1).remote("cpu")
-        fn = tune.with_resources(tune.with_parameters(packed_trial, base=base, sweep_dir=str(tmp_path / "sweep"), actor_name=ACTOR_NAME),
-                                 {"cpu": 0.5})  # fmt: skip
-        results = tune.Tuner(
-            fn, param_space={"trial": tune.grid_search(grid)},
-            tune_config=tune.TuneConfig(metric="eval_loss", mode="min"),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), stop=stop, callbacks=[leave_pack_callback(ACTOR_NAME)]),
-        ).fit()  # fmt: skip
-        assert not results.errors
-        got = {r.config["trial"]["seed"]: r for r in results}
-        assert got[7].metrics["step"] == 2 and "bleu4" not in got[7].metrics  # stopped at its first report
-        assert got[1].metrics["step"] == 6
-        assert got[1].metrics["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4)  # as if alone
-        assert ray.get(actor.attached.remote()) == []
-    finally:
-        ray.shutdown()
+    results, attached = _tune_in_one_pack(base, grid, tmp_path, stop=stop)
+    assert not results.errors
+    got = {r.config["trial"]["seed"]: r for r in results}
+    assert got[7].metrics["step"] == 2 and "bleu4" not in got[7].metrics  # stopped at its first report
+    assert got[1].metrics["step"] == 6
+    assert got[1].metrics["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4)  # as if alone
+    assert attached == []
 
 
 def test_duetto_sweep_packs_qlora_trials(tmp_path, tiny_gemma_dir, unified_data):
