@@ -74,11 +74,12 @@ def resolve_sources(cfg: ServeConfig) -> ServeConfig:
     return cfg
 
 
-def model_settings(cfg: ServeConfig, source: str, template: str, warm_decoding: bool) -> dict:
+def model_settings(cfg: ServeConfig, source: str, template: str, warm_decoding: bool, warm_scoring: bool) -> dict:
     """What a model replica loads and how (serve/replicas.py _ModelReplica)."""
     return {"source": source, "template": template, "quantize": cfg.quantize, "adapter": cfg.adapter,
             "dtype": cfg.dtype, "context_cap": cfg.limits.max_context_tokens, "allow_pickle": cfg.allow_pickle_weights,
-            "engine": cfg.engine, "decoding": to_dict(cfg.decoding), "warm_decoding": warm_decoding}  # fmt: skip
+            "engine": cfg.engine, "decoding": to_dict(cfg.decoding), "warm_decoding": warm_decoding,
+            "warm_scoring": warm_scoring}  # fmt: skip
 
 
 def app_from_config(cfg: ServeConfig):
@@ -91,11 +92,12 @@ def app_from_config(cfg: ServeConfig):
             setattr(cfg, name, str(p.resolve()))
     gen_opts, rer_opts = cfg.generator_deployment, cfg.reranker_deployment
     generator = Generator.options(**_deploy_options(gen_opts)).bind(
-        model_settings(cfg, cfg.generator, cfg.generator_template, True), to_dict(gen_opts)
+        # the generator deployment only samples: it never scores
+        model_settings(cfg, cfg.generator, cfg.generator_template, True, False), to_dict(gen_opts)
     )
     reranker = Reranker.options(**_deploy_options(rer_opts)).bind(
         # the reranker decodes only in mode reranker-greedy: other modes never wait for its compilation
-        model_settings(cfg, cfg.reranker, cfg.reranker_template, cfg.ensemble.mode == "reranker-greedy"),
+        model_settings(cfg, cfg.reranker, cfg.reranker_template, cfg.ensemble.mode == "reranker-greedy", True),
         to_dict(rer_opts),
     )
     ing = cfg.ingress_deployment

@@ -78,8 +78,8 @@ class Limits:
 @dataclass
 class DecodingOptions:
     static_cache: Literal["auto", "on", "off"] = "auto"
-    """Decode on static shapes: a preallocated KV cache per (rows, length) bucket, compiled once and
-    replayed as CUDA graphs. auto = on for plain weights on GPU (bitsandbytes' 4/8-bit layers do not
+    """Decode and score on static shapes: a preallocated KV cache per (rows, length) bucket and padded
+    scoring forwards, compiled once and replayed as CUDA graphs. auto = on for plain weights on GPU (bitsandbytes' 4/8-bit layers do not
     compile; CPU does not compile), off = transformers' dynamic cache."""
     row_buckets: list[int] = field(default_factory=lambda: [4, 16, 64, 128])
     """Candidate rows per generate call are padded up to one of these (more than the largest run in chunks of it)."""
@@ -87,7 +87,11 @@ class DecodingOptions:
     """KV cache lengths: a call takes the shortest that holds its longest prompt + max_new_tokens; longer calls
     decode with the dynamic cache. Every rows x length pair compiles at start-up (warm-up)."""
     score_rows: int = 128
-    """Scored (prompt, candidate) rows per reranker forward."""
+    """Scored (prompt, candidate) rows per reranker forward (on static shapes: at most row_buckets' largest,
+    each forward padded up to a row bucket)."""
+    score_length_buckets: list[int] = field(default_factory=lambda: [128, 256, 640])
+    """Scoring on static shapes: a forward's tokens are padded up to the shortest of these that holds its
+    longest (prompt, candidate) pair (longer: eager). Warm-up compiles those up to the model's max_seq_len."""
 
     def validate(self) -> None:
         if not self.row_buckets or min(self.row_buckets) < 1:
@@ -96,6 +100,8 @@ class DecodingOptions:
             raise ValueError("length_buckets: give at least one length, each >= 16")
         if self.score_rows < 1:
             raise ValueError("score_rows: must be >= 1")
+        if not self.score_length_buckets or min(self.score_length_buckets) < 16:
+            raise ValueError("score_length_buckets: give at least one length, each >= 16")
 
 
 @dataclass

@@ -32,9 +32,10 @@ class Engine(Protocol):
         """Mean log-likelihood per response token of each request's candidates."""
         ...
 
-    def warm_up(self, decoding: bool = True) -> dict[str, Any]:
+    def warm_up(self, decoding: bool = True, scoring: bool = True) -> dict[str, Any]:
         """Compile / allocate whatever a first request would otherwise pay for (``decoding``: the generate
-        path too, not only scoring); returns what it did."""
+        path, ``scoring``: the scoring path; a path not warmed still works, without compiled shapes);
+        returns what it did."""
         ...
 
     def info(self) -> dict[str, Any]: ...
@@ -49,11 +50,13 @@ def static_decoding_on(setting: str, lm: LoadedModel) -> bool:
 
 
 def use_static_decoding(lm: LoadedModel, decoding: DecodingOptions) -> LoadedModel:
-    """Give ``lm`` static-shape decoding when ``decoding.static_cache`` says so for its device and weights."""
-    from duetto.trainers.inference import StaticDecoding
+    """Give ``lm`` static-shape decoding and scoring when ``decoding.static_cache`` says so for its device
+    and weights."""
+    from duetto.trainers.inference import StaticDecoding, StaticScoring
 
     if static_decoding_on(decoding.static_cache, lm):
         lm.static = StaticDecoding(decoding.row_buckets, decoding.length_buckets)
+        lm.static_scoring = StaticScoring(decoding.row_buckets, decoding.score_length_buckets)
     return lm
 
 
@@ -78,28 +81,33 @@ class HFEngine:
 
         return score_requests(self.lm, requests, candidates, batch_rows=self.decoding.score_rows)
 
-    def warm_up(self, decoding=True):
+    def warm_up(self, decoding=True, scoring=True):
         from duetto.serve.ensemble import EnsembleRequest
         from duetto.trainers.inference import Candidate
 
         t = time.perf_counter()
+        self.warm_up_s = {}
         if not decoding:
             # a request that decodes here anyway (mode reranker-greedy asked per request) then uses the
             # dynamic cache: compiling a bucket inside a request would hold every other call for a minute
             self.lm.static = None
         elif self.lm.static is not None:
-            self.warm_up_s = self.lm.static.warm_up(self.lm.model, self.lm.tokenizer, self.lm.stop_ids)
-        # the scoring kernels' first call (cuBLAS handles, allocator) at the largest batch
-        rows = self.decoding.score_rows
-        self.score([EnsembleRequest("Hello")], [[Candidate("Hi.")] * rows])
+            self.warm_up_s.update(self.lm.static.warm_up(self.lm.model, self.lm.tokenizer, self.lm.stop_ids))
+        if not scoring:
+            self.lm.static_scoring = None  # as for decoding: never a compile inside a request
+        elif self.lm.static_scoring is not None:
+            self.warm_up_s.update(self.lm.static_scoring.warm_up(self.lm.model, self.lm.max_seq_len))
+        else:  # the eager scoring kernels' first call (cuBLAS handles, allocator) at the largest batch
+            self.score([EnsembleRequest("Hello")], [[Candidate("Hi.")] * self.decoding.score_rows])
         self.warm_up_s["total"] = round(time.perf_counter() - t, 2)
         log.info("%s warmed up in %.1f s: %s", self.lm.name, self.warm_up_s["total"], self.warm_up_s)
         return dict(self.warm_up_s)
 
     def info(self):
-        static = self.lm.static
+        static, scoring = self.lm.static, self.lm.static_scoring
         return {"engine": self.name, "model_class": type(self.lm.model).__name__,
                 "static_decoding": {"rows": list(static.rows), "lengths": list(static.lengths)} if static else None,
+                "static_scoring": {"rows": list(scoring.rows), "lengths": list(scoring.lengths)} if scoring else None,
                 "warm_up_s": self.warm_up_s}  # fmt: skip
 
 

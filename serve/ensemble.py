@@ -200,7 +200,7 @@ def score_requests(
 
     pairs = [(r.instruction, r.input, c.text) for r, cs in zip(requests, candidates) for c in cs]
     flat = iter(score_candidates(lm.model, lm.tokenizer, pairs, template=lm.template, max_seq_len=lm.max_seq_len,
-                                 batch_rows=batch_rows))  # fmt: skip
+                                 batch_rows=batch_rows, static=lm.static_scoring))  # fmt: skip
     return [[next(flat) for _ in cs] for cs in candidates]
 
 

@@ -40,8 +40,9 @@ class _ModelReplica:
     The batches formed meanwhile are parked and merged into the next call (serve/merge.py).
 
     ``model`` holds source, template, quantize, adapter, dtype, context_cap, allow_pickle, engine and
-    decoding (the ServeConfig fields) and warm_decoding (whether warm-up compiles the generate path:
-    the reranker generates only in mode reranker-greedy); ``options`` is the deployment's
+    decoding (the ServeConfig fields), warm_decoding (whether warm-up compiles the generate path:
+    the reranker generates only in mode reranker-greedy) and warm_scoring (the scoring path: the
+    generator never scores); ``options`` is the deployment's
     DeploymentOptions as a dict."""
 
     def __init__(self, model: dict, options: dict):
@@ -71,8 +72,8 @@ class _ModelReplica:
         self.load_s = time.perf_counter() - t0
         log.info("loaded %s on %s in %.1f s", source, self.device, self.load_s)
         # before Serve counts the replica ready: no request pays for compilation or first calls
-        decoding = bool(model.get("warm_decoding", True))
-        self.warm_up = self._worker.submit(self.engine.warm_up, decoding).result()
+        decoding, scoring = bool(model.get("warm_decoding", True)), bool(model.get("warm_scoring", True))
+        self.warm_up = self._worker.submit(self.engine.warm_up, decoding, scoring).result()
         # Serve's batching settings for each batched method, and the MergedCalls its batches share the model through
         size = int(options["max_batch_size"])
         self._merged = {}

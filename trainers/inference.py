@@ -2,7 +2,8 @@
 
 - ``generate_candidates`` samples k candidates per prompt (temperature 0: one greedy answer) in one
   batched ``generate`` call; ``greedy_decode`` is its greedy path in batches, for evaluation.
-- ``score_candidates`` is the mean log-likelihood of each response given its prompt.
+- ``score_candidates`` is the mean log-likelihood of each response given its prompt; ``StaticScoring``
+  gives it static shapes (row and length buckets), compiled once on CUDA and replayed as CUDA graphs.
 - ``StaticDecoding`` gives ``generate_candidates`` static shapes (one KV cache per row and length
   bucket, reused by every call), so that on CUDA the decoding step compiles once per bucket and
   replays as a CUDA graph; ``warm_up`` compiles every bucket before the first real call.
@@ -61,6 +62,8 @@ class LoadedModel:
     name: str = ""
     static: StaticDecoding | None = None
     """Static-shape decoding for ``generate_candidates`` (None: the default dynamic cache)."""
+    static_scoring: StaticScoring | None = None
+    """Static-shape scoring for ``score_candidates`` (None: eager forwards)."""
 
 
 def _bucket(n: int, sizes: Sequence[int]) -> int | None:
@@ -145,6 +148,65 @@ class StaticDecoding:
                                     temperature=1.0, stop_ids=stop_ids, max_prompt_tokens=1, static=self,
                                     _length=length)  # fmt: skip
             times[f"{rows}x{length}"] = round(time.perf_counter() - t, 2)
+        return times
+
+
+class StaticScoring:
+    """Static shapes for ``score_candidates``: a forward's rows are padded up to a row bucket (copies of
+    its last row, whose scores are dropped) and its tokens, right-padded, up to a length bucket, so on
+    CUDA the decoder compiles once (``torch.compile``, CUDA graphs) and each bucket replays its graph.
+    An eager forward of a small model is bound by launching its kernels (tens of ms for 30 layers,
+    whatever the batch); the replay launches one graph. Right padding never changes a real token's
+    hidden state (causal attention), so the scores are those of the eager path (a test checks it).
+    A batch longer than the longest bucket runs eagerly; on CPU nothing compiles.
+    """
+
+    def __init__(self, rows: Sequence[int], lengths: Sequence[int]):
+        if not rows or not lengths or min(rows) < 1 or min(lengths) < 2:
+            raise ValueError(f"static scoring needs row buckets >= 1 and length buckets >= 2, got {rows} / {lengths}")
+        self.rows = tuple(sorted(set(int(r) for r in rows)))
+        self.lengths = tuple(sorted(set(int(n) for n in lengths)))
+        self._forward: Any = None
+        self._decoder: Any = None
+
+    def shape_for(self, rows: int, length: int) -> tuple[int, int] | None:
+        """(padded rows, padded length) of a forward (None: longer than every bucket: eager)."""
+        padded = _bucket(length, self.lengths)
+        return None if padded is None else (_bucket(rows, self.rows) or self.rows[-1], padded)
+
+    def hidden(self, decoder: Any, input_ids: Any, attention_mask: Any) -> Any:
+        """The decoder's last hidden states, through the compiled forward on CUDA. The result may be a
+        CUDA graph's output buffer: read it before the next call."""
+        import torch
+
+        if self._decoder is not decoder:
+            cuda = input_ids.device.type == "cuda"
+            self._forward = torch.compile(decoder, mode="reduce-overhead") if cuda else decoder
+            self._decoder = decoder
+        return self._forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def warm_up(self, model: Any, max_seq_len: int) -> dict[str, float]:
+        """Run every bucket a scored pair of at most ``max_seq_len`` tokens can take, twice (compile,
+        then record the CUDA graph), so no request pays for it; returns the seconds each took."""
+        import time
+
+        import torch
+
+        decoder = model.get_decoder()
+        device = next(model.parameters()).device
+        top = _bucket(max_seq_len, self.lengths) or self.lengths[-1]
+        pairs = [(r, n) for n in self.lengths if n <= top for r in self.rows]
+        # as in StaticDecoding.warm_up: the second shape makes both dimensions dynamic in one recompile
+        first, last = pairs[0], pairs[-1]
+        pairs.sort(key=lambda p: (p != first, p != last))
+        times = {}
+        with _eval_mode(model), torch.no_grad():
+            for rows, length in pairs:
+                t = time.perf_counter()
+                ids = torch.ones((rows, length), dtype=torch.long, device=device)
+                for _ in range(2):
+                    self.hidden(decoder, ids, torch.ones_like(ids)).sum().item()
+                times[f"score {rows}x{length}"] = round(time.perf_counter() - t, 2)
         return times
 
 
@@ -326,8 +388,10 @@ def greedy_decode(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new
     return out
 
 
-def _response_logits(model: Any, input_ids: Any, attention_mask: Any, positions: Any) -> Any:
-    """Logits at ``positions`` (a boolean rows x seq mask) without a full rows x seq x vocab tensor."""
+def _response_logits(model: Any, input_ids: Any, attention_mask: Any, positions: Any,
+                     static: StaticScoring | None = None) -> Any:  # fmt: skip
+    """Logits at ``positions`` (a boolean rows x seq mask) without a full rows x seq x vocab tensor;
+    ``static``: the decoder runs through it (padded shapes, compiled on CUDA)."""
     import torch
 
     try:
@@ -337,7 +401,11 @@ def _response_logits(model: Any, input_ids: Any, attention_mask: Any, positions:
         decoder = head = None
     if decoder is None or head is None:  # unusual architecture: the plain forward is always right
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions].float()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[positions]
+    if static is None:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    else:
+        hidden = static.hidden(decoder, input_ids, attention_mask)
+    hidden = hidden[positions]
     cap = getattr(getattr(model.config, "text_config", None) or model.config, "final_logit_softcapping", None)
     parts = []
     for s in range(0, hidden.shape[0], _LOGIT_POSITIONS_PER_SLICE):
@@ -348,10 +416,24 @@ def _response_logits(model: Any, input_ids: Any, attention_mask: Any, positions:
     return torch.cat(parts) if parts else hidden.new_zeros((0, head.weight.shape[0])).float()
 
 
+def _pad_to(batch: dict[str, Any], rows: int, length: int, pad_id: int) -> dict[str, Any]:
+    """A right-padded batch grown to ``rows`` (copies of its last row) x ``length`` (pad / masked / -100)."""
+    import torch
+
+    n, seq = batch["input_ids"].shape
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+    out = {}
+    for key, v in batch.items():
+        v = torch.cat([v, v[-1:].expand(rows - n, -1)]) if rows > n else v
+        out[key] = torch.nn.functional.pad(v, (0, length - seq), value=fill[key]) if length > seq else v
+    return out
+
+
 def score_candidates(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str, str]], *, template: str,
-                     max_seq_len: int, batch_rows: int = 32) -> list[float]:  # fmt: skip
+                     max_seq_len: int, batch_rows: int = 32, static: StaticScoring | None = None) -> list[float]:  # fmt: skip
     """Mean log-likelihood per response token of each (instruction, input, response) under ``model``,
-    each encoded like a training example of ``max_seq_len``, ``batch_rows`` rows per forward."""
+    each encoded like a training example of ``max_seq_len``, ``batch_rows`` rows per forward (at most
+    ``static``'s largest row bucket when it is given: see StaticScoring)."""
     import torch
 
     from duetto.data.prompts import encode_example, pad_batch
@@ -361,22 +443,30 @@ def score_candidates(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str,
     device = next(model.parameters()).device
     rows = [{"instruction": instruction, "input": inp or "", "response": resp} for instruction, inp, resp in pairs]
     feats = [encode_example(row, tokenizer, template=template, max_seq_len=max_seq_len) for row in rows]
+    if static is not None:
+        batch_rows = min(batch_rows, static.rows[-1])
     scores: list[float] = []
-    with _eval_mode(model), torch.inference_mode():
+    # no_grad rather than inference_mode: CUDA graphs of the static path record under it
+    with _eval_mode(model), torch.no_grad():
         for s in range(0, len(feats), batch_rows):
             batch = pad_batch(feats[s : s + batch_rows], tokenizer.pad_token_id, side="right")
+            n = batch["input_ids"].shape[0]
+            shape = static.shape_for(*batch["input_ids"].shape) if static is not None else None
+            if shape is not None:
+                batch = _pad_to(batch, *shape, tokenizer.pad_token_id)
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch["attention_mask"].to(device)
             labels = batch["labels"].to(device)
+            labels[n:] = -100  # padding rows are never scored
             # position t predicts token t+1: score labels[:, 1:] with the logits at [:, :-1]
             targets = labels[:, 1:]
             positions = torch.zeros_like(labels, dtype=torch.bool)
             positions[:, :-1] = targets != -100
-            logits = _response_logits(model, input_ids, attention_mask, positions)
+            logits = _response_logits(model, input_ids, attention_mask, positions, static if shape else None)
             token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[targets != -100].unsqueeze(-1)).squeeze(-1)
-            counts = (targets != -100).sum(dim=1)
+            counts = (targets[:n] != -100).sum(dim=1)
             row_of = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)[targets != -100]
             sums = torch.zeros(targets.shape[0], device=device, dtype=torch.float32).index_add_(0, row_of, token_lp)
-            for total, n in zip(sums.cpu().tolist(), counts.cpu().tolist()):
-                scores.append(total / n if n else float("-inf"))
+            for total, m in zip(sums[:n].cpu().tolist(), counts.cpu().tolist()):
+                scores.append(total / m if m else float("-inf"))
     return scores

@@ -23,6 +23,7 @@ def test_cpu_auto_keeps_the_dynamic_cache_and_on_forces_static(galore_trial):
     assert auto.info()["static_decoding"] is None and auto.info()["engine"] == "hf"
     forced = _engine(galore_trial, "on", row_buckets=[2, 8], length_buckets=[64, 128])
     assert forced.lm.static.rows == (2, 8) and forced.lm.static.lengths == (64, 128)
+    assert forced.lm.static_scoring.rows == (2, 8) and auto.lm.static_scoring is None
     assert ENGINES["hf"] is load_hf
 
 
@@ -38,20 +39,25 @@ def test_engine_calls_are_the_ensemble_steps(galore_trial):
     assert flat == pytest.approx([x for xs in score_requests(engine.lm, reqs, got) for x in xs], abs=1e-5)
 
 
-def test_warm_up_compiles_the_decoding_buckets_only_when_asked(galore_trial):
-    engine = _engine(galore_trial, "on", row_buckets=[2], length_buckets=[32], score_rows=4)
-    assert set(engine.warm_up()) == {"2x32", "total"} and set(engine.lm.static._caches) == {(2, 32)}
-    cold = _engine(galore_trial, "on", row_buckets=[2], length_buckets=[32], score_rows=4)
-    # not warmed: a request that decodes anyway gets the dynamic cache, never a compile on the spot
-    assert set(cold.warm_up(decoding=False)) == {"total"} and cold.lm.static is None
-    assert len(cold.sample([EnsembleRequest("Hi", k=1, max_new_tokens=4, temperature=0.0)], greedy=True)[0]) == 1
+def test_warm_up_compiles_the_decoding_and_scoring_buckets_only_when_asked(galore_trial):
+    engine = _engine(galore_trial, "on", row_buckets=[2], length_buckets=[32], score_length_buckets=[16, 8192])
+    top = 16 if engine.lm.max_seq_len <= 16 else 8192  # buckets past the model's max_seq_len are never warmed
+    assert set(engine.warm_up()) == {"2x32", "score 2x16", f"score 2x{top}", "total"}
+    assert set(engine.lm.static._caches) == {(2, 32)} and engine.info()["static_scoring"] == {"rows": [2], "lengths": [16, 8192]}
+    cold = _engine(galore_trial, "on", row_buckets=[2], length_buckets=[32])
+    # not warmed: a request that decodes or scores anyway gets the dynamic path, never a compile on the spot
+    assert set(cold.warm_up(decoding=False, scoring=False)) == {"total"}
+    assert cold.lm.static is None and cold.lm.static_scoring is None
+    req = EnsembleRequest("Hi", k=1, max_new_tokens=4, temperature=0.0)
+    cands = cold.sample([req], greedy=True)
+    assert len(cands[0]) == 1 and len(cold.score([req], cands)[0]) == 1
 
 
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [("adapter", "fold", "adapter: must be one of"), ("engine", "vllm", "engine: must be one of hf"),
      ("decoding.row_buckets", [], "row_buckets"), ("decoding.length_buckets", [8], "length_buckets"),
-     ("decoding.static_cache", "maybe", "static_cache")],
+     ("decoding.static_cache", "maybe", "static_cache"), ("decoding.score_length_buckets", [8], "score_length_buckets")],
 )  # fmt: skip
 def test_bad_engine_settings_name_the_key(key, value, message):
     data: dict = {}

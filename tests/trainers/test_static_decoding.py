@@ -81,3 +81,36 @@ def test_decoding_without_logprobs_gives_the_same_answers(lm):
     assert [c.token_ids for c in with_lp] == [c.token_ids for c in without]
     assert [c.text for c in with_lp] == [c.text for c in without]
     assert all(c.generator_logprob is None for c in without) and all(c.generator_logprob < 0 for c in with_lp)
+
+
+ANSWERS = ["Paris.", "Large, huge or vast.", "Red, green and a rather long list of other colours: blue, teal, ochre.",
+           "They need light and water.", "Rayleigh scattering."]  # fmt: skip
+
+
+def _pairs():
+    return [(q, "", a) for q, a in zip(QUESTIONS, ANSWERS)]
+
+
+def test_static_scoring_pads_rows_and_tokens_and_scores_what_eager_scores(lm):
+    from duetto.trainers.inference import StaticScoring, score_candidates
+
+    pairs = _pairs()
+    kw = dict(template=lm.template, max_seq_len=lm.max_seq_len)
+    eager = score_candidates(lm.model, lm.tokenizer, pairs, batch_rows=2, **kw)
+    # 4 rows -> one 8-row forward (4 copies dropped); rows 2 at a time (chunked by the largest bucket)
+    for static in (StaticScoring(rows=[8], lengths=[128]), StaticScoring(rows=[2], lengths=[64, 128])):
+        got = score_candidates(lm.model, lm.tokenizer, pairs, batch_rows=32, static=static, **kw)
+        assert got == pytest.approx(eager, abs=1e-4)
+    assert StaticScoring(rows=[2, 8], lengths=[64]).shape_for(3, 40) == (8, 64)
+    assert StaticScoring(rows=[2], lengths=[64]).shape_for(3, 65) is None  # longer than every bucket: eager
+    # too long for every bucket: the eager forward, same scores
+    short = score_candidates(lm.model, lm.tokenizer, pairs, batch_rows=32, static=StaticScoring([8], [16]), **kw)
+    assert short == pytest.approx(eager, abs=1e-4)
+
+
+def test_static_scoring_warm_up_runs_the_buckets_the_model_can_use(lm):
+    from duetto.trainers.inference import StaticScoring
+
+    static = StaticScoring(rows=[2, 4], lengths=[16, 32, 4096])
+    times = static.warm_up(lm.model, 24)
+    assert set(times) == {"score 2x16", "score 4x16", "score 2x32", "score 4x32"}

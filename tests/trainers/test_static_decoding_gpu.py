@@ -33,3 +33,19 @@ def test_compiled_static_greedy_equals_dynamic_on_cuda(which, request):
             assert a[0].token_ids == b[0].token_ids
             assert a[0].generator_logprob == pytest.approx(b[0].generator_logprob, abs=1e-3)
     assert set(static._caches) == {(2, 128), (8, 128)}
+
+
+@pytest.mark.parametrize("which", ["gemma", "smollm"])
+def test_compiled_static_scoring_equals_eager_on_cuda(which, request):
+    from duetto.serve.loading import load_lm
+    from duetto.trainers.inference import StaticScoring, score_candidates
+
+    lm = load_lm(str(request.getfixturevalue(f"tiny_{which}_dir")), "study", device="cuda", dtype="float32")
+    pairs = [(q, "", f"An answer of {i * 7} words about {q.lower()}") for i, q in enumerate(QUESTIONS)]
+    kw = dict(template=lm.template, max_seq_len=lm.max_seq_len)
+    eager = score_candidates(lm.model, lm.tokenizer, pairs, **kw)
+    static = StaticScoring(rows=[2, 8], lengths=[64, 128])
+    static.warm_up(lm.model, lm.max_seq_len)
+    for _ in range(2):  # the second call replays what the first recorded
+        assert score_candidates(lm.model, lm.tokenizer, pairs, static=static, **kw) == pytest.approx(eager, abs=1e-3)
+        assert score_candidates(lm.model, lm.tokenizer, pairs[:2], static=static, **kw) == pytest.approx(eager[:2], abs=1e-3)
