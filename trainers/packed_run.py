@@ -93,12 +93,37 @@ class PackedTrial:
     trainable_params: int = 0
 
 
+class CudaMemory:
+    """The GPU memory a pack reads to size itself: total, allocated now, and the peak since the last reset."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def total(self) -> int:
+        return int(torch.cuda.get_device_properties(self.device).total_memory)
+
+    def allocated(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+
 class Pack:
     """QLoRA trials sharing one base: ``join`` adds a trial (its LoRA init, data order, optimizer and
     schedule as `duetto train` makes them), ``step`` runs one step of every trial allowed to run,
-    ``finish`` evaluates and saves one, ``leave`` drops one. Not thread-safe: one caller at a time."""
+    ``finish`` evaluates and saves one, ``leave`` drops one. Not thread-safe: one caller at a time.
 
-    def __init__(self, device: torch.device):
+    ``has_room`` says whether one more trial may join: at most ``max_trials`` (0: no count limit) and,
+    where GPU memory is measured (``memory``: CUDA by default), what the steps so far took per trial
+    times one more trial, on top of the base, within ``memory_fraction`` of the GPU. Until a first step
+    has measured a trial's share, one trial at a time is admitted."""
+
+    def __init__(self, device: torch.device, max_trials: int = 0, memory_fraction: float = 0.9,
+                 memory: CudaMemory | None = None):  # fmt: skip
         self.device = device
         self.trials: dict[int, PackedTrial] = {}
         self.base: Any = None
@@ -106,6 +131,34 @@ class Pack:
         self.optim: PackedTrials | None = None
         self.tokenizer: Any = None
         self.model_path = ""
+        self.max_trials = max_trials
+        self.memory_fraction = memory_fraction
+        self.memory = memory if memory is not None else (CudaMemory(device) if device.type == "cuda" else None)
+        self.base_bytes = 0
+        """Memory allocated once the base is built, before any adapter."""
+        self.trial_bytes = 0
+        """One trial's share of a step's peak above the base (adapter, its optimizer state, its rows'
+        activations), measured at the step with the most trials so far."""
+        self._measured_with = 0
+        self.peak_bytes = 0
+        """The highest step peak so far (what a trial reports as its training peak)."""
+
+    def has_room(self) -> bool:
+        n = len(self.trials)
+        if self.max_trials and n >= self.max_trials:
+            return False
+        if self.memory is None or n == 0:
+            return True
+        if not self.trial_bytes:  # nothing measured yet: the first step tells what a trial takes
+            return False
+        return self.base_bytes + self.trial_bytes * (n + 1) <= self.memory_fraction * self.memory.total()
+
+    def capacity(self) -> int | None:
+        """Trials the measured memory holds (None: not measured, or no memory limit)."""
+        if self.memory is None or not self.trial_bytes:
+            return None
+        fit = int((self.memory_fraction * self.memory.total() - self.base_bytes) // self.trial_bytes)
+        return min(fit, self.max_trials) if self.max_trials else fit
 
     def join(self, cfg: TrialConfig, until: int | None = None) -> int:
         from peft import get_peft_model_state_dict
@@ -132,6 +185,10 @@ class Pack:
             self.layers = pack_lora(self.base, cfg.qlora.target_modules, [])
             self.optim = PackedTrials(self.layers)
         del built
+        if self.memory is not None and not self.trials:  # the base alone (this trial's build freed)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.base_bytes = self.memory.allocated()
         (t,) = {layer.add_adapter(spec) for layer in self.layers.values()}  # the same index in every layer
         load_peft_adapter(self.layers, t, init)
         total = total_steps(cfg, len(dataset))
@@ -162,9 +219,17 @@ class Pack:
             idx = [next(tr.order) for _ in range(tr.cfg.batch_size)]
             batches[t] = {k: v.to(self.device) for k, v in collate([tr.dataset[i] for i in idx]).items()}
         self.base.train()
+        if self.memory is not None:
+            self.memory.reset_peak()
         t0 = time.perf_counter()
         losses = self.optim.step(self.base, batches)  # its .item()s wait for the GPU: the step is done
         seconds = time.perf_counter() - t0
+        if self.memory is not None:
+            peak = self.memory.peak()
+            self.peak_bytes = max(self.peak_bytes, peak)
+            if len(live) >= self._measured_with:  # the most trials: the overheads shared by all weigh least
+                self._measured_with = len(live)
+                self.trial_bytes = max(1, (peak - self.base_bytes) // len(live))
         for t, loss in losses.items():
             tr = self.trials[t]
             tr.step += 1
@@ -190,7 +255,7 @@ class Pack:
 
         tr, cfg = self.trials[t], self.trials[t].cfg
         report: dict[str, Any] = {"step": tr.step, "eval_split": tr.rows.split, "eval_loss": self.eval_loss(t),
-                                  "peak_memory_bytes": peak_memory_bytes(self.device)}  # fmt: skip
+                                  "peak_memory_bytes": self.peak_bytes or peak_memory_bytes(self.device)}  # fmt: skip
         if tr.losses:
             every = max(cfg.logging_steps, 1)
             report["train_loss"] = sum(tr.losses[-every:]) / len(tr.losses[-every:])
@@ -209,7 +274,9 @@ class Pack:
         from duetto.trainers.trial_reports import peak_memory_bytes
 
         tr, cfg = self.trials[t], self.trials[t].cfg
-        train_peak = peak_memory_bytes(self.device)
+        train_peak = self.peak_bytes or peak_memory_bytes(self.device)
+        if self.memory is not None:
+            self.memory.reset_peak()  # the evaluation's own peak, below
         eval_loss = self.eval_loss(t)
         gen_rows = tr.rows.generation(cfg)
         with only_trial(self.base, self.layers, t):

@@ -7,9 +7,12 @@ same reports and makes the same decisions as for a trial trained alone. Between 
 the trial waits in the pack without stepping: a trial ASHA stops never trains past its last report.
 Its slot is freed when Tune says the trial ended (``LeavePack``, a Tune callback) or when it finishes.
 
+A pack sizes itself (``Pack.has_room``): a trial joins when the GPU memory the pack's steps took per
+trial so far leaves room for one more within its share of the GPU, and at most ``pack_size`` trials
+(the sweep's setting; 0 = memory alone). A trial that finds no room waits in ``join`` until one leaves.
+
 Limits: a packed trial keeps no checkpoints, so a sweep resumed after its driver died runs its
-unfinished packed trials again from step 0; a pack holds every QLoRA trial of its shared settings that
-Tune runs at once (``max_concurrent_trials`` bounds it; nothing sizes it from GPU memory yet).
+unfinished packed trials again from step 0.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ ACTOR_NAME = "duetto-pack"
 class PackActor:
     """Owns the shared base and every attached trial; one thread steps the pack, client calls wait."""
 
-    def __init__(self, device: str = "auto"):
+    def __init__(self, device: str = "auto", max_trials: int = 0, memory_fraction: float = 0.9):
         import torch
 
         from duetto.trainers.packed_run import Pack
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pack = Pack(torch.device(device))
+        self.pack = Pack(torch.device(device), max_trials=max_trials, memory_fraction=memory_fraction)
         self.keys: dict[str, int] = {}
         self.cond = threading.Condition()
         self.error: BaseException | None = None
@@ -55,6 +58,10 @@ class PackActor:
         from duetto.trainers.config import TrialConfig
 
         with self.cond:
+            while not self.pack.has_room() and self.error is None:  # woken by each step and each leave
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
             t = self.pack.join(from_dict(TrialConfig, cfg), until=0)
             self.keys[key] = t
             return self.pack.trials[t].total
@@ -77,7 +84,15 @@ class PackActor:
 
     def finish(self, key: str) -> dict[str, Any]:
         with self.cond:
-            return self.pack.finish(self.keys.pop(key))
+            out = self.pack.finish(self.keys.pop(key))
+            self.cond.notify_all()  # a slot is free
+            return out
+
+    def size(self) -> dict[str, Any]:
+        """Trials attached now, and how many the measured memory holds (None: not measured yet)."""
+        with self.cond:
+            return {"trials": len(self.pack.trials), "capacity": self.pack.capacity(),
+                    "trial_bytes": self.pack.trial_bytes, "base_bytes": self.pack.base_bytes}  # fmt: skip
 
     def leave(self, key: str) -> None:
         with self.cond:
@@ -98,10 +113,11 @@ def pack_actor_name(sweep_dir: str, group: str) -> str:
 
 
 def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, actor_name: str = "",
-                 gpus: float = 0.0, cpus: float = 1.0) -> None:  # fmt: skip
+                 gpus: float = 0.0, cpus: float = 1.0, max_trials: int = 0, memory_fraction: float = 0.9) -> None:  # fmt: skip
     """The Tune trial of a packed QLoRA configuration: join, report interval by interval, finish.
-    Without ``actor_name`` it joins (or starts, with ``gpus``/``cpus``) the pack of its sweep for
-    trials of its shared settings (trainers/packed_run.py group_key)."""
+    Without ``actor_name`` it joins (or starts, with ``gpus``/``cpus``, at most ``max_trials`` trials
+    within ``memory_fraction`` of the GPU) the pack of its sweep for trials of its shared settings
+    (trainers/packed_run.py group_key)."""
     from pathlib import Path
 
     from ray import tune
@@ -119,7 +135,7 @@ def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, a
         # detached, outside this trial's placement group: the pack outlives the trial that started it
         # (the sweep ends it, stop_packs), and takes its own GPU share, not this trial's
         actor = PackActor.options(name=name, get_if_exists=True, num_gpus=gpus, num_cpus=cpus, lifetime="detached",
-                                  scheduling_strategy="DEFAULT").remote("auto")  # fmt: skip
+                                  scheduling_strategy="DEFAULT").remote("auto", max_trials, memory_fraction)  # fmt: skip
     total = ray.get(actor.join.remote(key, to_dict(cfg)))
     every = cfg.report_every_steps if cfg.report_every_steps > 0 else total
     for until in range(every, total, every):

@@ -83,7 +83,14 @@ class SweepConfig:
     packing: Literal["off", "qlora"] = "off"
     """qlora = the QLoRA trials that share a base (model, bits, sequence length, batch size, targets) train
     together in one forward/backward on one trial's GPU share (tune/packing.py), each still its own Tune
-    trial with its own reports and ASHA decisions; packed trials do not resume from checkpoints yet."""
+    trial with its own reports and ASHA decisions; packed trials do not resume from checkpoints yet;
+    on a GPU, packed steps do not use the CUDA-graph fast path yet."""
+    pack_size: int = 0
+    """Most QLoRA trials one pack trains at once; 0 = as many as its share of GPU memory holds (measured
+    from its steps: see pack_memory_fraction; on CPU, no limit)."""
+    pack_memory_fraction: float = 0.9
+    """A pack admits another trial while base + measured memory per trial x trials stays within this
+    fraction of its GPU share (gpus_per_trial of the GPU's memory; 1 GPU or more: the whole GPU)."""
     max_concurrent_trials: int = 0
     """Trials running at once; 0 = as many as the cluster's GPUs (or CPUs) fit."""
     storage_path: str = ""
@@ -129,6 +136,10 @@ class SweepConfig:
                 )
         if self.max_concurrent_trials < 0:
             raise ConfigError("max_concurrent_trials: must be >= 0")
+        if self.pack_size < 0:
+            raise ConfigError("pack_size: must be >= 0 (0 = sized from GPU memory)")
+        if not 0 < self.pack_memory_fraction <= 1:
+            raise ConfigError(f"pack_memory_fraction: must be in (0, 1], got {self.pack_memory_fraction}")
         if self.scheduler.grace_period < 1:
             raise ConfigError("scheduler.grace_period: must be >= 1 report")
         if self.scheduler.reduction_factor <= 1:
@@ -405,10 +416,23 @@ def check_resources(sweep: SweepConfig, cluster: dict[str, float], nodes: list[d
     return max(1, fits)
 
 
+def concurrent_trials(sweep: SweepConfig, fits: int) -> int:
+    """Trials Tune runs at once: max_concurrent_trials, else what the resources fit (``fits``), plus,
+    when QLoRA trials are packed, every QLoRA trial (a packed trial holds only its driver's CPUs; its
+    pack decides when it joins)."""
+    if sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    if sweep.packing == "qlora" and "qlora" in sweep.methods:
+        return fits + trials_of(sweep, "qlora")
+    return fits
+
+
+def trials_of(sweep: SweepConfig, method: str) -> int:
+    """Trials of one method (grid dimensions multiply its samples)."""
+    dists = [_distribution(method, str(key), value) for key, value in sweep.methods.get(method, {}).items()]
+    return math.prod(len(d[1]) for d in dists if d and d[0] == "grid") * sweep.samples_for(method) if method in sweep.methods else 0
+
+
 def total_trials(sweep: SweepConfig) -> int:
     """Trials the sweep will run (grid dimensions multiply a method's samples)."""
-    n = 0
-    for method, space in sweep.methods.items():
-        dists = [_distribution(method, str(key), value) for key, value in space.items()]
-        n += math.prod(len(d[1]) for d in dists if d and d[0] == "grid") * sweep.samples_for(method)
-    return n
+    return sum(trials_of(sweep, method) for method in sweep.methods)

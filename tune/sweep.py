@@ -25,7 +25,7 @@ import yaml
 from duetto.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from duetto.ray_connect import connect
 from duetto.trainers.config import TrialConfig
-from duetto.tune.spec import SweepConfig, base_trial_dict, check_resources, gpus_per_trial, param_space, total_trials, trial_config
+from duetto.tune.spec import SweepConfig, base_trial_dict, check_resources, concurrent_trials, gpus_per_trial, param_space, total_trials, trial_config
 
 SWEEP_FILE = "sweep.yaml"
 BASE_FILE = "base_trial.yaml"
@@ -67,8 +67,10 @@ def _trainable(sweep: SweepConfig, base: dict[str, Any], sweep_dir: Path, cluste
     from ray import tune
 
     pack = None
-    if sweep.packing == "qlora":  # a pack takes what one trial would take
-        pack = {"gpus": gpus_per_trial(sweep, cluster or {}), "cpus": sweep.resources.cpus_per_trial}
+    if sweep.packing == "qlora":  # a pack takes what one trial would take, and that share of GPU memory
+        gpus = gpus_per_trial(sweep, cluster or {})
+        pack = {"gpus": gpus, "cpus": sweep.resources.cpus_per_trial, "max_trials": sweep.pack_size,
+                "memory_fraction": sweep.pack_memory_fraction * (min(1.0, gpus) if gpus > 0 else 1.0)}  # fmt: skip
     fn = tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_dir), pack=pack)
     return tune.with_resources(fn, {"cpu": sweep.resources.driver_cpus})
 
@@ -154,7 +156,7 @@ def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int
     connect(address, num_cpus, num_gpus)
     cluster, nodes = _cluster()
     fits = check_resources(sweep, cluster, nodes)
-    concurrent = sweep.max_concurrent_trials or fits
+    concurrent = concurrent_trials(sweep, fits)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     resolved = from_dict(SweepConfig, {**to_dict(sweep), "storage_path": str(sweep_dir)})
     dump_yaml(resolved, sweep_dir / SWEEP_FILE)
@@ -162,7 +164,9 @@ def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int
     print(
         f"duetto sweep: {total_trials(sweep)} trials ({', '.join(f'{m} x{sweep.samples_for(m)}' for m in sweep.methods)}), "
         f"{gpus_per_trial(sweep, cluster):g} GPU + {sweep.resources.cpus_per_trial:g} CPU per trial, "
-        f"{concurrent} at a time, {sweep.scheduler.type} on {sweep.metric} ({sweep.resolved_mode}) -> {sweep_dir}",
+        f"{concurrent} at a time, {sweep.scheduler.type} on {sweep.metric} ({sweep.resolved_mode})"
+        + (f", QLoRA trials packed ({sweep.pack_size or 'as many as GPU memory holds'} per pack)" if sweep.packing == "qlora" else "")
+        + f" -> {sweep_dir}",
         flush=True,
     )
     try:

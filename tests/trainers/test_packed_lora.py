@@ -138,3 +138,55 @@ def test_packed_trials_follow_their_solo_duetto_train_loss_curves(tmp_path, tiny
             assert torch.allclose(mine[key], theirs[key], atol=1e-5), (t, key)
     assert len(curves[0]) == 6 and len(curves[1]) == 4  # the shorter trial left the pack after its 4 steps
     assert curves[0][:4] != pytest.approx(curves[1], rel=1e-3)  # the two trials really differ
+
+
+class _FakeGpuMemory:
+    """GPU memory as a pack reads it: the base takes 1,000 bytes, each stepping trial 1,000 more."""
+
+    def __init__(self):
+        self.pack = None
+
+    def total(self) -> int:
+        return 10_000
+
+    def allocated(self) -> int:
+        return 1_000
+
+    def reset_peak(self) -> None:
+        pass
+
+    def peak(self) -> int:
+        return 1_000 + 1_000 * len(self.pack.runnable())
+
+
+def test_a_pack_admits_trials_by_the_memory_its_steps_measured(tmp_path, tiny_gemma_dir, unified_data):
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import Pack
+
+    train, test = unified_data
+    common = [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+              "batch_size=2", "max_steps=3", "report_every_steps=0", "interim_eval_examples=0", "eval.num_examples=2",
+              "eval.max_new_tokens=4", "eval.loss_examples=4", "scaling.num_workers=0"]  # fmt: skip
+    cfgs = [load_config(TrialConfig, None, common + [f"seed={i}", f"output_dir={tmp_path / str(i)}"]) for i in range(3)]
+    meter = _FakeGpuMemory()
+    # budget 3,500 of 10,000: the base (1,000) and two trials (1,000 each) fit, three do not
+    pack = meter.pack = Pack(torch.device("cpu"), memory_fraction=0.35, memory=meter)
+    assert pack.has_room() and pack.capacity() is None
+    a = pack.join(cfgs[0])
+    assert not pack.has_room()  # nothing measured yet: one trial at a time
+    pack.step()
+    assert (pack.base_bytes, pack.trial_bytes, pack.capacity()) == (1_000, 1_000, 2) and pack.has_room()
+    b = pack.join(cfgs[1])
+    assert not pack.has_room()
+    pack.step()
+    assert pack.trial_bytes == 1_000 and not pack.has_room()
+    pack.leave(b)
+    assert pack.has_room()
+    while pack.step():
+        pass
+    assert pack.finish(a)["peak_memory_bytes"] == 3_000  # the highest step peak: two trials stepping
+    counted = Pack(torch.device("cpu"), max_trials=1)  # CPU: no memory to measure, only the count
+    assert counted.memory is None and counted.has_room()
+    counted.join(cfgs[2])
+    assert not counted.has_room() and counted.capacity() is None

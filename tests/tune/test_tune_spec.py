@@ -184,6 +184,22 @@ def test_concurrency_follows_the_scarce_resource(write_yaml, sweep_data):
     assert check_resources(cpu, {"CPU": 2}, [{"CPU": 2}]) == math.floor(2 / 0.55)
 
 
+def test_packed_qlora_trials_all_run_at_once_their_pack_decides_when_they_join(write_yaml, sweep_data):
+    from duetto.tune.spec import concurrent_trials
+
+    path = _sweep(write_yaml, sweep_data, resources={"gpus_per_trial": 0.25, "cpus_per_trial": 1})
+    assert concurrent_trials(load_sweep(path), 4) == 4
+    packed = load_sweep(path, ["packing=qlora"])
+    assert concurrent_trials(packed, 4) == 4 + 3  # the GPU's four, and the three QLoRA clients
+    assert concurrent_trials(load_sweep(path, ["packing=qlora", "max_concurrent_trials=2"]), 4) == 2
+    grid = load_sweep(path, ["packing=qlora", "methods.qlora.r={grid: [2, 4]}"])
+    assert concurrent_trials(grid, 4) == 4 + 6 and total_trials(grid) == 9
+    for key, value, needle in [("pack_size", -1, "pack_size"), ("pack_memory_fraction", 0, "pack_memory_fraction"),
+                               ("pack_memory_fraction", 1.5, "pack_memory_fraction")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=needle):
+            load_sweep(path, [f"{key}={value}"])
+
+
 def test_cli_rejects_a_bad_sweep_with_exit_2_and_the_key(write_yaml, sweep_data, duetto_cli):
     path = _sweep(write_yaml, sweep_data, methods={"galore": {"rnk": {"choice": [4]}}})
     proc = duetto_cli("sweep", str(path), timeout=120)
