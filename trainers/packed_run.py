@@ -23,7 +23,14 @@ from typing import Any
 import torch
 
 from duetto.trainers.config import TrialConfig
-from duetto.trainers.packed_lora import LoraSpec, PackedTrials, TrialOptim, load_peft_adapter, pack_lora
+from duetto.trainers.packed_lora import (
+    LoraSpec,
+    PackedTrials,
+    TrialOptim,
+    load_peft_adapter,
+    pack_lora,
+    peft_adapter_state,
+)
 
 #: Settings every trial of a pack must share: they shape the shared base and the packed batch.
 SHARED = ("method", "model", "template", "max_seq_len", "batch_size", "precision", "gradient_checkpointing",
@@ -91,6 +98,8 @@ class PackedTrial:
     """Wall time of the pack steps this trial took part in (shared with the trials beside it)."""
     joined_at: float = 0.0
     trainable_params: int = 0
+    resumed_from: int = 0
+    """The step its saved state (``Pack.state``) brought it back to (0: trained from the start)."""
 
 
 class CudaMemory:
@@ -160,7 +169,8 @@ class Pack:
         fit = int((self.memory_fraction * self.memory.total() - self.base_bytes) // self.trial_bytes)
         return min(fit, self.max_trials) if self.max_trials else fit
 
-    def join(self, cfg: TrialConfig, until: int | None = None) -> int:
+    def join(self, cfg: TrialConfig, until: int | None = None, state: bytes | None = None) -> int:
+        """Add a trial (``state``: one that ``Pack.state`` saved, to go on from its step); returns its id."""
         from peft import get_peft_model_state_dict
         from transformers import set_seed
 
@@ -199,7 +209,43 @@ class Pack:
         self.trials[t] = PackedTrial(cfg, rows, dataset, hf_order(len(dataset), cfg.seed), total,
                                      until=total if until is None else until, joined_at=time.perf_counter(),
                                      trainable_params=trainable)  # fmt: skip
+        if state is not None:
+            self._restore(t, state)
         return t
+
+    def state(self, t: int) -> bytes:
+        """Trial t at its current step, as the bytes of a checkpoint file: its adapter, its AdamW and
+        schedule, and its progress (step, losses, tokens, seconds). ``join(cfg, state=...)`` goes on
+        from there: the same updates and data order as if it had never stopped (with LoRA dropout 0:
+        the dropout masks come from the pack's one random stream, shared by its trials)."""
+        import io
+
+        tr = self.trials[t]
+        saved = {"adapter": {k: v.cpu() for k, v in peft_adapter_state(self.layers, t).items()},
+                 "optimizer": self.optim.optimizers[t].state_dict(), "scheduler": self.optim.schedulers[t].state_dict(),
+                 "step": tr.step, "losses": list(tr.losses), "trained_tokens": tr.trained_tokens,
+                 "step_seconds": tr.step_seconds, "settings": shared_settings(tr.cfg)}  # fmt: skip
+        buf = io.BytesIO()
+        torch.save(saved, buf)
+        return buf.getvalue()
+
+    def _restore(self, t: int, state: bytes) -> None:
+        import io
+
+        from duetto.config import ConfigError
+
+        tr = self.trials[t]
+        saved = torch.load(io.BytesIO(state), map_location=self.device, weights_only=True)
+        if saved["settings"] != shared_settings(tr.cfg):
+            raise ConfigError(f"a packed trial's checkpoint was saved with other settings: {saved['settings']}")
+        load_peft_adapter(self.layers, t, saved["adapter"])
+        self.optim.optimizers[t].load_state_dict(saved["optimizer"])
+        self.optim.schedulers[t].load_state_dict(saved["scheduler"])
+        tr.step = tr.resumed_from = int(saved["step"])
+        tr.losses = [float(x) for x in saved["losses"]]
+        tr.trained_tokens, tr.step_seconds = int(saved["trained_tokens"]), float(saved["step_seconds"])
+        for _ in range(tr.step * tr.cfg.batch_size):  # the rows its steps so far took
+            next(tr.order)
 
     def runnable(self) -> list[int]:
         return [t for t, tr in self.trials.items() if tr.step < min(tr.until, tr.total)]
@@ -295,7 +341,7 @@ class Pack:
             "total_params": sum(p.numel() for n, p in self.base.named_parameters() if ".lora_" not in n) + tr.trainable_params,
             "num_train_examples": len(tr.dataset), "num_eval_examples": len(gen_rows), "eval_split": tr.rows.split,
             "truncated_train_examples": tr.dataset.truncated, "step": tr.step, "train_loss_curve": curve,
-            "fast_path": f"packed: {len(self.trials)} trials on one base when it left", "resumed_from_step": 0,
+            "fast_path": f"packed: {len(self.trials)} trials on one base when it left", "resumed_from_step": tr.resumed_from,
             "world_size": 1, "device": str(self.device), "done": True,
         }  # fmt: skip
         model_dir = save_adapter(self.layers, t, cfg, self.model_path, self.tokenizer)
@@ -364,8 +410,6 @@ def save_adapter(layers: dict, t: int, cfg: TrialConfig, base_path: str, tokeniz
 
     from peft import LoraConfig
     from safetensors.torch import save_file
-
-    from duetto.trainers.packed_lora import peft_adapter_state
 
     out = Path(cfg.output_dir) / "model"
     out.mkdir(parents=True, exist_ok=True)

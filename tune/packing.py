@@ -11,18 +11,23 @@ A pack sizes itself (``Pack.has_room``): a trial joins when the GPU memory the p
 trial so far leaves room for one more within its share of the GPU, and at most ``pack_size`` trials
 (the sweep's setting; 0 = memory alone). A trial that finds no room waits in ``join`` until one leaves.
 
-Limits: a packed trial keeps no checkpoints, so a sweep resumed after its driver died runs its
-unfinished packed trials again from step 0.
+Each interim report carries the trial's checkpoint (its adapter, AdamW, schedule and progress:
+``Pack.state``), so a trial that Tune restarts (a resumed sweep, a retried failure) rejoins a pack
+from its last report and trains on as if it had never stopped.
 """
 
 from __future__ import annotations
 
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import ray
 
 ACTOR_NAME = "duetto-pack"
+#: A packed trial's Tune checkpoint: one file, Pack.state's bytes.
+STATE_FILE = "packed_trial.pt"
 
 
 @ray.remote(max_concurrency=256)
@@ -53,18 +58,27 @@ class PackActor:
                     self.error = e
                 self.cond.notify_all()
 
-    def join(self, key: str, cfg: dict[str, Any]) -> int:
+    def join(self, key: str, cfg: dict[str, Any], state: bytes | None = None) -> dict[str, int]:
+        """Attach a trial (``state``: its checkpoint, to go on from there); {total, step} of its steps."""
         from duetto.config import from_dict
         from duetto.trainers.config import TrialConfig
 
         with self.cond:
+            if key in self.keys:  # the trial's earlier attempt (Tune restarted it): gone, its slot freed
+                self.pack.leave(self.keys.pop(key))
             while not self.pack.has_room() and self.error is None:  # woken by each step and each leave
                 self.cond.wait()
             if self.error is not None:
                 raise self.error
-            t = self.pack.join(from_dict(TrialConfig, cfg), until=0)
+            t = self.pack.join(from_dict(TrialConfig, cfg), until=0, state=state)
             self.keys[key] = t
-            return self.pack.trials[t].total
+            tr = self.pack.trials[t]
+            return {"total": tr.total, "step": tr.step}
+
+    def state(self, key: str) -> bytes:
+        """The trial's checkpoint at its current step (trainers/packed_run.py Pack.state)."""
+        with self.cond:
+            return self.pack.state(self.keys[key])
 
     def advance(self, key: str, until: int) -> dict[str, Any]:
         """Let the trial run to step ``until``; returns its report there (Pack.interim_report)."""
@@ -117,9 +131,8 @@ def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, a
     """The Tune trial of a packed QLoRA configuration: join, report interval by interval, finish.
     Without ``actor_name`` it joins (or starts, with ``gpus``/``cpus``, at most ``max_trials`` trials
     within ``memory_fraction`` of the GPU) the pack of its sweep for trials of its shared settings
-    (trainers/packed_run.py group_key)."""
-    from pathlib import Path
-
+    (trainers/packed_run.py group_key). Each interim report carries the trial's checkpoint, so a
+    restarted trial goes on from its last report."""
     from ray import tune
 
     from duetto.config import to_dict
@@ -136,10 +149,24 @@ def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, a
         # (the sweep ends it, stop_packs), and takes its own GPU share, not this trial's
         actor = PackActor.options(name=name, get_if_exists=True, num_gpus=gpus, num_cpus=cpus, lifetime="detached",
                                   scheduling_strategy="DEFAULT").remote("auto", max_trials, memory_fraction)  # fmt: skip
-    total = ray.get(actor.join.remote(key, to_dict(cfg)))
+    saved = tune.get_checkpoint()  # set when Tune restarts this trial (a resumed sweep, a retry)
+    state = None
+    if saved is not None:
+        with saved.as_directory() as d:
+            state = Path(d, STATE_FILE).read_bytes()
+    at = ray.get(actor.join.remote(key, to_dict(cfg), state))
+    total = at["total"]
     every = cfg.report_every_steps if cfg.report_every_steps > 0 else total
     for until in range(every, total, every):
-        tune.report(ray.get(actor.advance.remote(key, until)))
+        if until <= at["step"]:  # reported before the checkpoint it went on from
+            continue
+        report = ray.get(actor.advance.remote(key, until))
+        if report.get("left"):
+            return
+        # the checkpoint travels as bytes: the pack actor may run on another node than this trial
+        with tempfile.TemporaryDirectory(prefix="duetto-pack-") as d:
+            Path(d, STATE_FILE).write_bytes(ray.get(actor.state.remote(key)))
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
     ray.get(actor.advance.remote(key, total))
     tune.report({**ray.get(actor.finish.remote(key)), "done": True})
 

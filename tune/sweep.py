@@ -127,6 +127,8 @@ def _tuner(sweep: SweepConfig, base: dict[str, Any], max_concurrent: int, cluste
             name=sweep.sweep_dir().name,
             storage_path=str(sweep.sweep_dir().parent),
             failure_config=tune.FailureConfig(max_failures=sweep.failures.trial_retries, fail_fast=sweep.failures.fail_fast),
+            # the checkpoints Tune itself keeps (packed trials'); unpacked trials keep theirs in their TorchTrainer run
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=sweep.verbose,
             callbacks=callbacks,
         ),

@@ -190,3 +190,48 @@ def test_a_pack_admits_trials_by_the_memory_its_steps_measured(tmp_path, tiny_ge
     assert counted.memory is None and counted.has_room()
     counted.join(cfgs[2])
     assert not counted.has_room() and counted.capacity() is None
+
+
+def test_a_packed_trial_saved_midway_goes_on_as_if_it_never_stopped(tmp_path, tiny_gemma_dir, unified_data):
+    """Pack.state at step 3, a new pack joined from it: the last steps' losses, the eval loss and the
+    adapter are those of the trial trained 6 steps without a stop (its AdamW, schedule, data order)."""
+    from duetto.config import ConfigError, load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import Pack
+
+    train, test = unified_data
+    common = [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+              "batch_size=4", "max_steps=6", "logging_steps=1", "report_every_steps=0", "interim_eval_examples=0",
+              "eval.num_examples=2", "eval.max_new_tokens=4", "eval.loss_examples=8", "scaling.num_workers=0",
+              "qlora.dropout=0.0", "warmup_ratio=0.2", "seed=3", "learning_rate=3e-3", "qlora.r=8"]  # fmt: skip
+    cfg = load_config(TrialConfig, None, common + [f"output_dir={tmp_path / 'whole'}"])
+    whole = Pack(torch.device("cpu"))
+    whole.join(cfg)
+    while whole.step():
+        pass
+    want = whole.finish(0)
+
+    cfg = load_config(TrialConfig, None, common + [f"output_dir={tmp_path / 'parts'}"])
+    first = Pack(torch.device("cpu"))
+    first.join(cfg, until=3)
+    while first.step():
+        pass
+    state = first.state(0)
+    second = Pack(torch.device("cpu"))
+    t = second.join(cfg, state=state)
+    assert second.trials[t].step == 3
+    while second.step():
+        pass
+    got = second.finish(t)
+    assert got["resumed_from_step"] == 3 and want["resumed_from_step"] == 0
+    assert [x for _, x in got["train_loss_curve"]] == pytest.approx([x for _, x in want["train_loss_curve"]], rel=1e-5)
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
+    assert got["trained_tokens"] == want["trained_tokens"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "whole" / "model" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "parts" / "model" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    other = load_config(TrialConfig, None, common + ["max_seq_len=32", f"output_dir={tmp_path / 'other'}"])
+    with pytest.raises(ConfigError, match="other settings"):
+        Pack(torch.device("cpu")).join(other, state=state)

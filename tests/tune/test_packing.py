@@ -25,7 +25,7 @@ def _base(tiny_gemma_dir, unified_data, tmp_path, interim: int = 0) -> dict:
     return to_dict(cfg)
 
 
-def _tune_in_one_pack(base: dict, grid: list[dict], tmp_path, stop=None):
+def _tune_in_one_pack(base: dict, grid: list[dict], tmp_path, stop=None, trainable=None, retries: int = 0):
     """Run ``grid`` as Tune trials that are thin clients of one pack actor; (results, trials still attached)."""
     import ray
     from ray import tune
@@ -37,11 +37,13 @@ def _tune_in_one_pack(base: dict, grid: list[dict], tmp_path, stop=None):
     init_local(num_cpus=4, include_dashboard=False)
     try:
         actor = PackActor.options(name=ACTOR_NAME, num_cpus=1).remote("cpu")
-        trial = tune.with_parameters(packed_trial, base=base, sweep_dir=str(tmp_path / "sweep"), actor_name=ACTOR_NAME)
+        trial = tune.with_parameters(trainable or packed_trial, base=base, sweep_dir=str(tmp_path / "sweep"),
+                                     actor_name=ACTOR_NAME)  # fmt: skip
         results = tune.Tuner(
             tune.with_resources(trial, {"cpu": 0.5}), param_space={"trial": tune.grid_search(grid)},
             tune_config=tune.TuneConfig(metric="eval_loss", mode="min"),
             run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), stop=stop,
+                                      failure_config=tune.FailureConfig(max_failures=retries),
                                       callbacks=[leave_pack_callback(ACTOR_NAME)]),
         ).fit()  # fmt: skip
         return results, ray.get(actor.attached.remote())
@@ -88,6 +90,47 @@ def test_a_trial_tune_stops_leaves_the_pack_and_the_others_run_on(tmp_path, tiny
     assert got[7].metrics["step"] == 2 and "bleu4" not in got[7].metrics  # stopped at its first report
     assert got[1].metrics["step"] == 6
     assert got[1].metrics["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4)  # as if alone
+    assert attached == []
+
+
+def test_a_restarted_packed_trial_goes_on_from_its_last_checkpoint(tmp_path, tiny_gemma_dir, unified_data):
+    from duetto.trainers.packed_run import train_packed
+    from duetto.tune.spec import trial_config
+
+    # defined here, not at module level: Ray ships it by value (the test module does not import on a worker)
+    def _fails_once_after_its_first_checkpoint(config, **kwargs):
+        """packed_trial, whose first attempt dies right after its first checkpointed report (as a trial
+        whose process is lost would); Tune then restarts it from that checkpoint."""
+        from ray import tune
+
+        from duetto.tune.packing import packed_trial
+
+        if tune.get_checkpoint() is None:
+            real = tune.report
+
+            def report_then_die(metrics, checkpoint=None):
+                real(metrics, checkpoint=checkpoint)
+                if checkpoint is not None:
+                    raise RuntimeError("the trial's process died")
+
+            tune.report = report_then_die
+            try:
+                return packed_trial(config, **kwargs)
+            finally:
+                tune.report = real
+        return packed_trial(config, **kwargs)
+
+    base = _base(tiny_gemma_dir, unified_data, tmp_path)
+    grid = [{"method": "qlora", "seed": 1, "learning_rate": 3e-3, "qlora.r": 8}]
+    (want,) = train_packed([trial_config(base, grid[0], output_dir=str(tmp_path / "ref"))], torch.device("cpu"))
+    results, attached = _tune_in_one_pack(base, grid, tmp_path, trainable=_fails_once_after_its_first_checkpoint,
+                                          retries=1)  # fmt: skip
+    assert not results.errors
+    (r,) = results
+    assert r.metrics["step"] == 6 and r.metrics["resumed_from_step"] == 2  # went on from its report at step 2
+    assert r.metrics["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4)
+    assert [x for _, x in r.metrics["train_loss_curve"]] == pytest.approx([x for _, x in want["train_loss_curve"]], rel=1e-4)
+    assert r.checkpoint is not None  # each interim report carried one
     assert attached == []
 
 
