@@ -255,6 +255,7 @@ def run_serve(gen_src: str, rer_src: str, args) -> dict:
         "ensemble": {"k": args.k, "max_new_tokens": args.max_new_tokens, "temperature": 0.8, "top_p": 0.95},
         "limits": {"max_new_tokens": max(512, args.max_new_tokens)},
         "generator_deployment": {**share, **batching}, "reranker_deployment": {**share, **batching},
+        "colocate": "on" if args.colocate else "off",
         "ingress_deployment": {"num_cpus": 0.25 if args.tiny else 1},
         **({"decoding": {"row_buckets": [2, 8], "length_buckets": [64]}} if args.tiny else {}),
     })  # fmt: skip
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-s", type=float, default=10.0, help="seconds of Serve warm-up load")
     p.add_argument("--max-batch-size", type=int, default=0, help="@serve.batch max_batch_size of both models (0: default)")
     p.add_argument("--batch-wait", type=float, default=None, help="@serve.batch batch_wait_timeout_s (default: the config's)")
+    p.add_argument("--colocate", action="store_true", help="both models in one replica (colocate: on)")
     p.add_argument("--out", default="benchmarks/serve_bench.json", help="JSON result path")
     args = p.parse_args(argv)
     if args.out == "benchmarks/serve_bench.json" and not args.tiny:
@@ -350,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     model = "tiny" if args.tiny else ("given" if args.generator else args.model)
     details = {
         "settings": {"k": args.k, "max_new_tokens": args.max_new_tokens, "model": model, "generator": args.generator,
-                     "reranker": args.reranker, "duration_s": args.duration},
+                     "reranker": args.reranker, "duration_s": args.duration, "colocate": args.colocate},
         "environment": env,
         "naive": naive,
         "serve": served,

@@ -1,4 +1,5 @@
-"""Build and start the Ray Serve app: Generator and Reranker deployments behind the FastAPI Ingress.
+"""Build and start the Ray Serve app: Generator and Reranker deployments (or, with ``colocate: on``, one
+Models deployment holding both) behind the FastAPI Ingress.
 
 ``build_app`` is the import path a Serve config file names (``duetto.serve.app:build_app``);
 ``app_from_config`` and ``start`` are what `duetto serve` and the tests use. The deployments live in
@@ -15,7 +16,7 @@ from ray import serve
 from duetto.config import to_dict
 from duetto.serve.config import DeploymentOptions, ServeConfig, config_from_args
 from duetto.serve.ingress import Ingress
-from duetto.serve.replicas import Generator, Reranker
+from duetto.serve.replicas import Generator, Models, Reranker
 
 log = logging.getLogger("duetto.serve")
 
@@ -55,6 +56,17 @@ def _deploy_options(o: DeploymentOptions) -> dict:
     }
 
 
+def _colocated_options(gen: DeploymentOptions, rer: DeploymentOptions) -> dict:
+    """The Models deployment: what the two deployments would take, added up (each request makes a call
+    of each kind to it)."""
+    return {
+        "num_replicas": gen.num_replicas,
+        "ray_actor_options": {"num_cpus": gen.num_cpus + rer.num_cpus, "num_gpus": (gen.num_gpus or 0) + (rer.num_gpus or 0)},
+        "max_ongoing_requests": gen.max_ongoing_requests + rer.max_ongoing_requests,
+        "max_queued_requests": gen.max_queued_requests + rer.max_queued_requests,
+    }
+
+
 def resolve_sources(cfg: ServeConfig) -> ServeConfig:
     """Fill generator/reranker from ``from_sweep`` where not named; check both are given."""
     from duetto.config import ConfigError
@@ -91,15 +103,17 @@ def app_from_config(cfg: ServeConfig):
         if p.exists():
             setattr(cfg, name, str(p.resolve()))
     gen_opts, rer_opts = cfg.generator_deployment, cfg.reranker_deployment
-    generator = Generator.options(**_deploy_options(gen_opts)).bind(
-        # the generator deployment only samples: it never scores
-        model_settings(cfg, cfg.generator, cfg.generator_template, True, False), to_dict(gen_opts)
-    )
-    reranker = Reranker.options(**_deploy_options(rer_opts)).bind(
-        # the reranker decodes only in mode reranker-greedy: other modes never wait for its compilation
-        model_settings(cfg, cfg.reranker, cfg.reranker_template, cfg.ensemble.mode == "reranker-greedy", True),
-        to_dict(rer_opts),
-    )
+    # the generator only samples, it never scores; the reranker decodes only in mode reranker-greedy:
+    # no replica waits for compiling a path it never runs
+    models = {"generator": model_settings(cfg, cfg.generator, cfg.generator_template, True, False),
+              "reranker": model_settings(cfg, cfg.reranker, cfg.reranker_template,
+                                         cfg.ensemble.mode == "reranker-greedy", True)}  # fmt: skip
+    options = {"generator": to_dict(gen_opts), "reranker": to_dict(rer_opts)}
+    if cfg.colocate == "on":  # one deployment answers both kinds of call
+        generator = reranker = Models.options(**_colocated_options(gen_opts, rer_opts)).bind(models, options)
+    else:
+        generator = Generator.options(**_deploy_options(gen_opts)).bind({"generator": models["generator"]}, options)
+        reranker = Reranker.options(**_deploy_options(rer_opts)).bind({"reranker": models["reranker"]}, options)
     ing = cfg.ingress_deployment
     return Ingress.options(
         num_replicas=ing.num_replicas,

@@ -204,6 +204,10 @@ class ServeConfig:
     """End-to-end HTTP timeout of the Serve proxy (a request past it gets 408 instead of hanging)."""
     ensemble: EnsembleOptions = field(default_factory=EnsembleOptions)
     limits: Limits = field(default_factory=Limits)
+    colocate: Literal["on", "off"] = "off"
+    """on = both models in one replica (deployment Models: the two deployments' CPUs and GPUs added up, each
+    model on its own thread, batching from its own *_deployment section; num_replicas must match): one process
+    on the GPU instead of two taking turns on it. off = a Generator and a Reranker deployment."""
     generator_deployment: DeploymentOptions = field(default_factory=DeploymentOptions)
     reranker_deployment: DeploymentOptions = field(default_factory=DeploymentOptions)
     ingress_deployment: IngressOptions = field(default_factory=IngressOptions)
@@ -229,6 +233,12 @@ class ServeConfig:
                 raise ConfigError(f"ensemble.{key}: {value} is above limits.max_{key} {limit}")
         if self.request_timeout_s <= 0:
             raise ConfigError("request_timeout_s: must be > 0")
+        if self.colocate == "on" and self.generator_deployment.num_replicas != self.reranker_deployment.num_replicas:
+            raise ConfigError(
+                "colocate: on puts both models in each replica, so generator_deployment.num_replicas and "
+                f"reranker_deployment.num_replicas must match ({self.generator_deployment.num_replicas} vs "
+                f"{self.reranker_deployment.num_replicas})"
+            )
 
     def require_models(self) -> None:
         """Called before launching (not at load time, so shipped YAMLs validate without trained models)."""

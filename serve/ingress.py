@@ -157,7 +157,8 @@ class Ingress:
     async def healthz(self, request: Request) -> JSONResponse:
         try:
             gen, rer = await asyncio.wait_for(
-                asyncio.gather(self.generator.info.remote(), self.reranker.info.remote()), HEALTH_TIMEOUT_S
+                asyncio.gather(self.generator.info.remote("generator"), self.reranker.info.remote("reranker")),
+                HEALTH_TIMEOUT_S,
             )
         except Exception as e:  # not loaded yet, restarting, or gone: not ready either way
             status, body = 503, {"status": "loading", "detail": type(e).__name__}

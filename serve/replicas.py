@@ -1,6 +1,7 @@
-"""The model deployments: Generator samples candidates, Reranker scores them (or answers greedily).
+"""The model deployments: Generator samples candidates, Reranker scores them (or answers greedily);
+Models holds both in one replica (``colocate: on``) and answers both kinds of call.
 
-Each replica loads its model once into an engine (serve/engine.py) and warms it up before Serve
+Each replica loads its model(s) once into an engine (serve/engine.py) and warms them up before Serve
 counts it ready; the batched methods (``@serve.batch``) merge every batch that queued while the model
 was busy into one call (serve/merge.py).
 """
@@ -33,54 +34,81 @@ def _drop_parked_batches_warning(record: logging.LogRecord) -> bool:
 _CLIENT_GONE = "_duetto_client_gone"
 
 
-class _ModelReplica:
-    """Loads one model for a replica; model calls run one at a time on one worker thread of their own,
-    so the event loop keeps accepting requests (and forming the next batch) while the model computes,
-    and compiled CUDA graphs (recorded per thread) are always replayed on the thread that recorded them.
-    The batches formed meanwhile are parked and merged into the next call (serve/merge.py).
+class _Model:
+    """One model of a replica: its engine, loaded and warmed up on a worker thread of its own, where
+    every later call of it runs too (compiled CUDA graphs, recorded per thread, are always replayed on
+    the thread that recorded them; the event loop keeps accepting requests meanwhile).
 
     ``model`` holds source, template, quantize, adapter, dtype, context_cap, allow_pickle, engine and
-    decoding (the ServeConfig fields), warm_decoding (whether warm-up compiles the generate path:
-    the reranker generates only in mode reranker-greedy) and warm_scoring (the scoring path: the
-    generator never scores); ``options`` is the deployment's
-    DeploymentOptions as a dict."""
+    decoding (the ServeConfig fields), warm_decoding (whether warm-up compiles the generate path: the
+    reranker generates only in mode reranker-greedy) and warm_scoring (the scoring path: the generator
+    never scores)."""
 
-    def __init__(self, model: dict, options: dict):
-        import ray
-
+    def __init__(self, role: str, model: dict, device: str):
         from duetto.config import from_dict
         from duetto.serve.config import DecodingOptions
         from duetto.serve.engine import ENGINES
-        from duetto.serve.loading import inspect_saved, pick_device
-        from duetto.serve.merge import MergedCalls
+        from duetto.serve.loading import inspect_saved
 
         t0 = time.perf_counter()
-        # the GPUs Ray actually assigned, so a Serve config file's ray_actor_options decide too
-        self.device = pick_device(bool(ray.get_gpu_ids()))
+        self.device = device
         source = model["source"]
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._lock = threading.Lock()
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{role}")
+        self.lock = threading.Lock()
         load = functools.partial(
-            ENGINES[model.get("engine", "hf")], source, model.get("template", ""), device=self.device,
+            ENGINES[model.get("engine", "hf")], source, model.get("template", ""), device=device,
             dtype=model.get("dtype", "auto"), quantize=model.get("quantize", "auto"), adapter=model.get("adapter", "auto"),
             context_cap=int(model.get("context_cap", 0)), allow_pickle=bool(model.get("allow_pickle", False)),
             decoding=from_dict(DecodingOptions, model.get("decoding") or {}),
         )  # fmt: skip
-        self.engine = self._worker.submit(load).result()
+        self.engine = self.worker.submit(load).result()
         self.lm = getattr(self.engine, "lm", None)
         self.spec = inspect_saved(source)
         self.load_s = time.perf_counter() - t0
-        log.info("loaded %s on %s in %.1f s", source, self.device, self.load_s)
+        log.info("loaded %s (%s) on %s in %.1f s", source, role, device, self.load_s)
         # before Serve counts the replica ready: no request pays for compilation or first calls
         decoding, scoring = bool(model.get("warm_decoding", True)), bool(model.get("warm_scoring", True))
-        self.warm_up = self._worker.submit(self.engine.warm_up, decoding, scoring).result()
-        # Serve's batching settings for each batched method, and the MergedCalls its batches share the model through
-        size = int(options["max_batch_size"])
+        self.warm_up = self.worker.submit(self.engine.warm_up, decoding, scoring).result()
+
+    async def run(self, fn: Callable[[list[dict]], list], items: list[dict]) -> list:
+        items = [dict(item) for item in items]  # copied here: the event loop may mark one meanwhile
+
+        def locked() -> list:
+            with self.lock:
+                return fn(items)
+
+        return await asyncio.get_running_loop().run_in_executor(self.worker, locked)
+
+    def info(self) -> dict:
+        info = {"source": self.spec.source, "adapter": self.spec.adapter, "method": self.spec.method,
+                "device": self.device, "load_s": round(self.load_s, 2), **self.engine.info()}  # fmt: skip
+        if self.lm is not None:
+            info.update(template=self.lm.template, context=self.lm.context)
+        return info
+
+
+class _ModelReplica:
+    """A replica of one or more models (``models``: role -> its _Model settings; ``options``: role ->
+    its DeploymentOptions as a dict, whose batching settings its batched methods take). Each batched
+    method (``@serve.batch``) merges every batch that queued while its model was busy into one call
+    (serve/merge.py); a replica holding both models runs each on its own thread."""
+
+    def __init__(self, models: dict[str, dict], options: dict[str, dict]):
+        import ray
+
+        from duetto.serve.loading import pick_device
+        from duetto.serve.merge import MergedCalls
+
+        # the GPUs Ray actually assigned, so a Serve config file's ray_actor_options decide too
+        device = pick_device(bool(ray.get_gpu_ids()))
+        self.models = {role: _Model(role, model, device) for role, model in models.items()}
         self._merged = {}
-        for name, run in self._model_calls().items():
+        for name, (role, run) in self._model_calls().items():
+            opts = options[role]
+            size = int(opts["max_batch_size"])
             getattr(self, name).set_max_batch_size(size)
-            getattr(self, name).set_batch_wait_timeout_s(float(options["batch_wait_timeout_s"]))
-            self._merged[name] = MergedCalls(functools.partial(self._in_thread, run), size,
+            getattr(self, name).set_batch_wait_timeout_s(float(opts["batch_wait_timeout_s"]))
+            self._merged[name] = MergedCalls(functools.partial(self.models[role].run, run), size,
                                              dropped=lambda item: item.get(_CLIENT_GONE, False))  # fmt: skip
         # Ray warns that max_batch_size x max_concurrent_batches exceeds max_ongoing_requests; parked
         # batches never run side by side (see serve/merge.py), so the warning does not apply here.
@@ -88,8 +116,8 @@ class _ModelReplica:
         if _drop_parked_batches_warning not in serve_log.filters:
             serve_log.addFilter(_drop_parked_batches_warning)
 
-    def _model_calls(self) -> dict[str, Callable[[list[dict]], list]]:
-        """{batched method name: its model call (run in a worker thread on the request dicts)}."""
+    def _model_calls(self) -> dict[str, tuple[str, Callable[[list[dict]], list]]]:
+        """{batched method name: (the role of its model, its model call on the request dicts)}."""
         raise NotImplementedError
 
     @staticmethod
@@ -102,21 +130,10 @@ class _ModelReplica:
             request[_CLIENT_GONE] = True
             raise
 
-    async def _in_thread(self, fn: Callable[[list[dict]], list], items: list[dict]) -> list:
-        items = [dict(item) for item in items]  # copied here: the event loop may mark one meanwhile
-
-        def locked() -> list:
-            with self._lock:
-                return fn(items)
-
-        return await asyncio.get_running_loop().run_in_executor(self._worker, locked)
-
-    async def info(self) -> dict:
-        info = {"source": self.spec.source, "adapter": self.spec.adapter, "method": self.spec.method,
-                "device": self.device, "load_s": round(self.load_s, 2), **self.engine.info()}  # fmt: skip
-        if self.lm is not None:
-            info.update(template=self.lm.template, context=self.lm.context)
-        return info
+    async def info(self, role: str = "") -> dict:
+        """The model of ``role`` (generator, reranker; empty: the replica's only one)."""
+        model = self.models[role] if role else next(iter(self.models.values()))
+        return model.info()
 
 
 def _batch_method(name: str, answer: Callable[[Any], dict]) -> Any:
@@ -153,10 +170,10 @@ def _scored_from(items: list[dict]):
     return reqs, [[Candidate(text) for text in it["texts"]] for it in items]
 
 
-@serve.deployment(name="Generator")
-class Generator(_ModelReplica):
+class _Generator(_ModelReplica):
     def _model_calls(self) -> dict:
-        return {"_generate_batch": lambda items: self.engine.sample(_requests_from(items))}
+        engine = self.models["generator"].engine
+        return {"_generate_batch": ("generator", lambda items: engine.sample(_requests_from(items)))}
 
     async def generate(self, request: dict) -> dict:
         """One request ({instruction, input, k, max_new_tokens, temperature, top_p, seed}) -> its candidates."""
@@ -165,12 +182,12 @@ class Generator(_ModelReplica):
     _generate_batch = _batch_method("_generate_batch", _candidates)
 
 
-@serve.deployment(name="Reranker")
-class Reranker(_ModelReplica):
+class _Reranker(_ModelReplica):
     def _model_calls(self) -> dict:
+        engine = self.models["reranker"].engine
         return {
-            "_score_batch": lambda items: self.engine.score(*_scored_from(items)),
-            "_greedy_batch": lambda items: self.engine.sample(_requests_from(items), greedy=True),
+            "_score_batch": ("reranker", lambda items: engine.score(*_scored_from(items))),
+            "_greedy_batch": ("reranker", lambda items: engine.sample(_requests_from(items), greedy=True)),
         }
 
     async def score(self, request: dict) -> dict:
@@ -183,3 +200,16 @@ class Reranker(_ModelReplica):
 
     _score_batch = _batch_method("_score_batch", lambda scores: {"scores": scores})
     _greedy_batch = _batch_method("_greedy_batch", _candidates)
+
+
+class _Models(_Generator, _Reranker):
+    """Both models in one replica (``colocate: on``): one process on the GPU, each model on its own
+    thread, so their kernels share one CUDA context instead of two processes taking turns on the GPU."""
+
+    def _model_calls(self) -> dict:
+        return {**_Generator._model_calls(self), **_Reranker._model_calls(self)}
+
+
+Generator = serve.deployment(name="Generator")(_Generator)
+Reranker = serve.deployment(name="Reranker")(_Reranker)
+Models = serve.deployment(name="Models")(_Models)
