@@ -34,6 +34,29 @@ def _drop_parked_batches_warning(record: logging.LogRecord) -> bool:
 _CLIENT_GONE = "_duetto_client_gone"
 
 
+def cuda_graph_thread() -> None:
+    """Give this thread the per-thread state of torch's CUDA-graph trees (compiled static shapes replay
+    through them). torch 2.13 sets it up in any thread on first use; older torch only has it in the
+    thread that imported the module (and autograd's), so a second model thread of a replica holding
+    both models would fail its first graph there. Runs as each model thread's initializer."""
+    import collections
+
+    import torch
+
+    try:
+        from torch._inductor import cudagraph_trees as trees
+    except ImportError:  # a torch without inductor: nothing is compiled
+        return
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    init = getattr(trees, "_initialize_tls", None)
+    if init is not None:
+        init(trees.local)
+    else:
+        trees.local.tree_manager_containers = {}
+        trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+
+
 class _Model:
     """One model of a replica: its engine, loaded and warmed up on a worker thread of its own, where
     every later call of it runs too (compiled CUDA graphs, recorded per thread, are always replayed on
@@ -53,7 +76,8 @@ class _Model:
         t0 = time.perf_counter()
         self.device = device
         source = model["source"]
-        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{role}")
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{role}",
+                                                            initializer=cuda_graph_thread)  # fmt: skip
         self.lock = threading.Lock()
         load = functools.partial(
             ENGINES[model.get("engine", "hf")], source, model.get("template", ""), device=device,

@@ -98,3 +98,27 @@ def test_colocated_resources_add_up_and_replica_counts_must_match():
     assert opts["ray_actor_options"] == {"num_cpus": 1.5, "num_gpus": 1.0} and opts["max_ongoing_requests"] == 96
     with pytest.raises(ConfigError, match="num_replicas must match"):
         from_dict(ServeConfig, {"colocate": "on", "generator_deployment": {"num_replicas": 2}})
+
+
+def test_every_model_thread_gets_the_cuda_graph_trees_state():
+    """A model thread other than the one that imported torch's CUDA-graph trees finds their per-thread
+    state where older torch looks it up (an attribute of the module's thread-local), set up by the
+    replica's thread initializer; without it a fresh thread has none."""
+    import threading
+
+    from torch._inductor import cudagraph_trees as trees
+
+    from duetto.serve.replicas import cuda_graph_thread
+
+    seen = []
+
+    def model_thread():
+        before = hasattr(trees.local, "tree_manager_containers")
+        cuda_graph_thread()
+        seen.append((before, hasattr(trees.local, "tree_manager_containers"), trees.get_obj(trees.local, "tree_manager_locks")))
+
+    t = threading.Thread(target=model_thread)
+    t.start()
+    t.join()
+    (before, after, locks), = seen
+    assert not before and after and locks is not None
