@@ -86,6 +86,29 @@ def render_selection(selection: dict, methods: dict) -> list[str]:
     return L
 
 
+def render_counts(counts: dict) -> list[str]:
+    """The ensemble's mode on the first n of its candidates, for each n: quality, the oracle, the cost."""
+    single = counts.get("best_single")
+    L = ["## How many candidates", "",
+         f"Mode {counts['mode']} choosing among the first n of the k={counts['k']} candidates sampled for each of "
+         f"{counts['num_examples']} test prompts (the first n of k samples are n samples). Model time per request "
+         "was timed with n candidates on one batch of prompts (all k: the whole run).", "",
+         "| candidates | ROUGE-L F (0-1) | BLEU-4 | "
+         + (f"Δ ROUGE-L vs {single} | Δ BLEU-4 vs {single} | " if single else "")
+         + "random pick ROUGE-L | best candidate ROUGE-L (upper bound) | model time (ms / request) |",
+         "|---|---|---|" + ("---|---|" if single else "") + "---|---|---|"]  # fmt: skip
+    for c in counts["counts"]:
+        cells = [str(c["n"]), fmt_ci(*c["rougeL"], 3), fmt_ci(*c["bleu4"], 2)]
+        if single:
+            for metric, digits in (("rougeL", 3), ("bleu4", 2)):
+                t = c["vs_best_single"][metric]
+                cells.append(f"{t['delta']:+.{digits}f} [{t['low']:+.{digits}f}, {t['high']:+.{digits}f}]")
+        ms = f"{c['latency_ms']:.0f}" if c.get("latency_ms") is not None else "–"
+        cells += [f"{c['random_rougeL']:.3f}", fmt_ci(*c["oracle_rougeL"], 3), ms]
+        L.append("| " + " | ".join(cells) + " |")
+    return L
+
+
 def render_markdown(report: dict, rows: list[dict], systems: dict[str, dict]) -> str:
     L = ["# Study reproduction: Baseline vs QLoRA vs GaLore vs the ensemble", ""]
     L += [f"Command: `{report['command']}`", "",
@@ -106,6 +129,8 @@ def render_markdown(report: dict, rows: list[dict], systems: dict[str, dict]) ->
     L += ["", "## What these numbers support", "", *_reading(report)]
     if report.get("selection"):
         L += ["", *render_selection(report["selection"], report.get("selection_methods") or {})]
+    if report.get("candidate_counts"):
+        L += ["", *render_counts(report["candidate_counts"])]
     L += ["", "## Resources", "", "| system | peak train memory (GiB) | trainable params | trained tokens/s | "
           "train time (s, optimizer steps) | generation latency (ms / example) |", "|---|---|---|---|---|---|"]
     for name, s in report["systems"].items():

@@ -36,6 +36,10 @@ class EnsembleSettings:
     """mix: the generator log-prob's weight; pmi: the prior's (as in `duetto serve`)."""
     weights: dict[str, float] = field(default_factory=dict)
     """Mode combined: each feature's weight (as in `duetto serve`)."""
+    compare_k: list[int] = field(default_factory=list)
+    """Also score the ensemble's mode on the first n of the k candidates, for each n here (n < k), with
+    the model time per request of n candidates (timed on one batch of rows each): what more candidates
+    buy. E.g. k: 16, compare_k: [4, 8]."""
 
 
 @dataclass
@@ -95,6 +99,8 @@ class ReportConfig:
         e = self.ensemble
         if e.k < 1:
             raise ConfigError("ensemble.k: must be >= 1")
+        if any(not 1 <= n <= e.k for n in e.compare_k):
+            raise ConfigError(f"ensemble.compare_k: each count must be in 1..ensemble.k ({e.k}), got {e.compare_k}")
         if not 0.0 <= e.weight <= 1.0:
             raise ConfigError("ensemble.weight: must be in [0, 1]")
         if e.weights or e.mode == "combined":
@@ -338,6 +344,21 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
                               best_single=(better, systems[better]["texts"]),
                               per_request_ms=systems[ens_name]["info"][0].get("step_ms") if rows else None,
                               n_resamples=n, seed=cfg.seed)  # fmt: skip
+    counts = None
+    if e.compare_k and rows:
+        from dataclasses import replace
+
+        from duetto.workflows.selection_report import count_table
+
+        timed = {e.k: systems[ens_name]["info"][0].get("step_ms") or {}}
+        for count in sorted(set(e.compare_k) - {e.k}):  # each count's own sampling and scoring time, on one batch
+            fewer = replace(cfg, ensemble=replace(e, k=count))
+            timed[count] = _decode(None, rows[: cfg.batch_size], fewer, generator=q_lm, reranker=g_lm, ensemble=True,
+                                   selection=chosen)[2][0].get("step_ms") or {}  # fmt: skip
+        params = {"weight": chosen["weight"], "weights": chosen["weights"] or None}
+        counts = count_table(records, mode=chosen["mode"], params=params, counts=e.compare_k,
+                             best_single=(better, systems[better]["texts"]), per_request_ms=timed, n_resamples=n,
+                             seed=cfg.seed)  # fmt: skip
     report = {
         "config": to_dict(cfg),
         "command": command,
@@ -346,6 +367,7 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
         "tests": tests,
         "selection": selection or {"fitted_on": None, "chosen": chosen["mode"]},
         "selection_methods": methods,
+        "candidate_counts": counts,
         "resources": resources,
         "provenance": provenance,
         "versions": _versions(),

@@ -4,7 +4,8 @@
 split held out of train.jsonl); ``selection_table`` then scores every mode on the test rows' stored
 candidates: BLEU-4 and ROUGE-L with bootstrap intervals, paired tests against the best single model
 and against a random pick, the oracle (the best candidate against the reference, a bound no chooser
-passes) and each mode's model time per request.
+passes) and each mode's model time per request; ``count_table`` scores the returned mode on the first
+n of each prompt's candidates, for several n: what more candidates buy, and what they cost.
 """
 
 from __future__ import annotations
@@ -165,3 +166,59 @@ def selection_table(rows: Sequence[dict], *, modes: Mapping[str, Mapping[str, An
     return {"k": max(len(cs) for cs in cands), "num_examples": len(rows), "mode": returned_mode,
             "best_single": best_single[0] if best_single else None, "methods": methods, "tests": tests,
             "features": [f for f in FEATURES if has_features(cands, [f])]}  # fmt: skip
+
+
+def count_table(rows: Sequence[dict], *, mode: str, params: Mapping[str, Any], counts: Sequence[int],
+                best_single: tuple[str, Sequence[str]] | None = None,
+                per_request_ms: Mapping[int, Mapping[str, float]] | None = None, n_resamples: int = 1000,
+                seed: int = 0) -> dict:  # fmt: skip
+    """``mode`` (with ``params``) choosing among the first n stored candidates of each row, for each n in
+    ``counts`` (those above the rows' k are left out): the first n of k samples are n samples. Each n
+    gets its pick's ROUGE-L F and BLEU-4 with intervals, paired tests against the best single model,
+    a random pick's and the oracle's ROUGE-L F among those n, and the model time per request of n
+    candidates (``per_request_ms``: n -> that n's step times, as ``step_ms`` reads them). Consensus is
+    recomputed among the n: it depends on which candidates stand beside each one."""
+    import numpy as np
+
+    from duetto.workflows.stats import METRICS, bootstrap_ci, paired_bootstrap, rouge_from_sums
+
+    rows = [r for r in rows if r.get("ensemble_candidates")]
+    if not rows:
+        return {}
+    refs = [r["reference"] for r in rows]
+    full = stored_candidates(rows)
+    util = candidate_rouge(full, refs)
+    k = min(len(cs) for cs in full)
+    bleu_stat, bleu_from = METRICS["bleu4"]
+    single = None
+    if best_single is not None:
+        single = {"rougeL": METRICS["rougeL"][0](best_single[1], refs), "bleu4": bleu_stat(best_single[1], refs)}
+    out = []
+    for n in sorted({c for c in counts if 1 <= c <= k} | {k}):
+        cands = []
+        for cs in full:
+            sub = [Candidate(c.text, c.generator_logprob, reranker_score=c.reranker_score, prior_score=c.prior_score)
+                   for c in cs[:n]]  # fmt: skip
+            for c, agree in zip(sub, consensus_scores([c.text for c in sub])):
+                c.consensus = agree
+            cands.append(sub)
+        picks = [choose(cs, mode, params.get("weight", 0.5), params.get("weights")) for cs in cands]
+        rouge = np.asarray([u[j] for u, j in zip(util, picks)]).reshape(-1, 1)
+        bleu = bleu_stat([cs[j].text for cs, j in zip(cands, picks)], refs)
+        oracle = np.asarray([max(u[:n]) for u in util]).reshape(-1, 1)
+        entry: dict[str, Any] = {
+            "n": n,
+            "rougeL": bootstrap_ci(rouge, rouge_from_sums, n_resamples=n_resamples, seed=seed),
+            "bleu4": bootstrap_ci(bleu, bleu_from, n_resamples=n_resamples, seed=seed),
+            "random_rougeL": float(np.mean([sum(u[:n]) / n for u in util])),
+            "oracle_rougeL": bootstrap_ci(oracle, rouge_from_sums, n_resamples=n_resamples, seed=seed),
+            "latency_ms": step_ms(mode, params, (per_request_ms or {}).get(n, {})),
+        }
+        if single is not None:
+            entry["vs_best_single"] = {
+                "rougeL": paired_bootstrap(single["rougeL"], rouge, rouge_from_sums, n_resamples=n_resamples, seed=seed),
+                "bleu4": paired_bootstrap(single["bleu4"], bleu, bleu_from, n_resamples=n_resamples, seed=seed),
+            }
+        out.append(entry)
+    return {"mode": mode, "params": dict(params), "k": k, "num_examples": len(rows),
+            "best_single": best_single[0] if best_single else None, "counts": out}  # fmt: skip

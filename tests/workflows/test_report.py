@@ -38,6 +38,7 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     cfg = load_config(ReportConfig, None, [
         f"baseline={tiny_gemma_dir}", f"qlora={tiny_trials['qlora']}", f"galore={tiny_trials['galore']}",
         f"test={unified_data[1]}", "num_examples=6", "max_new_tokens=6", "bootstrap=40", "ensemble.k=3",
+        "ensemble.compare_k=[1, 2]",
         f"out={tmp_path / 'rep'}", "device=cpu", f"validation.train={unified_data[0]}", "validation.val_size=5",
     ])
     report = build_report(cfg, command="pytest")
@@ -83,6 +84,12 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     for t in report["tests"]:
         verdict = "beats" if t["low"] > 0 else "is worse than" if t["high"] < 0 else "no detectable difference"
         assert f"{t['b']} {verdict}" in reading or (verdict.startswith("no") and f"{t['b']} vs {t['a']}" in reading)
+    # the returned mode on the first 1, 2 and all 3 candidates: all 3 is the ensemble row itself
+    counts = {c["n"]: c for c in report["candidate_counts"]["counts"]}
+    assert list(counts) == [1, 2, 3] and report["candidate_counts"]["mode"] == sel["chosen"]
+    assert counts[3]["rougeL"][0] == pytest.approx(ens["rougeL"][0]) and counts[3]["bleu4"][0] == pytest.approx(ens["bleu4"][0])
+    assert counts[1]["rougeL"][0] == pytest.approx(counts[1]["oracle_rougeL"][0])  # one candidate: nothing to choose
+    assert all(c["latency_ms"] > 0 for c in counts.values()) and "## How many candidates" in md
     prov = report["provenance"]
     assert len(prov["data"]["test_sha256"]) == 64
     assert prov["trials"]["QLoRA"]["qlora.bits"] == 4 and prov["trials"]["GaLore"]["galore.rank"] == 8
@@ -102,6 +109,7 @@ def test_report_config_needs_both_trials():
     (["ensemble.weights={length: 1.0}"], "unknown feature 'length'"),
     (["ensemble.weight=3"], r"ensemble.weight: must be in \[0, 1\]"),
     (["ensemble.mode=reranker-greedy", "validation.train=t.jsonl"], "samples none"),
+    (["ensemble.compare_k=[8]"], r"compare_k: each count must be in 1..ensemble.k \(4\)"),
 ])  # fmt: skip
 def test_report_config_checks_the_selection_rule_before_decoding(overrides, message):
     from duetto.workflows.report import ReportConfig
@@ -149,3 +157,28 @@ def test_selection_table_separates_sampling_from_reranking():
     modes = {m["mode"] for m in table(rows, "generator")["methods"]}
     assert modes == {None, "generator"}
     assert selection_table([{"reference": "x", "ensemble_candidates": None}], modes={}, returned_mode="reranker") == {}
+
+
+def test_count_table_scores_the_mode_on_the_first_n_candidates():
+    """Consensus among the first 2 of 3 candidates is a tie (the first wins), among all 3 the two
+    look-alikes win: the table recomputes it for each n, and the oracle never falls as n grows."""
+    from duetto.workflows.render import render_counts
+    from duetto.workflows.selection_report import count_table
+
+    def cand(text):
+        return {"text": text, "generator_logprob": -1.0, "reranker_score": -1.0}
+
+    rows = [{"reference": "gamma delta epsilon", "ensemble_candidates": [
+        cand("alpha beta"), cand("gamma delta epsilon"), cand("gamma delta zeta")]}] * 3
+    t = count_table(rows, mode="consensus", params={}, counts=[1, 2, 5], best_single=("QLoRA", ["alpha beta"] * 3),
+                    per_request_ms={1: {"generate": 5.0, "consensus": 1.0}, 3: {"generate": 9.0, "consensus": 2.0}},
+                    n_resamples=30)  # fmt: skip
+    by_n = {c["n"]: c for c in t["counts"]}
+    assert list(by_n) == [1, 2, 3] and t["k"] == 3  # 5 is more than the rows hold; k is always there
+    assert by_n[1]["rougeL"][0] == by_n[2]["rougeL"][0] == 0.0  # "alpha beta": the first, on a tie
+    assert by_n[3]["rougeL"][0] == 1.0  # the look-alike that is the reference
+    assert by_n[1]["oracle_rougeL"][0] <= by_n[2]["oracle_rougeL"][0] <= by_n[3]["oracle_rougeL"][0] == 1.0
+    assert by_n[3]["vs_best_single"]["rougeL"]["delta"] == pytest.approx(1.0)
+    assert (by_n[1]["latency_ms"], by_n[2]["latency_ms"], by_n[3]["latency_ms"]) == (6.0, None, 11.0)
+    md = "\n".join(render_counts(t))
+    assert "## How many candidates" in md and md.count("\n| ") == 4  # header + 3 counts
