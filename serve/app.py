@@ -59,11 +59,14 @@ def _deploy_options(o: DeploymentOptions) -> dict:
 def _colocated_options(gen: DeploymentOptions, rer: DeploymentOptions) -> dict:
     """The Models deployment: what the two deployments would take, added up (each request makes a call
     of each kind to it)."""
+    queued = -1 if -1 in (gen.max_queued_requests, rer.max_queued_requests) else gen.max_queued_requests + rer.max_queued_requests
     return {
         "num_replicas": gen.num_replicas,
-        "ray_actor_options": {"num_cpus": gen.num_cpus + rer.num_cpus, "num_gpus": (gen.num_gpus or 0) + (rer.num_gpus or 0)},
+        # both models run on the replica's first GPU: more than one is never used
+        "ray_actor_options": {"num_cpus": gen.num_cpus + rer.num_cpus,
+                              "num_gpus": min(1.0, (gen.num_gpus or 0) + (rer.num_gpus or 0))},
         "max_ongoing_requests": gen.max_ongoing_requests + rer.max_ongoing_requests,
-        "max_queued_requests": gen.max_queued_requests + rer.max_queued_requests,
+        "max_queued_requests": queued,  # -1: no bound on either side, none here
     }
 
 

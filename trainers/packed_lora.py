@@ -77,6 +77,11 @@ class PackedLoraLinear(nn.Module):
     def adapter_params(self, t: int) -> list[nn.Parameter]:
         return [self.lora_A[t].weight, self.lora_B[t].weight]
 
+    def drop_adapter(self, t: int) -> None:
+        """Free trial t's weights (it left: its rows never come back); the other trials keep their indices."""
+        self.lora_A[t] = nn.Identity()
+        self.lora_B[t] = nn.Identity()
+
 
 def pack_lora(model: nn.Module, target_modules: Sequence[str], specs: Sequence[LoraSpec]) -> dict[str, PackedLoraLinear]:
     """Freeze ``model`` and wrap every linear layer whose name ends in one of ``target_modules`` (as

@@ -128,8 +128,9 @@ class Pack:
 
     ``has_room`` says whether one more trial may join: at most ``max_trials`` (0: no count limit) and,
     where GPU memory is measured (``memory``: CUDA by default), what the steps so far took per trial
-    times one more trial, on top of the base, within ``memory_fraction`` of the GPU. Until a first step
-    has measured a trial's share, one trial at a time is admitted."""
+    times one more trial, on top of the base and the joining trial's build of a whole base, within
+    ``memory_fraction`` of the GPU. Until a first step has measured a trial's share, one trial at a
+    time is admitted."""
 
     def __init__(self, device: torch.device, max_trials: int = 0, memory_fraction: float = 0.9,
                  memory: CudaMemory | None = None):  # fmt: skip
@@ -160,13 +161,14 @@ class Pack:
             return True
         if not self.trial_bytes:  # nothing measured yet: the first step tells what a trial takes
             return False
-        return self.base_bytes + self.trial_bytes * (n + 1) <= self.memory_fraction * self.memory.total()
+        # a join builds the trial's model (a whole base) for a moment before it keeps only the adapter
+        return 2 * self.base_bytes + self.trial_bytes * (n + 1) <= self.memory_fraction * self.memory.total()
 
     def capacity(self) -> int | None:
         """Trials the measured memory holds (None: not measured, or no memory limit)."""
         if self.memory is None or not self.trial_bytes:
             return None
-        fit = int((self.memory_fraction * self.memory.total() - self.base_bytes) // self.trial_bytes)
+        fit = int((self.memory_fraction * self.memory.total() - 2 * self.base_bytes) // self.trial_bytes)
         return min(fit, self.max_trials) if self.max_trials else fit
 
     def join(self, cfg: TrialConfig, until: int | None = None, state: bytes | None = None) -> int:
@@ -352,9 +354,12 @@ class Pack:
         return metrics
 
     def leave(self, t: int) -> None:
-        self.trials.pop(t, None)
+        if self.trials.pop(t, None) is None:
+            return
         if self.optim is not None:
             self.optim.remove(t)
+        for layer in self.layers.values():  # its adapter's memory goes back to the pack
+            layer.drop_adapter(t)
 
 
 def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[dict[str, Any]]:

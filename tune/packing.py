@@ -25,14 +25,21 @@ from typing import Any
 
 import ray
 
+from duetto.tune.spec import MAX_PACK_CLIENTS
+
 ACTOR_NAME = "duetto-pack"
 #: A packed trial's Tune checkpoint: one file, Pack.state's bytes.
 STATE_FILE = "packed_trial.pt"
 
 
-@ray.remote(max_concurrency=256)
+# A packed sweep runs at most MAX_PACK_CLIENTS QLoRA trials at once (tune/spec.py concurrent_trials),
+# each with at most one call of its pack's at a time: the actor's threads never run out while
+# clients wait in join or advance (the rest serve leave, size and attached).
+@ray.remote(max_concurrency=MAX_PACK_CLIENTS + 16)
 class PackActor:
-    """Owns the shared base and every attached trial; one thread steps the pack, client calls wait."""
+    """Owns the shared base and every attached trial; one thread steps the pack, client calls wait.
+    A step that fails ends the trials that took part in it (their clients get the error, so Tune
+    retries them from their checkpoints); the pack goes on with the others."""
 
     def __init__(self, device: str = "auto", max_trials: int = 0, memory_fraction: float = 0.9):
         import torch
@@ -43,8 +50,9 @@ class PackActor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pack = Pack(torch.device(device), max_trials=max_trials, memory_fraction=memory_fraction)
         self.keys: dict[str, int] = {}
+        self.errors: dict[int, BaseException] = {}
+        """The error of the failed step each trial took part in, until its client reads it."""
         self.cond = threading.Condition()
-        self.error: BaseException | None = None
         threading.Thread(target=self._loop, daemon=True, name="pack-steps").start()
 
     def _loop(self) -> None:
@@ -52,10 +60,13 @@ class PackActor:
             with self.cond:
                 while not self.pack.runnable():
                     self.cond.wait()
+                live = self.pack.runnable()
                 try:
                     self.pack.step()
-                except BaseException as e:  # every waiting client gets it
-                    self.error = e
+                except BaseException as e:
+                    for t in live:
+                        self.errors[t] = e
+                        self.pack.leave(t)
                 self.cond.notify_all()
 
     def join(self, key: str, cfg: dict[str, Any], state: bytes | None = None) -> dict[str, int]:
@@ -65,11 +76,12 @@ class PackActor:
 
         with self.cond:
             if key in self.keys:  # the trial's earlier attempt (Tune restarted it): gone, its slot freed
-                self.pack.leave(self.keys.pop(key))
-            while not self.pack.has_room() and self.error is None:  # woken by each step and each leave
+                old = self.keys.pop(key)
+                self.pack.leave(old)
+                self.errors.pop(old, None)
+                self.cond.notify_all()  # its advance, if one still waits, returns
+            while not self.pack.has_room():  # woken by each step and each leave
                 self.cond.wait()
-            if self.error is not None:
-                raise self.error
             t = self.pack.join(from_dict(TrialConfig, cfg), until=0, state=state)
             self.keys[key] = t
             tr = self.pack.trials[t]
@@ -83,17 +95,20 @@ class PackActor:
     def advance(self, key: str, until: int) -> dict[str, Any]:
         """Let the trial run to step ``until``; returns its report there (Pack.interim_report)."""
         with self.cond:
-            tr = self.pack.trials[self.keys[key]]
+            t = self.keys[key]
+            tr = self.pack.trials[t]
             tr.until = until
             self.cond.notify_all()
-            while tr.step < min(until, tr.total) and self.error is None and key in self.keys:
+            # this attempt's trial: a restarted trial joins under the same key as another trial
+            while tr.step < min(until, tr.total) and t not in self.errors and self.keys.get(key) == t:
                 self.cond.wait()
-            if self.error is not None:
-                raise self.error
-            if key not in self.keys:  # left meanwhile (Tune ended the trial): nobody reads this
+            if t in self.errors:
+                self.keys.pop(key, None)
+                raise self.errors.pop(t)
+            if self.keys.get(key) != t:  # left meanwhile (Tune ended or restarted the trial): nobody reads this
                 return {"step": tr.step, "left": True}
             if tr.step < tr.total:  # an interim report: what the trial alone reports there
-                return self.pack.interim_report(self.keys[key])
+                return self.pack.interim_report(t)
             return {"step": tr.step}
 
     def finish(self, key: str) -> dict[str, Any]:
@@ -113,6 +128,7 @@ class PackActor:
             t = self.keys.pop(key, None)
             if t is not None:
                 self.pack.leave(t)
+                self.errors.pop(t, None)
             self.cond.notify_all()
 
     def attached(self) -> list[str]:

@@ -416,15 +416,19 @@ def check_resources(sweep: SweepConfig, cluster: dict[str, float], nodes: list[d
     return max(1, fits)
 
 
+#: Most packed QLoRA trials a sweep runs at once (each a client of its pack actor: tune/packing.py).
+MAX_PACK_CLIENTS = 200
+
+
 def concurrent_trials(sweep: SweepConfig, fits: int) -> int:
-    """Trials Tune runs at once: max_concurrent_trials, else what the resources fit (``fits``), plus,
-    when QLoRA trials are packed, every QLoRA trial (a packed trial holds only its driver's CPUs; its
-    pack decides when it joins)."""
-    if sweep.max_concurrent_trials:
-        return sweep.max_concurrent_trials
+    """Trials Tune runs at once: what the resources fit (``fits``), plus, when QLoRA trials are packed,
+    every QLoRA trial up to MAX_PACK_CLIENTS (a packed trial holds only its driver's CPUs; its pack
+    decides when it joins); max_concurrent_trials instead when set (packed: at most fits +
+    MAX_PACK_CLIENTS)."""
     if sweep.packing == "qlora" and "qlora" in sweep.methods:
-        return fits + trials_of(sweep, "qlora")
-    return fits
+        n = sweep.max_concurrent_trials or fits + trials_of(sweep, "qlora")
+        return min(n, fits + MAX_PACK_CLIENTS)
+    return sweep.max_concurrent_trials or fits
 
 
 def trials_of(sweep: SweepConfig, method: str) -> int:

@@ -206,11 +206,21 @@ def resume_sweep(
     cluster, nodes = _cluster()
     check_resources(sweep, cluster, nodes)
     print(f"duetto sweep: resuming {sweep_dir}", flush=True)
+    if sweep.packing != "off":
+        from duetto.tune.packing import stop_packs
+
+        # packs the stopped driver left on a running cluster hold slots of trials that are gone; every
+        # unfinished packed trial rejoins a fresh pack from its checkpoint
+        stop_packs(str(sweep_dir))
     tuner = tune.Tuner.restore(
         str(sweep_dir),
         trainable=_trainable(sweep, base, sweep_dir, cluster),
         resume_unfinished=True,
         resume_errored=retry_errored,
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        if sweep.packing != "off":
+            stop_packs(str(sweep_dir))
     return sweep_dir

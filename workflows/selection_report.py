@@ -182,9 +182,10 @@ def count_table(rows: Sequence[dict], *, mode: str, params: Mapping[str, Any], c
 
     from duetto.workflows.stats import METRICS, bootstrap_ci, paired_bootstrap, rouge_from_sums
 
-    rows = [r for r in rows if r.get("ensemble_candidates")]
-    if not rows:
+    keep = [i for i, r in enumerate(rows) if r.get("ensemble_candidates")]
+    if not keep:
         return {}
+    rows = [rows[i] for i in keep]
     refs = [r["reference"] for r in rows]
     full = stored_candidates(rows)
     util = candidate_rouge(full, refs)
@@ -192,7 +193,8 @@ def count_table(rows: Sequence[dict], *, mode: str, params: Mapping[str, Any], c
     bleu_stat, bleu_from = METRICS["bleu4"]
     single = None
     if best_single is not None:
-        single = {"rougeL": METRICS["rougeL"][0](best_single[1], refs), "bleu4": bleu_stat(best_single[1], refs)}
+        answers = [best_single[1][i] for i in keep]
+        single = {"rougeL": METRICS["rougeL"][0](answers, refs), "bleu4": bleu_stat(answers, refs)}
     out = []
     for n in sorted({c for c in counts if 1 <= c <= k} | {k}):
         cands = []

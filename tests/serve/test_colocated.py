@@ -96,6 +96,8 @@ def test_colocated_resources_add_up_and_replica_counts_must_match():
     opts = _colocated_options(DeploymentOptions(num_cpus=1, num_gpus=0.5, max_ongoing_requests=64),
                               DeploymentOptions(num_cpus=0.5, num_gpus=0.5, max_ongoing_requests=32))  # fmt: skip
     assert opts["ray_actor_options"] == {"num_cpus": 1.5, "num_gpus": 1.0} and opts["max_ongoing_requests"] == 96
+    whole = _colocated_options(DeploymentOptions(num_gpus=1, max_queued_requests=-1), DeploymentOptions(num_gpus=1))
+    assert whole["ray_actor_options"]["num_gpus"] == 1.0 and whole["max_queued_requests"] == -1
     with pytest.raises(ConfigError, match="num_replicas must match"):
         from_dict(ServeConfig, {"colocate": "on", "generator_deployment": {"num_replicas": 2}})
 

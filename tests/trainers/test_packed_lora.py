@@ -170,8 +170,9 @@ def test_a_pack_admits_trials_by_the_memory_its_steps_measured(tmp_path, tiny_ge
               "eval.max_new_tokens=4", "eval.loss_examples=4", "scaling.num_workers=0"]  # fmt: skip
     cfgs = [load_config(TrialConfig, None, common + [f"seed={i}", f"output_dir={tmp_path / str(i)}"]) for i in range(3)]
     meter = _FakeGpuMemory()
-    # budget 3,500 of 10,000: the base (1,000) and two trials (1,000 each) fit, three do not
-    pack = meter.pack = Pack(torch.device("cpu"), memory_fraction=0.35, memory=meter)
+    # budget 4,500 of 10,000: the base (1,000), a joining trial's build of another (1,000) and two
+    # trials (1,000 each) fit, three do not
+    pack = meter.pack = Pack(torch.device("cpu"), memory_fraction=0.45, memory=meter)
     assert pack.has_room() and pack.capacity() is None
     a = pack.join(cfgs[0])
     assert not pack.has_room()  # nothing measured yet: one trial at a time
@@ -183,6 +184,8 @@ def test_a_pack_admits_trials_by_the_memory_its_steps_measured(tmp_path, tiny_ge
     assert pack.trial_bytes == 1_000 and not pack.has_room()
     pack.leave(b)
     assert pack.has_room()
+    layer = next(iter(pack.layers.values()))
+    assert not list(layer.lora_A[b].parameters()) and list(layer.lora_A[a].parameters())  # b's adapter freed
     while pack.step():
         pass
     assert pack.finish(a)["peak_memory_bytes"] == 3_000  # the highest step peak: two trials stepping

@@ -98,9 +98,14 @@ def test_static_scoring_pads_rows_and_tokens_and_scores_what_eager_scores(lm):
     kw = dict(template=lm.template, max_seq_len=lm.max_seq_len)
     eager = score_candidates(lm.model, lm.tokenizer, pairs, batch_rows=2, **kw)
     # 4 rows -> one 8-row forward (4 copies dropped); rows 2 at a time (chunked by the largest bucket)
-    for static in (StaticScoring(rows=[8], lengths=[128]), StaticScoring(rows=[2], lengths=[64, 128])):
+    for static, shapes in ((StaticScoring(rows=[8], lengths=[128]), {(8, 128)}),
+                           (StaticScoring(rows=[2], lengths=[64, 128]), {(2, 64)})):
+        seen = []
+        run = static.hidden
+        static.hidden = lambda decoder, ids, mask, run=run: seen.append(tuple(ids.shape)) or run(decoder, ids, mask)
         got = score_candidates(lm.model, lm.tokenizer, pairs, batch_rows=32, static=static, **kw)
         assert got == pytest.approx(eager, abs=1e-4)
+        assert set(seen) == shapes  # every forward went through the padded path, at a bucket's shape
     assert StaticScoring(rows=[2, 8], lengths=[64]).shape_for(3, 40) == (8, 64)
     assert StaticScoring(rows=[2], lengths=[64]).shape_for(3, 65) is None  # longer than every bucket: eager
     # too long for every bucket: the eager forward, same scores

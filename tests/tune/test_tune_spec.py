@@ -192,6 +192,10 @@ def test_packed_qlora_trials_all_run_at_once_their_pack_decides_when_they_join(w
     packed = load_sweep(path, ["packing=qlora"])
     assert concurrent_trials(packed, 4) == 4 + 3  # the GPU's four, and the three QLoRA clients
     assert concurrent_trials(load_sweep(path, ["packing=qlora", "max_concurrent_trials=2"]), 4) == 2
+    from duetto.tune.spec import MAX_PACK_CLIENTS
+
+    many = load_sweep(path, ["packing=qlora", "num_samples=500"])  # every pack client holds one actor thread
+    assert concurrent_trials(many, 4) == 4 + MAX_PACK_CLIENTS
     grid = load_sweep(path, ["packing=qlora", "methods.qlora.r={grid: [2, 4]}"])
     assert concurrent_trials(grid, 4) == 4 + 6 and total_trials(grid) == 9
     for key, value, needle in [("pack_size", -1, "pack_size"), ("pack_memory_fraction", 0, "pack_memory_fraction"),

@@ -182,3 +182,7 @@ def test_count_table_scores_the_mode_on_the_first_n_candidates():
     assert (by_n[1]["latency_ms"], by_n[2]["latency_ms"], by_n[3]["latency_ms"]) == (6.0, None, 11.0)
     md = "\n".join(render_counts(t))
     assert "## How many candidates" in md and md.count("\n| ") == 4  # header + 3 counts
+    # a row without candidates is left out, and so is the single model's answer to it
+    gap = count_table([{"reference": "x y", "ensemble_candidates": None}, *rows], mode="consensus", params={},
+                      counts=[], best_single=("QLoRA", ["x y"] + ["alpha beta"] * 3), n_resamples=30)  # fmt: skip
+    assert gap["num_examples"] == 3 and gap["counts"][-1]["vs_best_single"]["rougeL"]["delta"] == pytest.approx(1.0)

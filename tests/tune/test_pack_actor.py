@@ -1,0 +1,60 @@
+"""The pack actor's bookkeeping (tune/packing.py PackActor), run in this process: a failed step ends
+only the trials that took part in it, and a restarted trial takes its earlier attempt's place."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+
+def _cfg(tiny_gemma_dir, unified_data, tmp_path, seed: int) -> dict:
+    from duetto.config import load_config, to_dict
+    from duetto.trainers.config import TrialConfig
+
+    train, test = unified_data
+    return to_dict(load_config(TrialConfig, None, [
+        f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+        "batch_size=2", "max_steps=4", "report_every_steps=2", "interim_eval_examples=0", "eval.num_examples=2",
+        "eval.max_new_tokens=4", "eval.loss_examples=4", f"seed={seed}", f"output_dir={tmp_path / str(seed)}"]))  # fmt: skip
+
+
+def _in_thread(fn, *args):
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "the call never returned"
+    return out
+
+
+def test_a_failed_step_ends_only_its_trials_and_a_restart_takes_the_old_place(tmp_path, tiny_gemma_dir, unified_data):
+    from duetto.tune.packing import PackActor
+
+    actor = PackActor.__ray_metadata__.modified_class("cpu")
+    actor.join("a", _cfg(tiny_gemma_dir, unified_data, tmp_path, 1))
+    actor.join("b", _cfg(tiny_gemma_dir, unified_data, tmp_path, 2))
+    real, failed = actor.pack.step, []
+
+    def fails_once():
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("CUDA out of memory")
+        return real()
+
+    actor.pack.step = fails_once
+    out = _in_thread(actor.advance, "a", 2)  # only a runs (b waits at step 0): the failed step was a's alone
+    assert isinstance(out.get("error"), RuntimeError) and actor.attached() == ["b"]
+    assert _in_thread(actor.advance, "b", 2)["value"]["step"] == 2  # the pack goes on with b
+    # a restarted trial joins under its old key and takes its earlier attempt's place
+    again = actor.join("b", _cfg(tiny_gemma_dir, unified_data, tmp_path, 2))
+    assert again == {"total": 4, "step": 0} and actor.attached() == ["b"] and len(actor.pack.trials) == 1
+    assert _in_thread(actor.advance, "b", 4)["value"] == {"step": 4}
+    assert actor.finish("b")["step"] == 4 and actor.attached() == []
