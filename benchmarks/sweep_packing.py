@@ -2,6 +2,9 @@
 
     # GPU (SmolLM2-135M random weights are enough for speed; DATA from `duetto data prepare`):
     python benchmarks/sweep_packing.py --model DIR --data DATA --out benchmarks/results/sweep_packing_h200.json
+    # the same in two calls (each mode's run fits a 10-minute device call): the second adds to the file
+    python benchmarks/sweep_packing.py --model DIR --data DATA --modes unpacked --out OUT.json
+    python benchmarks/sweep_packing.py --model DIR --data DATA --modes packed --append --out OUT.json
     # CPU smoke run on the tiny model:
     python benchmarks/sweep_packing.py --model tiny --data DATA --steps 6 --anchor-steps 4 --cpu --out /tmp/sp.json
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -80,8 +84,15 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/sweep-packing")
     ap.add_argument("--cpu", action="store_true", help="CPU smoke run: no GPUs, small evaluations")
     ap.add_argument("--full-sweep", action="store_true", help="also time the shipped sweep file with packing on")
+    ap.add_argument("--modes", default="unpacked,packed", help="which runs now (comma-separated)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep --out's anchor, rows and trials of the modes not run now (one run split over calls)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"unpacked", "packed"}:
+        ap.error(f"--modes: unpacked and/or packed, got {args.modes!r}")
+    prev = json.loads(Path(args.out).read_text()) if args.append and Path(args.out).exists() else {}
 
     import torch
 
@@ -95,15 +106,17 @@ def main() -> None:
                    "base.eval.max_new_tokens=4", "base.eval.loss_examples=8", "base.interim_eval_examples=0",
                    "base.report_every_steps=0", "base.max_seq_len=64", "base.data.limit_train=64", "metric=eval_loss"]  # fmt: skip
     num_cpus = 4 if args.cpu else None
-    rows, runs = [], {}
-    anchor_tps = float("nan")  # the anchor times CUDA steps: none on a CPU smoke run
-    if not args.cpu:
+    rows = [r for r in prev.get("rows", []) if r["mode"] not in modes]
+    runs = {mode: done for mode, done in prev.get("trials", {}).items() if mode not in modes}
+    anchor_tps = prev.get("anchor_tokens_per_s") or float("nan")  # the anchor times CUDA steps: none on CPU
+    if not args.cpu and math.isnan(anchor_tps):
         anchor_tps = anchor(study_config("qlora-int8", args.model, args.data, args.anchor_steps, work / "anchor"))["tokens_per_s"]
-    for mode in ("unpacked", "packed"):
+    for mode in modes:
         packing = "qlora" if mode == "packed" else "off"
         sweep_dir, wall = run_sweep(qlora_only(args.sweep, work / "sweep_qlora.yaml"),
                                     common + [f"packing={packing}", f"storage_path={work / mode}"], num_cpus)  # fmt: skip
-        done = trials(sweep_dir)
+        done = {key: {k: m[k] for k in ("eval_loss", "trained_tokens", "tokens_per_second")}
+                for key, m in trials(sweep_dir).items()}  # fmt: skip
         runs[mode] = done
         tokens = sum(m["trained_tokens"] for m in done.values())
         rows.append({"method": "qlora", "mode": mode, "trials": len(done),
@@ -113,13 +126,16 @@ def main() -> None:
                      "wall_seconds": wall, "trained_tokens": tokens})  # fmt: skip
     agreement = [{"config": json.loads(k), "eval_loss_packed": runs["packed"][k]["eval_loss"],
                   "eval_loss_alone": runs["unpacked"][k]["eval_loss"]}
-                 for k in sorted(runs["packed"].keys() & runs["unpacked"].keys())]  # fmt: skip
+                 for k in sorted(runs.get("packed", {}).keys() & runs.get("unpacked", {}).keys())]  # fmt: skip
     full_wall = None
     if args.full_sweep:
         _, full_wall = run_sweep(args.sweep, [f"base.model={args.model}", f"base.data.train={args.data}/train.jsonl",
                                               f"base.data.test={args.data}/test.jsonl", "packing=qlora",
                                               f"storage_path={work / 'full'}"], num_cpus)  # fmt: skip
+    full_wall = full_wall if full_wall is not None else prev.get("sweep_study_wall_seconds")
+    rows.sort(key=lambda r: r["mode"] != "unpacked")
     result = {"rows": rows, "sweep_study_wall_seconds": full_wall, "agreement": agreement,
+              "anchor_tokens_per_s": anchor_tps, "trials": runs,
               "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else "CPU",
               "date": datetime.date.today().isoformat(), "steps": args.steps, "sweep": args.sweep}  # fmt: skip
     print(f"{'mode':<10}{'trials':>7}{'agg tok/s':>12}{'sum trial tok/s':>17}{'anchor':>9}{'ratio':>8}{'wall s':>9}")
