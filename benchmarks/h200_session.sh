@@ -22,6 +22,8 @@
 #   gemma-prep    Gemma-3-270M from its GGUF at $GEMMA_GGUF (waits for $GEMMA_GGUF.ready)
 #   gemma-study-galore / gemma-study-qlora / gemma-report  the study on Gemma-3-270M, on prep's split
 #   demo          `duetto demo` on the GPU (model from prep's cache)
+#   serve-colocate  serve_bench.py on SmolLM2's architecture at 32 clients: two deployments, then colocate: on
+#   sweep-packing sweep_packing.py: the study sweep's QLoRA search unpacked and packed, beside plain HF
 #
 # Usage (lanes detach with setsid, so the starting command returns; poll with status):
 #   bash benchmarks/h200_session.sh start SmolLM2-135M-Instruct.Q4_1.gguf DATA_DIR
@@ -130,6 +132,17 @@ do_serve-bench-best() {
   wait_for best-galore; wait_for best-qlora
   python3 benchmarks/serve_bench.py --generator $W/qlora_best --reranker $W/galore_best \
     --duration "$SERVE_SECONDS" --out $R/serve_bench_smollm2_best_h200.json
+}
+
+do_serve-colocate() {  # the same load on both layouts, one after the other on this lane's GPU
+  local args=(--model smollm2 --smollm2-dir $W/models/smollm2-135m-instruct --concurrency 32
+              --duration "$SERVE_SECONDS" --naive-requests 2)
+  python3 benchmarks/serve_bench.py "${args[@]}" --out $R/serve_c32_two_deployments_h200.json &&
+    python3 benchmarks/serve_bench.py "${args[@]}" --colocate --out $R/serve_c32_colocated_h200.json
+}
+do_sweep-packing() {
+  python3 benchmarks/sweep_packing.py --model $W/models/smollm2-135m-instruct --data $W/data \
+    --work /tmp/sweep-packing-$LANE --out $R/sweep_packing_h200.json
 }
 
 lane() {  # lane N JOB...: on GPU N
