@@ -1,0 +1,88 @@
+"""Where a pack's time goes: joining, training steps, interim reports and final evaluation of the
+trials it holds (trainers/packed_run.py Pack, in this process, no Ray).
+
+    # GPU (random SmolLM2-135M weights are enough; DATA from `duetto data prepare`):
+    python benchmarks/pack_phases.py --model DIR --data DATA --out benchmarks/results/pack_phases_h200.json
+    # CPU, the tiny model:
+    duetto model tiny /tmp/tiny && python benchmarks/pack_phases.py --model /tmp/tiny --data DATA --cpu \
+        --out benchmarks/results/pack_phases_cpu.json
+
+The trials are the study's QLoRA settings (seq 128, batch 2) with seeds 0..N-1, all in one pack, a
+report every --every steps (BLEU/ROUGE on 16 held-out rows) and the trial's own final evaluation. A
+pack runs each trial's evaluation alone while the others wait, as it does under `duetto sweep`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="folder with train.jsonl and test.jsonl")
+    ap.add_argument("--trials", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--every", type=int, default=20)
+    ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--work", default="/tmp/pack-phases")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import Pack
+
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    common = [f"model={args.model}", f"data.train={args.data}/train.jsonl", f"data.test={args.data}/test.jsonl",
+              "method=qlora", "max_seq_len=128", "batch_size=2", f"max_steps={args.steps}", f"qlora.bits={args.bits}",
+              f"report_every_steps={args.every}", "interim_eval_examples=16", "scaling.num_workers=0"]  # fmt: skip
+    cfgs = [load_config(TrialConfig, None, common + [f"seed={i}", f"output_dir={args.work}/t{i}"]) for i in range(args.trials)]
+    pack = Pack(device)
+    seconds = dict.fromkeys(("join", "steps", "interim_reports", "final_evaluation"), 0.0)
+
+    def timed(phase, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds[phase] += time.perf_counter() - t0
+        return out
+
+    ids = timed("join", lambda: [pack.join(c, until=0) for c in cfgs])
+    for until in range(args.every, args.steps + 1, args.every):
+        for t in ids:
+            pack.trials[t].until = until
+
+        def run():
+            while pack.step():
+                pass
+
+        timed("steps", run)
+        if until < args.steps:
+            timed("interim_reports", lambda: [pack.interim_report(t) for t in ids])
+    timed("final_evaluation", lambda: [pack.finish(t) for t in ids])
+    total = sum(seconds.values())
+    result = {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "total_seconds": round(total, 2),
+              "trials": args.trials, "steps": args.steps, "report_every": args.every, "bits": args.bits,
+              "eval_examples": cfgs[0].eval.num_examples, "interim_eval_examples": 16, "model": args.model,
+              "machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU",
+              "date": datetime.date.today().isoformat()}  # fmt: skip
+    print(f"{args.trials} trials x {args.steps} steps in one pack on {result['machine']}")
+    print(f"{'phase':<18}{'seconds':>9}{'share':>8}")
+    for k, v in seconds.items():
+        print(f"{k:<18}{v:>9.1f}{v / total:>8.0%}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
