@@ -8,8 +8,9 @@ trials it holds (trainers/packed_run.py Pack, in this process, no Ray).
         --out benchmarks/results/pack_phases_cpu.json
 
 The trials are the study's QLoRA settings (seq 128, batch 2) with seeds 0..N-1, all in one pack, a
-report every --every steps (BLEU/ROUGE on 16 held-out rows) and the trial's own final evaluation. A
-pack runs each trial's evaluation alone while the others wait, as it does under `duetto sweep`.
+report every --every steps (BLEU/ROUGE on 16 held-out rows) and the trial's own final evaluation. The
+interim reports due at one step decode together, as the pack actor makes them (--one-at-a-time: one
+trial after another, the reference); each final evaluation runs alone while the others wait.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--one-at-a-time", action="store_true", help="interim reports one trial at a time (the reference)")
     ap.add_argument("--work", default="/tmp/pack-phases")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -67,12 +69,16 @@ def main() -> None:
 
         timed("steps", run)
         if until < args.steps:
-            timed("interim_reports", lambda: [pack.interim_report(t) for t in ids])
+            if args.one_at_a_time:
+                timed("interim_reports", lambda: [pack.interim_report(t) for t in ids])
+            else:  # as the pack actor makes the reports due at the same step
+                timed("interim_reports", lambda: pack.interim_reports(ids))
     timed("final_evaluation", lambda: [pack.finish(t) for t in ids])
     total = sum(seconds.values())
     result = {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "total_seconds": round(total, 2),
               "trials": args.trials, "steps": args.steps, "report_every": args.every, "bits": args.bits,
               "eval_examples": cfgs[0].eval.num_examples, "interim_eval_examples": 16, "model": args.model,
+              "interim_reports": "one trial at a time" if args.one_at_a_time else "together",
               "machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU",
               "date": datetime.date.today().isoformat()}  # fmt: skip
     print(f"{args.trials} trials x {args.steps} steps in one pack on {result['machine']}")

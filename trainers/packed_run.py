@@ -100,6 +100,8 @@ class PackedTrial:
     trainable_params: int = 0
     resumed_from: int = 0
     """The step its saved state (``Pack.state``) brought it back to (0: trained from the start)."""
+    reported: int = -1
+    """The step of its last interim report (a report is due at ``until`` until it is made)."""
 
 
 class CudaMemory:
@@ -297,23 +299,61 @@ class Pack:
                                  max(cfg.batch_size, 32 if self.device.type == "cuda" else 8), self.device)  # fmt: skip
 
     def interim_report(self, t: int) -> dict[str, Any]:
-        """What a trial alone reports at a report step: step, the last logged loss, eval_loss, its
-        steps' speed so far and, on interim_eval_examples rows, BLEU/ROUGE."""
-        from duetto.trainers.trial_reports import generation_metrics, peak_memory_bytes
+        """What a trial alone reports at a report step (see interim_reports)."""
+        return self.interim_reports([t])[t]
 
-        tr, cfg = self.trials[t], self.trials[t].cfg
-        report: dict[str, Any] = {"step": tr.step, "eval_split": tr.rows.split, "eval_loss": self.eval_loss(t),
-                                  "peak_memory_bytes": self.peak_bytes or peak_memory_bytes(self.device)}  # fmt: skip
-        if tr.losses:
-            every = max(cfg.logging_steps, 1)
-            report["train_loss"] = sum(tr.losses[-every:]) / len(tr.losses[-every:])
-        if tr.step_seconds > 0:
-            report["tokens_per_second"] = tr.trained_tokens / tr.step_seconds
-        rows = tr.rows.generation(cfg)[: cfg.interim_eval_examples] if cfg.interim_eval_examples > 0 else []
-        if rows:
-            with only_trial(self.base, self.layers, t):
-                report.update(generation_metrics(self.base, self.tokenizer, rows, cfg)[0])
-        return report
+    def interim_reports(self, ts: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """What each trial alone reports at a report step: step, the last logged loss, eval_loss, its
+        steps' speed so far and, on interim_eval_examples rows, BLEU/ROUGE. The trials' answers decode
+        together, each row through its own trial's adapter: one decoding pass instead of one a trial."""
+        from duetto.trainers.evaluate import text_metrics
+        from duetto.trainers.trial_reports import peak_memory_bytes
+
+        reports, jobs = {}, []
+        for t in ts:
+            tr, cfg = self.trials[t], self.trials[t].cfg
+            report: dict[str, Any] = {"step": tr.step, "eval_split": tr.rows.split, "eval_loss": self.eval_loss(t),
+                                      "peak_memory_bytes": self.peak_bytes or peak_memory_bytes(self.device)}  # fmt: skip
+            if tr.losses:
+                every = max(cfg.logging_steps, 1)
+                report["train_loss"] = sum(tr.losses[-every:]) / len(tr.losses[-every:])
+            if tr.step_seconds > 0:
+                report["tokens_per_second"] = tr.trained_tokens / tr.step_seconds
+            reports[t] = report
+            rows = tr.rows.generation(cfg)[: cfg.interim_eval_examples] if cfg.interim_eval_examples > 0 else []
+            if rows:
+                jobs.append((t, rows))
+        for t, answers in self._answers(jobs).items():
+            rows = dict(jobs)[t]
+            reports[t].update(text_metrics(answers, [r["response"] for r in rows]))
+        return reports
+
+    def _answers(self, jobs: Sequence[tuple[int, list[dict]]]) -> dict[int, list[str]]:
+        """Greedy answers of each (trial, rows), as trial evaluation decodes them (the trials' template and
+        max_seq_len, their eval batch size and max_new_tokens), the trials' rows in the same calls."""
+        from duetto.trainers.inference import generate_candidates, prompt_text
+
+        groups: dict[int, list[tuple[int, list[dict]]]] = {}
+        for t, rows in jobs:
+            groups.setdefault(self.trials[t].cfg.eval.max_new_tokens, []).append((t, rows))
+        out: dict[int, list[str]] = {}
+        for max_new, group in groups.items():
+            cfg = self.trials[group[0][0]].cfg  # template and max_seq_len are the pack's (SHARED)
+            owners = [t for t, rows in group for _ in rows]
+            prompts = [prompt_text(self.tokenizer, cfg.template, r["instruction"], r.get("input", ""))
+                       for _, rows in group for r in rows]  # fmt: skip
+            batch = cfg.eval.batch_size or (256 if self.device.type == "cuda" else 16)
+            texts: list[str] = []
+            with by_rows(self.base, self.layers) as rows_of:
+                for s in range(0, len(prompts), batch):
+                    rows_of.owners = owners[s : s + batch]
+                    cands = generate_candidates(self.base, self.tokenizer, prompts[s : s + batch], 1, max_new_tokens=max_new,
+                                                temperature=0.0, max_prompt_tokens=cfg.max_seq_len, logprobs=False)  # fmt: skip
+                    texts += [cs[0].text for cs in cands]
+            answers = iter(texts)
+            for t, rows in group:
+                out[t] = [next(answers) for _ in rows]
+        return out
 
     def finish(self, t: int) -> dict[str, Any]:
         """Evaluate trial t with only its adapter, save it into its output_dir, and drop it."""
@@ -371,6 +411,35 @@ def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[dict
     while pack.step():
         pass
     return [pack.finish(t) for t in ids]
+
+
+class by_rows:
+    """Inside, ``base`` runs each row of a batch through the adapter of its trial, ``owners[row]`` (set
+    before each call; a trial's rows next to each other), in eval mode."""
+
+    def __init__(self, base: Any, layers: dict):
+        self.base, self.layers = base, layers
+        self.owners: list[int] = []
+
+    def __enter__(self) -> by_rows:
+        from duetto.trainers.packed_lora import set_slices
+
+        def mark(module, args, kwargs):
+            runs, start = [], 0
+            for i in range(1, len(self.owners) + 1):
+                if i == len(self.owners) or self.owners[i] != self.owners[start]:
+                    runs.append((self.owners[start], start, i))
+                    start = i
+            set_slices(self.layers, runs)
+
+        self.hook = self.base.register_forward_pre_hook(mark, with_kwargs=True)
+        self.was_training = self.base.training
+        self.base.eval()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.hook.remove()
+        self.base.train(self.was_training)
 
 
 class only_trial:

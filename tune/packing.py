@@ -52,6 +52,8 @@ class PackActor:
         self.keys: dict[str, int] = {}
         self.errors: dict[int, BaseException] = {}
         """The error of the failed step each trial took part in, until its client reads it."""
+        self.reports: dict[int, dict[str, Any]] = {}
+        """Interim reports made beside another trial's (one decoding pass), until their clients ask."""
         self.cond = threading.Condition()
         threading.Thread(target=self._loop, daemon=True, name="pack-steps").start()
 
@@ -79,6 +81,7 @@ class PackActor:
                 old = self.keys.pop(key)
                 self.pack.leave(old)
                 self.errors.pop(old, None)
+                self.reports.pop(old, None)
                 self.cond.notify_all()  # its advance, if one still waits, returns
             while not self.pack.has_room():  # woken by each step and each leave
                 self.cond.wait()
@@ -108,8 +111,20 @@ class PackActor:
             if self.keys.get(key) != t:  # left meanwhile (Tune ended or restarted the trial): nobody reads this
                 return {"step": tr.step, "left": True}
             if tr.step < tr.total:  # an interim report: what the trial alone reports there
-                return self.pack.interim_report(t)
+                if t not in self.reports:  # with every other trial whose report is due: their answers decode together
+                    due = [t] + [u for u in self.keys.values() if u != t and self._report_due(u)]
+                    made = self.pack.interim_reports(due)
+                    for u in due:
+                        self.pack.trials[u].reported = self.pack.trials[u].step
+                    self.reports.update({u: made[u] for u in due})
+                return self.reports.pop(t)
             return {"step": tr.step}
+
+    def _report_due(self, t: int) -> bool:
+        """Whether trial t waits at a report step whose report is not made yet."""
+        tr = self.pack.trials.get(t)
+        return (tr is not None and 0 < tr.step == tr.until < tr.total and tr.reported != tr.step
+                and t not in self.reports and t not in self.errors)  # fmt: skip
 
     def finish(self, key: str) -> dict[str, Any]:
         with self.cond:
@@ -129,6 +144,7 @@ class PackActor:
             if t is not None:
                 self.pack.leave(t)
                 self.errors.pop(t, None)
+                self.reports.pop(t, None)
             self.cond.notify_all()
 
     def attached(self) -> list[str]:

@@ -238,3 +238,32 @@ def test_a_packed_trial_saved_midway_goes_on_as_if_it_never_stopped(tmp_path, ti
     other = load_config(TrialConfig, None, common + ["max_seq_len=32", f"output_dir={tmp_path / 'other'}"])
     with pytest.raises(ConfigError, match="other settings"):
         Pack(torch.device("cpu")).join(other, state=state)
+
+
+def test_interim_reports_of_several_trials_decode_together_and_match_each_alone(tmp_path, tiny_gemma_dir, unified_data):
+    """Three trials' interim answers in shared decoding calls (rows of different trials in one batch,
+    each through its own adapter) give what each trial's report alone gives."""
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import Pack
+
+    train, test = unified_data
+    common = [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+              "batch_size=2", "max_steps=6", "report_every_steps=3", "interim_eval_examples=5", "eval.batch_size=4",
+              "eval.max_new_tokens=6", "eval.loss_examples=4", "scaling.num_workers=0", "learning_rate=5e-2"]  # fmt: skip
+    cfgs = [load_config(TrialConfig, None, common + [f"seed={i}", f"qlora.r={4 * (i + 1)}", f"output_dir={tmp_path / str(i)}"])
+            for i in range(3)]  # fmt: skip
+    pack = Pack(torch.device("cpu"))
+    ids = [pack.join(c, until=3) for c in cfgs]
+    while pack.step():
+        pass
+    alone = {t: pack.interim_report(t) for t in ids}
+    together = pack.interim_reports(ids)
+    for t in ids:
+        assert together[t].keys() == alone[t].keys() >= {"bleu4", "rougeL", "eval_loss", "train_loss"}
+        for key, value in alone[t].items():
+            if key != "peak_memory_bytes":  # on CPU the process's high-water mark, which only grows
+                assert together[t][key] == pytest.approx(value, abs=1e-6), (t, key)
+    # the trials learned apart (lr 5e-2): their answers differ, so each row really took its own adapter
+    answers = pack._answers([(t, pack.trials[t].rows.generation(cfgs[0])[:5]) for t in ids])
+    assert len({tuple(a) for a in answers.values()}) > 1
