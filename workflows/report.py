@@ -268,14 +268,14 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     val_rows = _validation_rows(cfg) if cfg.validation.train else None
     from duetto.serve.engine import load_hf
 
-    def load(src: str, template: str = ""):
+    def load(src: str, template: str = "", scores: bool = False):
         """As a Serve replica loads and warms a model, so the latency columns time decoding alone."""
         engine = load_hf(src, template, device=device, dtype="auto", quantize="auto", adapter="auto", context_cap=0,
                          allow_pickle=False, decoding=cfg.decoding)  # fmt: skip
-        engine.warm_up()
+        engine.warm_up(scoring=scores)  # only the reranker scores: the others skip compiling it
         return engine.lm
 
-    q_lm, g_lm = load(qlora_src), load(galore_src)
+    q_lm, g_lm = load(qlora_src), load(galore_src, scores=True)
     e = cfg.ensemble
     chosen = {"mode": e.mode, "weight": e.weight, "weights": dict(e.weights)}
     selection = None
