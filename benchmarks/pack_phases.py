@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/pack-phases")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.every < 1 or args.steps % args.every:
+        ap.error(f"--steps ({args.steps}) must be a multiple of --every ({args.every})")
 
     import torch
 

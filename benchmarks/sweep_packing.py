@@ -93,6 +93,9 @@ def main() -> None:
     if not modes or set(modes) - {"unpacked", "packed"}:
         ap.error(f"--modes: unpacked and/or packed, got {args.modes!r}")
     prev = json.loads(Path(args.out).read_text()) if args.append and Path(args.out).exists() else {}
+    for key, value in (("steps", args.steps), ("sweep", args.sweep), ("model", args.model)):
+        if prev and prev.get(key) != value:
+            ap.error(f"--append: {args.out} was measured with {key} {prev.get(key)!r}, this call has {value!r}")
 
     import torch
 
@@ -137,7 +140,8 @@ def main() -> None:
     result = {"rows": rows, "sweep_study_wall_seconds": full_wall, "agreement": agreement,
               "anchor_tokens_per_s": anchor_tps, "trials": runs,
               "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else "CPU",
-              "date": datetime.date.today().isoformat(), "steps": args.steps, "sweep": args.sweep}  # fmt: skip
+              "date": datetime.date.today().isoformat(), "steps": args.steps, "sweep": args.sweep,
+              "model": args.model}  # fmt: skip
     print(f"{'mode':<10}{'trials':>7}{'agg tok/s':>12}{'sum trial tok/s':>17}{'anchor':>9}{'ratio':>8}{'wall s':>9}")
     for r in rows:
         print(f"{r['mode']:<10}{r['trials']:>7}{r['aggregate_tokens_per_s']:>12.0f}{r['sum_trial_tokens_per_s']:>17.0f}"

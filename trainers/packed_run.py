@@ -333,16 +333,17 @@ class Pack:
         max_seq_len, their eval batch size and max_new_tokens), the trials' rows in the same calls."""
         from duetto.trainers.inference import generate_candidates, prompt_text
 
-        groups: dict[int, list[tuple[int, list[dict]]]] = {}
+        groups: dict[tuple[int, int], list[tuple[int, list[dict]]]] = {}
         for t, rows in jobs:
-            groups.setdefault(self.trials[t].cfg.eval.max_new_tokens, []).append((t, rows))
+            e = self.trials[t].cfg.eval
+            groups.setdefault((e.max_new_tokens, e.batch_size), []).append((t, rows))
         out: dict[int, list[str]] = {}
-        for max_new, group in groups.items():
+        for (max_new, batch), group in groups.items():
             cfg = self.trials[group[0][0]].cfg  # template and max_seq_len are the pack's (SHARED)
             owners = [t for t, rows in group for _ in rows]
             prompts = [prompt_text(self.tokenizer, cfg.template, r["instruction"], r.get("input", ""))
                        for _, rows in group for r in rows]  # fmt: skip
-            batch = cfg.eval.batch_size or (256 if self.device.type == "cuda" else 16)
+            batch = batch or (256 if self.device.type == "cuda" else 16)
             texts: list[str] = []
             with by_rows(self.base, self.layers) as rows_of:
                 for s in range(0, len(prompts), batch):
@@ -425,6 +426,9 @@ class by_rows:
         from duetto.trainers.packed_lora import set_slices
 
         def mark(module, args, kwargs):
+            ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+            if ids.shape[0] != len(self.owners):
+                raise RuntimeError(f"by_rows: a batch of {ids.shape[0]} rows for {len(self.owners)} owners")
             runs, start = [], 0
             for i in range(1, len(self.owners) + 1):
                 if i == len(self.owners) or self.owners[i] != self.owners[start]:

@@ -8,14 +8,14 @@ import threading
 import pytest
 
 
-def _cfg(tiny_gemma_dir, unified_data, tmp_path, seed: int, interim: int = 0) -> dict:
+def _cfg(tiny_gemma_dir, unified_data, tmp_path, seed: int, interim: int = 0, steps: int = 4) -> dict:
     from duetto.config import load_config, to_dict
     from duetto.trainers.config import TrialConfig
 
     train, test = unified_data
     return to_dict(load_config(TrialConfig, None, [
         f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
-        "batch_size=2", "max_steps=4", "report_every_steps=2", f"interim_eval_examples={interim}", "eval.num_examples=2",
+        "batch_size=2", f"max_steps={steps}", "report_every_steps=2", f"interim_eval_examples={interim}", "eval.num_examples=2",
         "eval.max_new_tokens=4", "eval.loss_examples=4", f"seed={seed}", f"output_dir={tmp_path / str(seed)}"]))  # fmt: skip
 
 
@@ -81,3 +81,16 @@ def test_reports_due_at_the_same_step_are_made_in_one_pass(tmp_path, tiny_gemma_
     assert calls == [[0, 1]]  # one pass made both reports; b's waited for its client
     assert ra["step"] == rb["step"] == 2 and {"bleu4", "rougeL"} <= ra.keys() & rb.keys()
     assert actor.advance("a", 4) == {"step": 4} and actor.advance("b", 4) == {"step": 4}
+
+
+def test_a_lagging_trial_gets_the_report_of_its_own_step(tmp_path, tiny_gemma_dir, unified_data):
+    """b took its report at step 2 and has not asked for the next one while a reports at 4: b's next
+    report is made at its own step 4, never a second one at 2 kept for later."""
+    from duetto.tune.packing import PackActor
+
+    actor = PackActor.__ray_metadata__.modified_class("cpu")
+    actor.join("a", _cfg(tiny_gemma_dir, unified_data, tmp_path, 1, interim=2, steps=6))
+    actor.join("b", _cfg(tiny_gemma_dir, unified_data, tmp_path, 2, interim=2, steps=6))
+    assert actor.advance("a", 2)["step"] == 2 and actor.advance("b", 2)["step"] == 2
+    assert actor.advance("a", 4)["step"] == 4 and not actor.reports  # b, waiting at 2, was not due again
+    assert actor.advance("b", 4)["step"] == 4
