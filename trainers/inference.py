@@ -416,19 +416,6 @@ def _response_logits(model: Any, input_ids: Any, attention_mask: Any, positions:
     return torch.cat(parts) if parts else hidden.new_zeros((0, head.weight.shape[0])).float()
 
 
-def _pad_to(batch: dict[str, Any], rows: int, length: int, pad_id: int) -> dict[str, Any]:
-    """A right-padded batch grown to ``rows`` (copies of its last row) x ``length`` (pad / masked / -100)."""
-    import torch
-
-    n, seq = batch["input_ids"].shape
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
-    out = {}
-    for key, v in batch.items():
-        v = torch.cat([v, v[-1:].expand(rows - n, -1)]) if rows > n else v
-        out[key] = torch.nn.functional.pad(v, (0, length - seq), value=fill[key]) if length > seq else v
-    return out
-
-
 def score_candidates(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str, str]], *, template: str,
                      max_seq_len: int, batch_rows: int = 32, static: StaticScoring | None = None) -> list[float]:  # fmt: skip
     """Mean log-likelihood per response token of each (instruction, input, response) under ``model``,
@@ -449,11 +436,12 @@ def score_candidates(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str,
     # no_grad rather than inference_mode: CUDA graphs of the static path record under it
     with _eval_mode(model), torch.no_grad():
         for s in range(0, len(feats), batch_rows):
-            batch = pad_batch(feats[s : s + batch_rows], tokenizer.pad_token_id, side="right")
-            n = batch["input_ids"].shape[0]
-            shape = static.shape_for(*batch["input_ids"].shape) if static is not None else None
-            if shape is not None:
-                batch = _pad_to(batch, *shape, tokenizer.pad_token_id)
+            chunk = feats[s : s + batch_rows]
+            n = len(chunk)
+            shape = static.shape_for(n, max(len(f["input_ids"]) for f in chunk)) if static is not None else None
+            if shape is not None:  # a bucket's shape: copies of the last row, pad tokens up to its length
+                chunk = chunk + [chunk[-1]] * (shape[0] - n)
+            batch = pad_batch(chunk, tokenizer.pad_token_id, side="right", width=shape[1] if shape else 0)
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch["attention_mask"].to(device)
             labels = batch["labels"].to(device)
