@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -63,12 +62,6 @@ GEMMA3_1B = dict(  # google/gemma-3-1b-it's architecture
 
 def _log(msg: str) -> None:
     print(f"[serve_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_random_gemma(out: Path, tokenizer_dir: str | None, seed: int, device: str) -> Path:
@@ -239,7 +232,7 @@ def run_serve(gen_src: str, rer_src: str, args) -> dict:
     from ray import serve
 
     from duetto.config import from_dict
-    from duetto.serve.app import start
+    from duetto.serve.app import free_port, start
     from duetto.serve.bench import run_load
     from duetto.serve.config import ServeConfig
 
@@ -251,7 +244,7 @@ def run_serve(gen_src: str, rer_src: str, args) -> dict:
     if args.batch_wait is not None:
         batching["batch_wait_timeout_s"] = args.batch_wait
     cfg = from_dict(ServeConfig, {
-        "generator": gen_src, "reranker": rer_src, "port": _free_port(),
+        "generator": gen_src, "reranker": rer_src, "port": free_port(),
         "ensemble": {"k": args.k, "max_new_tokens": args.max_new_tokens, "temperature": 0.8, "top_p": 0.95},
         "limits": {"max_new_tokens": max(512, args.max_new_tokens)},
         "generator_deployment": {**share, **batching}, "reranker_deployment": {**share, **batching},

@@ -135,6 +135,15 @@ def http_options(cfg: ServeConfig) -> dict:
     return {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s}
 
 
+def free_port() -> int:
+    """A TCP port of this machine that nothing listens on now (for an app started here)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start(cfg: ServeConfig) -> str:
     """Run the app on the connected Ray (serve.run returns once every replica has loaded its model);
     returns the base URL."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -75,12 +74,6 @@ def fetch_demo_alpaca(cache: Path) -> Path:
             raise RuntimeError(f"{member} from {LLAMAFACTORY_SDIST}: sha256 mismatch (expected {digest})")
         part.rename(target)
     return target
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -154,11 +147,11 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from duetto.serve.app import start
+    from duetto.serve.app import free_port, start
     from duetto.serve.client import EnsembleClient, format_answer
     from duetto.serve.config import ServeConfig
 
-    port = args.port or _free_port()
+    port = args.port or free_port()
     # Fractional CPUs: on 2 cores three replicas asking 1 CPU each never schedule. With a GPU, the
     # generator and the reranker share it.
     gpu = 0.5 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0

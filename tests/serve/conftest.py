@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -67,3 +69,27 @@ def _load_lm(source, template: str = ""):
     from duetto.serve.loading import load_lm
 
     return load_lm(str(source), template, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """``with serve_app(cfg) as url:`` the Serve app of a ServeConfig, on a private Ray (2 CPUs, loopback:
+    never a `ray start` head another process left on this machine), shut down afterwards."""
+    return _serve_app
+
+
+@contextlib.contextmanager
+def _serve_app(cfg):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from duetto.ray_connect import init_local
+    from duetto.serve.app import start
+
+    init_local(num_cpus=2, include_dashboard=False)
+    try:
+        yield start(cfg)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

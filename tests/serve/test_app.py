@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 
 import httpx
 import pytest
@@ -24,27 +22,17 @@ def _trial_cfg(trial) -> dict:
     return yaml.safe_load((trial / "config.yaml").read_text())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(qlora_trial, galore_trial):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray import serve
-
+def served(qlora_trial, galore_trial, serve_app):
     from duetto.config import from_dict
-    from duetto.serve.app import start
+    from duetto.serve.app import free_port
     from duetto.serve.config import ServeConfig
 
     small = {"num_cpus": 0.25, "max_batch_size": 4, "batch_wait_timeout_s": 0.25}
     cfg = from_dict(ServeConfig, {
         "generator": str(qlora_trial),
         "reranker": str(galore_trial),
-        "port": _free_port(),
+        "port": free_port(),
         "api_key": KEY,
         "ensemble": {"k": 3, "max_new_tokens": 8},
         "limits": {"max_k": 6, "max_new_tokens": 32, "max_context_tokens": 96, "max_body_bytes": 20000},
@@ -53,16 +41,8 @@ def served(qlora_trial, galore_trial):
         "reranker_deployment": {**small, "max_ongoing_requests": 8, "max_queued_requests": 16},
         "ingress_deployment": {"num_cpus": 0.25},
     })  # fmt: skip
-    # a private Ray on loopback: never join a `ray start` head another process left on this machine
-    from duetto.ray_connect import init_local
-
-    init_local(num_cpus=2, include_dashboard=False)
-    try:
-        url = start(cfg)
+    with serve_app(cfg) as url:
         yield url, cfg
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

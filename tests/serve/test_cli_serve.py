@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,12 +21,6 @@ pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CPU_SHARES = ["--set", "generator_deployment.num_cpus=0.5", "--set", "reranker_deployment.num_cpus=0.5",
               "--set", "ingress_deployment.num_cpus=0.25"]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
@@ -71,7 +64,9 @@ def _stop(proc: subprocess.Popen) -> int:
 
 
 def test_duetto_serve_query_and_bench(qlora_trial, galore_trial):
-    port = _free_port()
+    from duetto.serve.app import free_port
+
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = _env(DUETTO_API_KEY="cli-key")
     proc = subprocess.Popen(
@@ -99,8 +94,10 @@ def test_duetto_serve_query_and_bench(qlora_trial, galore_trial):
 
 def test_serve_run_config_file(qlora_trial, galore_trial, tmp_path):
     """configs/serve_app.yaml with CPU shares and this test's models and port, through `serve run`."""
+    from duetto.serve.app import free_port
+
     data = yaml.safe_load((CONFIGS / "serve_app.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     data["http_options"]["port"] = port
     args = data["applications"][0]["args"]
     args.pop("from_sweep")

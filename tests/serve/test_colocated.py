@@ -4,8 +4,6 @@ calls, with the same answers, batching and health report as the two deployments.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 
 import httpx
 import pytest
@@ -15,33 +13,20 @@ from duetto.config import ConfigError, from_dict
 from duetto.serve.config import ServeConfig
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(qlora_trial, galore_trial):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+def served(qlora_trial, galore_trial, serve_app):
     from ray import serve
 
-    from duetto.ray_connect import init_local
-    from duetto.serve.app import start
+    from duetto.serve.app import free_port
 
     small = {"num_cpus": 0.25, "max_batch_size": 4, "batch_wait_timeout_s": 0.25}
     cfg = from_dict(ServeConfig, {
-        "generator": str(qlora_trial), "reranker": str(galore_trial), "port": _free_port(), "colocate": "on",
+        "generator": str(qlora_trial), "reranker": str(galore_trial), "port": free_port(), "colocate": "on",
         "ensemble": {"k": 3, "max_new_tokens": 8}, "limits": {"max_context_tokens": 96},
         "generator_deployment": small, "reranker_deployment": small, "ingress_deployment": {"num_cpus": 0.25},
     })  # fmt: skip
-    init_local(num_cpus=2, include_dashboard=False)
-    try:
-        yield start(cfg), serve.status()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_app(cfg) as url:
+        yield url, serve.status()
 
 
 def test_one_replica_holds_both_models_and_reports_each(served):
