@@ -96,6 +96,24 @@ def step_ms(mode: str, params: Mapping[str, Any], per_request_ms: Mapping[str, f
     return sum(per_request_ms[s] for s in steps)
 
 
+def _scored_rows(rows: Sequence[dict], best_single: tuple[str, Sequence[str]] | None):
+    """(rows with stored candidates, their references, candidates, each candidate's ROUGE-L F, and the
+    best single model's per-metric statistics on those rows or None); None when no row has candidates."""
+    from duetto.workflows.stats import METRICS
+
+    keep = [i for i, r in enumerate(rows) if r.get("ensemble_candidates")]
+    if not keep:
+        return None
+    rows = [rows[i] for i in keep]
+    refs = [r["reference"] for r in rows]
+    cands = stored_candidates(rows)
+    single = None
+    if best_single is not None:
+        answers = [best_single[1][i] for i in keep]
+        single = {metric: METRICS[metric][0](answers, refs) for metric in ("rougeL", "bleu4")}
+    return rows, refs, cands, candidate_rouge(cands, refs), single
+
+
 def selection_table(rows: Sequence[dict], *, modes: Mapping[str, Mapping[str, Any]], returned_mode: str,
                     best_single: tuple[str, Sequence[str]] | None = None,
                     per_request_ms: Mapping[str, float] | None = None, n_resamples: int = 1000,
@@ -109,13 +127,10 @@ def selection_table(rows: Sequence[dict], *, modes: Mapping[str, Mapping[str, An
 
     from duetto.workflows.stats import METRICS, bootstrap_ci, paired_bootstrap, rouge_from_sums
 
-    keep = [i for i, r in enumerate(rows) if r.get("ensemble_candidates")]
-    if not keep:
+    scored = _scored_rows(rows, best_single)
+    if scored is None:
         return {}
-    rows = [rows[i] for i in keep]
-    refs = [r["reference"] for r in rows]
-    cands = stored_candidates(rows)
-    util = candidate_rouge(cands, refs)
+    rows, refs, cands, util, single = scored
     texts: dict[str, list[str]] = {RANDOM_PICK: [cs[0].text for cs in cands]}
     rouge: dict[str, np.ndarray] = {RANDOM_PICK: np.asarray([sum(u) / len(u) for u in util]).reshape(-1, 1)}
     methods = [{"name": RANDOM_PICK, "mode": None, "params": {}}]
@@ -149,11 +164,6 @@ def selection_table(rows: Sequence[dict], *, modes: Mapping[str, Mapping[str, An
         for metric in ("rougeL", "bleu4"):
             m[metric] = bootstrap_ci(stats[m["name"]][metric], from_sums[metric], n_resamples=n_resamples, seed=seed)
     tests = []
-    single = None
-    if best_single is not None:
-        name, answers = best_single
-        answers = [answers[i] for i in keep]
-        single = {"rougeL": METRICS["rougeL"][0](answers, refs), "bleu4": bleu_stat(answers, refs)}
     for m in methods[1:-1]:
         tests.append({"a": RANDOM_PICK, "b": m["name"], "metric": "rougeL",
                       **paired_bootstrap(rouge[RANDOM_PICK], rouge[m["name"]], rouge_from_sums,
@@ -182,19 +192,12 @@ def count_table(rows: Sequence[dict], *, mode: str, params: Mapping[str, Any], c
 
     from duetto.workflows.stats import METRICS, bootstrap_ci, paired_bootstrap, rouge_from_sums
 
-    keep = [i for i, r in enumerate(rows) if r.get("ensemble_candidates")]
-    if not keep:
+    scored = _scored_rows(rows, best_single)
+    if scored is None:
         return {}
-    rows = [rows[i] for i in keep]
-    refs = [r["reference"] for r in rows]
-    full = stored_candidates(rows)
-    util = candidate_rouge(full, refs)
+    rows, refs, full, util, single = scored
     k = min(len(cs) for cs in full)
     bleu_stat, bleu_from = METRICS["bleu4"]
-    single = None
-    if best_single is not None:
-        answers = [best_single[1][i] for i in keep]
-        single = {"rougeL": METRICS["rougeL"][0](answers, refs), "bleu4": bleu_stat(answers, refs)}
     out = []
     for n in sorted({c for c in counts if 1 <= c <= k} | {k}):
         cands = []
