@@ -422,19 +422,23 @@ class by_rows:
         self.base, self.layers = base, layers
         self.owners: list[int] = []
 
+    def runs(self, rows: int) -> list[tuple[int, int, int]]:
+        """(trial, first row, end row) of each trial's block of a batch of ``rows`` rows."""
+        if rows != len(self.owners):
+            raise RuntimeError(f"by_rows: a batch of {rows} rows for {len(self.owners)} owners")
+        runs, start = [], 0
+        for i in range(1, rows + 1):
+            if i == rows or self.owners[i] != self.owners[start]:
+                runs.append((self.owners[start], start, i))
+                start = i
+        return runs
+
     def __enter__(self) -> by_rows:
         from duetto.trainers.packed_lora import set_slices
 
         def mark(module, args, kwargs):
             ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
-            if ids.shape[0] != len(self.owners):
-                raise RuntimeError(f"by_rows: a batch of {ids.shape[0]} rows for {len(self.owners)} owners")
-            runs, start = [], 0
-            for i in range(1, len(self.owners) + 1):
-                if i == len(self.owners) or self.owners[i] != self.owners[start]:
-                    runs.append((self.owners[start], start, i))
-                    start = i
-            set_slices(self.layers, runs)
+            set_slices(self.layers, self.runs(ids.shape[0]))
 
         self.hook = self.base.register_forward_pre_hook(mark, with_kwargs=True)
         self.was_training = self.base.training
@@ -446,27 +450,16 @@ class by_rows:
         self.base.train(self.was_training)
 
 
-class only_trial:
-    """Inside, ``base`` runs every batch through trial ``t``'s adapter alone (a forward pre-hook marks
-    all rows as its rows), in eval mode: what evaluation and generation of that trial need."""
+class only_trial(by_rows):
+    """Inside, ``base`` runs every batch through trial ``t``'s adapter alone, in eval mode: what
+    evaluation and generation of that trial need."""
 
     def __init__(self, base: Any, layers: dict, t: int):
-        self.base, self.layers, self.t = base, layers, t
+        super().__init__(base, layers)
+        self.t = t
 
-    def __enter__(self) -> None:
-        from duetto.trainers.packed_lora import set_slices
-
-        def mark(module, args, kwargs):
-            ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
-            set_slices(self.layers, [(self.t, 0, ids.shape[0])])
-
-        self.hook = self.base.register_forward_pre_hook(mark, with_kwargs=True)
-        self.was_training = self.base.training
-        self.base.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.hook.remove()
-        self.base.train(self.was_training)
+    def runs(self, rows: int) -> list[tuple[int, int, int]]:
+        return [(self.t, 0, rows)]
 
 
 def evaluate_loss(model: Any, dataset: Any, collate: Any, batch_size: int, device: torch.device) -> float:
