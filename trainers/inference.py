@@ -70,7 +70,25 @@ def _bucket(n: int, sizes: Sequence[int]) -> int | None:
     return next((b for b in sorted(sizes) if b >= n), None)
 
 
-class StaticDecoding:
+class _Buckets:
+    """The row and length buckets of a static-shape path."""
+
+    def __init__(self, rows: Sequence[int], lengths: Sequence[int]):
+        if not rows or not lengths or min(rows) < 1 or min(lengths) < 2:
+            raise ValueError(f"{type(self).__name__} needs row buckets >= 1 and length buckets >= 2, got {rows} / {lengths}")
+        self.rows = tuple(sorted(set(int(r) for r in rows)))
+        self.lengths = tuple(sorted(set(int(n) for n in lengths)))
+
+    @staticmethod
+    def warm_order(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``pairs`` (rows, length), the first and the last first: the second shape torch.compile sees
+        makes the dimensions that changed dynamic (automatic dynamic shapes), so changing rows and
+        length together there leaves one more compile instead of two."""
+        first, last = pairs[0], pairs[-1]
+        return sorted(pairs, key=lambda p: (p != first, p != last))
+
+
+class StaticDecoding(_Buckets):
     """Static KV caches for ``generate_candidates``: a call's rows are padded up to a row bucket (copies
     of its last row, whose outputs are dropped) and decode into a preallocated ``StaticCache`` whose
     length is the smallest length bucket that holds prompt + new tokens. A call with more rows than the
@@ -84,10 +102,7 @@ class StaticDecoding:
     """
 
     def __init__(self, rows: Sequence[int], lengths: Sequence[int]):
-        if not rows or not lengths or min(rows) < 1 or min(lengths) < 2:
-            raise ValueError(f"static decoding needs row buckets >= 1 and length buckets >= 2, got {rows} / {lengths}")
-        self.rows = tuple(sorted(set(int(r) for r in rows)))
-        self.lengths = tuple(sorted(set(int(n) for n in lengths)))
+        super().__init__(rows, lengths)
         self._caches: dict[tuple[int, int], Any] = {}
 
     def length_for(self, needed: int) -> int | None:
@@ -135,11 +150,7 @@ class StaticDecoding:
 
         times = {}
         prompt = tokenizer.decode(tokenizer("Hello")["input_ids"], skip_special_tokens=True) or "Hello"
-        # The second shape torch.compile sees makes the dimensions that changed dynamic (automatic dynamic
-        # shapes): changing rows and length together there leaves one more compile instead of two.
-        pairs = [(r, n) for n in self.lengths for r in self.rows]
-        pairs.sort(key=lambda p: (p != (self.rows[0], self.lengths[0]), p != (self.rows[-1], self.lengths[-1])))
-        for rows, length in pairs:
+        for rows, length in self.warm_order([(r, n) for n in self.lengths for r in self.rows]):
             t = time.perf_counter()
             # two calls: the first compiles, the second records the CUDA graph
             new = min(4, length - 1)
@@ -151,7 +162,7 @@ class StaticDecoding:
         return times
 
 
-class StaticScoring:
+class StaticScoring(_Buckets):
     """Static shapes for ``score_candidates``: a forward's rows are padded up to a row bucket (copies of
     its last row, whose scores are dropped) and its tokens, right-padded, up to a length bucket, so on
     CUDA the decoder compiles once (``torch.compile``, CUDA graphs) and each bucket replays its graph.
@@ -162,10 +173,7 @@ class StaticScoring:
     """
 
     def __init__(self, rows: Sequence[int], lengths: Sequence[int]):
-        if not rows or not lengths or min(rows) < 1 or min(lengths) < 2:
-            raise ValueError(f"static scoring needs row buckets >= 1 and length buckets >= 2, got {rows} / {lengths}")
-        self.rows = tuple(sorted(set(int(r) for r in rows)))
-        self.lengths = tuple(sorted(set(int(n) for n in lengths)))
+        super().__init__(rows, lengths)
         self._forward: Any = None
         self._decoder: Any = None
 
@@ -195,13 +203,9 @@ class StaticScoring:
         decoder = model.get_decoder()
         device = next(model.parameters()).device
         top = _bucket(max_seq_len, self.lengths) or self.lengths[-1]
-        pairs = [(r, n) for n in self.lengths if n <= top for r in self.rows]
-        # as in StaticDecoding.warm_up: the second shape makes both dimensions dynamic in one recompile
-        first, last = pairs[0], pairs[-1]
-        pairs.sort(key=lambda p: (p != first, p != last))
         times = {}
         with _eval_mode(model), torch.no_grad():
-            for rows, length in pairs:
+            for rows, length in self.warm_order([(r, n) for n in self.lengths if n <= top for r in self.rows]):
                 t = time.perf_counter()
                 ids = torch.ones((rows, length), dtype=torch.long, device=device)
                 for _ in range(2):
