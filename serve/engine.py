@@ -62,7 +62,7 @@ def use_static_decoding(lm: LoadedModel, decoding: DecodingOptions) -> LoadedMod
 
 class HFEngine:
     """transformers: ``duetto.trainers.inference`` (the same generation and scoring the trials' evaluation
-    and `duetto report` run), with static-shape decoding on GPU (StaticDecoding)."""
+    and `duetto report` run), with static-shape decoding and scoring on GPU (StaticDecoding, StaticScoring)."""
 
     name = "hf"
 

@@ -433,8 +433,10 @@ def concurrent_trials(sweep: SweepConfig, fits: int) -> int:
 
 def trials_of(sweep: SweepConfig, method: str) -> int:
     """Trials of one method (grid dimensions multiply its samples)."""
-    dists = [_distribution(method, str(key), value) for key, value in sweep.methods.get(method, {}).items()]
-    return math.prod(len(d[1]) for d in dists if d and d[0] == "grid") * sweep.samples_for(method) if method in sweep.methods else 0
+    if method not in sweep.methods:
+        return 0
+    dists = [_distribution(method, str(key), value) for key, value in sweep.methods[method].items()]
+    return math.prod(len(d[1]) for d in dists if d and d[0] == "grid") * sweep.samples_for(method)
 
 
 def total_trials(sweep: SweepConfig) -> int:
