@@ -161,13 +161,13 @@ class Pack:
             return False
         if self.memory is None or n == 0:
             return True
-        if not self.trial_bytes:  # nothing measured yet: the first step tells what a trial takes
-            return False
-        # a join builds the trial's model (a whole base) for a moment before it keeps only the adapter
-        return 2 * self.base_bytes + self.trial_bytes * (n + 1) <= self.memory_fraction * self.memory.total()
+        cap = self.capacity()  # None: nothing measured yet, so the first step tells what a trial takes
+        return cap is not None and n < cap
 
     def capacity(self) -> int | None:
-        """Trials the measured memory holds (None: not measured, or no memory limit)."""
+        """Trials the measured memory holds (None: not measured, or no memory limit): the base, a joining
+        trial's build of a whole base for a moment (it then keeps only its adapter) and each trial's
+        measured share, within memory_fraction of the GPU."""
         if self.memory is None or not self.trial_bytes:
             return None
         fit = int((self.memory_fraction * self.memory.total() - 2 * self.base_bytes) // self.trial_bytes)

@@ -138,12 +138,6 @@ class PackActor:
             self.cond.notify_all()  # a slot is free
             return out
 
-    def size(self) -> dict[str, Any]:
-        """Trials attached now, and how many the measured memory holds (None: not measured yet)."""
-        with self.cond:
-            return {"trials": len(self.pack.trials), "capacity": self.pack.capacity(),
-                    "trial_bytes": self.pack.trial_bytes, "base_bytes": self.pack.base_bytes}  # fmt: skip
-
     def leave(self, key: str) -> None:
         with self.cond:
             t = self.keys.pop(key, None)
