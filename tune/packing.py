@@ -1,4 +1,5 @@
-"""Packed QLoRA sweeps: one packing actor per GPU trains the QLoRA trials attached to it together
+"""Packed QLoRA sweeps: one packing actor per group of shared settings (trainers/packed_run.py
+``group_key``), on one trial's GPU share, trains the QLoRA trials attached to it together
 (trainers/packed_run.py ``Pack``), while each configuration stays its own Ray Tune trial.
 
 A Tune trial is a thin client (``packed_trial``): it joins the actor with its config, then moves its
@@ -34,7 +35,7 @@ STATE_FILE = "packed_trial.pt"
 
 # A packed sweep runs at most MAX_PACK_CLIENTS QLoRA trials at once (tune/spec.py concurrent_trials),
 # each with at most one call of its pack's at a time: the actor's threads never run out while
-# clients wait in join or advance (the rest serve leave, size and attached).
+# clients wait in join or advance (the rest serve leave and attached).
 @ray.remote(max_concurrency=MAX_PACK_CLIENTS + 16)
 class PackActor:
     """Owns the shared base and every attached trial; one thread steps the pack, client calls wait.

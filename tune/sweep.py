@@ -146,6 +146,22 @@ def prepare(sweep: SweepConfig) -> dict[str, Any]:
     return base
 
 
+def _fit(tuner, sweep: SweepConfig, sweep_dir: Path) -> None:
+    """``tuner.fit()``; with packing, the sweep's pack actors end before it (packs a stopped driver left
+    on a running cluster hold slots of trials that are gone: every unfinished packed trial rejoins a
+    fresh pack from its checkpoint) and after it."""
+    if sweep.packing == "off":
+        tuner.fit()
+        return
+    from duetto.tune.packing import stop_packs
+
+    stop_packs(str(sweep_dir))
+    try:
+        tuner.fit()
+    finally:
+        stop_packs(str(sweep_dir))
+
+
 def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> Path:
     """Run a new sweep to the end; return its folder (results are written there)."""
     sweep_dir = sweep.sweep_dir()
@@ -171,13 +187,7 @@ def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int
         + f" -> {sweep_dir}",
         flush=True,
     )
-    try:
-        _tuner(sweep, base, concurrent, cluster).fit()
-    finally:
-        if sweep.packing != "off":
-            from duetto.tune.packing import stop_packs
-
-            stop_packs(str(sweep_dir))
+    _fit(_tuner(sweep, base, concurrent, cluster), sweep, sweep_dir)
     return sweep_dir
 
 
@@ -206,21 +216,11 @@ def resume_sweep(
     cluster, nodes = _cluster()
     check_resources(sweep, cluster, nodes)
     print(f"duetto sweep: resuming {sweep_dir}", flush=True)
-    if sweep.packing != "off":
-        from duetto.tune.packing import stop_packs
-
-        # packs the stopped driver left on a running cluster hold slots of trials that are gone; every
-        # unfinished packed trial rejoins a fresh pack from its checkpoint
-        stop_packs(str(sweep_dir))
     tuner = tune.Tuner.restore(
         str(sweep_dir),
         trainable=_trainable(sweep, base, sweep_dir, cluster),
         resume_unfinished=True,
         resume_errored=retry_errored,
     )
-    try:
-        tuner.fit()
-    finally:
-        if sweep.packing != "off":
-            stop_packs(str(sweep_dir))
+    _fit(tuner, sweep, sweep_dir)
     return sweep_dir
