@@ -243,7 +243,9 @@ def run_serve(gen_src: str, rer_src: str, args) -> dict:
         batching["max_batch_size"] = args.max_batch_size
     if args.batch_wait is not None:
         batching["batch_wait_timeout_s"] = args.batch_wait
-    cfg = from_dict(ServeConfig, {
+    from duetto.config import apply_overrides
+
+    cfg = from_dict(ServeConfig, apply_overrides({
         "generator": gen_src, "reranker": rer_src, "port": free_port(),
         "ensemble": {"k": args.k, "max_new_tokens": args.max_new_tokens, "temperature": 0.8, "top_p": 0.95},
         "limits": {"max_new_tokens": max(512, args.max_new_tokens)},
@@ -251,7 +253,7 @@ def run_serve(gen_src: str, rer_src: str, args) -> dict:
         "colocate": "on" if args.colocate else "off",
         "ingress_deployment": {"num_cpus": 0.25 if args.tiny else 1},
         **({"decoding": {"row_buckets": [2, 8], "length_buckets": [64]}} if args.tiny else {}),
-    })  # fmt: skip
+    }, args.set))  # fmt: skip
     from duetto.ray_connect import init_local
 
     init_local(include_dashboard=False, **({"num_cpus": 2} if args.tiny else {}))
@@ -273,7 +275,7 @@ def run_serve(gen_src: str, rer_src: str, args) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"startup_s": load_s, "runs": runs, "deployment": {**share, **batching}, "info": info}
+    return {"startup_s": load_s, "runs": runs, "deployment": {**share, **batching}, "overrides": args.set, "info": info}
 
 
 def _get_json(url: str) -> dict:
@@ -309,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=0, help="@serve.batch max_batch_size of both models (0: default)")
     p.add_argument("--batch-wait", type=float, default=None, help="@serve.batch batch_wait_timeout_s (default: the config's)")
     p.add_argument("--colocate", action="store_true", help="both models in one replica (colocate: on)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a ServeConfig override for the Serve app, e.g. 'decoding.row_buckets=[4, 16, 32, 64, 128]'")
     p.add_argument("--out", default="benchmarks/serve_bench.json", help="JSON result path")
     args = p.parse_args(argv)
     if args.out == "benchmarks/serve_bench.json" and not args.tiny:
@@ -345,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     model = "tiny" if args.tiny else ("given" if args.generator else args.model)
     details = {
         "settings": {"k": args.k, "max_new_tokens": args.max_new_tokens, "model": model, "generator": args.generator,
-                     "reranker": args.reranker, "duration_s": args.duration, "colocate": args.colocate},
+                     "reranker": args.reranker, "duration_s": args.duration, "colocate": args.colocate, "set": args.set},
         "environment": env,
         "naive": naive,
         "serve": served,

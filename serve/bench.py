@@ -54,6 +54,9 @@ class BenchResult:
     step_ms_mean: dict[str, float] = field(default_factory=dict)
     """Mean of each step's time as the ingress measured it (/v1/generate's timings_ms: generate,
     generate_model, score, score_model, total): where a request's latency goes."""
+    calls_by_size: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    """Per model, per number of requests a call merged: how many such calls ran and the mean and
+    largest time their model call took (ms), from the answers: which batch sizes make the tail."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +119,7 @@ async def run_load(url: str, *, concurrency: int, duration_s: float, route: str 
     errors: Counter[str] = Counter()
     batch_sizes: dict[str, list[int]] = {}
     step_ms: dict[str, list[float]] = {}
+    call_ms: dict[str, dict[int, list[float]]] = {}  # model -> requests in the call -> its answers' model ms
     sent = 0
     start = deadline = 0.0
 
@@ -139,8 +143,13 @@ async def run_load(url: str, *, concurrency: int, duration_s: float, route: str 
                 body = _body(resp)
                 for who, n in _batch_sizes(body).items():
                     batch_sizes.setdefault(who, []).append(n)
-                for step, ms in (body.get("timings_ms") or {}).items():
+                timings = body.get("timings_ms") or {}
+                for step, ms in timings.items():
                     step_ms.setdefault(step, []).append(float(ms))
+                for who, n in _batch_sizes(body).items():
+                    ms = timings.get(_MODEL_STEP.get(who, ""))
+                    if isinstance(ms, (int, float)):
+                        call_ms.setdefault(who, {}).setdefault(n, []).append(float(ms))
             else:
                 errors[f"http_{resp.status_code}"] += 1
 
@@ -170,6 +179,9 @@ async def run_load(url: str, *, concurrency: int, duration_s: float, route: str 
         # a call of n requests is reported by its n answers: each weighs 1/n, so the sum counts calls
         batch_requests_mean={who: len(ns) / sum(1 / n for n in ns) for who, ns in sorted(batch_sizes.items())},
         step_ms_mean={step: round(sum(ms) / len(ms), 1) for step, ms in step_ms.items()},
+        calls_by_size={who: {n: {"calls": round(len(ms) / n, 1), "model_ms_mean": round(sum(ms) / len(ms), 1),
+                                 "model_ms_max": round(max(ms), 1)} for n, ms in sorted(sizes.items())}
+                       for who, sizes in sorted(call_ms.items())},  # fmt: skip
     )
 
 
@@ -179,6 +191,10 @@ def _body(resp: Any) -> dict:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+#: The timings_ms step that is a model's own call (every answer of a call reports the same time).
+_MODEL_STEP = {"generator": "generate_model", "reranker": "score_model"}
 
 
 def _batch_sizes(body: dict) -> dict[str, int]:

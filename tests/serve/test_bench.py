@@ -52,7 +52,10 @@ class _Server(BaseHTTPRequestHandler):
         time.sleep(0.02)
         code = 503 if n % 3 == 0 else 200
         # what the app reports: how many requests the model call that served this one held
-        out = json.dumps({"batch": {"generator": 1 + n % 2, "reranker": 4}} if code == 200 else {}).encode()
+        # and how long that call took (generator calls of 2 requests: 30 ms, of 1: 10 ms)
+        out = json.dumps({"batch": {"generator": 1 + n % 2, "reranker": 4},
+                          "timings_ms": {"generate_model": 10 + 20 * (n % 2), "score_model": 5}}
+                         if code == 200 else {}).encode()  # fmt: skip
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
@@ -83,6 +86,12 @@ def test_run_load_counts_ok_errors_and_latency():
     # answers alternate between calls of 1 and of 2 requests: 2 answers per call of 2, so per call
     # the mean is below the answers' plain average (1.5)
     assert 1.0 < r.batch_requests_mean["generator"] < 1.5
+    # per call size: each answer of a call of n counts 1/n call; the times are the calls' own
+    gen = r.calls_by_size["generator"]
+    assert set(gen) == {1, 2} and gen[2]["model_ms_mean"] == gen[2]["model_ms_max"] == 30.0
+    assert gen[1]["model_ms_mean"] == 10.0 and gen[1]["calls"] == pytest.approx(2 * gen[2]["calls"], abs=1.0)
+    assert r.calls_by_size["reranker"] == {4: {"calls": pytest.approx(r.ok / 4, abs=0.1), "model_ms_mean": 5.0,
+                                               "model_ms_max": 5.0}}  # fmt: skip
     first = _Server.bodies[0]
     assert first["path"] == "/v1/generate" and first["auth"] == "Bearer tok" and first["k"] == 2
 
