@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PHASES: dict[str, float] = {}
+CALLS: dict[str, int] = {}  # how many times each phase ran (evaluation runs inside trainer.train too)
 STEPS: list = []  # (begin, end) CUDA events of every training step of the in-process run
 PEAKS: list = []  # each step's peak allocated GPU memory (the report callback resets it as a step begins)
 
@@ -31,6 +32,7 @@ def phase(name: str):
         yield
     finally:
         PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - t0
+        CALLS[name] = CALLS.get(name, 0) + 1
 
 
 def wrap(module, attr: str, name: str) -> None:
@@ -56,6 +58,16 @@ def instrument() -> None:
     wrap(trial, "_save_and_report", "save and report")
     wrap(Trainer, "evaluate", "evaluation loss")
     wrap(Trainer, "train", "trainer.train")
+    wrap(Trainer, "_save_checkpoint", "HF checkpoint save (inside trainer.train)")
+    make_callback = trial_reports.report_callback_cls
+
+    def timed_callback_cls():
+        cls = make_callback()
+        wrap(cls, "on_save", "Ray report of a checkpoint (inside trainer.train)")
+        return cls
+
+    trial_reports.report_callback_cls = timed_callback_cls
+    trial.report_callback_cls = timed_callback_cls
     end = trial_reports.StepClock.end
 
     def end_and_keep(self):
@@ -81,6 +93,7 @@ def run(method: str, model: str, data: str, steps: int, out: Path, workers: int)
     from duetto.trainers.trial import run_trial
 
     PHASES.clear()
+    CALLS.clear()
     STEPS.clear()
     PEAKS.clear()
     cfg = study_config(method, model, data, steps, out, [f"scaling.num_workers={workers}"])
@@ -93,7 +106,7 @@ def run(method: str, model: str, data: str, steps: int, out: Path, workers: int)
     steady = ms[10:] or ms
     return {
         "method": method, "workers": workers, "steps": steps, "command_wall_s": wall,
-        "phases_s": dict(PHASES), "first_steps_ms": [round(x, 2) for x in ms[:8]],
+        "phases_s": dict(PHASES), "phase_calls": dict(CALLS), "first_steps_ms": [round(x, 2) for x in ms[:8]],
         "step_ms_median_after_10": statistics.median(steady) if steady else None,
         "step_ms_all": [round(x, 2) for x in ms], "sum_step_s": sum(ms) / 1e3,
         "peak_mib_first_steps": [round(x / 2**20) for x in PEAKS[:6]],

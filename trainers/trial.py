@@ -94,7 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_wall = time.perf_counter() - t0
     # GPU: the training steps' own peak; CPU: the process's peak RSS so far (before generation)
     train_peak = callback.train_peak if run.on_gpu and callback.train_peak else peak_memory_bytes(device)
-    eval_loss = float(trainer.evaluate()["eval_loss"])  # on all ranks; generation on rank 0 alone
+    eval_loss = final_eval_loss(trainer)  # on all ranks; generation on rank 0 alone
     model = trainer.accelerator.unwrap_model(trainer.model)
     gen_metrics, predictions = generation_metrics(model, run.tokenizer, run.gen_rows, cfg) if rank == 0 else ({}, [])
     metrics: dict[str, Any] = {
@@ -125,6 +125,17 @@ def train_loop_per_worker(config: dict) -> None:
         "done": True,
     }
     _save_and_report(cfg, trainer, run, metrics, predictions, rank)
+
+
+def final_eval_loss(trainer) -> float:
+    """The loss on the held-out rows after training: the Trainer's own evaluation when it ran one at the
+    last step (the epoch-end or save-step evaluation that ends a run), else a new pass. The model has
+    not changed since, so a second pass would only repeat it."""
+    history = trainer.state.log_history
+    last = next((h for h in reversed(history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step and trainer.state.global_step > 0:
+        return float(last["eval_loss"])
+    return float(trainer.evaluate()["eval_loss"])
 
 
 def _fast_path_summary(trainer, run: TrialSetup) -> str:

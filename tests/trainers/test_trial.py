@@ -360,3 +360,26 @@ def test_auto_workers_resume_a_run_of_any_worker_count(tmp_path, tiny_gemma_dir,
     assert ("scaling.num_workers", 1, 2) in settings_diff(one, _cfg(tmp_path, tiny_gemma_dir, unified_data,
                                                                     "scaling.num_workers=2"))  # fmt: skip
     assert settings_diff(two, two) == []
+
+
+@pytest.mark.parametrize("every, passes", [(6, 2), (5, 3)])
+def test_the_last_steps_evaluation_is_not_repeated(tmp_path, tiny_gemma_dir, unified_data, monkeypatch, every, passes):
+    """The Trainer evaluates at every report step and at the last one (6, 12 of 12; 5, 10, 12): the
+    trial reports that last pass's loss instead of running a second pass over the same rows."""
+    from transformers import Trainer
+
+    from duetto.trainers.trial import run_trial
+
+    seen = []
+    evaluate = Trainer.evaluate
+
+    def counted(self, *a, **k):
+        out = evaluate(self, *a, **k)
+        seen.append((self.state.global_step, out["eval_loss"]))
+        return out
+
+    monkeypatch.setattr(Trainer, "evaluate", counted)
+    m = run_trial(_cfg(tmp_path, tiny_gemma_dir, unified_data, "method=galore", f"report_every_steps={every}",
+                       "interim_eval_examples=0"))  # fmt: skip
+    assert len(seen) == passes
+    assert seen[-1][0] == 12 and m["eval_loss"] == seen[-1][1]
