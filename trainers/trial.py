@@ -376,6 +376,7 @@ def build_torch_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callb
         resources["GPU"] = s.gpus_per_worker
     cfg_dict = to_dict(cfg)
     cfg_dict["output_dir"] = str(Path(cfg.output_dir).resolve())
+    cfg_dict["scaling"]["num_workers"] = workers  # resolved here: a worker reads whether it runs in local mode
     for key in ("train", "test"):
         cfg_dict["data"][key] = str(Path(cfg_dict["data"][key]).resolve())
     return TorchTrainer(

@@ -184,6 +184,11 @@ def report_callback_cls():
                     metrics["eval_loss"] = float(log["eval_loss"])
             if self.rows and self.rank == 0 and model is not None:
                 metrics.update(generation_metrics(model, self.tokenizer, self.rows, self.cfg)[0])
+            if self.cfg.scaling.workers() == 0:
+                # Ray Train's local mode keeps no checkpoint (a local run resumes from output_dir's own
+                # HF checkpoints): copying this one for it would only write the folder once more
+                ray.train.report(metrics)
+                return
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 source = get_last_checkpoint(args.output_dir) if self.rank == 0 else None

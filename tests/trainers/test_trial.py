@@ -383,3 +383,29 @@ def test_the_last_steps_evaluation_is_not_repeated(tmp_path, tiny_gemma_dir, uni
                        "interim_eval_examples=0"))  # fmt: skip
     assert len(seen) == passes
     assert seen[-1][0] == 12 and m["eval_loss"] == seen[-1][1]
+
+
+def test_local_mode_reports_interim_metrics_without_copying_checkpoints(tmp_path, tiny_gemma_dir, unified_data,
+                                                                        monkeypatch):  # fmt: skip
+    """Ray Train's local mode keeps no checkpoint, so interim reports carry none and no copy of the HF
+    checkpoint is made (a local run resumes from its own HF checkpoints: test_local_mode_resumes_...)."""
+    import ray.train
+
+    from duetto.trainers import trial_reports
+    from duetto.trainers.trial import run_trial
+
+    reports = []
+    report = ray.train.report
+
+    def spy(metrics, checkpoint=None, **k):
+        reports.append((dict(metrics), checkpoint))
+        return report(metrics, checkpoint=checkpoint, **k)
+
+    monkeypatch.setattr(ray.train, "report", spy)
+    copies = []
+    monkeypatch.setattr(trial_reports.shutil, "copytree", lambda *a, **k: copies.append(a))
+    cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=qlora", "interim_eval_examples=0")
+    run_trial(cfg)
+    interim = [(m, c) for m, c in reports if not m.get("done")]
+    assert [m["step"] for m, _ in interim] == [6, 12] and all(c is None for _, c in interim)
+    assert copies == []
