@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sizes", default="1,4,16,32", help="prompts per call")
     ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--row-buckets", default="4,16,64,128", help="the static path's row buckets (Serve's default)")
     ap.add_argument("--paths", default="static,dynamic,continuous")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -102,7 +103,7 @@ def main() -> None:
 
     paths = args.paths.split(",")
     if "static" in paths:
-        static = StaticDecoding([4, 16, 64, 128], [256])
+        static = StaticDecoding([int(r) for r in args.row_buckets.split(",")], [256])
         t = time.perf_counter()
         result["static_warm_up"] = static.warm_up(lm.model, lm.tokenizer, lm.stop_ids)
         result["static_warm_up_s"] = round(time.perf_counter() - t, 1)
