@@ -60,13 +60,13 @@ def fast_trainer_cls():
     """Built lazily so importing this module does not import transformers."""
     from transformers import Trainer
 
-    from duetto.trainers.graph_step import GraphedStep, graph_blocker
+    from duetto.trainers.graph_step import GraphedStep, prepare_for_graphs
 
     class FastTrainer(Trainer):
         def __init__(self, *args, galore_layerwise: bool | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.galore_layerwise = galore_layerwise  # None: not a GaLore trial
-            blocker = graph_blocker(self.model)
+            blocker = prepare_for_graphs(self.model)
             self.graph_blocker = blocker
             self.graphed = None if blocker else GraphedStep(self.model, autocast_bf16=self.args.bf16)
             self._pending_tokens: torch.Tensor | None = None

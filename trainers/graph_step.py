@@ -9,8 +9,9 @@ What a graph needs, and how the trial provides it:
 - static addresses: the inputs are copied into buffers the graph reads; the weights are updated in
   place (torch's fused AdamW, the fused GaLore optimizer); the gradients live in the graph's own
   memory and are handed back to the parameters after each replay (the Trainer sets them to None);
-- no host synchronisation inside the step, which rules out LLM.int8's outlier search (a
-  data-dependent shape): models with bitsandbytes 8-bit layers stay eager;
+- no host synchronisation inside the step: bitsandbytes' LLM.int8 layers find their outlier columns
+  with a data-dependent shape, so they take the static-shape version of their matmul
+  (trainers/int8_static.py, ``prepare_for_graphs``);
 - warm-up: the first step runs eagerly on a side stream, as CUDA graph capture requires; capture
   uses that same stream, since every stream that runs matrix products holds a cuBLAS workspace of
   its own (tens of MB of allocated memory).
@@ -29,14 +30,21 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def graph_blocker(model: torch.nn.Module) -> str | None:
-    """Why this model's step cannot be captured, or None."""
+def prepare_for_graphs(model: torch.nn.Module) -> str | None:
+    """Make the model's step capturable where it can be, and say why it cannot (None: it can).
+    bitsandbytes' LLM.int8 matmul searches for outlier columns on the host every call; its layers
+    take the static-shape version of the same matmul (trainers/int8_static.py)."""
     try:
         import bitsandbytes as bnb
     except ImportError:
         return None
     if any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()):
-        return "LLM.int8 layers search for outlier columns on the host each matmul"
+        from duetto.trainers.int8_static import use_static_int8
+
+        try:
+            use_static_int8(model)
+        except ValueError as e:
+            return f"LLM.int8 layers: {e}"
     return None
 
 

@@ -112,8 +112,8 @@ def test_fused_galore_matches_library_on_cuda(tiny_smollm_dir, tmp_path, layerwi
         assert (b - a).norm() <= 0.05 * moved + 1e-6, name
 
 
-@pytest.mark.parametrize("method", ["galore", "qlora"])
-def test_trial_takes_the_fast_path_on_gpu(tiny_smollm_dir, unified_data, tmp_path, method):
+@pytest.mark.parametrize("method, bits", [("galore", 4), ("qlora", 4), ("qlora", 8)])
+def test_trial_takes_the_fast_path_on_gpu(tiny_smollm_dir, unified_data, tmp_path, method, bits):
     from duetto.config import load_config
     from duetto.trainers.config import TrialConfig
     from duetto.trainers.trial import run_trial
@@ -123,7 +123,7 @@ def test_trial_takes_the_fast_path_on_gpu(tiny_smollm_dir, unified_data, tmp_pat
         f"method={method}", f"model={tiny_smollm_dir}", f"data.train={train}", f"data.test={test}",
         f"output_dir={tmp_path / 'trial'}", "max_seq_len=64", "batch_size=2", "max_steps=12", "logging_steps=2",
         "eval.num_examples=4", "eval.max_new_tokens=8", "eval.loss_examples=8", "scaling.num_workers=0",
-        "galore.rank=8", "galore.update_proj_gap=5", "qlora.bits=4", "interim_eval_examples=0",
+        "galore.rank=8", "galore.update_proj_gap=5", f"qlora.bits={bits}", "interim_eval_examples=0",
     ])  # fmt: skip
     m = run_trial(cfg)
     # 12 steps: one eager warm-up step, then graph replays, except GaLore's refreshes (steps 0, 5 and 10),
@@ -133,3 +133,66 @@ def test_trial_takes_the_fast_path_on_gpu(tiny_smollm_dir, unified_data, tmp_pat
     losses = [loss for _, loss in m["train_loss_curve"]]
     assert len(losses) == 6 and all(loss == loss for loss in losses)
     assert m["trained_tokens"] > 0 and m["tokens_per_second"] > 0
+
+
+def test_static_int8_matmul_matches_bitsandbytes_on_cuda():
+    """The static LLM.int8 matmul gives bitsandbytes' MatMul8bitLt results on CUDA, outliers included."""
+    from bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState
+
+    from duetto.trainers.int8_static import StaticMatMul8bitLt
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.randn(96, 128, device="cuda", generator=g) * 0.05
+    CB, SCB, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(W.half(), 0.0)
+    A = torch.randn(2, 64, 128, device="cuda", generator=g)
+    A[0, 3, 5], A[1, 7, 40] = 9.0, -8.0
+    A = A.to(torch.bfloat16)
+    grad = torch.randn(2, 64, 96, device="cuda", generator=g).to(torch.bfloat16)
+    outs = []
+    for static in (False, True):
+        a = A.clone().requires_grad_(True)
+        if static:
+            out = StaticMatMul8bitLt.apply(a, CB, SCB, None, 6.0)
+        else:
+            state = MatmulLtState()
+            state.has_fp16_weights, state.is_training, state.threshold, state.CB, state.SCB = False, True, 6.0, CB, SCB
+            out = MatMul8bitLt.apply(a, torch.empty_like(CB), None, None, state)
+        out.backward(grad)
+        outs.append((out.detach().float(), a.grad.float()))
+    (lib_out, lib_grad), (ours_out, ours_grad) = outs
+    torch.testing.assert_close(ours_out, lib_out, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours_grad, lib_grad, rtol=0, atol=0)
+
+
+def test_int8_qlora_step_replays_as_the_eager_step(tiny_smollm_dir):
+    """A QLoRA step on an LLM.int8 base, captured with the static int8 matmul, gives the losses and
+    adapter weights of the same steps run eagerly through bitsandbytes' own matmul."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from duetto.trainers.graph_step import GraphedStep, prepare_for_graphs
+
+    def build():
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(tiny_smollm_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                 dtype=torch.bfloat16, device_map={"": 0})  # fmt: skip
+        m.config.use_cache = False
+        torch.manual_seed(1)
+        return get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+
+    eager, graphed = build(), build()
+    assert prepare_for_graphs(graphed) is None
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True) for m in (eager, graphed)]
+    step = GraphedStep(graphed, autocast_bf16=False, warmup_steps=1)
+    losses_e, losses_g = [], []
+    for x in _batches(eager.config.vocab_size, 6):
+        batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+        loss = eager(**batch).loss
+        loss.backward()
+        losses_e.append(loss.item())
+        losses_g.append(step(batch).item())
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert step.graph is not None and step.replays >= 4 and step.failed is None
+    torch.testing.assert_close(torch.tensor(losses_g), torch.tensor(losses_e), rtol=2e-2, atol=2e-2)

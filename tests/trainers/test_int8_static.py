@@ -1,0 +1,83 @@
+"""The static-shape LLM.int8 matmul against bitsandbytes' MatMul8bitLt on the same inputs (CPU here; the
+`gpu` tests in test_fast_path_gpu.py run both on CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from duetto.trainers.int8_static import StaticMatMul8bitLt, use_static_int8  # noqa: E402
+
+
+def _library(A, CB, SCB, bias, threshold):
+    from bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState
+
+    state = MatmulLtState()
+    state.has_fp16_weights, state.is_training, state.threshold = False, True, threshold
+    state.CB, state.SCB = CB, SCB
+    dummy = torch.empty(CB.shape, dtype=torch.int8)  # a frozen int8 weight: the state holds it
+    return MatMul8bitLt.apply(A, dummy, None, bias, state)
+
+
+def _case(seed: int, outlier_cols=(3, 17), rows=24, k=64, n=48, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, k, generator=g) * 0.05
+    CB, SCB, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(W.half(), 0.0)
+    A = torch.randn(2, rows // 2, k, generator=g)
+    for c in outlier_cols:  # an outlier in a few rows of each such column, other rows of it stay small
+        A[0, 1, c] = 9.0
+        A[1, 2, c] = -7.5
+    return A.to(dtype), CB, SCB
+
+
+@pytest.mark.parametrize("outlier_cols", [(3, 17), ()], ids=["outliers", "none"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_bitsandbytes_forward_and_input_gradient(outlier_cols, with_bias):
+    A, CB, SCB = _case(0, outlier_cols)
+    bias = torch.randn(CB.shape[0]).to(A.dtype) if with_bias else None
+    grad = torch.randn(*A.shape[:-1], CB.shape[0], generator=torch.Generator().manual_seed(1)).to(A.dtype)
+    outs = []
+    for fn in (_library, StaticMatMul8bitLt.apply):
+        a = A.clone().requires_grad_(True)
+        out = fn(a, CB, SCB, bias, 6.0)
+        out.backward(grad)
+        outs.append((out.detach().float(), a.grad.float()))
+    (lib_out, lib_grad), (ours_out, ours_grad) = outs
+    assert ours_out.shape == lib_out.shape == (*A.shape[:-1], CB.shape[0])
+    # the outlier columns' products sum in another order inside one matmul: bf16 rounding at most
+    torch.testing.assert_close(ours_out, lib_out, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours_grad, lib_grad, rtol=0, atol=0)  # the same ops in the same order
+    if outlier_cols:  # the outlier part matters: without it the answer is far off
+        no_outliers = StaticMatMul8bitLt.apply(A.masked_fill(A.abs() >= 6.0, 0.0), CB, SCB, bias, 6.0).float()
+        assert (no_outliers - lib_out).abs().max() > 0.1
+
+
+def test_threshold_zero_is_the_plain_int8_matmul():
+    A, CB, SCB = _case(2)
+    torch.testing.assert_close(StaticMatMul8bitLt.apply(A, CB, SCB, None, 0.0).float(),
+                               _library(A, CB, SCB, None, 0.0).float(), rtol=0, atol=0)  # fmt: skip
+
+
+def test_model_layers_answer_as_before(tiny_gemma_dir):
+    """A tiny model's 8-bit base gives the same logits with the static matmul (eval: bitsandbytes'
+    MatMul8bitLt on CPU too; in training bitsandbytes takes another CPU path)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                 dtype=torch.bfloat16, device_map={"": "cpu"})  # fmt: skip
+    model.eval()
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+        n = use_static_int8(model)
+        after = model(input_ids=ids).logits.float()
+    assert n == sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) > 0
+    torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2)
+
+
+def test_refuses_a_layer_with_16_bit_weights():
+    layer = bnb.nn.Linear8bitLt(16, 8, bias=False, has_fp16_weights=True)
+    with pytest.raises(ValueError, match="16 bits"):
+        use_static_int8(torch.nn.Sequential(layer))
