@@ -196,6 +196,10 @@ class Pack:
         spec = LoraSpec(r=cfg.qlora.r, alpha=cfg.qlora.alpha, dropout=cfg.qlora.dropout)
         if self.base is None:
             self.base = built.model.unload()  # the prepared, quantized base without LoRA layers
+            if self.device.type == "cuda":  # LLM.int8 layers: the same matmul without a host wait in each
+                from duetto.trainers.graph_step import prepare_for_graphs
+
+                prepare_for_graphs(self.base)
             self.layers = pack_lora(self.base, cfg.qlora.target_modules, [])
             self.optim = PackedTrials(self.layers)
         del built
