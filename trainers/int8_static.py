@@ -68,7 +68,9 @@ def _static_forward(self, x: torch.Tensor) -> torch.Tensor:
         self.init_8bit_state()
     if self.bias is not None and self.bias.dtype != x.dtype:
         self.bias.data = self.bias.data.to(x.dtype)
-    return StaticMatMul8bitLt.apply(x, self.state.CB, self.state.SCB, self.bias, float(self.state.threshold))
+    out = StaticMatMul8bitLt.apply(x, self.state.CB, self.state.SCB, self.bias, float(self.state.threshold))
+    self.weight.data = self.state.CB  # as the library's forward leaves it
+    return out
 
 
 def static_int8_blocker(module: torch.nn.Module) -> str | None:
@@ -78,7 +80,7 @@ def static_int8_blocker(module: torch.nn.Module) -> str | None:
     if module.weight.requires_grad:
         return "its int8 weight trains"
     if module.weight.CB is None and module.state.CB is None:
-        return "it holds no int8 weight (not on the GPU yet)"
+        return "it holds no int8 weight (not quantized yet)"
     return None
 
 
