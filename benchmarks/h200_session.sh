@@ -24,6 +24,9 @@
 #   demo          `duetto demo` on the GPU (model from prep's cache)
 #   serve-colocate  serve_bench.py on SmolLM2's architecture at 32 clients: two deployments, then colocate: on
 #   sweep-packing sweep_packing.py: the study sweep's QLoRA search unpacked and packed, beside plain HF
+#   decode-paths  decode_paths.py: the generator's static, dynamic and continuous-batching decoding
+#   serve-buckets serve_bench.py at 32 clients: the default row buckets, then finer ones (4..128 by 16)
+#   trial-speed   trial_speed.py on SmolLM2's shape: GaLore, QLoRA NF4 and int8 beside plain HF
 #
 # Usage (lanes detach with setsid, so the starting command returns; poll with status):
 #   bash benchmarks/h200_session.sh start SmolLM2-135M-Instruct.Q4_1.gguf DATA_DIR
@@ -36,7 +39,7 @@
 set -u
 SRC=/tmp/duetto-src W=/tmp/study WG=/tmp/study-gemma R=/tmp/results M=/tmp/bench-models
 GEMMA_GGUF=${GEMMA_GGUF:-/tmp/upload/gemma-3-270m-q4_k_m.gguf}
-TRAIN_STEPS=${TRAIN_STEPS:-100} SWEEP_STEPS=${SWEEP_STEPS:-150} SERVE_SECONDS=${SERVE_SECONDS:-20}
+TRAIN_STEPS=${TRAIN_STEPS:-100} SWEEP_STEPS=${SWEEP_STEPS:-150} SERVE_SECONDS=${SERVE_SECONDS:-30}
 GEMMA_VARIANTS=${GEMMA_VARIANTS:-qlora-int8,qlora-int8-noupcast}
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -139,6 +142,20 @@ do_serve-colocate() {  # the same load on both layouts, one after the other on t
               --duration "$SERVE_SECONDS" --naive-requests 2)
   python3 benchmarks/serve_bench.py "${args[@]}" --out $R/serve_c32_two_deployments_h200.json &&
     python3 benchmarks/serve_bench.py "${args[@]}" --colocate --out $R/serve_c32_colocated_h200.json
+}
+do_decode-paths() {
+  (cd benchmarks && python3 decode_paths.py --smollm2-dir $W/models/smollm2-135m-instruct --out $R/decode_paths_h200.json)
+}
+do_serve-buckets() {
+  local args=(--model smollm2 --smollm2-dir $W/models/smollm2-135m-instruct --concurrency 32
+              --duration "$SERVE_SECONDS" --naive-requests 2)
+  python3 benchmarks/serve_bench.py "${args[@]}" --out $R/serve_c32_default_buckets_h200.json &&
+    python3 benchmarks/serve_bench.py "${args[@]}" --set 'decoding.row_buckets=[4,16,32,48,64,80,96,128]' \
+      --out $R/serve_c32_finer_buckets_h200.json
+}
+do_trial-speed() {
+  python3 benchmarks/trial_speed.py --data $W/data --model smollm2=$W/models/smollm2-135m-instruct \
+    --out $R/trial_speed_h200.json
 }
 do_sweep-packing() {
   python3 benchmarks/sweep_packing.py --model $W/models/smollm2-135m-instruct --data $W/data \
