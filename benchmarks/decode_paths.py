@@ -6,13 +6,16 @@ loads it), for 1, 4, 16 and 32 prompts x k samples x --new-tokens tokens (temper
 - static: ``generate_candidates`` on static shapes (``StaticDecoding``, every bucket compiled first):
   what the Serve generator runs, one batched call per group of requests;
 - dynamic: the same call on transformers' default dynamic cache (the naive pipeline's decoding);
-- continuous: transformers' continuous batching (``generate_batch``, paged KV cache): the rows are
-  scheduled per decoding step, so a request arriving mid-call could join at the next step.
+- continuous: transformers' continuous batching (``generate_batch`` with one persistent manager, paged
+  KV cache): the rows are scheduled per decoding step, so a request arriving mid-call could join at
+  the next step.
 
 Each path runs each size --calls times after a warm-up call; the table gives the mean seconds per
 call and the generated tokens per second. Writes --out as JSON.
 
     python benchmarks/decode_paths.py --smollm2-dir DIR --out benchmarks/results/decode_paths_h100.json
+    # CPU smoke run of the same paths (a few minutes on 2 cores):
+    python benchmarks/decode_paths.py --smollm2-dir DIR --sizes 1 --calls 1 --new-tokens 8 --out /tmp/decode_paths.json
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ PROMPTS = ["Give three tips for staying healthy.", "Explain why the sky is blue.
 def timed(fn, calls: int) -> list[float]:
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()  # warm-up: first-call costs never count
     out = []
     for _ in range(calls):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         out.append(time.perf_counter() - t)
     return out
 
@@ -65,13 +69,14 @@ def main() -> None:
     from duetto.trainers.inference import StaticDecoding, generate_candidates, prompt_text
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    result: dict = {"machine": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result: dict = {"machine": torch.cuda.get_device_name(0) if device == "cuda" else "CPU", "date": datetime.date.today().isoformat(),
                     "settings": vars(args), "rows": []}  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="decode-paths-"))
     gen = build_random_smollm2(work / "gen", args.smollm2_dir, 0)
     rer = build_random_smollm2(work / "rer", args.smollm2_dir, 1)
     gen_trial, _ = as_trials(work, gen, rer, "study")
-    lm = load_lm(gen_trial, device="cuda", adapter="merge")
+    lm = load_lm(gen_trial, device=device, adapter="merge")
     prompts = [prompt_text(lm.tokenizer, lm.template, q) for q in PROMPTS]
 
     def batch(n: int) -> list[str]:
@@ -86,7 +91,10 @@ def main() -> None:
         ids = [lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in batch(n) for _ in range(args.k)]
         cfg = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=0.8, top_p=0.95, top_k=0,
                                eos_token_id=lm.stop_ids, pad_token_id=lm.tokenizer.pad_token_id)  # fmt: skip
-        return lambda: lm.model.generate_batch(inputs=ids, generation_config=cfg, progress_bar=False)
+        # one manager kept across calls (as a server would keep it), so its start-up and CUDA-graph
+        # warm-up are paid in the warm-up call only
+        return lambda: lm.model.generate_batch(inputs=ids, generation_config=cfg, progress_bar=False,
+                                               persistent_manager=True)  # fmt: skip
 
     def record(path: str, n: int, fn) -> None:
         row = {"path": path, "prompts": n, "rows": n * args.k}
@@ -113,8 +121,11 @@ def main() -> None:
         for n in sizes:
             record("dynamic", n, sample(n))
     if "continuous" in paths:
-        for n in sizes:
+        # largest first: the one manager is sized by the first workload it sees, as a server's would be
+        # by its largest batch
+        for n in sorted(sizes, reverse=True):
             record("continuous", n, continuous(n))
+        lm.model.destroy_cached_continuous_batching_manager()
 
     print(f"\n{'path':<12}{'prompts':>8}{'rows':>6}{'s/call':>9}{'tok/s':>9}")
     for r in result["rows"]:
