@@ -134,7 +134,8 @@ class TrialConfig:
     """The GPU fast path: each step's forward and backward replayed as one CUDA graph, GaLore's optimizer
     stepped in fused groups, no host wait between steps (same math, schedule, data order and checkpoints).
     null = on when the trial trains on one CUDA GPU without gradient accumulation; false = the plain HF
-    Trainer step. LLM.int8 bases (qlora.bits=8) keep eager steps (their outlier search syncs the host)."""
+    Trainer step (and bitsandbytes' own LLM.int8 matmul, which the fast path replaces with a static-shape
+    version of the same matmul for qlora.bits=8)."""
     compile: bool = False
     """torch.compile the model (HF `torch_compile`): fewer Python-issued kernels per step, slower first steps.
     Every batch is then padded to max_seq_len, so the compiled graph sees one shape."""
