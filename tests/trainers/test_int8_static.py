@@ -62,17 +62,23 @@ def test_threshold_zero_is_the_plain_int8_matmul():
 
 def test_model_layers_answer_as_before(tiny_gemma_dir):
     """A tiny model's 8-bit base gives the same logits with the static matmul (eval: bitsandbytes'
-    MatMul8bitLt on CPU too; in training bitsandbytes takes another CPU path)."""
+    MatMul8bitLt on CPU too; in training bitsandbytes takes another CPU path). A few channels of each
+    attention input are scaled up so that the outlier columns are in play."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                                                  dtype=torch.bfloat16, device_map={"": "cpu"})  # fmt: skip
     model.eval()
+    largest = []
+    for layer in model.model.layers:
+        layer.input_layernorm.weight.data[:3] = 30.0  # Gemma's norm scales by 1 + weight
+        layer.self_attn.q_proj.register_forward_pre_hook(lambda m, args: largest.append(args[0].abs().max().item()))
     ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=ids).logits.float()
         n = use_static_int8(model)
         after = model(input_ids=ids).logits.float()
+    assert max(largest) >= 6.0  # outliers: bitsandbytes' 16-bit part runs
     assert n == sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) > 0
     torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2)
 
