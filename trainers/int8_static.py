@@ -9,14 +9,16 @@ and a shape no CUDA graph can hold. ``StaticMatMul8bitLt`` computes the same thi
 instead: the int8 part is bitsandbytes' own ops on the same quantized input, and the outlier part is
 one 16-bit matmul of the input with every non-outlier column zeroed against the whole dequantized
 weight (the zeroed columns add exact zeros). Its backward is the library's for a frozen weight
-(the input's gradient through the dequantized weight). ``use_static_int8`` puts it under every
-``bnb.nn.Linear8bitLt`` of a model; tests compare it with ``MatMul8bitLt`` on the same inputs.
+(the input's gradient through the dequantized weight). ``use_static_int8`` turns every
+``bnb.nn.Linear8bitLt`` of a model into a ``StaticLinear8bitLt`` that computes with it; tests compare
+it with ``MatMul8bitLt`` on the same inputs.
 """
 
 from __future__ import annotations
 
 import types
 
+import bitsandbytes as bnb
 import torch
 
 
@@ -27,6 +29,11 @@ class StaticMatMul8bitLt(torch.autograd.Function):
     def forward(ctx, A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None,
                 threshold: float) -> torch.Tensor:  # fmt: skip
         shape = A.shape
+        ctx.save_for_backward(CB, SCB)
+        ctx.shape, ctx.dtype = shape, A.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if A.numel() == 0:  # as the library: an empty result of the right shape
+            return A.new_empty((*shape[:-1], CB.shape[0]))
         A2 = A.reshape(-1, shape[-1])
         A16 = A2.to(torch.float16)
         ops = torch.ops.bitsandbytes
@@ -41,10 +48,10 @@ class StaticMatMul8bitLt(torch.autograd.Function):
         out = ops.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=A2.dtype)
         if threshold > 0.0:
             W = ops.int8_vectorwise_dequant.default(CB, SCB).to(A2.dtype)
-            out = out.addmm(A2.masked_fill(~cols, 0.0), W.t())
-        ctx.save_for_backward(CB, SCB)
-        ctx.shape, ctx.dtype = shape, A2.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+            # in A's dtype whatever autocast says, so the result's dtype never depends on the batch
+            # (bitsandbytes' outlier matmul, run only when a batch has outliers, follows autocast)
+            with torch.autocast(A.device.type, enabled=False):
+                out = out.addmm(A2.masked_fill(~cols, 0.0), W.t())
         return out.reshape(*shape[:-1], CB.shape[0])
 
     @staticmethod
@@ -52,25 +59,30 @@ class StaticMatMul8bitLt(torch.autograd.Function):
         CB, SCB = ctx.saved_tensors
         needs_A, _, _, needs_bias, _ = ctx.needs_input_grad
         grad_A = grad_bias = None
+        if needs_bias:  # the library's sum: over the first dimension (autograd sums the rest)
+            grad_bias = grad_output.sum(0, dtype=ctx.bias_dtype)
         grad = grad_output.reshape(-1, grad_output.shape[-1])
-        if needs_bias:
-            grad_bias = grad.sum(0, dtype=ctx.bias_dtype)
         if needs_A:
             W = CB.to(ctx.dtype, copy=True).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))
             grad_A = torch.matmul(grad.to(ctx.dtype), W).view(ctx.shape)
         return grad_A, None, None, grad_bias, None
 
 
-def _static_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``bnb.nn.Linear8bitLt.forward`` with the matmul above (frozen int8 weights only)."""
-    self.state.is_training = self.training
-    if self.weight.CB is not None:
-        self.init_8bit_state()
-    if self.bias is not None and self.bias.dtype != x.dtype:
-        self.bias.data = self.bias.data.to(x.dtype)
-    out = StaticMatMul8bitLt.apply(x, self.state.CB, self.state.SCB, self.bias, float(self.state.threshold))
-    self.weight.data = self.state.CB  # as the library's forward leaves it
-    return out
+class StaticLinear8bitLt(bnb.nn.Linear8bitLt):
+    """``bnb.nn.Linear8bitLt`` whose matmul is ``StaticMatMul8bitLt`` (frozen int8 weights). Training on
+    a CPU or XPU keeps the library's forward, which there trains through another matmul."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.device.type in ("cpu", "xpu"):
+            return super().forward(x)
+        self.state.is_training = self.training
+        if self.weight.CB is not None:
+            self.init_8bit_state()
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            self.bias.data = self.bias.data.to(x.dtype)
+        out = StaticMatMul8bitLt.apply(x, self.state.CB, self.state.SCB, self.bias, float(self.state.threshold))
+        self.weight.data = self.state.CB  # as the library's forward leaves it
+        return out
 
 
 def static_int8_blocker(module: torch.nn.Module) -> str | None:
@@ -85,15 +97,17 @@ def static_int8_blocker(module: torch.nn.Module) -> str | None:
 
 
 def use_static_int8(model: torch.nn.Module) -> int:
-    """Every ``bnb.nn.Linear8bitLt`` of ``model`` computes its matmul with ``StaticMatMul8bitLt``;
-    returns how many layers changed. Raises ValueError naming a layer that cannot."""
-    import bitsandbytes as bnb
-
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    """Every ``bnb.nn.Linear8bitLt`` of ``model`` becomes a ``StaticLinear8bitLt`` (the same layer and
+    weights, the matmul above); returns how many layers changed. Raises ValueError naming a layer
+    that cannot."""
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, bnb.nn.Linear8bitLt) and not isinstance(m, StaticLinear8bitLt)]  # fmt: skip
     for name, m in layers:
         why = static_int8_blocker(m)
         if why:
             raise ValueError(f"{name}: no static int8 matmul: {why}")
     for _, m in layers:
-        m.forward = types.MethodType(_static_forward, m)
+        m.__class__ = StaticLinear8bitLt
+        if hasattr(m, "_old_forward"):  # an accelerate hook calls the forward it wrapped
+            m._old_forward = types.MethodType(StaticLinear8bitLt.forward, m)
     return len(layers)

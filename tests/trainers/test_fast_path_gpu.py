@@ -181,6 +181,12 @@ def test_int8_qlora_step_replays_as_the_eager_step(tiny_smollm_dir):
         return get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
 
     eager, graphed = build(), build()
+    largest = []
+    for m in (eager, graphed):  # a few large channels into q/v: the outlier columns are in play
+        for layer in m.base_model.model.model.layers:
+            layer.input_layernorm.weight.data[:3] = 30.0
+    eager.base_model.model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda mod, args: largest.append(args[0].abs().max().item()))
     assert prepare_for_graphs(graphed) is None
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True) for m in (eager, graphed)]
     step = GraphedStep(graphed, autocast_bf16=False, warmup_steps=1)
@@ -195,4 +201,43 @@ def test_int8_qlora_step_replays_as_the_eager_step(tiny_smollm_dir):
             opt.step()
             opt.zero_grad(set_to_none=True)
     assert step.graph is not None and step.replays >= 4 and step.failed is None
+    assert max(largest) >= 6.0
     torch.testing.assert_close(torch.tensor(losses_g), torch.tensor(losses_e), rtol=2e-2, atol=2e-2)
+
+
+def test_static_int8_matmul_replays_with_outliers_in_other_columns():
+    """One captured forward and backward of the static int8 matmul, replayed on inputs whose outliers
+    sit in other columns each time, gives bitsandbytes' eager results for each."""
+    from bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState
+
+    from duetto.trainers.int8_static import StaticMatMul8bitLt
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.randn(64, 128, device="cuda", generator=g) * 0.05
+    CB, SCB, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(W.half(), 0.0)
+    x = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up, as capture requires
+        StaticMatMul8bitLt.apply(x, CB, SCB, None, 6.0).backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = StaticMatMul8bitLt.apply(x, CB, SCB, None, 6.0)
+        out.backward(grad)
+    for cols in ([3], [50, 51, 90], []):
+        fresh = torch.randn(32, 128, device="cuda", generator=g).to(torch.bfloat16)
+        for c in cols:
+            fresh[c % 32, c] = 8.0
+        with torch.no_grad():
+            x.copy_(fresh)
+        graph.replay()
+        state = MatmulLtState()
+        state.has_fp16_weights, state.is_training, state.threshold, state.CB, state.SCB = False, True, 6.0, CB, SCB
+        ref_x = fresh.clone().requires_grad_(True)
+        ref = MatMul8bitLt.apply(ref_x, torch.empty_like(CB), None, None, state)
+        ref.backward(grad)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), rtol=0, atol=0)
