@@ -69,11 +69,16 @@ class StaticMatMul8bitLt(torch.autograd.Function):
 
 
 class StaticLinear8bitLt(bnb.nn.Linear8bitLt):
-    """``bnb.nn.Linear8bitLt`` whose matmul is ``StaticMatMul8bitLt`` (frozen int8 weights). Training on
-    a CPU or XPU keeps the library's forward, which there trains through another matmul."""
+    """``bnb.nn.Linear8bitLt`` whose training matmul on CUDA is ``StaticMatMul8bitLt`` (frozen int8
+    weights). Elsewhere it is the library's forward: evaluation and generation (never captured) keep
+    computing only the outlier columns in 16 bits, and training on a CPU or XPU goes through another
+    matmul in the library."""
+
+    def uses_static(self, x: torch.Tensor) -> bool:
+        return self.training and x.device.type == "cuda"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.device.type in ("cpu", "xpu"):
+        if not self.uses_static(x):
             return super().forward(x)
         self.state.is_training = self.training
         if self.weight.CB is not None:

@@ -76,10 +76,10 @@ def test_threshold_zero_is_the_plain_int8_matmul():
                                _library(A, CB, SCB, None, 0.0).float(), rtol=0, atol=0)  # fmt: skip
 
 
-def test_model_layers_answer_as_before(tiny_gemma_dir):
-    """A tiny model's 8-bit base gives the same logits with the static matmul (eval: bitsandbytes'
-    MatMul8bitLt on CPU too; in training bitsandbytes takes another CPU path). A few channels of each
-    attention input are scaled up so that the outlier columns are in play."""
+def test_model_layers_answer_as_before(tiny_gemma_dir, monkeypatch):
+    """A tiny model's 8-bit base gives the same logits through the static matmul as through bitsandbytes'
+    MatMul8bitLt (its eval path on CPU; the layers take the static matmul when training on CUDA, forced
+    here). A few channels of each attention input are scaled up so that the outlier columns are in play."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
@@ -93,11 +93,14 @@ def test_model_layers_answer_as_before(tiny_gemma_dir):
     with torch.no_grad():
         before = model(input_ids=ids).logits.float()
         n = use_static_int8(model)
+        assert model(input_ids=ids).logits.float().equal(before)  # eval: the library's own forward
+        monkeypatch.setattr(StaticLinear8bitLt, "uses_static", lambda self, x: True)
         after = model(input_ids=ids).logits.float()
     assert max(largest) >= 6.0  # outliers: bitsandbytes' 16-bit part runs
     assert n == sum(isinstance(m, StaticLinear8bitLt) for m in model.modules()) > 0
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     # training on a CPU keeps bitsandbytes' forward (it trains through another matmul there)
+    monkeypatch.undo()
     model.train()
     trained = model(input_ids=ids).logits
     for m in model.modules():
