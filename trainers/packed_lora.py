@@ -4,8 +4,10 @@ through its own LoRA adapter, in the same forward and backward.
 ``PackedLoraLinear`` wraps a base linear layer (plain or bitsandbytes 4/8-bit) with one LoRA adapter
 per trial (its own rank, alpha and dropout). A packed batch holds the trials' rows one block after
 the other; ``set_slices`` tells every packed layer which rows are whose. The base runs once over all
-rows; each block then adds its own trial's ``scaling * B(A(dropout(x)))``. The blocks are joined with
-``torch.cat`` and plain autograd, so each trial's gradients are exactly those of its rows alone.
+rows; each block then adds its own trial's ``scaling * B(A(dropout(x)))``: in a training step, whose
+blocks are equal, trials of one rank and dropout run as one batched matmul (``torch.bmm`` over their
+stacked adapters), so a step's kernel count grows with the number of ranks, not of trials. Plain
+autograd carries each trial's gradients to its own weights: exactly those of its rows alone.
 
 ``PackedTrials`` owns one optimizer (AdamW, as the HF Trainer builds it for LoRA weights), one
 learning-rate schedule and one gradient clip per trial, and steps them all after one backward of the
@@ -43,6 +45,8 @@ class PackedLoraLinear(nn.Module):
         self.lora_B = nn.ModuleList()
         self.slices: list[tuple[int, int, int]] = []
         """(trial, first row, end row) of each block of the packed batch, in row order."""
+        self.groups: list[_Group] | None = None
+        """How the blocks' adapters run batched (set_slices), or None: one after another."""
         for spec in specs:
             self.add_adapter(spec)
 
@@ -63,6 +67,8 @@ class PackedLoraLinear(nn.Module):
         out = self.base(x)
         if not self.slices:
             raise RuntimeError("PackedLoraLinear: set_slices() first (which rows belong to which trial)")
+        if self.groups is not None:
+            return out + self._grouped_delta(x).to(out.dtype)
         parts = []
         for t, start, stop in self.slices:
             spec = self.specs[t]
@@ -73,6 +79,26 @@ class PackedLoraLinear(nn.Module):
             delta = self.lora_B[t](a(xt.to(a.weight.dtype))) * spec.scaling
             parts.append(out[start:stop] + delta.to(out.dtype))
         return torch.cat(parts)
+
+    def _grouped_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Every block's ``scaling * B(A(dropout(x)))`` with a few batched matmuls per group of trials of one
+        rank and dropout, instead of a few small ones per trial: the blocks are equal, so they stack."""
+        n = len(self.slices)
+        blocks = x.reshape(n, -1, x.shape[-1])  # block i: the rows of slice i, in order
+        found: list[torch.Tensor | None] = [None] * n
+        for g in self.groups:
+            xs = blocks if g.everything else blocks[g.first : g.first + len(g.trials)] if g.run else \
+                torch.stack([blocks[i] for i in g.positions])  # fmt: skip
+            if g.dropout and self.training:
+                xs = nn.functional.dropout(xs, g.dropout)
+            A = torch.stack([self.lora_A[t].weight for t in g.trials])
+            B = torch.stack([self.lora_B[t].weight for t in g.trials])
+            d = torch.bmm(torch.bmm(xs.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2)) * g.scaling
+            if g.everything:
+                return d.reshape(*x.shape[:-1], d.shape[-1])
+            for j, i in enumerate(g.positions):
+                found[i] = d[j]
+        return torch.cat(found).reshape(*x.shape[:-1], -1)
 
     def adapter_params(self, t: int) -> list[nn.Parameter]:
         return [self.lora_A[t].weight, self.lora_B[t].weight]
@@ -100,11 +126,58 @@ def pack_lora(model: nn.Module, target_modules: Sequence[str], specs: Sequence[L
     return packed
 
 
-def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int, int]]) -> None:
+@dataclass
+class _Group:
+    """Trials of one rank and dropout whose blocks of a packed batch run through one batched matmul."""
+
+    trials: list[int]
+    positions: list[int]  # where their blocks are among the batch's blocks
+    dropout: float
+    scaling: Any  # a float, or a (trials, 1, 1) tensor where their scalings differ
+    everything: bool = False  # the one group, holding every block in order
+    run: bool = False  # its blocks are next to each other (from positions[0])
+
+    @property
+    def first(self) -> int:
+        return self.positions[0]
+
+
+def _groups(layer: PackedLoraLinear, slices: Sequence[tuple[int, int, int]], rows: int | None) -> list[_Group] | None:
+    """The batched plan for ``slices``, or None where they are not equal blocks covering the batch in
+    order (interim reports decode blocks of any size: those run one trial after another)."""
+    if len(slices) < 2:
+        return None
+    size = slices[0][2] - slices[0][1]
+    if size <= 0 or any(start != i * size or stop != start + size for i, (_, start, stop) in enumerate(slices)):
+        return None
+    if rows is not None and rows != len(slices) * size:
+        return None
+    by_key: dict[tuple[int, float], list[int]] = {}
+    for i, (t, _, _) in enumerate(slices):
+        spec = layer.specs[t]
+        by_key.setdefault((spec.r, spec.dropout), []).append(i)
+    device = layer.base.weight.device
+    groups = []
+    for (_, dropout), positions in by_key.items():
+        trials = [slices[i][0] for i in positions]
+        scalings = [layer.specs[t].scaling for t in trials]
+        scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(scalings, device=device).view(-1, 1, 1)
+        run = positions == list(range(positions[0], positions[0] + len(positions)))
+        groups.append(_Group(trials, positions, dropout, scaling, everything=len(positions) == len(slices), run=run))
+    return groups
+
+
+def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int, int]],
+               rows: int | None = None) -> None:  # fmt: skip
     """(trial, first row, end row) of each block of the next packed batch: trials that have finished
-    (or left the pack) simply have no block."""
+    (or left the pack) simply have no block. Equal blocks covering the batch (``rows``, when given)
+    run batched; others one trial after another. Every layer holds the same trials' specs, so the plan
+    is made once."""
+    first = next(iter(layers.values()), None)
+    plan = _groups(first, slices, rows) if first is not None else None
     for layer in layers.values():
         layer.slices = list(slices)
+        layer.groups = plan
 
 
 def load_peft_adapter(layers: dict[str, PackedLoraLinear], t: int, state: dict[str, torch.Tensor]) -> None:
@@ -173,7 +246,7 @@ class PackedTrials:
         trials = list(batches)
         sizes = [batches[t]["input_ids"].shape[0] for t in trials]
         bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        set_slices(self.layers, [(t, bounds[i], bounds[i + 1]) for i, t in enumerate(trials)])
+        set_slices(self.layers, [(t, bounds[i], bounds[i + 1]) for i, t in enumerate(trials)], rows=bounds[-1])
         joined = {k: torch.cat([batches[t][k] for t in trials]) for k in ("input_ids", "attention_mask", "labels")}
         logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"]).logits
         losses = []
