@@ -7,7 +7,8 @@ trials it holds (trainers/packed_run.py Pack, in this process, no Ray).
     duetto model tiny /tmp/tiny && python benchmarks/pack_phases.py --model /tmp/tiny --data DATA --cpu \
         --out benchmarks/results/pack_phases_cpu.json
 
-The trials are the study's QLoRA settings (seq 128, batch 2) with seeds 0..N-1, all in one pack, a
+--adapters one-at-a-time runs each step's adapters one trial after another (the reference for the
+batched adapters). The trials are the study's QLoRA settings (seq 128, batch 2) with seeds 0..N-1, all in one pack, a
 report every --every steps (BLEU/ROUGE on 16 held-out rows) and the trial's own final evaluation. The
 interim reports due at one step decode together, as the pack actor makes them (--one-at-a-time: one
 trial after another, the reference); each final evaluation runs alone while the others wait.
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--one-at-a-time", action="store_true", help="interim reports one trial at a time (the reference)")
+    ap.add_argument("--adapters", choices=["batched", "one-at-a-time"], default="batched",
+                    help="a step's adapters: batched per rank (the default), or one trial after another (the reference)")
     ap.add_argument("--work", default="/tmp/pack-phases")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -44,6 +47,10 @@ def main() -> None:
     from duetto.trainers.config import TrialConfig
     from duetto.trainers.packed_run import Pack
 
+    if args.adapters == "one-at-a-time":
+        import duetto.trainers.packed_lora as packed_lora
+
+        packed_lora._groups = lambda *a, **k: None  # every step takes the one-trial-at-a-time path
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     common = [f"model={args.model}", f"data.train={args.data}/train.jsonl", f"data.test={args.data}/test.jsonl",
               "method=qlora", "max_seq_len=128", "batch_size=2", f"max_steps={args.steps}", f"qlora.bits={args.bits}",
@@ -80,7 +87,7 @@ def main() -> None:
     result = {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "total_seconds": round(total, 2),
               "trials": args.trials, "steps": args.steps, "report_every": args.every, "bits": args.bits,
               "eval_examples": cfgs[0].eval.num_examples, "interim_eval_examples": 16, "model": args.model,
-              "interim_reports": "one trial at a time" if args.one_at_a_time else "together",
+              "interim_reports": "one trial at a time" if args.one_at_a_time else "together", "adapters": args.adapters,
               "machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU",
               "date": datetime.date.today().isoformat()}  # fmt: skip
     print(f"{args.trials} trials x {args.steps} steps in one pack on {result['machine']}")
