@@ -161,10 +161,22 @@ def _groups(layer: PackedLoraLinear, slices: Sequence[tuple[int, int, int]], row
     for (_, dropout), positions in by_key.items():
         trials = [slices[i][0] for i in positions]
         scalings = [layer.specs[t].scaling for t in trials]
-        scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(scalings, device=device).view(-1, 1, 1)
+        scaling = scalings[0] if len(set(scalings)) == 1 else _scaling_tensor(tuple(scalings), device)
         run = positions == list(range(positions[0], positions[0] + len(positions)))
         groups.append(_Group(trials, positions, dropout, scaling, everything=len(positions) == len(slices), run=run))
     return groups
+
+
+_SCALINGS: dict[tuple, torch.Tensor] = {}
+
+
+def _scaling_tensor(scalings: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(trials, 1, 1) scalings on ``device``, made once per combination: copying a new one to the GPU at
+    every step would make the host wait for it."""
+    key = (str(device), scalings)
+    if key not in _SCALINGS:
+        _SCALINGS[key] = torch.tensor(scalings, device=device).view(-1, 1, 1)
+    return _SCALINGS[key]
 
 
 def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int, int]],
