@@ -87,16 +87,16 @@ class PackedLoraLinear(nn.Module):
         blocks = x.reshape(n, -1, x.shape[-1])  # block i: the rows of slice i, in order
         found: list[torch.Tensor | None] = [None] * n
         for g in self.groups:
-            xs = blocks if g.everything else blocks[g.first : g.first + len(g.trials)] if g.run else \
-                torch.stack([blocks[i] for i in g.positions])  # fmt: skip
+            p = g.positions
+            xs = blocks[p[0] : p[-1] + 1] if p[-1] - p[0] == len(p) - 1 else torch.stack([blocks[i] for i in p])
             if g.dropout and self.training:
                 xs = nn.functional.dropout(xs, g.dropout)
             A = torch.stack([self.lora_A[t].weight for t in g.trials])
             B = torch.stack([self.lora_B[t].weight for t in g.trials])
             d = torch.bmm(torch.bmm(xs.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2)) * g.scaling
-            if g.everything:
+            if len(self.groups) == 1:  # every block, in order
                 return d.reshape(*x.shape[:-1], d.shape[-1])
-            for j, i in enumerate(g.positions):
+            for j, i in enumerate(p):
                 found[i] = d[j]
         return torch.cat(found).reshape(*x.shape[:-1], -1)
 
@@ -131,39 +131,29 @@ class _Group:
     """Trials of one rank and dropout whose blocks of a packed batch run through one batched matmul."""
 
     trials: list[int]
-    positions: list[int]  # where their blocks are among the batch's blocks
+    positions: list[int]  # where their blocks are among the batch's blocks, in order
     dropout: float
     scaling: Any  # a float, or a (trials, 1, 1) tensor where their scalings differ
-    everything: bool = False  # the one group, holding every block in order
-    run: bool = False  # its blocks are next to each other (from positions[0])
-
-    @property
-    def first(self) -> int:
-        return self.positions[0]
 
 
-def _groups(layer: PackedLoraLinear, slices: Sequence[tuple[int, int, int]], rows: int | None) -> list[_Group] | None:
-    """The batched plan for ``slices``, or None where they are not equal blocks covering the batch in
-    order (interim reports decode blocks of any size: those run one trial after another)."""
+def _groups(layer: PackedLoraLinear, slices: Sequence[tuple[int, int, int]]) -> list[_Group] | None:
+    """The batched plan for ``slices``, or None where they are not equal blocks one after another from
+    row 0 (interim reports decode blocks of any size: those run one trial after another)."""
     if len(slices) < 2:
         return None
     size = slices[0][2] - slices[0][1]
     if size <= 0 or any(start != i * size or stop != start + size for i, (_, start, stop) in enumerate(slices)):
         return None
-    if rows is not None and rows != len(slices) * size:
-        return None
     by_key: dict[tuple[int, float], list[int]] = {}
     for i, (t, _, _) in enumerate(slices):
         spec = layer.specs[t]
         by_key.setdefault((spec.r, spec.dropout), []).append(i)
-    device = layer.base.weight.device
     groups = []
     for (_, dropout), positions in by_key.items():
         trials = [slices[i][0] for i in positions]
         scalings = [layer.specs[t].scaling for t in trials]
-        scaling = scalings[0] if len(set(scalings)) == 1 else _scaling_tensor(tuple(scalings), device)
-        run = positions == list(range(positions[0], positions[0] + len(positions)))
-        groups.append(_Group(trials, positions, dropout, scaling, everything=len(positions) == len(slices), run=run))
+        scaling = scalings[0] if len(set(scalings)) == 1 else _scaling_tensor(tuple(scalings), layer.base.weight.device)
+        groups.append(_Group(trials, positions, dropout, scaling))
     return groups
 
 
@@ -179,14 +169,12 @@ def _scaling_tensor(scalings: tuple[float, ...], device: torch.device) -> torch.
     return _SCALINGS[key]
 
 
-def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int, int]],
-               rows: int | None = None) -> None:  # fmt: skip
+def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int, int]]) -> None:
     """(trial, first row, end row) of each block of the next packed batch: trials that have finished
-    (or left the pack) simply have no block. Equal blocks covering the batch (``rows``, when given)
-    run batched; others one trial after another. Every layer holds the same trials' specs, so the plan
-    is made once."""
+    (or left the pack) simply have no block. Equal blocks one after another run batched; others one
+    trial after another. Every layer holds the same trials' specs, so the plan is made once."""
     first = next(iter(layers.values()), None)
-    plan = _groups(first, slices, rows) if first is not None else None
+    plan = _groups(first, slices) if first is not None else None
     for layer in layers.values():
         layer.slices = list(slices)
         layer.groups = plan
@@ -258,7 +246,7 @@ class PackedTrials:
         trials = list(batches)
         sizes = [batches[t]["input_ids"].shape[0] for t in trials]
         bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        set_slices(self.layers, [(t, bounds[i], bounds[i + 1]) for i, t in enumerate(trials)], rows=bounds[-1])
+        set_slices(self.layers, [(t, bounds[i], bounds[i + 1]) for i, t in enumerate(trials)])
         joined = {k: torch.cat([batches[t][k] for t in trials]) for k in ("input_ids", "attention_mask", "labels")}
         logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"]).logits
         losses = []

@@ -292,7 +292,7 @@ def test_batched_adapters_compute_what_one_trial_at_a_time_computes(tiny_gemma_d
     slices = [(t, 2 * t, 2 * t + 2) for t in range(len(ranks))]
     results = []
     for batched in (True, False):
-        set_slices(layers, slices, rows=ids.shape[0])
+        set_slices(layers, slices)
         if not batched:
             for layer in layers.values():
                 layer.groups = None
