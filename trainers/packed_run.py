@@ -14,6 +14,7 @@ this process.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -313,7 +314,8 @@ class Pack:
         from duetto.trainers.evaluate import text_metrics
         from duetto.trainers.trial_reports import peak_memory_bytes
 
-        reports, jobs = {}, []
+        reports: dict[int, dict[str, Any]] = {}
+        jobs: dict[int, list[dict]] = {}  # trial -> the rows its BLEU/ROUGE are computed on
         for t in ts:
             tr, cfg = self.trials[t], self.trials[t].cfg
             report: dict[str, Any] = {"step": tr.step, "eval_split": tr.rows.split, "eval_loss": self.eval_loss(t),
@@ -326,10 +328,9 @@ class Pack:
             reports[t] = report
             rows = tr.rows.generation(cfg)[: cfg.interim_eval_examples] if cfg.interim_eval_examples > 0 else []
             if rows:
-                jobs.append((t, rows))
-        for t, answers in self._answers(jobs).items():
-            rows = dict(jobs)[t]
-            reports[t].update(text_metrics(answers, [r["response"] for r in rows]))
+                jobs[t] = rows
+        for t, answers in self._answers(list(jobs.items())).items():
+            reports[t].update(text_metrics(answers, [r["response"] for r in jobs[t]]))
         return reports
 
     def _answers(self, jobs: Sequence[tuple[int, list[dict]]]) -> dict[int, list[str]]:
@@ -431,10 +432,10 @@ class by_rows:
         if rows != len(self.owners):
             raise RuntimeError(f"by_rows: a batch of {rows} rows for {len(self.owners)} owners")
         runs, start = [], 0
-        for i in range(1, rows + 1):
-            if i == rows or self.owners[i] != self.owners[start]:
-                runs.append((self.owners[start], start, i))
-                start = i
+        for t, block in itertools.groupby(self.owners):
+            n = len(list(block))
+            runs.append((t, start, start + n))
+            start += n
         return runs
 
     def __enter__(self) -> by_rows:
