@@ -93,3 +93,26 @@ def _serve_app(cfg):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture
+def burst():
+    """``burst(url, headers=None)``: four /v1/generate requests at once against a running app, each
+    answered 200; returns each answer's ``batch`` (how many requests each model's call merged)."""
+    return _burst
+
+
+def _burst(url: str, headers: dict | None = None) -> list[dict]:
+    import asyncio
+
+    import httpx
+
+    async def send():
+        async with httpx.AsyncClient(base_url=url, headers=headers or {}, timeout=120) as c:
+            return await asyncio.gather(*[
+                c.post("/v1/generate", json={"instruction": f"Name {n} colors.", "k": 2, "max_new_tokens": 4}) for n in range(4)
+            ])  # fmt: skip
+
+    rs = asyncio.run(send())
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    return [r.json()["batch"] for r in rs]

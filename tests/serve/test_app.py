@@ -291,18 +291,9 @@ def test_token_checked_on_every_route_but_health(http, path, headers):
     assert r.headers["www-authenticate"] == "Bearer"
 
 
-def test_batching_merges_concurrent_requests(served):
+def test_batching_merges_concurrent_requests(served, burst):
     url, _ = served
-
-    async def burst():
-        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as c:
-            return await asyncio.gather(*[
-                c.post("/v1/generate", json={"instruction": f"Name {n} colors.", "k": 2, "max_new_tokens": 4}) for n in range(4)
-            ])  # fmt: skip
-
-    rs = asyncio.run(burst())
-    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
-    batches = [r.json()["batch"] for r in rs]
+    batches = burst(url, AUTH)
     assert max(b["generator"] for b in batches) >= 2, batches
     assert max(b["reranker"] for b in batches) >= 2, batches
 

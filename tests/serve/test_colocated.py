@@ -3,8 +3,6 @@ calls, with the same answers, batching and health report as the two deployments.
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 import yaml
@@ -59,18 +57,9 @@ def test_colocated_answers_are_the_models_own(served, galore_trial, load_lm):
     assert len(greedy["candidates"]) == 1 and greedy["batch"].keys() == {"reranker"}
 
 
-def test_colocated_calls_still_batch(served):
+def test_colocated_calls_still_batch(served, burst):
     url, _ = served
-
-    async def burst():
-        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
-            return await asyncio.gather(*[
-                c.post("/v1/generate", json={"instruction": f"Name {n} colors.", "k": 2, "max_new_tokens": 4}) for n in range(4)
-            ])  # fmt: skip
-
-    rs = asyncio.run(burst())
-    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
-    batches = [r.json()["batch"] for r in rs]
+    batches = burst(url)
     assert max(b["generator"] for b in batches) >= 2 and max(b["reranker"] for b in batches) >= 2, batches
 
 
