@@ -50,6 +50,7 @@ def main() -> None:
     if args.adapters == "one-at-a-time":
         import duetto.trainers.packed_lora as packed_lora
 
+        assert hasattr(packed_lora, "_groups"), "packed_lora._groups: the batched plan this option turns off moved"
         packed_lora._groups = lambda *a, **k: None  # every step takes the one-trial-at-a-time path
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     common = [f"model={args.model}", f"data.train={args.data}/train.jsonl", f"data.test={args.data}/test.jsonl",

@@ -135,10 +135,17 @@ def test_trial_takes_the_fast_path_on_gpu(tiny_smollm_dir, unified_data, tmp_pat
     assert m["trained_tokens"] > 0 and m["tokens_per_second"] > 0
 
 
-def test_static_int8_matmul_matches_bitsandbytes_on_cuda():
-    """The static LLM.int8 matmul gives bitsandbytes' MatMul8bitLt results on CUDA, outliers included."""
+def _library_int8(a, CB, SCB):
+    """bitsandbytes' MatMul8bitLt of ``a`` with a frozen int8 weight (threshold 6.0, training)."""
     from bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState
 
+    state = MatmulLtState()
+    state.has_fp16_weights, state.is_training, state.threshold, state.CB, state.SCB = False, True, 6.0, CB, SCB
+    return MatMul8bitLt.apply(a, torch.empty_like(CB), None, None, state)
+
+
+def test_static_int8_matmul_matches_bitsandbytes_on_cuda():
+    """The static LLM.int8 matmul gives bitsandbytes' MatMul8bitLt results on CUDA, outliers included."""
     from duetto.trainers.int8_static import StaticMatMul8bitLt
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -154,9 +161,7 @@ def test_static_int8_matmul_matches_bitsandbytes_on_cuda():
         if static:
             out = StaticMatMul8bitLt.apply(a, CB, SCB, None, 6.0)
         else:
-            state = MatmulLtState()
-            state.has_fp16_weights, state.is_training, state.threshold, state.CB, state.SCB = False, True, 6.0, CB, SCB
-            out = MatMul8bitLt.apply(a, torch.empty_like(CB), None, None, state)
+            out = _library_int8(a, CB, SCB)
         out.backward(grad)
         outs.append((out.detach().float(), a.grad.float()))
     (lib_out, lib_grad), (ours_out, ours_grad) = outs
@@ -208,8 +213,6 @@ def test_int8_qlora_step_replays_as_the_eager_step(tiny_smollm_dir):
 def test_static_int8_matmul_replays_with_outliers_in_other_columns():
     """One captured forward and backward of the static int8 matmul, replayed on inputs whose outliers
     sit in other columns each time, gives bitsandbytes' eager results for each."""
-    from bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState
-
     from duetto.trainers.int8_static import StaticMatMul8bitLt
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -234,10 +237,8 @@ def test_static_int8_matmul_replays_with_outliers_in_other_columns():
         with torch.no_grad():
             x.copy_(fresh)
         graph.replay()
-        state = MatmulLtState()
-        state.has_fp16_weights, state.is_training, state.threshold, state.CB, state.SCB = False, True, 6.0, CB, SCB
         ref_x = fresh.clone().requires_grad_(True)
-        ref = MatMul8bitLt.apply(ref_x, torch.empty_like(CB), None, None, state)
+        ref = _library_int8(ref_x, CB, SCB)
         ref.backward(grad)
         torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), rtol=0, atol=0)
