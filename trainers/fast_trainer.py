@@ -72,6 +72,7 @@ def fast_trainer_cls():
             self._pending_tokens: torch.Tensor | None = None
             self._trainable = [p for p in self.model.parameters() if p.requires_grad]
             self._flops_per_token: int | None = None
+            self._modes_set = False
             # The loop calls model.zero_grad(), a walk over every parameter, after each step; the
             # parameters that can hold a gradient are known.
             self.model.zero_grad = _zero_grad_of(self._trainable)
@@ -117,8 +118,12 @@ def fast_trainer_cls():
         def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
             if self.graphed is None:
                 return super().training_step(model, inputs, num_items_in_batch)
-            if not model.training:  # a walk over every module; the root's flag says where it was left
+            # model.train() walks every module, so later steps read the root's flag (evaluate() walks
+            # them all back to eval); the first step walks: from_pretrained leaves every module in eval
+            # mode and PEFT then sets only its wrapper's flag.
+            if not model.training or not self._modes_set:
                 model.train()
+                self._modes_set = True
             inputs = self._prepare_inputs(inputs)
             if self._python_in_backward():
                 return self.graphed.eager(inputs)

@@ -79,7 +79,11 @@ class GraphedStep:
         return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
 
     def eager(self, inputs: dict) -> torch.Tensor:
-        """The same step without the graph (steps that must run Python inside backward, odd shapes)."""
+        """The same step without the graph (steps that must run Python inside backward, odd shapes).
+        Before capture it runs as a warm-up, so a trial whose first step must be eager (GaLore's first
+        projection refresh) captures on its second."""
+        if self.graph is None and self.failed is None:
+            return self._warm_up(inputs, self._shape_key(inputs))
         return self._forward_backward(inputs)
 
     def __call__(self, inputs: dict) -> torch.Tensor:
@@ -97,9 +101,14 @@ class GraphedStep:
             return self._forward_backward(inputs)
         if key == self._key and self._eager_seen >= self.warmup_steps:
             return self._capture(inputs, key)
-        self._key = key
+        return self._warm_up(inputs, key)
+
+    def _warm_up(self, inputs: dict, key) -> torch.Tensor:
+        """An eager step on the side stream that capture will use, as CUDA graph capture requires."""
+        if key != self._key:
+            self._key, self._eager_seen = key, 0
         self._eager_seen += 1
-        side = self._side_stream()  # warm-up before capture runs on a side stream
+        side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             loss = self._forward_backward(inputs)

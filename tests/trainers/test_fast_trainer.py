@@ -71,3 +71,25 @@ def test_fast_trainer_step_bookkeeping_matches_the_trainer(tiny_smollm_dir, tmp_
             torch.testing.assert_close(a.grad, b.grad)
     fast.model.zero_grad()
     assert all(p.grad is None for p in fast.model.parameters())
+
+
+def test_first_fast_step_puts_every_module_in_training_mode(tiny_smollm_dir, tmp_path):
+    """PEFT sets only its wrapper's flag on a base that from_pretrained left in eval mode; the fast
+    step must still train every layer (LLM.int8 layers take their capturable matmul only in training)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from duetto.trainers.fast_trainer import fast_trainer_cls
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_smollm_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.train()
+    base.model.layers[0].self_attn.q_proj.base_layer.eval()  # a layer the root's flag does not show
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = fast_trainer_cls()(model=model, args=args)
+    seen = []
+    trainer.graphed = lambda inputs: seen.append(all(m.training for m in model.modules())) or torch.zeros(())
+    x = torch.randint(3, base.config.vocab_size, (1, 8))
+    trainer.training_step(model, {"input_ids": x, "labels": x})
+    assert seen == [True]
