@@ -10,8 +10,9 @@ settings (batch 2, seq 128, GaLore rank 128 / gap 200 / scale 0.25, QLoRA r 4 / 
   fast path on by default), the same number of steps, then again for --wall-steps steps for the
   end-to-end wall time.
 
-Both count non-padding trained tokens over the summed step times (CUDA events), and peak memory as
-the largest `max_memory_allocated` of a step. Prints a table; writes --out as JSON.
+Each run (ours, the wall-time run, the anchor) is a Python process of its own, so its peak memory is
+its own and the anchor runs with PyTorch's defaults. Both count non-padding trained tokens over the
+summed step times (CUDA events), and peak memory as the largest `max_memory_allocated` of a step. Prints a table; writes --out as JSON.
 
     python benchmarks/trial_speed.py --data DIR --model smollm2=DIR [--model gemma3-1b=DIR] \
         --steps 200 --wall-steps 300 --out benchmarks/results/trial_speed_h200.json
@@ -128,6 +129,34 @@ def ours(cfg) -> dict:
     return m
 
 
+def run_part(part: str, method: str, path: str, args) -> dict:
+    """One measured run: ``ours`` (--steps), ``wall`` (--wall-steps) or ``anchor``."""
+    work = Path(args.work) / f"{Path(path).name}_{method}"
+    steps = args.wall_steps if part == "wall" else args.steps
+    cfg = study_config(method, path, args.data, steps, work / part, args.extra)
+    return anchor(cfg) if part == "anchor" else ours(cfg)
+
+
+def in_own_process(part: str, method: str, path: str, args) -> dict:
+    """``run_part`` in a fresh Python: each run's peak memory is its own (a model another run left
+    allocated would count), and the anchor runs with PyTorch's defaults, not settings a trial made
+    for its process."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "part.json"
+        cmd = [sys.executable, __file__, "--part", part, "--part-method", method, "--part-model", path,
+               "--part-out", str(out), "--data", args.data, "--model", f"part={path}", "--steps", str(args.steps),
+               "--wall-steps", str(args.wall_steps), "--work", args.work, "--out", str(out),
+               *[f"--extra={e}" for e in args.extra]]  # fmt: skip
+        proc = subprocess.run(cmd, text=True, capture_output=True)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"{part} run failed (rc {proc.returncode}): {(proc.stdout + proc.stderr)[-2500:]}")
+        return json.loads(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -142,11 +171,19 @@ def main() -> None:
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of an existing --out measured on the same GPU, replacing those of the same "
                          "model and method (one row set per call where a call's time is limited)")
+    ap.add_argument("--part", choices=("ours", "wall", "anchor"), help=argparse.SUPPRESS)
+    ap.add_argument("--part-method", help=argparse.SUPPRESS)
+    ap.add_argument("--part-model", help=argparse.SUPPRESS)
+    ap.add_argument("--part-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.part:
+        m = run_part(args.part, args.part_method, args.part_model, args)
+        Path(args.part_out).write_text(json.dumps(m, default=str))
+        return
     import torch
 
     rows = []
-    machine = torch.cuda.get_device_name(0)
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     if args.append and Path(args.out).exists():
         earlier = json.loads(Path(args.out).read_text())
         if earlier.get("machine") != machine:
@@ -161,20 +198,18 @@ def main() -> None:
         name, path = spec.split("=", 1)
         for method in args.methods.split(","):
             row = {"model": name, "method": method, "variant": "duetto train (fast path) vs HF Trainer"}
-            work = Path(args.work) / f"{name}_{method}"
             try:
-                cfg = study_config(method, path, args.data, args.steps, work / "ours", args.extra)
-                m = ours(cfg)
+                m = in_own_process("ours", method, path, args)
                 curve = m.get("train_loss_curve", [])
                 row.update(tokens_per_s=m["tokens_per_second"], peak_memory_bytes=m["peak_memory_bytes"],
                            train_loss_mean_200=mean_loss(curve, 200), eval_loss=m["eval_loss"],
                            fast_path=m.get("fast_path"))  # fmt: skip
-                wall = ours(study_config(method, path, args.data, args.wall_steps, work / "wall", args.extra))
+                wall = in_own_process("wall", method, path, args)
                 row.update(train_seconds=wall["train_seconds"], wall_seconds=wall["wall_seconds"],
                            command_wall_seconds=wall["command_wall_seconds"], wall_steps=args.wall_steps,
                            wall_tokens_per_s=wall["tokens_per_second"])  # fmt: skip
                 if not args.skip_anchor:
-                    a = anchor(cfg)
+                    a = in_own_process("anchor", method, path, args)
                     row.update(anchor_tokens_per_s=a["tokens_per_s"], anchor_peak_memory_bytes=a["peak_memory_bytes"],
                                anchor_train_loss_mean_200=mean_loss(a["train_loss_curve"], 200),
                                anchor_eval_loss=a["eval_loss"], anchor_train_seconds=a["train_seconds"],
@@ -190,7 +225,6 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if "curve" not in k})[:1500], flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1))
-            torch.cuda.empty_cache()
 
     print(f"\n{'model':10} {'method':11} {'tok/s':>8} {'anchor':>8} {'ratio':>6} {'mem GiB':>8} {'anchor':>7} "
           f"{'loss200':>8} {'anchor':>8} {'eval':>7} {'anchor':>7} {'train s':>8} {'wall s':>7}")  # fmt: skip

@@ -17,6 +17,21 @@ from duetto.tokens import ensure_pad_token
 _TINY_ALIASES = {"tiny": "gemma", "tiny-gemma": "gemma", "tiny-smollm": "smollm"}
 
 
+def use_attention_kernels_without_plans(device) -> bool:
+    """On CUDA, take cuDNN out of PyTorch's scaled-dot-product-attention choices for this process;
+    returns whether it did. PyTorch 2.11 picks cuDNN's attention first on an H100, and that kernel
+    builds an execution plan for every new shape: 50-100 ms per decoding step with a growing KV cache
+    (a new length each step) and over a second across a trial's first steps, where the memory-efficient
+    and flash kernels need no plan and ran as fast or faster once warm
+    (benchmarks/results/sdpa_backends_h100.json)."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return False
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return True
+
+
 def resolve_model(spec: str) -> str:
     """Model spec -> something ``from_pretrained`` loads.
 

@@ -240,10 +240,11 @@ def load_for_inference(
     only unless ``allow_pickle`` (see require_safe_weights)."""
     from transformers import AutoModelForCausalLM
 
-    from duetto.models import load_tokenizer
+    from duetto.models import load_tokenizer, use_attention_kernels_without_plans
     from duetto.tokens import ensure_pad_token
 
     require_safe_weights(spec, allow_pickle)
+    use_attention_kernels_without_plans(device)
     torch_dtype = resolve_dtype(dtype, device)
     # True: from_pretrained fails rather than fall back to a pickle (None = its default, which may)
     safetensors = None if allow_pickle else True

@@ -317,3 +317,16 @@ def test_fetch_smollm2_converts_and_answers(tmp_path):
     assert out[0, -1].item() == tok.eos_token_id  # stopped on <|im_end|>, not on the length limit
 
     assert fetch("smollm2-135m-instruct", cache_dir=tmp_path) == path  # cached: instant
+
+
+@pytest.mark.parametrize(("device", "turned_off"), [("cpu", False), ("cuda", True), ("cuda:1", True)])
+def test_cudnn_attention_is_turned_off_only_for_cuda(monkeypatch, device, turned_off):
+    import torch
+
+    from duetto.models import use_attention_kernels_without_plans
+
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    assert use_attention_kernels_without_plans(torch.device(device)) is turned_off
+    assert use_attention_kernels_without_plans(device) is turned_off
+    assert calls == ([False, False] if turned_off else [])

@@ -137,6 +137,9 @@ class Pack:
 
     def __init__(self, device: torch.device, max_trials: int = 0, memory_fraction: float = 0.9,
                  memory: CudaMemory | None = None):  # fmt: skip
+        from duetto.models import use_attention_kernels_without_plans
+
+        use_attention_kernels_without_plans(device)
         self.device = device
         self.trials: dict[int, PackedTrial] = {}
         self.base: Any = None
