@@ -72,7 +72,7 @@ class EnsembleClient:
         return self._send("POST", path, {**body, **{k: v for k, v in options.items() if v is not None}})
 
     def generate(self, instruction: str, input: str | None = None, **options: Any) -> dict:
-        """POST /v1/generate. options: k, max_new_tokens, temperature, top_p, seed, mode, weight."""
+        """POST /v1/generate. options: k, max_new_tokens, temperature, top_p, seed, mode, weight, greedy_candidate."""
         return self._post("/v1/generate", {"instruction": instruction, **({"input": input} if input else {})}, options)
 
     def complete(self, prompt: str, **options: Any) -> dict:
@@ -108,6 +108,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="makes the sampled candidates reproducible")
     parser.add_argument("--mode", default=None, choices=MODES, help="scoring mode")
     parser.add_argument("--weight", type=float, default=None, help="mode mix: the generator log-prob's weight; mode pmi: the prior's")
+    parser.add_argument("--greedy-candidate", action=argparse.BooleanOptionalAction, default=None,
+                        help="the first candidate is the generator's greedy answer (server default if omitted)")
     parser.add_argument("--candidates", action="store_true", help="also print every candidate with its scores")
     parser.add_argument("--json", action="store_true", help="print the whole JSON answer")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         with EnsembleClient(args.url, api_key=args.api_key, timeout=args.timeout) as client:
             out = client.generate(args.instruction, input=args.input, k=args.k, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, mode=args.mode,
-                                  weight=args.weight)  # fmt: skip
+                                  weight=args.weight, greedy_candidate=args.greedy_candidate)  # fmt: skip
     except ServeError as e:
         print(f"duetto query: {e}", file=sys.stderr)
         return 1

@@ -40,6 +40,9 @@ class EnsembleOptions:
     """Default sampling temperature (0 = greedy: one candidate whatever k says)."""
     top_p: float = 0.95
     """Default nucleus-sampling mass."""
+    greedy_candidate: bool = False
+    """Default of the request field: the first of the k candidates is the generator's greedy answer
+    (the others are sampled), so a mode can keep the greedy answer unless the samples agree on better."""
 
     # Nested validate() raises ValueError: from_dict prefixes it with the section's dotted key.
     def validate(self) -> None:

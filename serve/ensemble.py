@@ -31,6 +31,8 @@ class EnsembleRequest:
     temperature: float = 0.8
     top_p: float = 0.95
     seed: int | None = None
+    greedy_candidate: bool = False
+    """The first of the k candidates is the generator's greedy answer; the others are sampled."""
 
 
 @dataclass
@@ -159,11 +161,12 @@ async def run_ensemble(
 
 
 def _settings_groups(requests: Sequence[EnsembleRequest]) -> dict[tuple, list[int]]:
-    """Requests that can share one generate call: equal max_new_tokens, temperature and top_p (k may
-    differ). A seeded request samples alone, so its draws never depend on what it was batched with."""
+    """Requests that can share one generate call: equal max_new_tokens, temperature, top_p and
+    greedy_candidate (k may differ). A seeded request samples alone, so its draws never depend on what
+    it was batched with."""
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
-        key = (r.max_new_tokens, r.temperature, r.top_p, i if r.seed is not None else None)
+        key = (r.max_new_tokens, r.temperature, r.top_p, r.greedy_candidate, i if r.seed is not None else None)
         groups.setdefault(key, []).append(i)
     return groups
 
@@ -176,12 +179,13 @@ def sample_requests(
     from duetto.trainers.inference import generate_candidates, prompt_text
 
     out: list[list[Candidate]] = [[] for _ in requests]
-    for (max_new, temperature, top_p, _), idxs in _settings_groups(requests).items():
+    for (max_new, temperature, top_p, greedy_first, _), idxs in _settings_groups(requests).items():
         prompts = [prompt_text(lm.tokenizer, lm.template, requests[i].instruction, requests[i].input) for i in idxs]
         cands = generate_candidates(
             lm.model, lm.tokenizer, prompts, [1 if greedy else requests[i].k for i in idxs],
             max_new_tokens=max_new, temperature=0.0 if greedy else temperature, top_p=top_p,
             seed=requests[idxs[0]].seed, stop_ids=lm.stop_ids, max_prompt_tokens=lm.max_seq_len, static=lm.static,
+            greedy_first=greedy_first,
         )  # fmt: skip
         for i, cs in zip(idxs, cands):
             out[i] = cs

@@ -115,7 +115,8 @@ class Ingress:
                 raise ApiError(422, f"{message} of {info.context} tokens", prompt_field)
         temperature = ens.temperature if body.temperature is None else body.temperature
         top_p = ens.top_p if body.top_p is None else body.top_p
-        request = EnsembleRequest(instruction, input, k, max_new, temperature, top_p, body.seed)
+        greedy = ens.greedy_candidate if body.greedy_candidate is None else body.greedy_candidate
+        request = EnsembleRequest(instruction, input, k, max_new, temperature, top_p, body.seed, greedy)
         return request, mode, ens.weight if body.weight is None else body.weight, prompt_tokens
 
     def _check_model(self, model: str | None) -> None:

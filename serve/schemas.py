@@ -49,6 +49,8 @@ class _Sampling(_Strict):
     """Duetto extension: override the configured scoring mode for this request."""
     weight: float | None = Field(default=None, ge=0.0, le=1.0)
     """Duetto extension: the generator log-prob's weight in mode mix, the prior's in mode pmi."""
+    greedy_candidate: bool | None = None
+    """Duetto extension: the first candidate is the generator's greedy answer, the others sampled."""
 
 
 class GenerateRequest(_Sampling):

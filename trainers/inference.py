@@ -296,11 +296,28 @@ def _chosen_logprobs():
     return ChosenLogprobs()
 
 
+def _greedy_rows(rows: Any):
+    """A logits processor that leaves only the most likely token to the rows marked in ``rows`` (a
+    bool tensor): sampling then picks it, so those rows decode greedily beside sampled ones. It runs
+    after the recorder of chosen log-probabilities and before temperature and top-p, which keep the
+    most likely token."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class GreedyRows(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            best = scores.argmax(dim=-1, keepdim=True)
+            only_best = torch.full_like(scores, float("-inf")).scatter_(-1, best, 0.0)
+            return torch.where(rows.unsqueeze(-1), only_best, scores)
+
+    return GreedyRows()
+
+
 def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: int | Sequence[int], *,
                         max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
                         seed: int | None = None, stop_ids: Sequence[int] | None = None,
                         max_prompt_tokens: int | None = None, static: StaticDecoding | None = None,
-                        logprobs: bool = True, min_new_tokens: int = 0,
+                        logprobs: bool = True, min_new_tokens: int = 0, greedy_first: bool = False,
                         _length: int | None = None) -> list[list[Candidate]]:  # fmt: skip
     """Sample ``k`` candidates per templated prompt in one batched ``generate`` call.
 
@@ -310,6 +327,8 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
     ``max_prompt_tokens`` cuts each prompt by the training rule (BOS + its tail). ``static`` decodes
     on static shapes (see StaticDecoding; ``_length`` forces its length bucket, for warm-up).
     ``logprobs=False`` skips ``generator_logprob`` (None; evaluation needs only the text).
+    ``greedy_first``: each prompt's first candidate is its greedy answer (the most likely token at
+    every step), decoded in the same call as the sampled ones.
     """
     import torch
 
@@ -326,6 +345,7 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
     stop = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, getattr(model, "config", None))
     stop_set = set(stop)
     rows = [p for p, n in zip(prompts, ks) for _ in range(n)]
+    firsts = [j == 0 and greedy_first and not greedy for n in ks for j in range(n)]
     if not rows:
         return [[] for _ in prompts]
     device = next(model.parameters()).device
@@ -354,8 +374,12 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
             enc = {key: v.to(device) for key, v in enc.items()}
             extra = {_cache_kwarg(): static.cache(model, padded, length)} if length else {}
             recorder = _chosen_logprobs() if logprobs else None
-            if recorder is not None:
-                extra["logits_processor"] = [recorder]
+            processors = [recorder] if recorder is not None else []
+            greedy_rows = firsts[start:stop_row] + [False] * (padded - (stop_row - start))
+            if any(greedy_rows):
+                processors.append(_greedy_rows(torch.tensor(greedy_rows, device=device)))
+            if processors:
+                extra["logits_processor"] = processors
             out = model.generate(**enc, **gen_kwargs, **extra)
             gen_ids = out.sequences[: stop_row - start, enc["input_ids"].shape[1] :]
             if recorder is None:

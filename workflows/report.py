@@ -30,6 +30,8 @@ class EnsembleSettings:
     """Sampling temperature of the candidates."""
     top_p: float = 0.95
     """Nucleus sampling mass."""
+    greedy_candidate: bool = False
+    """The first of the k candidates is the generator's greedy answer, the others sampled (as in `duetto serve`)."""
     mode: Mode = "reranker"
     """Choice rule, as in `duetto serve` (ensemble.mode there); with validation rows, the rule fitted there."""
     weight: float = 0.5
@@ -138,7 +140,8 @@ def _decode(lm, rows: list[dict], cfg: ReportConfig, *, generator=None, reranker
     for i in range(0, len(rows), cfg.batch_size):
         chunk = rows[i : i + cfg.batch_size]
         reqs = [EnsembleRequest(instruction=r["instruction"], input=r.get("input", ""), k=e.k if ensemble else 1,
-                                max_new_tokens=cfg.max_new_tokens, temperature=e.temperature, top_p=e.top_p)
+                                max_new_tokens=cfg.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                                greedy_candidate=ensemble and e.greedy_candidate)
                 for r in chunk]
         if ensemble:
             import torch

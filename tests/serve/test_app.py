@@ -121,6 +121,11 @@ def test_generate_returns_the_reranker_choice(http, galore_trial, load_lm):
                        headers=AUTH).json()  # fmt: skip
     assert len(greedy["candidates"]) == 1 and greedy["candidates"][0]["generator_logprob"] is None
     assert greedy["batch"].keys() == {"reranker"}
+    # greedy_candidate: the first of the k candidates is the generator's greedy answer
+    alone = http.post("/v1/generate", json={**body, "mode": "generator", "temperature": 0}, headers=AUTH).json()
+    mixed = http.post("/v1/generate", json={**body, "mode": "consensus", "temperature": 1.5, "greedy_candidate": True},
+                      headers=AUTH).json()  # fmt: skip
+    assert len(mixed["candidates"]) == 4 and mixed["candidates"][0]["text"] == alone["response"]
 
 
 # Longer than the trials' max_seq_len for both models (so it is cut), within the served context.
@@ -205,6 +210,8 @@ BAD_REQUESTS = [
     ("max-new-tokens-over-limit", "/v1/generate", {"instruction": "hi", "max_new_tokens": 33}, 422, "max_new_tokens"),
     ("negative-temperature", "/v1/generate", {"instruction": "hi", "temperature": -0.5}, 422, "temperature"),
     ("top-p-zero", "/v1/generate", {"instruction": "hi", "top_p": 0}, 422, "top_p"),
+    ("greedy-candidate-as-string", "/v1/generate", {"instruction": "hi", "greedy_candidate": "yes"}, 422,
+     "greedy_candidate"),
     ("negative-seed", "/v1/generate", {"instruction": "hi", "seed": -1}, 422, "seed"),
     ("unknown-field", "/v1/generate", {"instruction": "hi", "beam_width": 3}, 422, "beam_width"),
     ("unknown-mode", "/v1/generate", {"instruction": "hi", "mode": "best"}, 422, "mode"),

@@ -99,6 +99,23 @@ def test_greedy_batch_equals_each_prompt_alone(gemma):
         assert alone[0][0].generator_logprob == pytest.approx(cands[0].generator_logprob, abs=1e-4)
 
 
+@pytest.mark.parametrize("which", ["gemma", "smollm"])
+def test_greedy_candidate_is_the_greedy_answer_beside_samples(which, request):
+    """greedy_first: each prompt's first candidate equals its greedy decoding, with the model's own
+    log-prob; the others are still sampled (at temperature 2 they differ from it)."""
+    lm = request.getfixturevalue(which)
+    prompts = [prompt_text(lm.tokenizer, lm.template, q, i) for q, i, _ in PAIRS[:3]]
+    greedy = generate_candidates(lm.model, lm.tokenizer, prompts, 1, max_new_tokens=8, temperature=0.0,
+                                 stop_ids=lm.stop_ids)  # fmt: skip
+    out = generate_candidates(lm.model, lm.tokenizer, prompts, [3, 1, 4], max_new_tokens=8, temperature=2.0,
+                              top_p=1.0, seed=0, stop_ids=lm.stop_ids, greedy_first=True)  # fmt: skip
+    assert [len(c) for c in out] == [3, 1, 4]
+    for prompt, (g,), cands in zip(prompts, greedy, out):
+        assert cands[0].token_ids == g.token_ids
+        assert cands[0].generator_logprob == pytest.approx(_reference_logprobs(lm, prompt, g.token_ids), abs=1e-4)
+    assert any(c.token_ids != cs[0].token_ids for cs in out for c in cs[1:])
+
+
 def test_choose_modes():
     cands = [
         Candidate("a", generator_logprob=-0.5, reranker_score=-3.0),

@@ -54,6 +54,18 @@ def test_static_sampling_keeps_k_and_reuses_its_cache(lm):
     assert list(static._caches) == [(16, 128)]  # 6 rows -> the 16-row bucket, one cache reused
 
 
+def test_static_greedy_candidate_equals_dynamic(lm):
+    """greedy_first on static shapes: the bucket's padding rows are not greedy rows, and each prompt's
+    first candidate is the greedy answer the dynamic cache gives."""
+    prompts = [prompt_text(lm.tokenizer, lm.template, q) for q in QUESTIONS[:3]]
+    static = StaticDecoding(rows=[4, 16], lengths=[128])
+    greedy = generate_candidates(lm.model, lm.tokenizer, prompts, 1, max_new_tokens=8, temperature=0.0,
+                                 stop_ids=lm.stop_ids)  # fmt: skip
+    out = generate_candidates(lm.model, lm.tokenizer, prompts, [2, 1, 3], max_new_tokens=8, temperature=0.8,
+                              seed=3, stop_ids=lm.stop_ids, static=static, greedy_first=True)  # fmt: skip
+    assert [cs[0].token_ids for cs in out] == [g[0].token_ids for g in greedy]
+
+
 def test_too_long_for_every_bucket_falls_back_to_the_dynamic_cache(lm):
     prompt = prompt_text(lm.tokenizer, lm.template, QUESTIONS[0])
     static = StaticDecoding(rows=[4], lengths=[8])
