@@ -27,6 +27,7 @@
 #   decode-paths  decode_paths.py: the generator's static, dynamic and continuous-batching decoding
 #   serve-buckets serve_bench.py at 32 clients: the default row buckets, then finer ones (4..128 by 16)
 #   trial-speed   trial_speed.py on SmolLM2's shape: GaLore, QLoRA NF4 and int8 beside plain HF
+#   trial-speed-gemma  the same on gemma-3-1b-it's shape (random weights), into trial_speed_gemma_h200.json
 #
 # Usage (lanes detach with setsid, so the starting command returns; poll with status):
 #   bash benchmarks/h200_session.sh start SmolLM2-135M-Instruct.Q4_1.gguf DATA_DIR
@@ -155,7 +156,13 @@ do_serve-buckets() {
 }
 do_trial-speed() {
   python3 benchmarks/trial_speed.py --data $W/data --model smollm2=$W/models/smollm2-135m-instruct \
-    --out $R/trial_speed_h200.json
+    --work /tmp/trial-speed-$LANE --out $R/trial_speed_h200.json
+}
+do_trial-speed-gemma() {  # its own file: a lane of its own on another GPU; merge the rows lists by hand
+  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_models import gemma3_1b_random; \
+gemma3_1b_random('$M/$LANE/gemma3-1b-random')" &&
+  python3 benchmarks/trial_speed.py --data $W/data --model gemma3-1b=$M/$LANE/gemma3-1b-random \
+    --work /tmp/trial-speed-$LANE --out $R/trial_speed_gemma_h200.json
 }
 do_sweep-packing() {
   python3 benchmarks/sweep_packing.py --model $W/models/smollm2-135m-instruct --data $W/data \

@@ -38,7 +38,7 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     cfg = load_config(ReportConfig, None, [
         f"baseline={tiny_gemma_dir}", f"qlora={tiny_trials['qlora']}", f"galore={tiny_trials['galore']}",
         f"test={unified_data[1]}", "num_examples=6", "max_new_tokens=6", "bootstrap=40", "ensemble.k=3",
-        "ensemble.compare_k=[1, 2]",
+        "ensemble.compare_k=[1, 2]", "ensemble.greedy_candidate=true",
         f"out={tmp_path / 'rep'}", "device=cpu", f"validation.train={unified_data[0]}", "validation.val_size=5",
     ])
     report = build_report(cfg, command="pytest")
@@ -53,6 +53,8 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     rows = [json.loads(line) for line in (tmp_path / "rep" / "outputs.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert all(len(r["ensemble_candidates"]) == 3 for r in rows)
+    # greedy_candidate: each prompt's first candidate is the QLoRA trial's greedy answer (its own row)
+    assert all(r["ensemble_candidates"][0]["text"] == r["QLoRA"] for r in rows)
     # the mode and its weights were fitted on the 5 validation rows; the ensemble returns the candidate
     # that rule picks, recomputed here from the stored candidates (every feature stored for each)
     sel = report["selection"]
