@@ -64,6 +64,14 @@ def render_selection(selection: dict, methods: dict) -> list[str]:
             L.append(f"| {mode} | {', '.join(f'{k} {v:+g}' for k, v in w.items()) or '–'} | {f['mean_rougeL']:.3f} "
                      f"| {f['cv_rougeL']:.3f} |")  # fmt: skip
         L.append("")
+        pools = selection.get("pools")
+        if pools:
+            L += [f"The validation rows also had the generator's greedy answer beside the samples, so the rule was "
+                  f"fitted on both candidate pools: the k samples (mode {pools['false']['chosen']}, cross-validated "
+                  f"ROUGE-L F {pools['false']['cv_rougeL']:.3f}) and the greedy answer with k - 1 samples (mode "
+                  f"{pools['true']['chosen']}, {pools['true']['cv_rougeL']:.3f}). The test rows were decoded with "
+                  f"`greedy_candidate: {str(selection['greedy_candidate']).lower()}`; the table above is that pool's.",
+                  ""]  # fmt: skip
     else:
         L += [f"No validation rows were given (`validation.train`): the configured mode, {selection.get('chosen')}, "
               "was used, and the other modes below use their default weights.", ""]

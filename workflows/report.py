@@ -56,6 +56,11 @@ class ValidationSettings:
     """The trials' data.limit_train: they held out the tail of the first N rows of `train` (0 = all)."""
     num_examples: int = 0
     """First N validation rows (0 = all)."""
+    greedy_candidate: bool = True
+    """Also choose ensemble.greedy_candidate here: the validation rows get k + 1 candidates (the greedy
+    answer and k samples), the rule is fitted on both k-candidate pools (k samples; the greedy answer
+    and k - 1 samples), and the pool whose rule cross-validates better decides how the test rows are
+    decoded. False: ensemble.greedy_candidate is used as configured."""
 
 
 @dataclass
@@ -124,11 +129,12 @@ def _log(msg: str) -> None:
 
 
 def _decode(lm, rows: list[dict], cfg: ReportConfig, *, generator=None, reranker=None, ensemble: bool = False,
-            selection: dict | None = None):  # fmt: skip
+            selection: dict | None = None, k: int | None = None, greedy_candidate: bool | None = None):  # fmt: skip
     """Answers for every row, in batches; returns (texts, seconds per example, extra per-row info).
     The ensemble computes every candidate feature whatever its mode (``selection``: mode, weight,
     weights), so every mode can be compared on the same candidates; its info[0] also holds each
-    step's milliseconds per request (``step_ms``)."""
+    step's milliseconds per request (``step_ms``). ``k`` and ``greedy_candidate`` override the
+    ensemble settings'."""
     from duetto.serve.ensemble import EnsembleRequest, ensemble_generate, sample_requests
     from duetto.serve.selection import FEATURES
 
@@ -137,11 +143,13 @@ def _decode(lm, rows: list[dict], cfg: ReportConfig, *, generator=None, reranker
     keys = ("text", "generator_logprob", "reranker_score", "prior_score", "consensus")
     t0 = time.perf_counter()
     e = cfg.ensemble
+    k = e.k if k is None else k
+    greedy = e.greedy_candidate if greedy_candidate is None else greedy_candidate
     for i in range(0, len(rows), cfg.batch_size):
         chunk = rows[i : i + cfg.batch_size]
-        reqs = [EnsembleRequest(instruction=r["instruction"], input=r.get("input", ""), k=e.k if ensemble else 1,
+        reqs = [EnsembleRequest(instruction=r["instruction"], input=r.get("input", ""), k=k if ensemble else 1,
                                 max_new_tokens=cfg.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-                                greedy_candidate=ensemble and e.greedy_candidate)
+                                greedy_candidate=ensemble and greedy)
                 for r in chunk]
         if ensemble:
             import torch
@@ -156,7 +164,7 @@ def _decode(lm, rows: list[dict], cfg: ReportConfig, *, generator=None, reranker
             for res in results:
                 texts.append(res.response)
                 info.append({"chosen_index": res.chosen_index,
-                             "candidates": [{k: getattr(c, k) for k in keys} for c in res.candidates]})
+                             "candidates": [{key: getattr(c, key) for key in keys} for c in res.candidates]})
         else:
             for cands in sample_requests(lm, reqs, greedy=True):
                 texts.append(cands[0].text)
@@ -281,20 +289,24 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
     q_lm, g_lm = load(qlora_src), load(galore_src, scores=True)
     e = cfg.ensemble
     chosen = {"mode": e.mode, "weight": e.weight, "weights": dict(e.weights)}
+    greedy = e.greedy_candidate
     selection = None
     if val_rows is not None:  # the rule is fixed before any test row is decoded
-        from duetto.workflows.selection_report import fit_selection
+        from duetto.workflows.selection_report import fit_selection, fit_selection_and_greedy
 
         # sampled and scored with every feature whatever the mode; the fit then chooses among all modes
         sampling = {"mode": "reranker", "weight": e.weight, "weights": {}}
-        _, _, val_info = _decode(None, val_rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True, selection=sampling)
-        selection = fit_selection([{"reference": r["response"], "ensemble_candidates": i["candidates"]}
-                                   for r, i in zip(val_rows, val_info)])  # fmt: skip
         v = cfg.validation
+        both = v.greedy_candidate
+        _, _, val_info = _decode(None, val_rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True, selection=sampling,
+                                 k=e.k + 1 if both else e.k, greedy_candidate=both or greedy)  # fmt: skip
+        val = [{"reference": r["response"], "ensemble_candidates": i["candidates"]} for r, i in zip(val_rows, val_info)]
+        selection = fit_selection_and_greedy(val, e.k) if both else fit_selection(val)
+        greedy = selection.get("greedy_candidate", greedy)
         selection["source"] = f"{v.train}" + (f", first {v.limit_train}" if v.limit_train else "") + f", last {v.val_size:g}"
         chosen = {"mode": selection["chosen"], "weight": selection["params"].get("weight", e.weight),
                   "weights": selection["params"].get("weights", {})}  # fmt: skip
-        _log(f"validation ({len(val_rows)} rows): mode {chosen['mode']} {selection['params']}")
+        _log(f"validation ({len(val_rows)} rows): mode {chosen['mode']} {selection['params']}, greedy_candidate {greedy}")
     systems: dict[str, dict[str, Any]] = {}
     base_lm = load(cfg.baseline, cfg.template)  # loaded as the endpoint loads it
     texts, lat, _ = _decode(base_lm, rows, cfg)
@@ -307,8 +319,9 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
 
     single("QLoRA", q_lm)
     single("GaLore", g_lm)
-    texts, lat, info = _decode(None, rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True, selection=chosen)
-    systems[f"Ensemble (QLoRA top-{e.k}, mode {chosen['mode']})"] = {
+    texts, lat, info = _decode(None, rows, cfg, generator=q_lm, reranker=g_lm, ensemble=True, selection=chosen,
+                               greedy_candidate=greedy)  # fmt: skip
+    systems[f"Ensemble (QLoRA top-{e.k}{', greedy first' if greedy else ''}, mode {chosen['mode']})"] = {
         "texts": texts, "latency_s": lat, "info": info, "source": f"{qlora_src} + {galore_src}"}
     for label, src in cfg.extra.items():
         single(label, load(src))

@@ -1,7 +1,8 @@
 """Every way of choosing among the ensemble's candidates, compared on the same stored candidates.
 
 ``fit_selection`` fixes each mode's weights, and the default mode, on validation rows (the sweep's
-split held out of train.jsonl); ``selection_table`` then scores every mode on the test rows' stored
+split held out of train.jsonl), and ``fit_selection_and_greedy`` also whether the generator's greedy
+answer is one of the candidates; ``selection_table`` then scores every mode on the test rows' stored
 candidates: BLEU-4 and ROUGE-L with bootstrap intervals, paired tests against the best single model
 and against a random pick, the oracle (the best candidate against the reference, a bound no chooser
 passes) and each mode's model time per request; ``count_table`` scores the returned mode on the first
@@ -85,6 +86,32 @@ def fit_selection(rows: Sequence[dict], folds: int = 5) -> dict:
     chosen = max(fitted, key=lambda m: (fitted[m]["cv_rougeL"], -FITTED_MODES.index(m)))
     return {"rows": len(rows), "k": max(len(cs) for cs in cands), "folds": min(folds, len(rows)), "modes": fitted,
             "chosen": chosen, "params": fitted_params(fitted[chosen])}  # fmt: skip
+
+
+def greedy_pools(rows: Sequence[dict], k: int) -> dict[bool, list[dict]]:
+    """Rows decoded with ``greedy_candidate`` and k + 1 candidates (the greedy answer, then k samples),
+    as each setting of ``greedy_candidate`` would decode them with k: False keeps the k samples, True the
+    greedy answer and the first k - 1 samples (samples are exchangeable: the first k - 1 of k are k - 1
+    samples). Consensus is recomputed within each pool."""
+    drop = ("consensus",)
+    pools: dict[bool, list[dict]] = {}
+    for greedy in (False, True):
+        pick = slice(0, k) if greedy else slice(1, k + 1)
+        pools[greedy] = [{**r, "ensemble_candidates": [{key: v for key, v in c.items() if key not in drop}
+                                                        for c in r["ensemble_candidates"][pick]]}
+                         for r in rows]  # fmt: skip
+    return pools
+
+
+def fit_selection_and_greedy(rows: Sequence[dict], k: int, folds: int = 5) -> dict:
+    """``fit_selection`` on both pools of ``greedy_pools``; the one whose chosen mode cross-validates
+    better (ties: without the greedy answer) is returned, with ``greedy_candidate`` set and both pools'
+    choices under ``pools``."""
+    fits = {greedy: fit_selection(pool, folds) for greedy, pool in greedy_pools(rows, k).items()}
+    cv = {greedy: f["modes"][f["chosen"]]["cv_rougeL"] for greedy, f in fits.items()}
+    greedy = cv[True] > cv[False]
+    return {**fits[greedy], "greedy_candidate": greedy,
+            "pools": {str(g).lower(): {"chosen": f["chosen"], "cv_rougeL": cv[g]} for g, f in fits.items()}}
 
 
 def step_ms(mode: str, params: Mapping[str, Any], per_request_ms: Mapping[str, float]) -> float | None:

@@ -38,7 +38,7 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     cfg = load_config(ReportConfig, None, [
         f"baseline={tiny_gemma_dir}", f"qlora={tiny_trials['qlora']}", f"galore={tiny_trials['galore']}",
         f"test={unified_data[1]}", "num_examples=6", "max_new_tokens=6", "bootstrap=40", "ensemble.k=3",
-        "ensemble.compare_k=[1, 2]", "ensemble.greedy_candidate=true",
+        "ensemble.compare_k=[1, 2]",
         f"out={tmp_path / 'rep'}", "device=cpu", f"validation.train={unified_data[0]}", "validation.val_size=5",
     ])
     report = build_report(cfg, command="pytest")
@@ -53,8 +53,15 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     rows = [json.loads(line) for line in (tmp_path / "rep" / "outputs.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert all(len(r["ensemble_candidates"]) == 3 for r in rows)
-    # greedy_candidate: each prompt's first candidate is the QLoRA trial's greedy answer (its own row)
-    assert all(r["ensemble_candidates"][0]["text"] == r["QLoRA"] for r in rows)
+    # greedy_candidate was chosen on the validation rows, fitted on both pools of their k + 1 candidates;
+    # with it, each prompt's first candidate is the QLoRA trial's greedy answer (its own row)
+    sel = report["selection"]
+    assert set(sel["pools"]) == {"false", "true"} and sel["k"] == 3
+    chosen_pool = sel["pools"][str(sel["greedy_candidate"]).lower()]
+    assert chosen_pool["cv_rougeL"] >= max(p["cv_rougeL"] for p in sel["pools"].values())
+    assert chosen_pool["chosen"] == sel["chosen"]
+    if sel["greedy_candidate"]:
+        assert all(r["ensemble_candidates"][0]["text"] == r["QLoRA"] for r in rows)
     # the mode and its weights were fitted on the 5 validation rows; the ensemble returns the candidate
     # that rule picks, recomputed here from the stored candidates (every feature stored for each)
     sel = report["selection"]
@@ -188,3 +195,44 @@ def test_count_table_scores_the_mode_on_the_first_n_candidates():
     gap = count_table([{"reference": "x y", "ensemble_candidates": None}, *rows], mode="consensus", params={},
                       counts=[], best_single=("QLoRA", ["x y"] + ["alpha beta"] * 3), n_resamples=30)  # fmt: skip
     assert gap["num_examples"] == 3 and gap["counts"][-1]["vs_best_single"]["rougeL"]["delta"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("greedy_is_right", [True, False])
+def test_greedy_candidate_is_chosen_on_the_pool_whose_rule_validates_better(greedy_is_right):
+    """Rows of k + 1 = 3 candidates (the greedy answer, then 2 samples): the True pool keeps the greedy
+    answer and the first sample, the False pool both samples; consensus is recomputed in each pool.
+    Where the greedy answer is the reference, the True pool wins; where a sample is, the False pool."""
+    from duetto.workflows.selection_report import fit_selection_and_greedy, greedy_pools
+
+    def cand(text, g):
+        return {"text": text, "generator_logprob": g, "reranker_score": g, "prior_score": g, "consensus": 9.0}
+
+    right, wrong = "gamma delta epsilon", "alpha beta"
+    greedy, sample = (right, wrong) if greedy_is_right else (wrong, right)
+    rows = [{"reference": right, "ensemble_candidates": [cand(greedy, -1.0), cand(sample, -2.0), cand(sample, -2.0)]}
+            for _ in range(6)]  # fmt: skip
+    pools = greedy_pools(rows, 2)
+    assert [c["text"] for c in pools[True][0]["ensemble_candidates"]] == [greedy, sample]
+    assert [c["text"] for c in pools[False][0]["ensemble_candidates"]] == [sample, sample]
+    assert all("consensus" not in c for pool in pools.values() for c in pool[0]["ensemble_candidates"])
+    fit = fit_selection_and_greedy(rows, 2)
+    assert fit["greedy_candidate"] is greedy_is_right and fit["k"] == 2
+    assert fit["pools"][str(greedy_is_right).lower()]["cv_rougeL"] == pytest.approx(1.0)
+    if greedy_is_right:  # two wrong samples: no rule finds the reference
+        assert fit["pools"]["false"]["cv_rougeL"] == pytest.approx(0.0)
+
+
+def test_report_decodes_with_the_configured_greedy_candidate(tmp_path, tiny_gemma_dir, unified_data, tiny_trials):
+    """Without the validation choice, ensemble.greedy_candidate decides: each prompt's first candidate
+    is the QLoRA trial's greedy answer, the QLoRA row itself."""
+    from duetto.workflows.report import ReportConfig, build_report
+
+    cfg = load_config(ReportConfig, None, [
+        f"baseline={tiny_gemma_dir}", f"qlora={tiny_trials['qlora']}", f"galore={tiny_trials['galore']}",
+        f"test={unified_data[1]}", "num_examples=3", "max_new_tokens=6", "bootstrap=20", "ensemble.k=3",
+        "ensemble.greedy_candidate=true", f"out={tmp_path / 'rep'}", "device=cpu",
+    ])  # fmt: skip
+    report = build_report(cfg, command="pytest")
+    rows = [json.loads(line) for line in (tmp_path / "rep" / "outputs.jsonl").read_text().splitlines()]
+    assert all(len(r["ensemble_candidates"]) == 3 and r["ensemble_candidates"][0]["text"] == r["QLoRA"] for r in rows)
+    assert any(name.startswith("Ensemble (QLoRA top-3, greedy first") for name in report["systems"])
