@@ -7,7 +7,7 @@ the projection refresh's SVDs of every GaLore target weight of the model, the li
 the other ways of running the same call.
 
     python benchmarks/profile_trial.py --data DIR --model DIR --methods galore,qlora-nf4 \
-        --steps 60 [--ray-worker] [--svd] [--host-profile K] [--torch-profile K] --out profile.json
+        --steps 60 [--ray-worker] [--svd] [--host-profile K] --out profile.json
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ STEPS: list = []  # (begin, end) CUDA events of every training step of the in-pr
 PEAKS: list = []  # each step's peak allocated GPU memory (the report callback resets it as a step begins)
 HOST_PROFILE_STEPS = 0  # cProfile the host side of this many first steps (--host-profile)
 HOST: list = []  # one cProfile.Profile per profiled step
-TORCH_PROFILE_STEPS = 0  # torch.profiler over this many first steps (--torch-profile)
-TORCH_PROF: list = []  # the running or finished torch.profiler.profile
 HOST_PHASES: dict = {}  # phase name -> cProfile.Profile of its host side (--host-profile)
 # phases outside trainer.train: one profiler runs at a time, and the steps inside train have theirs
 HOST_PROFILED_PHASES = ("setup (data, model load, method build)", "generation metrics", "save and report")
@@ -103,11 +101,6 @@ def instrument() -> None:
     begin = trial_reports.StepClock.begin
 
     def begin_and_profile(self):
-        if self.cuda and not STEPS and TORCH_PROFILE_STEPS and not TORCH_PROF:
-            from torch.profiler import ProfilerActivity, profile
-
-            TORCH_PROF.append(profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]))
-            TORCH_PROF[0].__enter__()
         if self.cuda and len(STEPS) < HOST_PROFILE_STEPS:
             import cProfile
 
@@ -120,11 +113,6 @@ def instrument() -> None:
 
     def end_and_stop(self):
         end_and_keep(self)
-        if TORCH_PROF and len(STEPS) == TORCH_PROFILE_STEPS:
-            import torch
-
-            torch.cuda.synchronize()
-            TORCH_PROF[0].__exit__(None, None, None)
         if HOST and len(STEPS) <= HOST_PROFILE_STEPS and len(HOST) == len(STEPS):
             import torch
 
@@ -133,15 +121,6 @@ def instrument() -> None:
 
     trial_reports.StepClock.begin = begin_and_profile
     trial_reports.StepClock.end = end_and_stop
-
-
-def torch_tables(rows: int = 40) -> dict[str, str]:
-    """The profiled first steps' ops by self host time and by self GPU time."""
-    if not TORCH_PROF:
-        return {}
-    ka = TORCH_PROF[0].key_averages()
-    return {key: ka.table(sort_by=key, row_limit=rows, max_name_column_width=70)
-            for key in ("self_cpu_time_total", "self_cuda_time_total")}  # fmt: skip
 
 
 def host_table(prof, top: int = 30) -> str:
@@ -166,7 +145,6 @@ def run(method: str, model: str, data: str, steps: int, out: Path, workers: int)
     PEAKS.clear()
     HOST.clear()
     HOST_PHASES.clear()
-    TORCH_PROF.clear()
     cfg = study_config(method, model, data, steps, out, [f"scaling.num_workers={workers}"])
     t0 = time.perf_counter()
     m = run_trial(cfg, overwrite=True)
@@ -184,7 +162,6 @@ def run(method: str, model: str, data: str, steps: int, out: Path, workers: int)
         "peak_mib_max_step": max(range(len(PEAKS)), key=PEAKS.__getitem__) if PEAKS else None,
         "peak_mib_after_10": round(max(PEAKS[10:] or [0]) / 2**20),
         "host_profile_steps": [host_table(p) for p in HOST],
-        "torch_profile": torch_tables(),
         "host_profile_phases": {k: host_table(p) for k, p in HOST_PHASES.items()},
         "slowest_steps": sorted(((round(x, 1), i) for i, x in enumerate(ms)), reverse=True)[:8],
         "metrics": {k: m.get(k) for k in ("tokens_per_second", "train_seconds", "train_wall_seconds", "wall_seconds",
@@ -282,15 +259,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--ray-worker", action="store_true", help="also run each trial through one Ray worker")
     ap.add_argument("--svd", action="store_true")
-    ap.add_argument("--torch-profile", type=int, default=0, metavar="K",
-                    help="torch.profiler over the first K training steps (op tables in the JSON)")
     ap.add_argument("--host-profile", type=int, default=0, metavar="K",
                     help="cProfile the host side of the first K training steps (tables in the JSON)")
     ap.add_argument("--work", default="/tmp/profile-trial")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    global HOST_PROFILE_STEPS, TORCH_PROFILE_STEPS
-    HOST_PROFILE_STEPS, TORCH_PROFILE_STEPS = args.host_profile, args.torch_profile
+    global HOST_PROFILE_STEPS
+    HOST_PROFILE_STEPS = args.host_profile
     instrument()
     out: dict = {"runs": []}
     for method in [m for m in args.methods.split(",") if m]:
