@@ -366,41 +366,50 @@ class Pack:
 
     def finish(self, t: int) -> dict[str, Any]:
         """Evaluate trial t with only its adapter, save it into its output_dir, and drop it."""
-        from duetto.trainers.trial_reports import generation_metrics
+        return self.finish_all([t])[t]
 
+    def finish_all(self, ts: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """``finish`` for each trial of ``ts``: each one's eval loss with only its adapter, and their
+        BLEU/ROUGE answers in shared decoding passes (each row through its own trial's adapter, as
+        the interim reports decode), then each one saved and dropped; {trial: its metrics}."""
+        from duetto.trainers.evaluate import text_metrics
+        from duetto.trainers.trial import write_outputs
         from duetto.trainers.trial_reports import peak_memory_bytes
 
-        tr, cfg = self.trials[t], self.trials[t].cfg
         train_peak = self.peak_bytes or peak_memory_bytes(self.device)
         if self.memory is not None:
-            self.memory.reset_peak()  # the evaluation's own peak, below
-        eval_loss = self.eval_loss(t)
-        gen_rows = tr.rows.generation(cfg)
-        with only_trial(self.base, self.layers, t):
-            gen, predictions = generation_metrics(self.base, self.tokenizer, gen_rows, cfg)
-        every = max(cfg.logging_steps, 1)
-        # as the HF Trainer logs it: the mean loss of each full window of logging_steps
-        curve = [[s + every, sum(tr.losses[s : s + every]) / every] for s in range(0, len(tr.losses) - every + 1, every)]
-        metrics = {
-            "method": cfg.method, "train_loss": sum(tr.losses) / max(len(tr.losses), 1), "eval_loss": eval_loss,
-            "bleu4": gen["bleu4"], "rougeL": gen["rougeL"], "peak_memory_bytes": train_peak,
-            "eval_peak_memory_bytes": peak_memory_bytes(self.device),
-            "tokens_per_second": tr.trained_tokens / tr.step_seconds if tr.step_seconds > 0 else 0.0,
-            "trained_tokens": tr.trained_tokens, "train_seconds": tr.step_seconds,
-            "train_wall_seconds": tr.step_seconds, "wall_seconds": time.perf_counter() - tr.joined_at,
-            "trainable_params": tr.trainable_params,
-            "total_params": sum(p.numel() for n, p in self.base.named_parameters() if ".lora_" not in n) + tr.trainable_params,
-            "num_train_examples": len(tr.dataset), "num_eval_examples": len(gen_rows), "eval_split": tr.rows.split,
-            "truncated_train_examples": tr.dataset.truncated, "step": tr.step, "train_loss_curve": curve,
-            "fast_path": f"packed: {len(self.trials)} trials on one base when it left", "resumed_from_step": tr.resumed_from,
-            "world_size": 1, "device": str(self.device), "done": True,
-        }  # fmt: skip
-        model_dir = save_adapter(self.layers, t, cfg, self.model_path, self.tokenizer)
-        from duetto.trainers.trial import write_outputs
-
-        write_outputs(cfg, self.model_path, model_dir, gen_rows, predictions, metrics)
-        self.leave(t)
-        return metrics
+            self.memory.reset_peak()  # the evaluations' own peak, below
+        eval_losses = {t: self.eval_loss(t) for t in ts}
+        gen_rows = {t: self.trials[t].rows.generation(self.trials[t].cfg) for t in ts}
+        answers = self._answers([(t, rows) for t, rows in gen_rows.items() if rows])
+        out: dict[int, dict[str, Any]] = {}
+        for t in ts:
+            tr, cfg = self.trials[t], self.trials[t].cfg
+            predictions = answers.get(t, [])
+            gen = text_metrics(predictions, [r["response"] for r in gen_rows[t]])
+            every = max(cfg.logging_steps, 1)
+            # as the HF Trainer logs it: the mean loss of each full window of logging_steps
+            curve = [[s + every, sum(tr.losses[s : s + every]) / every] for s in range(0, len(tr.losses) - every + 1, every)]
+            metrics = {
+                "method": cfg.method, "train_loss": sum(tr.losses) / max(len(tr.losses), 1), "eval_loss": eval_losses[t],
+                "bleu4": gen["bleu4"], "rougeL": gen["rougeL"], "peak_memory_bytes": train_peak,
+                "eval_peak_memory_bytes": peak_memory_bytes(self.device),
+                "tokens_per_second": tr.trained_tokens / tr.step_seconds if tr.step_seconds > 0 else 0.0,
+                "trained_tokens": tr.trained_tokens, "train_seconds": tr.step_seconds,
+                "train_wall_seconds": tr.step_seconds, "wall_seconds": time.perf_counter() - tr.joined_at,
+                "trainable_params": tr.trainable_params,
+                "total_params": sum(p.numel() for n, p in self.base.named_parameters() if ".lora_" not in n) + tr.trainable_params,
+                "num_train_examples": len(tr.dataset), "num_eval_examples": len(gen_rows[t]), "eval_split": tr.rows.split,
+                "truncated_train_examples": tr.dataset.truncated, "step": tr.step, "train_loss_curve": curve,
+                "fast_path": f"packed: {len(self.trials)} trials on one base when it left", "resumed_from_step": tr.resumed_from,
+                "world_size": 1, "device": str(self.device), "done": True,
+            }  # fmt: skip
+            model_dir = save_adapter(self.layers, t, cfg, self.model_path, self.tokenizer)
+            write_outputs(cfg, self.model_path, model_dir, gen_rows[t], predictions, metrics)
+            out[t] = metrics
+        for t in ts:
+            self.leave(t)
+        return out
 
     def leave(self, t: int) -> None:
         if self.trials.pop(t, None) is None:
@@ -419,7 +428,8 @@ def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[dict
     ids = [pack.join(cfg) for cfg in cfgs]
     while pack.step():
         pass
-    return [pack.finish(t) for t in ids]
+    done = pack.finish_all(ids)
+    return [done[t] for t in ids]
 
 
 class by_rows:

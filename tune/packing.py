@@ -55,6 +55,8 @@ class PackActor:
         """The error of the failed step each trial took part in, until its client reads it."""
         self.reports: dict[int, dict[str, Any]] = {}
         """Interim reports made beside another trial's (one decoding pass), until their clients ask."""
+        self.finished: dict[int, dict[str, Any]] = {}
+        """Final metrics made beside another trial's (shared decoding passes), until their clients ask."""
         self.cond = threading.Condition()
         threading.Thread(target=self._loop, daemon=True, name="pack-steps").start()
 
@@ -83,6 +85,7 @@ class PackActor:
                 self.pack.leave(old)
                 self.errors.pop(old, None)
                 self.reports.pop(old, None)
+                self.finished.pop(old, None)
                 self.cond.notify_all()  # its advance, if one still waits, returns
             while not self.pack.has_room():  # woken by each step and each leave
                 self.cond.wait()
@@ -134,10 +137,26 @@ class PackActor:
                 and t not in self.reports and t not in self.errors)  # fmt: skip
 
     def finish(self, key: str) -> dict[str, Any]:
+        """The trial's final metrics (Pack.finish_all), made with every other trial that has reached
+        its last step: their answers decode together, and wait here until their clients ask."""
         with self.cond:
-            out = self.pack.finish(self.keys.pop(key))
-            self.cond.notify_all()  # a slot is free
-            return out
+            t = self.keys.pop(key)
+            if t not in self.finished:
+                due = [t] + [u for u in self.keys.values() if u != t and self._finish_due(u)]
+                try:
+                    made = self.pack.finish_all(due)
+                except Exception:  # maybe another trial's part: this trial fails only for its own
+                    if len(due) == 1:
+                        raise
+                    made = self.pack.finish_all([t])
+                self.finished.update(made)
+            self.cond.notify_all()  # slots are free
+            return self.finished.pop(t)
+
+    def _finish_due(self, t: int) -> bool:
+        """Whether trial t has taken its last step and waits to be finished."""
+        tr = self.pack.trials.get(t)
+        return tr is not None and tr.step >= tr.total and t not in self.errors and t not in self.finished
 
     def leave(self, key: str) -> None:
         with self.cond:
@@ -146,6 +165,7 @@ class PackActor:
                 self.pack.leave(t)
                 self.errors.pop(t, None)
                 self.reports.pop(t, None)
+                self.finished.pop(t, None)
             self.cond.notify_all()
 
     def attached(self) -> list[str]:
