@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,20 +116,24 @@ class PackActor:
             if self.keys.get(key) != t:  # left meanwhile (Tune ended or restarted the trial): nobody reads this
                 return {"step": tr.step, "left": True}
             if tr.step < tr.total:  # an interim report: what the trial alone reports there
-                if t not in self.reports:  # with every other trial whose report is due: their answers decode together
-                    due = [t] + [u for u in self.keys.values() if u != t and self._report_due(u)]
-                    try:
-                        made = self.pack.interim_reports(due)
-                    except Exception:  # maybe another trial's part: this trial fails only for its own
-                        if len(due) == 1:
-                            raise
-                        due = [t]
-                        made = self.pack.interim_reports(due)
-                    for u in due:
+                if t not in self.reports:  # with every other trial whose report is due
+                    made = self._with_others(t, self._report_due, self.pack.interim_reports)
+                    for u in made:
                         self.pack.trials[u].reported = self.pack.trials[u].step
-                    self.reports.update({u: made[u] for u in due})
+                    self.reports.update(made)
                 return self.reports.pop(t)
             return {"step": tr.step}
+
+    def _with_others(self, t: int, due: Callable[[int], bool], make: Callable[[list[int]], dict]) -> dict:
+        """``make`` for trial t and every other attached trial that ``due`` says waits too (their
+        answers decode together); if that fails, for t alone: t fails only for its own part."""
+        together = [t] + [u for u in self.keys.values() if u != t and due(u)]
+        try:
+            return make(together)
+        except Exception:
+            if len(together) == 1:
+                raise
+            return make([t])
 
     def _report_due(self, t: int) -> bool:
         """Whether trial t waits at a report step whose report is not made yet."""
@@ -142,14 +147,7 @@ class PackActor:
         with self.cond:
             t = self.keys.pop(key)
             if t not in self.finished:
-                due = [t] + [u for u in self.keys.values() if u != t and self._finish_due(u)]
-                try:
-                    made = self.pack.finish_all(due)
-                except Exception:  # maybe another trial's part: this trial fails only for its own
-                    if len(due) == 1:
-                        raise
-                    made = self.pack.finish_all([t])
-                self.finished.update(made)
+                self.finished.update(self._with_others(t, self._finish_due, self.pack.finish_all))
             self.cond.notify_all()  # slots are free
             return self.finished.pop(t)
 
