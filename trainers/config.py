@@ -135,7 +135,8 @@ class TrialConfig:
     stepped in fused groups, no host wait between steps (same math, schedule, data order and checkpoints).
     null = on when the trial trains on one CUDA GPU without gradient accumulation; false = the plain HF
     Trainer step (and bitsandbytes' own LLM.int8 matmul, which the fast path replaces with a static-shape
-    version of the same matmul for qlora.bits=8)."""
+    version of the same matmul for qlora.bits=8). Packed trials (packing: qlora) share it: their pack's
+    forward and backward replay as a CUDA graph on a GPU unless it is false."""
     compile: bool = False
     """torch.compile the model (HF `torch_compile`): fewer Python-issued kernels per step, slower first steps.
     Every batch is then padded to max_seq_len, so the compiled graph sees one shape."""

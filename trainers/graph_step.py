@@ -23,6 +23,7 @@ with the graph.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -49,10 +50,15 @@ def prepare_for_graphs(model: torch.nn.Module) -> str | None:
 
 
 class GraphedStep:
-    """Call with a micro-batch (tensors on the GPU): runs forward + backward, returns the loss."""
+    """Call with a micro-batch (tensors on the GPU): runs forward + backward, returns the loss. The
+    trainable parameters are those that require a gradient when it is built."""
 
-    def __init__(self, model: torch.nn.Module, *, autocast_bf16: bool, warmup_steps: int = 1):
+    def __init__(self, model: torch.nn.Module, *, autocast_bf16: bool, warmup_steps: int = 1,
+                 loss_fn: Callable[[dict], torch.Tensor] | None = None):  # fmt: skip
+        """``loss_fn(inputs)``: the loss to take the gradient of (its sum, when it has several values,
+        as a pack's per-trial losses); the model's own ``.loss`` by default."""
         self.model = model
+        self.loss_fn = loss_fn or (lambda inputs: self.model(**inputs).loss)
         self.autocast_bf16 = autocast_bf16
         self.warmup_steps = warmup_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -70,8 +76,8 @@ class GraphedStep:
         # autocast's weight-cast cache cannot live across graph replays
         ctx = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.autocast_bf16 else nullcontext()
         with ctx:
-            loss = self.model(**inputs).loss
-        loss.backward()
+            loss = self.loss_fn(inputs)
+        (loss.sum() if loss.dim() else loss).backward()
         return loss.detach()
 
     @staticmethod

@@ -17,7 +17,7 @@ summed per-trial losses (the trials share no trainable weight, so the sum's grad
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,23 +239,35 @@ class PackedTrials:
             for p in layer.adapter_params(t):
                 p.requires_grad_(False)
 
-    def step(self, model: nn.Module, batches: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
+    @staticmethod
+    def losses(model: nn.Module, joined: dict[str, torch.Tensor], bounds: Sequence[int]) -> torch.Tensor:
+        """Each block's loss over a joined batch (rows ``bounds[i]`` to ``bounds[i + 1]``), stacked: the
+        mean cross-entropy over its label tokens, as HF computes it."""
+        logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"]).logits
+        losses = []
+        for i in range(len(bounds) - 1):
+            shift_logits = logits[bounds[i] : bounds[i + 1], :-1].float()
+            shift_labels = joined["labels"][bounds[i] : bounds[i + 1], 1:]
+            losses.append(nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                      shift_labels.reshape(-1), ignore_index=-100))  # fmt: skip
+        return torch.stack(losses)
+
+    def step(self, model: nn.Module, batches: dict[int, dict[str, torch.Tensor]],
+             forward_backward: Callable[..., torch.Tensor] | None = None) -> dict[int, float]:  # fmt: skip
         """One optimizer step of each trial in ``batches`` ({trial: its batch}, equal sequence lengths)
-        on its own batch; returns each one's loss (mean cross-entropy over its label tokens, as HF
-        computes it). The other trials' weights and optimizer states do not move."""
+        on its own batch; returns each one's loss (``losses``). The other trials' weights and optimizer
+        states do not move. ``forward_backward(trials, bounds, joined)``, when given, runs the forward
+        and backward instead (a CUDA graph of them) and returns the detached losses."""
         trials = list(batches)
         sizes = [batches[t]["input_ids"].shape[0] for t in trials]
         bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         set_slices(self.layers, [(t, bounds[i], bounds[i + 1]) for i, t in enumerate(trials)])
         joined = {k: torch.cat([batches[t][k] for t in trials]) for k in ("input_ids", "attention_mask", "labels")}
-        logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"]).logits
-        losses = []
-        for i in range(len(trials)):
-            shift_logits = logits[bounds[i] : bounds[i + 1], :-1].float()
-            shift_labels = joined["labels"][bounds[i] : bounds[i + 1], 1:]
-            losses.append(nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                      shift_labels.reshape(-1), ignore_index=-100))  # fmt: skip
-        torch.stack(losses).sum().backward()
+        if forward_backward is None:
+            losses = self.losses(model, joined, bounds)
+            losses.sum().backward()
+        else:
+            losses = forward_backward(trials, bounds, joined)
         for t in trials:
             params, o = self.params[t], self.optims[t]
             if o.max_grad_norm > 0:
@@ -263,5 +275,5 @@ class PackedTrials:
             self.optimizers[t].step()
             self.schedulers[t].step()
             self.optimizers[t].zero_grad(set_to_none=True)
-        return {t: float(loss.detach()) for t, loss in zip(trials, losses)}
+        return dict(zip(trials, losses.detach().tolist()))  # one wait for the GPU, not one a trial
 

@@ -35,7 +35,11 @@ from duetto.trainers.packed_lora import (
 
 #: Settings every trial of a pack must share: they shape the shared base and the packed batch.
 SHARED = ("method", "model", "template", "max_seq_len", "batch_size", "precision", "gradient_checkpointing",
-          "qlora.bits", "qlora.target_modules", "qlora.upcast_fp32", "gradient_accumulation_steps")  # fmt: skip
+          "qlora.bits", "qlora.target_modules", "qlora.upcast_fp32", "gradient_accumulation_steps",
+          "cuda_graphs")  # fmt: skip
+#: CUDA graphs a pack keeps, one per set of trials stepping together (trials wait at report steps, so
+#: a few sets recur); a graph holds its activations' memory
+GRAPHS_KEPT = 4
 
 
 def shared_settings(cfg: TrialConfig) -> dict[str, str]:
@@ -103,6 +107,8 @@ class PackedTrial:
     """The step its saved state (``Pack.state``) brought it back to (0: trained from the start)."""
     reported: int = -1
     """The step of its last interim report (a report is due at ``until`` until it is made)."""
+    replayed: int = 0
+    """Steps it took in a replayed CUDA graph of the pack's forward and backward."""
 
 
 class CudaMemory:
@@ -158,6 +164,9 @@ class Pack:
         self._measured_with = 0
         self.peak_bytes = 0
         """The highest step peak so far (what a trial reports as its training peak)."""
+        self.graphs: dict[tuple, Any] = {}
+        """(trials, row bounds) -> the GraphedStep of their forward and backward (on CUDA, unless the
+        trials say cuda_graphs: false), most recently used last."""
 
     def has_room(self) -> bool:
         n = len(self.trials)
@@ -279,9 +288,13 @@ class Pack:
         self.base.train()
         if self.memory is not None:
             self.memory.reset_peak()
+        graphed = self.device.type == "cuda" and self.trials[live[0]].cfg.cuda_graphs is not False
+        replays = sum(g.replays for g in self.graphs.values())
         t0 = time.perf_counter()
-        losses = self.optim.step(self.base, batches)  # its .item()s wait for the GPU: the step is done
+        # its read of the losses waits for the GPU: the step is done
+        losses = self.optim.step(self.base, batches, self._graphed if graphed else None)
         seconds = time.perf_counter() - t0
+        replayed = sum(g.replays for g in self.graphs.values()) > replays
         if self.memory is not None:
             peak = self.memory.peak()
             self.peak_bytes = max(self.peak_bytes, peak)
@@ -294,7 +307,24 @@ class Pack:
             tr.losses.append(loss)
             tr.step_seconds += seconds
             tr.trained_tokens += int(batches[t]["attention_mask"].sum())
+            tr.replayed += replayed
         return losses
+
+    def _graphed(self, trials: list[int], bounds: list[int], joined: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pack's forward and backward for these trials' blocks as a CUDA graph (trainers/graph_step.py):
+        the first call for a set of trials warms up, the second captures, later ones replay. The
+        blocks' adapters are baked into the graph, so each set of trials has its own."""
+        from duetto.trainers.graph_step import GraphedStep
+
+        key = (tuple(trials), tuple(bounds))
+        step = self.graphs.pop(key, None)
+        if step is None:
+            while len(self.graphs) >= GRAPHS_KEPT:
+                self.graphs.pop(next(iter(self.graphs)))  # the least recently used
+            losses = self.optim.losses
+            step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: losses(self.base, batch, bounds))
+        self.graphs[key] = step
+        return step(joined)
 
     def eval_loss(self, t: int) -> float:
         """Trial t's eval_loss now, as the HF Trainer's evaluate computes it, with only its adapter."""
@@ -401,7 +431,7 @@ class Pack:
                 "total_params": sum(p.numel() for n, p in self.base.named_parameters() if ".lora_" not in n) + tr.trainable_params,
                 "num_train_examples": len(tr.dataset), "num_eval_examples": len(gen_rows[t]), "eval_split": tr.rows.split,
                 "truncated_train_examples": tr.dataset.truncated, "step": tr.step, "train_loss_curve": curve,
-                "fast_path": f"packed: {len(self.trials)} trials on one base when it left", "resumed_from_step": tr.resumed_from,
+                "fast_path": self._fast_path(tr), "resumed_from_step": tr.resumed_from,
                 "world_size": 1, "device": str(self.device), "done": True,
             }  # fmt: skip
             model_dir = save_adapter(self.layers, t, cfg, self.model_path, self.tokenizer)
@@ -411,9 +441,18 @@ class Pack:
             self.leave(t)
         return out
 
+    def _fast_path(self, tr: PackedTrial) -> str:
+        """metrics.json's ``fast_path`` of a packed trial: the pack, and its steps replayed as a CUDA graph."""
+        packed = f"packed: {len(self.trials)} trials on one base when it left"
+        if self.device.type != "cuda" or tr.cfg.cuda_graphs is False:
+            return packed
+        return f"{packed}; {tr.replayed} of {tr.step - tr.resumed_from} steps replayed as a CUDA graph"
+
     def leave(self, t: int) -> None:
         if self.trials.pop(t, None) is None:
             return
+        for key in [key for key in self.graphs if t in key[0]]:  # its weights are about to go
+            del self.graphs[key]
         if self.optim is not None:
             self.optim.remove(t)
         for layer in self.layers.values():  # its adapter's memory goes back to the pack

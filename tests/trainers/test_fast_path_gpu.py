@@ -244,3 +244,34 @@ def test_static_int8_matmul_replays_with_outliers_in_other_columns():
         ref.backward(grad)
         torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_steps_replay_as_the_eager_packed_steps(tiny_smollm_dir, unified_data, tmp_path, bits):
+    """Two QLoRA trials (ranks, alphas, learning rates and seeds of their own) packed on one base: with
+    the pack's forward and backward replayed as a CUDA graph they follow the loss curves and end with
+    the eval losses of the same pack stepped eagerly (cuda_graphs: false)."""
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import train_packed
+
+    train, test = unified_data
+    common = [f"model={tiny_smollm_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+              "batch_size=2", "max_steps=8", "logging_steps=1", "report_every_steps=0", "interim_eval_examples=0",
+              "eval.num_examples=2", "eval.max_new_tokens=4", "eval.loss_examples=8", "qlora.dropout=0.0",
+              f"qlora.bits={bits}"]  # fmt: skip
+    variants = [["seed=1", "learning_rate=3e-3", "qlora.r=8", "qlora.alpha=16"],
+                ["seed=7", "learning_rate=1e-3", "qlora.r=4", "qlora.alpha=32"]]
+    runs = {}
+    for graphs in ("true", "false"):
+        cfgs = [load_config(TrialConfig, None, common + v + [f"cuda_graphs={graphs}", f"output_dir={tmp_path / graphs / str(i)}"])
+                for i, v in enumerate(variants)]  # fmt: skip
+        runs[graphs] = train_packed(cfgs, torch.device("cuda"))
+    for fast, plain in zip(runs["true"], runs["false"]):
+        # the first step warms up, the second is captured and replayed, the rest replay
+        assert fast["fast_path"].endswith("; 7 of 8 steps replayed as a CUDA graph"), fast["fast_path"]
+        assert plain["fast_path"] == "packed: 2 trials on one base when it left"
+        ours = [loss for _, loss in fast["train_loss_curve"]]
+        theirs = [loss for _, loss in plain["train_loss_curve"]]
+        assert ours == pytest.approx(theirs, rel=2e-2)
+        assert fast["eval_loss"] == pytest.approx(plain["eval_loss"], rel=2e-2)
