@@ -54,9 +54,12 @@ class GraphedStep:
     trainable parameters are those that require a gradient when it is built."""
 
     def __init__(self, model: torch.nn.Module, *, autocast_bf16: bool, warmup_steps: int = 1,
-                 loss_fn: Callable[[dict], torch.Tensor] | None = None):  # fmt: skip
+                 loss_fn: Callable[[dict], torch.Tensor] | None = None,
+                 side_stream: torch.cuda.Stream | None = None):  # fmt: skip
         """``loss_fn(inputs)``: the loss to take the gradient of (its sum, when it has several values,
-        as a pack's per-trial losses); the model's own ``.loss`` by default."""
+        as a pack's per-trial losses); the model's own ``.loss`` by default. ``side_stream``: the stream
+        to warm up and capture on, for steps that share one (each stream that runs matrix products
+        holds a cuBLAS workspace of its own); a new one by default."""
         self.model = model
         self.loss_fn = loss_fn or (lambda inputs: self.model(**inputs).loss)
         self.autocast_bf16 = autocast_bf16
@@ -70,7 +73,7 @@ class GraphedStep:
         self._loss: torch.Tensor | None = None
         self._grads: list[torch.Tensor | None] = []
         self.replays = 0
-        self._side: torch.cuda.Stream | None = None
+        self._side = side_stream
 
     def _forward_backward(self, inputs: dict) -> torch.Tensor:
         # autocast's weight-cast cache cannot live across graph replays

@@ -164,6 +164,8 @@ class Pack:
         self._measured_with = 0
         self.peak_bytes = 0
         """The highest step peak so far (what a trial reports as its training peak)."""
+        self._side: torch.cuda.Stream | None = None
+        """The stream every graph of the pack warms up and captures on."""
         self.graphs: dict[tuple, Any] = {}
         """(trials, row bounds) -> the GraphedStep of their forward and backward (on CUDA, unless the
         trials say cuda_graphs: false), most recently used last."""
@@ -321,8 +323,11 @@ class Pack:
         if step is None:
             while len(self.graphs) >= GRAPHS_KEPT:
                 self.graphs.pop(next(iter(self.graphs)))  # the least recently used
+            if self._side is None:
+                self._side = torch.cuda.Stream(device=self.device)
             losses = self.optim.losses
-            step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: losses(self.base, batch, bounds))
+            step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: losses(self.base, batch, bounds),
+                               side_stream=self._side)  # fmt: skip
         self.graphs[key] = step
         return step(joined)
 
