@@ -50,21 +50,21 @@ def prepare_for_graphs(model: torch.nn.Module) -> str | None:
 
 
 class GraphedStep:
-    """Call with a micro-batch (tensors on the GPU): runs forward + backward, returns the loss. The
-    trainable parameters are those that require a gradient when it is built."""
+    """Call with a micro-batch (tensors on the GPU): runs forward + backward, returns the loss."""
 
     def __init__(self, model: torch.nn.Module, *, autocast_bf16: bool, warmup_steps: int = 1,
                  loss_fn: Callable[[dict], torch.Tensor] | None = None,
-                 side_stream: torch.cuda.Stream | None = None):  # fmt: skip
+                 side_stream: torch.cuda.Stream | None = None, params: list[torch.nn.Parameter] | None = None):  # fmt: skip
         """``loss_fn(inputs)``: the loss to take the gradient of (its sum, when it has several values,
         as a pack's per-trial losses); the model's own ``.loss`` by default. ``side_stream``: the stream
         to warm up and capture on, for steps that share one (each stream that runs matrix products
-        holds a cuBLAS workspace of its own); a new one by default."""
+        holds a cuBLAS workspace of its own); a new one by default. ``params``: the weights the step
+        trains (their gradients are the graph's); those that require a gradient by default."""
         self.model = model
         self.loss_fn = loss_fn or (lambda inputs: self.model(**inputs).loss)
         self.autocast_bf16 = autocast_bf16
         self.warmup_steps = warmup_steps
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed: str | None = None
         self._key = None

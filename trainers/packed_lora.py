@@ -165,7 +165,10 @@ def _scaling_tensor(scalings: tuple[float, ...], device: torch.device) -> torch.
     every step would make the host wait for it."""
     key = (str(device), scalings)
     if key not in _SCALINGS:
-        _SCALINGS[key] = torch.tensor(scalings, device=device).view(-1, 1, 1)
+        # a plain tensor even when first asked for while decoding under inference_mode: training steps
+        # save it for backward, which an inference tensor cannot be
+        with torch.inference_mode(False):
+            _SCALINGS[key] = torch.tensor(scalings, device=device).view(-1, 1, 1)
     return _SCALINGS[key]
 
 

@@ -166,6 +166,8 @@ class Pack:
         """The highest step peak so far (what a trial reports as its training peak)."""
         self._side: torch.cuda.Stream | None = None
         """The stream every graph of the pack warms up and captures on."""
+        self.graph_blocker: str | None = None
+        """Why the base's steps cannot be captured (prepare_for_graphs), or None."""
         self.graphs: dict[tuple, Any] = {}
         """(trials, row bounds) -> the GraphedStep of their forward and backward (on CUDA, unless the
         trials say cuda_graphs: false), most recently used last."""
@@ -185,7 +187,9 @@ class Pack:
         measured share, within memory_fraction of the GPU."""
         if self.memory is None or not self.trial_bytes:
             return None
-        fit = int((self.memory_fraction * self.memory.total() - 2 * self.base_bytes) // self.trial_bytes)
+        # each graph a pack keeps holds its step's activations in a pool of its own
+        per_trial = self.trial_bytes * (GRAPHS_KEPT if self.uses_graphs() else 1)
+        fit = int((self.memory_fraction * self.memory.total() - 2 * self.base_bytes) // per_trial)
         return min(fit, self.max_trials) if self.max_trials else fit
 
     def join(self, cfg: TrialConfig, until: int | None = None, state: bytes | None = None) -> int:
@@ -214,7 +218,7 @@ class Pack:
             if self.device.type == "cuda":  # LLM.int8 layers: the same matmul without a host wait in each
                 from duetto.trainers.graph_step import prepare_for_graphs
 
-                prepare_for_graphs(self.base)
+                self.graph_blocker = prepare_for_graphs(self.base)
             self.layers = pack_lora(self.base, cfg.qlora.target_modules, [])
             self.optim = PackedTrials(self.layers)
         del built
@@ -290,7 +294,7 @@ class Pack:
         self.base.train()
         if self.memory is not None:
             self.memory.reset_peak()
-        graphed = self.device.type == "cuda" and self.trials[live[0]].cfg.cuda_graphs is not False
+        graphed = self.uses_graphs()
         replays = sum(g.replays for g in self.graphs.values())
         t0 = time.perf_counter()
         # its read of the losses waits for the GPU: the step is done
@@ -300,7 +304,9 @@ class Pack:
         if self.memory is not None:
             peak = self.memory.peak()
             self.peak_bytes = max(self.peak_bytes, peak)
-            if len(live) >= self._measured_with:  # the most trials: the overheads shared by all weigh least
+            # the most trials: the overheads shared by all weigh least; a replay's activations live in
+            # its graph's pool, which max_memory_allocated does not see, so eager steps measure
+            if not replayed and len(live) >= self._measured_with:
                 self._measured_with = len(live)
                 self.trial_bytes = max(1, (peak - self.base_bytes) // len(live))
         for t, loss in losses.items():
@@ -327,7 +333,7 @@ class Pack:
                 self._side = torch.cuda.Stream(device=self.device)
             losses = self.optim.losses
             step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: losses(self.base, batch, bounds),
-                               side_stream=self._side)  # fmt: skip
+                               side_stream=self._side, params=[p for t in trials for p in self.optim.params[t]])  # fmt: skip
         self.graphs[key] = step
         return step(joined)
 
@@ -446,11 +452,18 @@ class Pack:
             self.leave(t)
         return out
 
+    def uses_graphs(self) -> bool:
+        """The pack's forward and backward replay as CUDA graphs: on CUDA, unless its trials say
+        cuda_graphs: false or its base cannot be captured (graph_blocker)."""
+        first = next(iter(self.trials.values()), None)
+        return (self.device.type == "cuda" and self.graph_blocker is None
+                and (first is None or first.cfg.cuda_graphs is not False))  # fmt: skip
+
     def _fast_path(self, tr: PackedTrial) -> str:
         """metrics.json's ``fast_path`` of a packed trial: the pack, and its steps replayed as a CUDA graph."""
         packed = f"packed: {len(self.trials)} trials on one base when it left"
-        if self.device.type != "cuda" or tr.cfg.cuda_graphs is False:
-            return packed
+        if not self.uses_graphs():
+            return packed if self.graph_blocker is None else f"{packed}; eager steps ({self.graph_blocker})"
         return f"{packed}; {tr.replayed} of {tr.step - tr.resumed_from} steps replayed as a CUDA graph"
 
     def leave(self, t: int) -> None:

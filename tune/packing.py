@@ -83,10 +83,7 @@ class PackActor:
         with self.cond:
             if key in self.keys:  # the trial's earlier attempt (Tune restarted it): gone, its slot freed
                 old = self.keys.pop(key)
-                self.pack.leave(old)
-                self.errors.pop(old, None)
-                self.reports.pop(old, None)
-                self.finished.pop(old, None)
+                self._drop(old)
                 self.cond.notify_all()  # its advance, if one still waits, returns
             while not self.pack.has_room():  # woken by each step and each leave
                 self.cond.wait()
@@ -124,6 +121,12 @@ class PackActor:
                 return self.reports.pop(t)
             return {"step": tr.step}
 
+    def _drop(self, t: int) -> None:
+        """Trial t leaves the pack, with whatever was kept for its client."""
+        self.pack.leave(t)
+        for kept in (self.errors, self.reports, self.finished):
+            kept.pop(t, None)
+
     def _with_others(self, t: int, due: Callable[[int], bool], make: Callable[[list[int]], dict]) -> dict:
         """``make`` for trial t and every other attached trial that ``due`` says waits too (their
         answers decode together); if that fails, for t alone: t fails only for its own part."""
@@ -146,10 +149,15 @@ class PackActor:
         its last step: their answers decode together, and wait here until their clients ask."""
         with self.cond:
             t = self.keys.pop(key)
-            if t not in self.finished:
-                self.finished.update(self._with_others(t, self._finish_due, self.pack.finish_all))
-            self.cond.notify_all()  # slots are free
-            return self.finished.pop(t)
+            try:
+                if t not in self.finished:
+                    self.finished.update(self._with_others(t, self._finish_due, self.pack.finish_all))
+                return self.finished.pop(t)
+            except BaseException:  # its slot and adapter go back to the pack all the same
+                self._drop(t)
+                raise
+            finally:
+                self.cond.notify_all()  # slots are free
 
     def _finish_due(self, t: int) -> bool:
         """Whether trial t has taken its last step and waits to be finished."""
@@ -160,10 +168,7 @@ class PackActor:
         with self.cond:
             t = self.keys.pop(key, None)
             if t is not None:
-                self.pack.leave(t)
-                self.errors.pop(t, None)
-                self.reports.pop(t, None)
-                self.finished.pop(t, None)
+                self._drop(t)
             self.cond.notify_all()
 
     def attached(self) -> list[str]:

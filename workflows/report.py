@@ -370,7 +370,7 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
         for count in sorted(set(e.compare_k) - {e.k}):  # each count's own sampling and scoring time, on one batch
             fewer = replace(cfg, ensemble=replace(e, k=count))
             timed[count] = _decode(None, rows[: cfg.batch_size], fewer, generator=q_lm, reranker=g_lm, ensemble=True,
-                                   selection=chosen)[2][0].get("step_ms") or {}  # fmt: skip
+                                   selection=chosen, greedy_candidate=greedy)[2][0].get("step_ms") or {}  # fmt: skip
         params = {"weight": chosen["weight"], "weights": chosen["weights"] or None}
         counts = count_table(records, mode=chosen["mode"], params=params, counts=e.compare_k,
                              best_single=(better, systems[better]["texts"]), per_request_ms=timed, n_resamples=n,

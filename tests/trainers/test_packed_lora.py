@@ -195,6 +195,33 @@ def test_a_pack_admits_trials_by_the_memory_its_steps_measured(tmp_path, tiny_ge
     assert not counted.has_room() and counted.capacity() is None
 
 
+def test_a_pack_on_cuda_graphs_counts_each_kept_graph_against_memory(monkeypatch):
+    """Each graph a pack keeps (GRAPHS_KEPT) holds a step's activations: its capacity divides the
+    budget by that many times a trial's measured share, unless the trials turn graphs off."""
+    from duetto.trainers.packed_run import GRAPHS_KEPT, Pack
+
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: None)
+    meter = _FakeGpuMemory()
+    pack = Pack(torch.device("cuda"), memory_fraction=0.9, memory=meter)  # never steps: no GPU needed
+    pack.base_bytes, pack.trial_bytes = 1_000, 100
+    assert pack.uses_graphs() and pack.capacity() == (9_000 - 2_000) // (100 * GRAPHS_KEPT)
+    pack.graph_blocker = "LLM.int8 layers: ..."
+    assert not pack.uses_graphs() and pack.capacity() == 70
+
+
+def test_scaling_tensors_made_while_decoding_can_train():
+    """A rank group's scalings first asked for under inference_mode (the packed trials' reports decode
+    there) become a plain tensor: a later training step saves it for backward."""
+    from duetto.trainers.packed_lora import _scaling_tensor
+
+    with torch.inference_mode():
+        s = _scaling_tensor((0.125, 8.5), torch.device("cpu"))
+    assert not s.is_inference()
+    w = torch.ones(2, 1, 1, requires_grad=True)
+    (w * s).sum().backward()
+    assert w.grad.flatten().tolist() == [0.125, 8.5]
+
+
 def test_a_packed_trial_saved_midway_goes_on_as_if_it_never_stopped(tmp_path, tiny_gemma_dir, unified_data):
     """Pack.state at step 3, a new pack joined from it: the last steps' losses, the eval loss and the
     adapter are those of the trial trained 6 steps without a stop (its AdamW, schedule, data order)."""
