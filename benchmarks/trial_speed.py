@@ -12,7 +12,8 @@ settings (batch 2, seq 128, GaLore rank 128 / gap 200 / scale 0.25, QLoRA r 4 / 
 
 Each run (ours, the wall-time run, the anchor) is a Python process of its own, so its peak memory is
 its own and the anchor runs with PyTorch's defaults. Both count non-padding trained tokens over the
-summed step times (CUDA events), and peak memory as the largest `max_memory_allocated` of a step. Prints a table; writes --out as JSON.
+summed step times (CUDA events), and peak memory as the largest `max_memory_allocated` of a step.
+Prints a table; writes --out as JSON.
 
     python benchmarks/trial_speed.py --data DIR --model smollm2=DIR [--model gemma3-1b=DIR] \
         --steps 200 --wall-steps 300 --out benchmarks/results/trial_speed_h200.json

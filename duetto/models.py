@@ -24,10 +24,10 @@ def use_attention_kernels_without_plans(device) -> bool:
     (a new length each step) and over a second across a trial's first steps, where the memory-efficient
     and flash kernels need no plan and ran as fast or faster once warm
     (benchmarks/results/sdpa_backends_h100.json)."""
-    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
-        return False
     import torch
 
+    if torch.device(device).type != "cuda":
+        return False
     torch.backends.cuda.enable_cudnn_sdp(False)
     return True
 

@@ -168,6 +168,8 @@ class Pack:
         """The stream every graph of the pack warms up and captures on."""
         self.graph_blocker: str | None = None
         """Why the base's steps cannot be captured (prepare_for_graphs), or None."""
+        self._replayed = False
+        """Whether the last step's forward and backward were a graph replay."""
         self.graphs: dict[tuple, Any] = {}
         """(trials, row bounds) -> the GraphedStep of their forward and backward (on CUDA, unless the
         trials say cuda_graphs: false), most recently used last."""
@@ -294,13 +296,12 @@ class Pack:
         self.base.train()
         if self.memory is not None:
             self.memory.reset_peak()
-        graphed = self.uses_graphs()
-        replays = sum(g.replays for g in self.graphs.values())
+        self._replayed = False
         t0 = time.perf_counter()
         # its read of the losses waits for the GPU: the step is done
-        losses = self.optim.step(self.base, batches, self._graphed if graphed else None)
+        losses = self.optim.step(self.base, batches, self._graphed if self.uses_graphs() else None)
         seconds = time.perf_counter() - t0
-        replayed = sum(g.replays for g in self.graphs.values()) > replays
+        replayed = self._replayed
         if self.memory is not None:
             peak = self.memory.peak()
             self.peak_bytes = max(self.peak_bytes, peak)
@@ -335,7 +336,10 @@ class Pack:
             step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: losses(self.base, batch, bounds),
                                side_stream=self._side, params=[p for t in trials for p in self.optim.params[t]])  # fmt: skip
         self.graphs[key] = step
-        return step(joined)
+        replays = step.replays
+        losses = step(joined)
+        self._replayed = step.replays > replays  # read by step(): the trials' replayed steps
+        return losses
 
     def eval_loss(self, t: int) -> float:
         """Trial t's eval_loss now, as the HF Trainer's evaluate computes it, with only its adapter."""

@@ -162,7 +162,7 @@ class PackActor:
     def _finish_due(self, t: int) -> bool:
         """Whether trial t has taken its last step and waits to be finished."""
         tr = self.pack.trials.get(t)
-        return tr is not None and tr.step >= tr.total and t not in self.errors and t not in self.finished
+        return tr is not None and tr.step >= tr.total and t not in self.errors  # finished ones have left
 
     def leave(self, key: str) -> None:
         with self.cond:

@@ -362,15 +362,12 @@ def build_report(cfg: ReportConfig, command: str = "") -> dict[str, Any]:
                               n_resamples=n, seed=cfg.seed)  # fmt: skip
     counts = None
     if e.compare_k and rows:
-        from dataclasses import replace
-
         from duetto.workflows.selection_report import count_table
 
         timed = {e.k: systems[ens_name]["info"][0].get("step_ms") or {}}
         for count in sorted(set(e.compare_k) - {e.k}):  # each count's own sampling and scoring time, on one batch
-            fewer = replace(cfg, ensemble=replace(e, k=count))
-            timed[count] = _decode(None, rows[: cfg.batch_size], fewer, generator=q_lm, reranker=g_lm, ensemble=True,
-                                   selection=chosen, greedy_candidate=greedy)[2][0].get("step_ms") or {}  # fmt: skip
+            timed[count] = _decode(None, rows[: cfg.batch_size], cfg, generator=q_lm, reranker=g_lm, ensemble=True,
+                                   selection=chosen, k=count, greedy_candidate=greedy)[2][0].get("step_ms") or {}  # fmt: skip
         params = {"weight": chosen["weight"], "weights": chosen["weights"] or None}
         counts = count_table(records, mode=chosen["mode"], params=params, counts=e.compare_k,
                              best_single=(better, systems[better]["texts"]), per_request_ms=timed, n_resamples=n,

@@ -93,11 +93,10 @@ def greedy_pools(rows: Sequence[dict], k: int) -> dict[bool, list[dict]]:
     as each setting of ``greedy_candidate`` would decode them with k: False keeps the k samples, True the
     greedy answer and the first k - 1 samples (samples are exchangeable: the first k - 1 of k are k - 1
     samples). Consensus is recomputed within each pool."""
-    drop = ("consensus",)
     pools: dict[bool, list[dict]] = {}
     for greedy in (False, True):
         pick = slice(0, k) if greedy else slice(1, k + 1)
-        pools[greedy] = [{**r, "ensemble_candidates": [{key: v for key, v in c.items() if key not in drop}
+        pools[greedy] = [{**r, "ensemble_candidates": [{key: v for key, v in c.items() if key != "consensus"}
                                                         for c in r["ensemble_candidates"][pick]]}
                          for r in rows]  # fmt: skip
     return pools
