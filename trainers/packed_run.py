@@ -332,8 +332,8 @@ class Pack:
                 self.graphs.pop(next(iter(self.graphs)))  # the least recently used
             if self._side is None:
                 self._side = torch.cuda.Stream(device=self.device)
-            losses = self.optim.losses
-            step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: losses(self.base, batch, bounds),
+            pack_losses = self.optim.losses
+            step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: pack_losses(self.base, batch, bounds),
                                side_stream=self._side, params=[p for t in trials for p in self.optim.params[t]])  # fmt: skip
         self.graphs[key] = step
         replays = step.replays
