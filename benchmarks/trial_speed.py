@@ -172,6 +172,9 @@ def main() -> None:
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of an existing --out measured on the same GPU, replacing those of the same "
                          "model and method (one row set per call where a call's time is limited)")
+    ap.add_argument("--parts", default="ours,wall,anchor",
+                    help="which runs to make; with --append a row's other fields stay as measured before")
+    ap.add_argument("--code", default="", help="a label of the code measured (e.g. a commit), kept per part")
     ap.add_argument("--part", choices=("ours", "wall", "anchor"), help=argparse.SUPPRESS)
     ap.add_argument("--part-method", help=argparse.SUPPRESS)
     ap.add_argument("--part-model", help=argparse.SUPPRESS)
@@ -192,31 +195,45 @@ def main() -> None:
                              "ratios hold across machines, rows of one table should not mix them")  # fmt: skip
         wanted = {(spec.split("=", 1)[0], m) for spec in args.model for m in args.methods.split(",")}
         rows.extend(r for r in earlier["rows"] if (r["model"], r["method"]) not in wanted)
+        before = {(r["model"], r["method"]): r for r in earlier["rows"] if (r["model"], r["method"]) in wanted}
+    else:
+        before = {}
+    parts = set(args.parts.split(","))
+    if args.skip_anchor:
+        parts.discard("anchor")
     result = {"rows": rows, "machine": machine, "date": datetime.date.today().isoformat(),
               "settings": {"steps": args.steps, "wall_steps": args.wall_steps, "log_every": LOG_EVERY,
                            "eval_rows": EVAL_ROWS, "extra": args.extra}}  # fmt: skip
     for spec in args.model:
         name, path = spec.split("=", 1)
         for method in args.methods.split(","):
-            row = {"model": name, "method": method, "variant": "duetto train (fast path) vs HF Trainer"}
+            # a part not run now keeps its fields from the earlier row (--append)
+            row = {k: v for k, v in before.get((name, method), {}).items() if k not in ("error", "traceback")}
+            row.update(model=name, method=method, variant="duetto train (fast path) vs HF Trainer")
             try:
-                m = in_own_process("ours", method, path, args)
-                curve = m.get("train_loss_curve", [])
-                row.update(tokens_per_s=m["tokens_per_second"], peak_memory_bytes=m["peak_memory_bytes"],
-                           train_loss_mean_200=mean_loss(curve, 200), eval_loss=m["eval_loss"],
-                           fast_path=m.get("fast_path"))  # fmt: skip
-                wall = in_own_process("wall", method, path, args)
-                row.update(train_seconds=wall["train_seconds"], wall_seconds=wall["wall_seconds"],
-                           command_wall_seconds=wall["command_wall_seconds"], wall_steps=args.wall_steps,
-                           wall_tokens_per_s=wall["tokens_per_second"])  # fmt: skip
-                if not args.skip_anchor:
+                if "ours" in parts:
+                    m = in_own_process("ours", method, path, args)
+                    row.update(tokens_per_s=m["tokens_per_second"], peak_memory_bytes=m["peak_memory_bytes"],
+                               train_loss_mean_200=mean_loss(m.get("train_loss_curve", []), 200),
+                               eval_loss=m["eval_loss"], fast_path=m.get("fast_path"),
+                               train_loss_curve=m.get("train_loss_curve", []))  # fmt: skip
+                if "wall" in parts:
+                    wall = in_own_process("wall", method, path, args)
+                    row.update(train_seconds=wall["train_seconds"], wall_seconds=wall["wall_seconds"],
+                               command_wall_seconds=wall["command_wall_seconds"], wall_steps=args.wall_steps,
+                               wall_tokens_per_s=wall["tokens_per_second"],
+                               wall_phase_seconds=wall.get("phase_seconds"))  # fmt: skip
+                if "anchor" in parts:
                     a = in_own_process("anchor", method, path, args)
                     row.update(anchor_tokens_per_s=a["tokens_per_s"], anchor_peak_memory_bytes=a["peak_memory_bytes"],
                                anchor_train_loss_mean_200=mean_loss(a["train_loss_curve"], 200),
                                anchor_eval_loss=a["eval_loss"], anchor_train_seconds=a["train_seconds"],
-                               train_loss_curve=curve, anchor_train_loss_curve=a["train_loss_curve"])  # fmt: skip
+                               anchor_train_loss_curve=a["train_loss_curve"])  # fmt: skip
+                if row.get("tokens_per_s") and row.get("anchor_tokens_per_s"):
                     row["ratio"] = row["tokens_per_s"] / row["anchor_tokens_per_s"]
                     row["memory_ratio"] = row["peak_memory_bytes"] / row["anchor_peak_memory_bytes"]
+                if args.code:
+                    row.update({f"code_{p}": args.code for p in parts})
             except Exception as e:  # one failing row must not hide the others
                 import traceback
 
@@ -235,7 +252,7 @@ def main() -> None:
             continue
         g = lambda k, f: format(r[k], f) if isinstance(r.get(k), (int, float)) else "-"  # noqa: E731
         print(f"{r['model']:10} {r['method']:11} {g('tokens_per_s', '8.0f')} {g('anchor_tokens_per_s', '8.0f')} "
-              f"{g('ratio', '6.1f')} {r['peak_memory_bytes'] / 2**30:8.2f} "
+              f"{g('ratio', '6.1f')} {(r.get('peak_memory_bytes') or 0) / 2**30:8.2f} "
               f"{(r.get('anchor_peak_memory_bytes') or 0) / 2**30:7.2f} {g('train_loss_mean_200', '8.4f')} "
               f"{g('anchor_train_loss_mean_200', '8.4f')} {g('eval_loss', '7.4f')} {g('anchor_eval_loss', '7.4f')} "
               f"{g('train_seconds', '8.1f')} {g('wall_seconds', '7.1f')}")  # fmt: skip

@@ -32,6 +32,34 @@ def use_attention_kernels_without_plans(device) -> bool:
     return True
 
 
+def dequantize_bnb(model, dtype):
+    """Replace every bitsandbytes 4/8-bit Linear of ``model`` with a plain ``nn.Linear`` holding its
+    dequantized weight (PEFT's ``dequantize_bnb_weight``, the step PEFT's own merge uses), so an adapter
+    merged afterwards adds to exactly the weights it was trained against. On a PEFT model the LoRA
+    wrappers stay and compute on the plain base layers; the adapter itself is untouched."""
+    import torch
+    from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and get_bnb_param_type(m.weight)]
+    for name in names:  # by name, so each quantized module is freed once replaced
+        module = model.get_submodule(name)
+        weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
+        plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device=weight.device, dtype=dtype)  # fmt: skip
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if module.bias is not None:
+                plain.bias.copy_(module.bias.to(dtype))
+        plain.requires_grad_(False)
+        model.set_submodule(name, plain)
+    # no longer quantized: generate may compile it, save_pretrained writes plain weights
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf_quantizer = getattr(hf_model, "hf_quantizer", None)
+    if hf_quantizer is not None:
+        hf_quantizer.remove_quantization_config(hf_model)
+    return model
+
+
 def resolve_model(spec: str) -> str:
     """Model spec -> something ``from_pretrained`` loads.
 

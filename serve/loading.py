@@ -205,31 +205,6 @@ def merge_adapter(setting: str, device: str, bits: int | None, weight_bytes: int
     return weight_bytes <= MERGE_MEMORY_SHARE * free
 
 
-def dequantize_bnb(model: Any, dtype: Any) -> Any:
-    """Replace every bitsandbytes 4/8-bit Linear of ``model`` with a plain ``nn.Linear`` holding its
-    dequantized weight (PEFT's ``dequantize_bnb_weight``, the step PEFT's own merge uses), so an adapter
-    merged afterwards adds to exactly the weights it was trained against."""
-    import torch
-    from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
-
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and get_bnb_param_type(m.weight)]
-    for name in names:  # by name, so each quantized module is freed once replaced
-        module = model.get_submodule(name)
-        weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
-        plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                device=weight.device, dtype=dtype)  # fmt: skip
-        with torch.no_grad():
-            plain.weight.copy_(weight)
-            if module.bias is not None:
-                plain.bias.copy_(module.bias.to(dtype))
-        model.set_submodule(name, plain)
-    # no longer quantized: generate may compile it, save_pretrained writes plain weights
-    hf_quantizer = getattr(model, "hf_quantizer", None)
-    if hf_quantizer is not None:
-        hf_quantizer.remove_quantization_config(model)
-    return model
-
-
 def load_for_inference(
     spec: SavedModel, device: str = "cpu", dtype: str = "auto", quantize: str = "auto", tokenizer: Any = None,
     allow_pickle: bool = False, adapter: str = "auto",
@@ -240,7 +215,7 @@ def load_for_inference(
     only unless ``allow_pickle`` (see require_safe_weights)."""
     from transformers import AutoModelForCausalLM
 
-    from duetto.models import load_tokenizer, use_attention_kernels_without_plans
+    from duetto.models import dequantize_bnb, load_tokenizer, use_attention_kernels_without_plans
     from duetto.tokens import ensure_pad_token
 
     require_safe_weights(spec, allow_pickle)

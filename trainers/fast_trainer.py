@@ -77,6 +77,15 @@ def fast_trainer_cls():
             # parameters that can hold a gradient are known.
             self.model.zero_grad = _zero_grad_of(self._trainable)
 
+        #: Set by a trial in Ray Train's local mode, which saves its model right after the last step and
+        #: then deletes hf_checkpoints: a checkpoint of that step would be written only to be removed.
+        skip_final_checkpoint = False
+
+        def _save_checkpoint(self, model, trial):
+            if self.skip_final_checkpoint and self.state.global_step >= self.state.max_steps > 0:
+                return  # the Trainer still calls on_save: the step's interim report goes out
+            return super()._save_checkpoint(model, trial)
+
         def floating_point_ops(self, inputs) -> int:
             """The Trainer's count (6 x tokens x non-embedding parameters), the parameters counted once."""
             key = getattr(self.model, "main_input_name", "input_ids")

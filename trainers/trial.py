@@ -87,6 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
     if world == 1:
         _leave_single_process_group()
     trainer, callback = _build_trainer(cfg, run, rank)
+    setup_seconds = time.perf_counter() - started
     train_loss, train_wall = float("nan"), 0.0
     if cfg.max_steps != 0:  # max_steps=0 trains nothing (the baseline)
         t0 = time.perf_counter()
@@ -94,9 +95,14 @@ def train_loop_per_worker(config: dict) -> None:
         train_wall = time.perf_counter() - t0
     # GPU: the training steps' own peak; CPU: the process's peak RSS so far (before generation)
     train_peak = callback.train_peak if run.on_gpu and callback.train_peak else peak_memory_bytes(device)
+    t0 = time.perf_counter()
     eval_loss = final_eval_loss(trainer)  # on all ranks; generation on rank 0 alone
+    eval_seconds = time.perf_counter() - t0
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if rank == 0 and run.on_gpu and cfg.method == "qlora":
+        decode_on_dequantized_base(model)
     gen_metrics, predictions = generation_metrics(model, run.tokenizer, run.gen_rows, cfg) if rank == 0 else ({}, [])
+    generation_seconds = time.perf_counter() - t0 - eval_seconds
     metrics: dict[str, Any] = {
         "method": cfg.method,
         "train_loss": train_loss,
@@ -110,6 +116,10 @@ def train_loop_per_worker(config: dict) -> None:
         "train_seconds": callback.step_seconds,
         "train_wall_seconds": train_wall,  # trainer.train() end to end: evaluations and checkpoints too
         "wall_seconds": time.perf_counter() - started,
+        # where the wall time beside the steps goes: data, model load and trainer build; the final
+        # eval loss (0 when the Trainer's last-step evaluation is reused); the BLEU/ROUGE decoding
+        "phase_seconds": {"setup": setup_seconds, "train": train_wall, "eval_loss": eval_seconds,
+                          "generation": generation_seconds},  # fmt: skip
         "trainable_params": run.built.trainable_params,
         "total_params": run.built.total_params,
         "num_train_examples": len(run.train_ds),
@@ -125,6 +135,16 @@ def train_loop_per_worker(config: dict) -> None:
         "done": True,
     }
     _save_and_report(cfg, trainer, run, metrics, predictions, rank)
+
+
+def decode_on_dequantized_base(model) -> None:
+    """Training is over: the QLoRA base's 4/8-bit layers become plain layers holding their dequantized
+    weights (duetto.models.dequantize_bnb, what `duetto serve` and `duetto report` decode on by
+    default), in the dtype the layers receive, so the final BLEU/ROUGE decoding runs plain matmuls
+    instead of bitsandbytes' per-layer dequantization. The adapter, and what saving writes, are unchanged."""
+    from duetto.models import dequantize_bnb
+
+    dequantize_bnb(model, model.get_input_embeddings().weight.dtype)
 
 
 def final_eval_loss(trainer) -> float:
@@ -302,6 +322,7 @@ def _build_trainer(cfg: TrialConfig, run: TrialSetup, rank: int):
     if fast:
         layerwise = cfg.galore.layerwise if cfg.method == "galore" else None
         trainer = fast_trainer_cls()(galore_layerwise=layerwise, **kwargs)
+        trainer.skip_final_checkpoint = cfg.scaling.workers() == 0
     else:
         trainer = Trainer(**kwargs)
     trainer.remove_callback(PrinterCallback)  # its raw log dicts: the callback prints one line per log instead

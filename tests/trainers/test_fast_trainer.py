@@ -93,3 +93,32 @@ def test_first_fast_step_puts_every_module_in_training_mode(tiny_smollm_dir, tmp
     x = torch.randint(3, base.config.vocab_size, (1, 8))
     trainer.training_step(model, {"input_ids": x, "labels": x})
     assert seen == [True]
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_local_trial_writes_no_checkpoint_of_its_last_step(tiny_smollm_dir, tmp_path, skip):
+    """The last step's checkpoint is skipped (the trial saves its model next and deletes the folder);
+    the earlier ones are written, and on_save still fires at the last step for its interim report."""
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+
+    from duetto.trainers.fast_trainer import fast_trainer_cls
+
+    saves = []
+
+    class Saves(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            saves.append(state.global_step)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_smollm_dir, dtype=torch.float32)
+    x = torch.randint(3, model.config.vocab_size, (8, 16))
+    rows = [{"input_ids": r, "labels": r} for r in x]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=4,
+                             save_strategy="steps", save_steps=2, per_device_train_batch_size=2)  # fmt: skip
+    trainer = fast_trainer_cls()(model=model, args=args, train_dataset=rows, callbacks=[Saves()])
+    trainer.graphed = None  # CUDA graphs need a GPU: the Trainer's own step, the fast trainer's saving
+    trainer.skip_final_checkpoint = skip
+    trainer.train()
+    written = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert written == (["checkpoint-2"] if skip else ["checkpoint-2", "checkpoint-4"])
+    assert saves == [2, 4]

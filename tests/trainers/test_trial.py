@@ -279,6 +279,10 @@ def test_trained_tokens_and_seconds_count_training_steps_only(tmp_path, tiny_gem
     assert m["trained_tokens"] == 2 * per_epoch
     assert 0 < m["train_seconds"] < m["train_wall_seconds"]
     assert m["tokens_per_second"] == pytest.approx(m["trained_tokens"] / m["train_seconds"])
+    phases = m["phase_seconds"]
+    assert phases["train"] == m["train_wall_seconds"]
+    assert min(phases.values()) >= 0 and phases["setup"] > 0 and phases["generation"] > 0
+    assert sum(phases.values()) <= m["wall_seconds"]
 
 
 @pytest.mark.slow  # inductor compiles on CPU: ~75 s on 2 cores
@@ -409,3 +413,36 @@ def test_local_mode_reports_interim_metrics_without_copying_checkpoints(tmp_path
     interim = [(m, c) for m, c in reports if not m.get("done")]
     assert [m["step"] for m, _ in interim] == [6, 12] and all(c is None for _, c in interim)
     assert copies == []
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_final_decoding_on_the_dequantized_base_computes_what_the_quantized_one_does(tmp_path, tiny_gemma_dir,
+                                                                                     unified_data, bits):  # fmt: skip
+    """A QLoRA trial on a GPU decodes its BLEU/ROUGE answers after its 4/8-bit base layers became plain
+    layers of their dequantized weights: the logits stay within bitsandbytes' own rounding of the
+    quantized path, and the adapter (what the trial saves) is the same tensors."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from duetto.trainers.methods import get_method
+    from duetto.trainers.trial import decode_on_dequantized_base
+
+    cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=qlora", f"qlora.bits={bits}")
+    torch.manual_seed(0)
+    model = get_method("qlora").build(cfg, str(tiny_gemma_dir), torch.bfloat16, torch.device("cpu")).model
+    with torch.no_grad():  # a trained adapter: LoRA B starts at zero, which would hide a wrong base
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    adapter = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+        decode_on_dequantized_base(model)
+        got = model(input_ids=ids).logits.float()
+    assert not any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    # the int8 path also rounds activations to int8; the 4-bit one only its weights
+    assert (got - want).abs().max().item() < (0.05 if bits == 8 else 0.02) * want.abs().max().item()
+    after = get_peft_model_state_dict(model)
+    assert after.keys() == adapter.keys() and all(torch.equal(after[k], adapter[k]) for k in adapter)
