@@ -32,19 +32,40 @@ def use_attention_kernels_without_plans(device) -> bool:
     return True
 
 
-def dequantize_bnb(model, dtype):
+_DEQUANTIZED_LINEAR = None
+
+
+def _dequantized_linear_cls():
+    """``nn.Linear`` that computes in its weight's dtype whatever dtype comes in, and returns the input's
+    dtype, as bitsandbytes' layers do with their compute dtype (built once, on first use: torch loads late)."""
+    global _DEQUANTIZED_LINEAR
+    if _DEQUANTIZED_LINEAR is None:
+        import torch
+
+        class DequantizedLinear(torch.nn.Linear):
+            def forward(self, x):
+                return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+        _DEQUANTIZED_LINEAR = DequantizedLinear
+    return _DEQUANTIZED_LINEAR
+
+
+def dequantize_bnb(model, dtype, *, keep_io_dtype: bool = False):
     """Replace every bitsandbytes 4/8-bit Linear of ``model`` with a plain ``nn.Linear`` holding its
     dequantized weight (PEFT's ``dequantize_bnb_weight``, the step PEFT's own merge uses), so an adapter
     merged afterwards adds to exactly the weights it was trained against. On a PEFT model the LoRA
-    wrappers stay and compute on the plain base layers; the adapter itself is untouched."""
+    wrappers stay and compute on the plain base layers; the adapter itself is untouched.
+    ``keep_io_dtype``: each layer computes in ``dtype`` (the quantized layer's compute dtype) and returns
+    its input's dtype, as the quantized layer did, for models whose other weights PEFT upcast to fp32."""
     import torch
     from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 
+    linear = _dequantized_linear_cls() if keep_io_dtype else torch.nn.Linear
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and get_bnb_param_type(m.weight)]
     for name in names:  # by name, so each quantized module is freed once replaced
         module = model.get_submodule(name)
         weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
-        plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+        plain = linear(module.in_features, module.out_features, bias=module.bias is not None,
                                 device=weight.device, dtype=dtype)  # fmt: skip
         with torch.no_grad():
             plain.weight.copy_(weight)

@@ -100,7 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
     eval_seconds = time.perf_counter() - t0
     model = trainer.accelerator.unwrap_model(trainer.model)
     if rank == 0 and run.on_gpu and cfg.method == "qlora":
-        decode_on_dequantized_base(model)
+        decode_on_dequantized_base(model, resolve_dtype(cfg.precision, True)[0])
     gen_metrics, predictions = generation_metrics(model, run.tokenizer, run.gen_rows, cfg) if rank == 0 else ({}, [])
     generation_seconds = time.perf_counter() - t0 - eval_seconds
     metrics: dict[str, Any] = {
@@ -137,14 +137,15 @@ def train_loop_per_worker(config: dict) -> None:
     _save_and_report(cfg, trainer, run, metrics, predictions, rank)
 
 
-def decode_on_dequantized_base(model) -> None:
+def decode_on_dequantized_base(model, compute_dtype) -> None:
     """Training is over: the QLoRA base's 4/8-bit layers become plain layers holding their dequantized
     weights (duetto.models.dequantize_bnb, what `duetto serve` and `duetto report` decode on by
-    default), in the dtype the layers receive, so the final BLEU/ROUGE decoding runs plain matmuls
-    instead of bitsandbytes' per-layer dequantization. The adapter, and what saving writes, are unchanged."""
+    default), computing in the quantized layers' ``compute_dtype`` as they did, so the final BLEU/ROUGE
+    decoding runs plain matmuls instead of bitsandbytes' per-layer dequantization. The adapter, and
+    what saving writes, are unchanged."""
     from duetto.models import dequantize_bnb
 
-    dequantize_bnb(model, model.get_input_embeddings().weight.dtype)
+    dequantize_bnb(model, compute_dtype, keep_io_dtype=True)
 
 
 def final_eval_loss(trainer) -> float:
