@@ -199,8 +199,15 @@ def main() -> None:
     else:
         before = {}
     parts = set(args.parts.split(","))
+    if not parts <= {"ours", "wall", "anchor"}:
+        raise SystemExit(f"--parts: ours, wall and/or anchor, got {args.parts!r}")
     if args.skip_anchor:
         parts.discard("anchor")
+    if before and parts != {"ours", "wall", "anchor"}:
+        then = earlier["settings"]
+        if (then["steps"], then["wall_steps"], then.get("extra", [])) != (args.steps, args.wall_steps, args.extra):
+            raise SystemExit(f"--parts with --append: {args.out} was measured with steps {then['steps']}, "
+                             f"wall steps {then['wall_steps']}, extra {then.get('extra', [])}; a row must not mix them")  # fmt: skip
     result = {"rows": rows, "machine": machine, "date": datetime.date.today().isoformat(),
               "settings": {"steps": args.steps, "wall_steps": args.wall_steps, "log_every": LOG_EVERY,
                            "eval_rows": EVAL_ROWS, "extra": args.extra}}  # fmt: skip
@@ -208,7 +215,8 @@ def main() -> None:
         name, path = spec.split("=", 1)
         for method in args.methods.split(","):
             # a part not run now keeps its fields from the earlier row (--append)
-            row = {k: v for k, v in before.get((name, method), {}).items() if k not in ("error", "traceback")}
+            stale = {"error", "traceback", *(f"code_{p}" for p in parts)}
+            row = {k: v for k, v in before.get((name, method), {}).items() if k not in stale}
             row.update(model=name, method=method, variant="duetto train (fast path) vs HF Trainer")
             try:
                 if "ours" in parts:

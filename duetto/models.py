@@ -32,6 +32,30 @@ def use_attention_kernels_without_plans(device) -> bool:
     return True
 
 
+#: A quantized base is dequantized on a GPU only while its dequantized weights take at most this share
+#: of the free GPU memory (serve's adapter=auto, a QLoRA trial's final decoding).
+DEQUANTIZE_MEMORY_SHARE = 0.5
+
+
+def dequantized_fits(weight_bytes: int, device) -> bool:
+    """Whether ``weight_bytes`` of dequantized weights fit in DEQUANTIZE_MEMORY_SHARE of the free
+    memory of CUDA ``device``."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return weight_bytes <= DEQUANTIZE_MEMORY_SHARE * free
+
+
+def dequantized_bytes(model, dtype) -> int:
+    """What the bitsandbytes layers of ``model`` take once dequantized to ``dtype``."""
+    import torch
+    from peft.utils.integrations import get_bnb_param_type
+
+    n = sum(m.in_features * m.out_features for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and get_bnb_param_type(m.weight))  # fmt: skip
+    return n * dtype.itemsize
+
+
 _DEQUANTIZED_LINEAR = None
 
 

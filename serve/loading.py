@@ -182,14 +182,10 @@ def _model_name_to_path(name: str) -> str:
         return name
 
 
-#: adapter=auto merges on GPU while the merged weights take at most this share of the free GPU memory.
-MERGE_MEMORY_SHARE = 0.5
-
-
 def merge_adapter(setting: str, device: str, bits: int | None, weight_bytes: int) -> bool:
     """Whether an adapter is merged into its base: merge / keep as set; auto merges un-quantized bases
     (exact, and one matmul per layer instead of two) and, on GPU, quantized ones whose merged weights
-    (``weight_bytes``) fit in MERGE_MEMORY_SHARE of the free memory: a merged model decodes on plain
+    (``weight_bytes``) fit in DEQUANTIZE_MEMORY_SHARE of the free memory: a merged model decodes on plain
     bf16 matmuls, compiles and replays as CUDA graphs, where bitsandbytes' 4/8-bit kernels do not."""
     if setting not in ("auto", "merge", "keep"):
         raise ConfigError(f"adapter: must be auto, merge or keep, got {setting!r}")
@@ -199,10 +195,9 @@ def merge_adapter(setting: str, device: str, bits: int | None, weight_bytes: int
         return True
     if not device.startswith("cuda"):
         return False
-    import torch
+    from duetto.models import dequantized_fits
 
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return weight_bytes <= MERGE_MEMORY_SHARE * free
+    return dequantized_fits(weight_bytes, device)
 
 
 def load_for_inference(

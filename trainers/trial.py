@@ -99,8 +99,11 @@ def train_loop_per_worker(config: dict) -> None:
     eval_loss = final_eval_loss(trainer)  # on all ranks; generation on rank 0 alone
     eval_seconds = time.perf_counter() - t0
     model = trainer.accelerator.unwrap_model(trainer.model)
+    fast_path = _fast_path_summary(trainer, run)
     if rank == 0 and run.on_gpu and cfg.method == "qlora":
-        decode_on_dequantized_base(model, resolve_dtype(cfg.precision, True)[0])
+        trainer.graphed = None  # the captured step and its memory pool: training is over
+        torch.cuda.empty_cache()
+        decode_on_dequantized_base(model, resolve_dtype(cfg.precision, True)[0], device)
     gen_metrics, predictions = generation_metrics(model, run.tokenizer, run.gen_rows, cfg) if rank == 0 else ({}, [])
     generation_seconds = time.perf_counter() - t0 - eval_seconds
     metrics: dict[str, Any] = {
@@ -128,7 +131,7 @@ def train_loop_per_worker(config: dict) -> None:
         "truncated_train_examples": run.train_ds.truncated,
         "step": int(trainer.state.global_step),
         "train_loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
-        "fast_path": _fast_path_summary(trainer, run),
+        "fast_path": fast_path,
         "resumed_from_step": resumed_step,
         "world_size": world,
         "device": str(torch.cuda.get_device_name(device)) if run.on_gpu else "cpu",
@@ -137,15 +140,19 @@ def train_loop_per_worker(config: dict) -> None:
     _save_and_report(cfg, trainer, run, metrics, predictions, rank)
 
 
-def decode_on_dequantized_base(model, compute_dtype) -> None:
+def decode_on_dequantized_base(model, compute_dtype, device=None) -> bool:
     """Training is over: the QLoRA base's 4/8-bit layers become plain layers holding their dequantized
     weights (duetto.models.dequantize_bnb, what `duetto serve` and `duetto report` decode on by
     default), computing in the quantized layers' ``compute_dtype`` as they did, so the final BLEU/ROUGE
     decoding runs plain matmuls instead of bitsandbytes' per-layer dequantization. The adapter, and
-    what saving writes, are unchanged."""
-    from duetto.models import dequantize_bnb
+    what saving writes, are unchanged. On a CUDA ``device`` only while the dequantized weights fit
+    (duetto.models.dequantized_fits); returns whether it dequantized."""
+    from duetto.models import dequantize_bnb, dequantized_bytes, dequantized_fits
 
+    if device is not None and not dequantized_fits(dequantized_bytes(model, compute_dtype), device):
+        return False
     dequantize_bnb(model, compute_dtype, keep_io_dtype=True)
+    return True
 
 
 def final_eval_loss(trainer) -> float:

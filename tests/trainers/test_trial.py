@@ -451,3 +451,23 @@ def test_final_decoding_on_the_dequantized_base_computes_what_the_quantized_one_
         assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
     after = get_peft_model_state_dict(model)
     assert after.keys() == adapter.keys() and all(torch.equal(after[k], adapter[k]) for k in adapter)
+
+
+def test_final_decoding_keeps_the_quantized_base_when_its_dequantized_weights_do_not_fit(tmp_path, tiny_gemma_dir,
+                                                                                          unified_data, monkeypatch):  # fmt: skip
+    import torch
+
+    from duetto.models import dequantized_bytes
+    from duetto.trainers.methods import get_method
+    from duetto.trainers.trial import decode_on_dequantized_base
+
+    cfg = _cfg(tmp_path, tiny_gemma_dir, unified_data, "method=qlora", "qlora.bits=4")
+    model = get_method("qlora").build(cfg, str(tiny_gemma_dir), torch.bfloat16, torch.device("cpu")).model
+    need = dequantized_bytes(model, torch.bfloat16)
+    assert need > 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need - 1, 10 * need))  # half: too little
+    assert not decode_on_dequantized_base(model, torch.bfloat16, "cuda:0")
+    assert any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 10 * need))
+    assert decode_on_dequantized_base(model, torch.bfloat16, "cuda:0")
+    assert not any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
