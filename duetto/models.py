@@ -46,14 +46,18 @@ def dequantized_fits(weight_bytes: int, device) -> bool:
     return weight_bytes <= DEQUANTIZE_MEMORY_SHARE * free
 
 
-def dequantized_bytes(model, dtype) -> int:
-    """What the bitsandbytes layers of ``model`` take once dequantized to ``dtype``."""
+def _bnb_linears(model) -> list[str]:
+    """Names of the bitsandbytes 4/8-bit Linear layers of ``model``."""
     import torch
     from peft.utils.integrations import get_bnb_param_type
 
-    n = sum(m.in_features * m.out_features for m in model.modules()
-            if isinstance(m, torch.nn.Linear) and get_bnb_param_type(m.weight))  # fmt: skip
-    return n * dtype.itemsize
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and get_bnb_param_type(m.weight)]
+
+
+def dequantized_bytes(model, dtype) -> int:
+    """What the bitsandbytes layers of ``model`` take once dequantized to ``dtype``."""
+    layers = (model.get_submodule(name) for name in _bnb_linears(model))
+    return sum(m.in_features * m.out_features for m in layers) * dtype.itemsize
 
 
 _DEQUANTIZED_LINEAR = None
@@ -82,15 +86,14 @@ def dequantize_bnb(model, dtype, *, keep_io_dtype: bool = False):
     ``keep_io_dtype``: each layer computes in ``dtype`` (the quantized layer's compute dtype) and returns
     its input's dtype, as the quantized layer did, for models whose other weights PEFT upcast to fp32."""
     import torch
-    from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
+    from peft.utils.integrations import dequantize_bnb_weight
 
     linear = _dequantized_linear_cls() if keep_io_dtype else torch.nn.Linear
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and get_bnb_param_type(m.weight)]
-    for name in names:  # by name, so each quantized module is freed once replaced
+    for name in _bnb_linears(model):  # by name, so each quantized module is freed once replaced
         module = model.get_submodule(name)
         weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
         plain = linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                device=weight.device, dtype=dtype)  # fmt: skip
+                       device=weight.device, dtype=dtype)  # fmt: skip
         with torch.no_grad():
             plain.weight.copy_(weight)
             if module.bias is not None:

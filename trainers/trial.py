@@ -247,7 +247,8 @@ def _setup(cfg: TrialConfig, device, world: int) -> TrialSetup:
     train_ds = EncodedDataset(rows.train, tokenizer, cfg.template, cfg.max_seq_len)
     eval_ds = EncodedDataset(rows.loss(cfg), tokenizer, cfg.template, cfg.max_seq_len)
 
-    on_gpu = use_attention_kernels_without_plans(device)
+    on_gpu = device.type == "cuda"
+    use_attention_kernels_without_plans(device)
     dtype, autocast_bf16 = resolve_dtype(cfg.precision, on_gpu)
     built = get_method(cfg.method).build(cfg, model_path, dtype, device)
     built.model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
