@@ -93,7 +93,8 @@ def report(args, work: Path, model_dir: Path, data: Path) -> None:
         f"baseline={model_dir}", f"qlora={work}/qlora_{tag}", f"galore={work}/galore_{tag}",
         f"test={data}/test.jsonl", f"out={args.out}", *args.set])  # fmt: skip
     r = build_report(cfg, command="duetto report configs/report_study.yaml "
-                     f"baseline=<{args.model}> qlora=<qlora_{tag}> galore=<galore_{tag}>")  # fmt: skip
+                     f"baseline=<{args.model}> qlora=<qlora_{tag}> galore=<galore_{tag}> test=<data>/test.jsonl "
+                     + " ".join(args.set))  # fmt: skip
     for name, s in r["systems"].items():
         print(name, s["bleu4"], s["rougeL"], flush=True)
 
