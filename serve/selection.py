@@ -77,16 +77,17 @@ def has_features(candidates: Sequence[Sequence], names: Sequence[str]) -> bool:
 
 
 def consensus_scores(texts: Sequence[str]) -> list[float]:
-    """Each text's mean ROUGE-L F against the others (0.0 for a lone text)."""
-    from rouge_score import rouge_scorer
+    """Each text's mean ROUGE-L F against the others (0.0 for a lone text): rouge-score's tokenizer and
+    F-measure, each text tokenized once (``trainers.evaluate.rouge_l_scores``)."""
+    from duetto.trainers.evaluate import rouge_l_f, rouge_tokens
 
     n = len(texts)
     if n < 2:
         return [0.0] * n
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    tokens = [rouge_tokens()(t) for t in texts]
     sim = [[0.0] * n for _ in range(n)]
     for i, j in itertools.combinations(range(n), 2):  # ROUGE-L F is symmetric
-        sim[i][j] = sim[j][i] = scorer.score(texts[i], texts[j])["rougeL"].fmeasure
+        sim[i][j] = sim[j][i] = rouge_l_f(tokens[i], tokens[j])
     return [sum(row) / (n - 1) for row in sim]
 
 
@@ -149,30 +150,63 @@ def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float
 
     ``utilities[i][j]`` is candidate j of row i scored against row i's reference (ROUGE-L F): use
     validation rows, never the rows the result will be reported on. A mode whose features some
-    candidate lacks is left out. Ties keep the first grid value (weights near the plain rule)."""
+    candidate lacks is left out. Ties keep the first grid value (weights near the plain rule).
+
+    The picks are those of ``choose`` (tested): each feature is held as a rows x candidates array and
+    every grid point's scores are computed with the same float operations in the same order, so the
+    1,295 weightings of ``combined`` cost array operations instead of a Python pass over every
+    candidate each."""
+    import numpy as np
+
+    rows = len(candidates)
+    width = max((len(cs) for cs in candidates), default=0)
+    present = np.zeros((rows, width), dtype=bool)
+    for i, cs in enumerate(candidates):
+        present[i, : len(cs)] = True
+
+    def matrix(values_per_row) -> np.ndarray:
+        m = np.zeros((rows, width))
+        for i, vs in enumerate(values_per_row):
+            m[i, : len(vs)] = vs
+        return m
+
+    raw = {f: matrix([[feature(c, f) for c in cs] for cs in candidates])
+           for f in FEATURES if has_features(candidates, [f])}  # fmt: skip
+    util = [list(u) for u in utilities]
+
+    def mean_pick(score: np.ndarray) -> float:
+        picks = np.argmax(np.where(present, score, -np.inf), axis=1)  # first of equal scores, as choose
+        chosen = [u[j] for u, j in zip(util, picks.tolist())]
+        return sum(chosen) / len(chosen)
+
     out: dict[str, dict] = {}
-
-    def mean_pick(mode: str, weight: float = 0.5, weights=None) -> float:
-        picks = [u[choose(cs, mode, weight, weights)] for cs, u in zip(candidates, utilities)]
-        return sum(picks) / len(picks)
-
     for mode in modes:
         if mode == "combined":
-            names = [f for f in FEATURES if has_features(candidates, [f])]
+            names = [f for f in FEATURES if f in raw]
+            z = {f: matrix([_standardised([feature(c, f) for c in cs]) for cs in candidates]) for f in names}
             best = None
             for ws in itertools.product(COMBINED_GRID, repeat=len(names)):
                 if not any(ws):
                     continue
-                weights = dict(zip(names, ws))
-                value = mean_pick(mode, weights=weights)
+                total = np.zeros((rows, width))
+                for f, w in zip(names, ws):
+                    if w:
+                        total = total + w * z[f]
+                value = mean_pick(total)
                 if best is None or value > best[0]:
-                    best = (value, weights)
+                    best = (value, dict(zip(names, ws)))
             if best is not None:
                 out[mode] = {"weights": {f: w for f, w in best[1].items() if w}, "mean_rougeL": best[0]}
-        elif has_features(candidates, MODE_FEATURES[mode]):
-            if mode in ("mix", "pmi"):
-                value, weight = max(((mean_pick(mode, w), w) for w in WEIGHT_GRID), key=lambda t: (t[0], -t[1]))
-                out[mode] = {"weight": weight, "mean_rougeL": value}
+        elif all(f in raw for f in MODE_FEATURES[mode]):
+            if mode == "mix":
+                grid = ((mean_pick((1.0 - w) * raw["reranker"] + w * raw["generator"]), w) for w in WEIGHT_GRID)
+            elif mode == "pmi":
+                grid = ((mean_pick(raw["reranker"] - w * raw["prior"]), w) for w in WEIGHT_GRID)
+            elif len(MODE_FEATURES[mode]) == 1:
+                out[mode] = {"mean_rougeL": mean_pick(raw[MODE_FEATURES[mode][0]])}
+                continue
             else:
-                out[mode] = {"mean_rougeL": mean_pick(mode)}
+                raise ValueError(f"fit_modes: mode {mode!r} has nothing to fit")
+            value, weight = max(grid, key=lambda t: (t[0], -t[1]))
+            out[mode] = {"weight": weight, "mean_rougeL": value}
     return out

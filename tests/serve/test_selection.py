@@ -68,6 +68,79 @@ def test_fit_modes_finds_the_rule_that_matches_the_references():
     assert set(fit_modes(bare, utilities)) == {"reranker", "combined"}
 
 
+def _fit_modes_one_pick_at_a_time(candidates, utilities):
+    """The reference fit: every grid point's picks through ``choose``, candidate by candidate."""
+    import itertools
+
+    from duetto.serve.selection import COMBINED_GRID, FEATURES, FITTED_MODES, MODE_FEATURES, WEIGHT_GRID, has_features
+
+    def mean_pick(mode, weight=0.5, weights=None):
+        picks = [u[choose(cs, mode, weight, weights)] for cs, u in zip(candidates, utilities)]
+        return sum(picks) / len(picks)
+
+    out = {}
+    for mode in FITTED_MODES:
+        if mode == "combined":
+            names = [f for f in FEATURES if has_features(candidates, [f])]
+            best = None
+            for ws in itertools.product(COMBINED_GRID, repeat=len(names)):
+                if any(ws):
+                    value = mean_pick(mode, weights=dict(zip(names, ws)))
+                    if best is None or value > best[0]:
+                        best = (value, dict(zip(names, ws)))
+            out[mode] = {"weights": {f: w for f, w in best[1].items() if w}, "mean_rougeL": best[0]}
+        elif has_features(candidates, MODE_FEATURES[mode]):
+            if mode in ("mix", "pmi"):
+                value, weight = max(((mean_pick(mode, w), w) for w in WEIGHT_GRID), key=lambda t: (t[0], -t[1]))
+                out[mode] = {"weight": weight, "mean_rougeL": value}
+            else:
+                out[mode] = {"mean_rougeL": mean_pick(mode)}
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_modes_equals_choosing_candidate_by_candidate(seed):
+    """The array fit returns exactly the weights and means of ``choose`` applied to every candidate of
+    every row at every grid point, ties included (scores drawn from a few values tie often), with
+    rows of different candidate counts."""
+    import random
+
+    rnd = random.Random(seed)
+    rows, utilities = [], []
+    for i in range(25):
+        k = rnd.choice([1, 3, 4, 5])
+        rows.append([Candidate(f"{i}-{j}", reranker_score=rnd.choice([-1.0, -1.5, -2.0]),
+                               generator_logprob=rnd.choice([-0.5, -1.0, -1.25]),
+                               prior_score=rnd.choice([-1.0, -3.0]), consensus=rnd.choice([0.1, 0.2, 0.2, 0.4]))
+                     for j in range(k)])  # fmt: skip
+        utilities.append([rnd.random() for _ in range(k)])
+    assert fit_modes(rows, utilities) == _fit_modes_one_pick_at_a_time(rows, utilities)
+    bare = [[Candidate(c.text, reranker_score=c.reranker_score, consensus=c.consensus) for c in cs] for cs in rows]
+    assert fit_modes(bare, utilities) == _fit_modes_one_pick_at_a_time(bare, utilities)
+
+
+def test_consensus_equals_rouge_score_on_every_pair():
+    """Consensus equals rouge-score's own ROUGE-L F per pair, averaged."""
+    import random
+
+    from rouge_score import rouge_scorer
+
+    rnd = random.Random(0)
+    vocab = "the cats sat running on mats, a dog ran far. Ran RUNS 3 x-y".split()
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for _ in range(40):
+        texts = [" ".join(rnd.choice(vocab) for _ in range(rnd.randint(0, 30))) for _ in range(rnd.randint(1, 6))]
+        n = len(texts)
+        expected = [0.0] * n
+        if n > 1:
+            sim = [[0.0] * n for _ in range(n)]
+            for i in range(n):
+                for j in range(i + 1, n):
+                    sim[i][j] = sim[j][i] = scorer.score(texts[i], texts[j])["rougeL"].fmeasure
+            expected = [sum(row) / (n - 1) for row in sim]
+        assert consensus_scores(texts) == expected
+
+
 def test_the_default_mode_is_chosen_on_rows_its_weights_never_saw():
     """On scores unrelated to the references every rule is worth the same; fitted in-sample, combined's
     many weight settings look better, cross-validated they do not, and the simple rule is kept."""
