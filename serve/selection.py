@@ -175,38 +175,42 @@ def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float
     util = [list(u) for u in utilities]
 
     def mean_pick(score: np.ndarray) -> float:
-        picks = np.argmax(np.where(present, score, -np.inf), axis=1)  # first of equal scores, as choose
-        chosen = [u[j] for u, j in zip(util, picks.tolist())]
+        picks = np.argmax(np.where(present, score, -np.inf), axis=1).tolist()  # first of equal scores, as choose
+        for i in np.flatnonzero(np.isnan(score).any(axis=1)).tolist():  # NaN orders differently in max and argmax
+            row = score[i, : len(util[i])].tolist()
+            picks[i] = max(range(len(row)), key=lambda j: (row[j], -j))
+        chosen = [u[j] for u, j in zip(util, picks)]
         return sum(chosen) / len(chosen)
 
     out: dict[str, dict] = {}
-    for mode in modes:
-        if mode == "combined":
-            names = [f for f in FEATURES if f in raw]
-            z = {f: matrix([_standardised([feature(c, f) for c in cs]) for cs in candidates]) for f in names}
-            best = None
-            for ws in itertools.product(COMBINED_GRID, repeat=len(names)):
-                if not any(ws):
+    with np.errstate(invalid="ignore"):  # 0 * -inf is NaN here as in the Python rule, without a warning
+        for mode in modes:
+            if mode == "combined":
+                names = [f for f in FEATURES if f in raw]
+                z = {f: matrix([_standardised([feature(c, f) for c in cs]) for cs in candidates]) for f in names}
+                best = None
+                for ws in itertools.product(COMBINED_GRID, repeat=len(names)):
+                    if not any(ws):
+                        continue
+                    total = np.zeros((rows, width))
+                    for f, w in zip(names, ws):
+                        if w:
+                            total = total + w * z[f]
+                    value = mean_pick(total)
+                    if best is None or value > best[0]:
+                        best = (value, dict(zip(names, ws)))
+                if best is not None:
+                    out[mode] = {"weights": {f: w for f, w in best[1].items() if w}, "mean_rougeL": best[0]}
+            elif all(f in raw for f in MODE_FEATURES[mode]):
+                if mode == "mix":
+                    grid = ((mean_pick((1.0 - w) * raw["reranker"] + w * raw["generator"]), w) for w in WEIGHT_GRID)
+                elif mode == "pmi":
+                    grid = ((mean_pick(raw["reranker"] - w * raw["prior"]), w) for w in WEIGHT_GRID)
+                elif len(MODE_FEATURES[mode]) == 1:
+                    out[mode] = {"mean_rougeL": mean_pick(raw[MODE_FEATURES[mode][0]])}
                     continue
-                total = np.zeros((rows, width))
-                for f, w in zip(names, ws):
-                    if w:
-                        total = total + w * z[f]
-                value = mean_pick(total)
-                if best is None or value > best[0]:
-                    best = (value, dict(zip(names, ws)))
-            if best is not None:
-                out[mode] = {"weights": {f: w for f, w in best[1].items() if w}, "mean_rougeL": best[0]}
-        elif all(f in raw for f in MODE_FEATURES[mode]):
-            if mode == "mix":
-                grid = ((mean_pick((1.0 - w) * raw["reranker"] + w * raw["generator"]), w) for w in WEIGHT_GRID)
-            elif mode == "pmi":
-                grid = ((mean_pick(raw["reranker"] - w * raw["prior"]), w) for w in WEIGHT_GRID)
-            elif len(MODE_FEATURES[mode]) == 1:
-                out[mode] = {"mean_rougeL": mean_pick(raw[MODE_FEATURES[mode][0]])}
-                continue
-            else:
-                raise ValueError(f"fit_modes: mode {mode!r} has nothing to fit")
-            value, weight = max(grid, key=lambda t: (t[0], -t[1]))
-            out[mode] = {"weight": weight, "mean_rougeL": value}
+                else:
+                    raise ValueError(f"fit_modes: mode {mode!r} has nothing to fit")
+                value, weight = max(grid, key=lambda t: (t[0], -t[1]))
+                out[mode] = {"weight": weight, "mean_rougeL": value}
     return out

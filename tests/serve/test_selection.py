@@ -114,6 +114,9 @@ def test_fit_modes_equals_choosing_candidate_by_candidate(seed):
                                prior_score=rnd.choice([-1.0, -3.0]), consensus=rnd.choice([0.1, 0.2, 0.2, 0.4]))
                      for j in range(k)])  # fmt: skip
         utilities.append([rnd.random() for _ in range(k)])
+    rows[0][0].reranker_score = float("-inf")  # an answer with no scored token
+    rows[1][-1].reranker_score = float("-inf")
+    rows[2][0].generator_logprob = float("nan")
     assert fit_modes(rows, utilities) == _fit_modes_one_pick_at_a_time(rows, utilities)
     bare = [[Candidate(c.text, reranker_score=c.reranker_score, consensus=c.consensus) for c in cs] for cs in rows]
     assert fit_modes(bare, utilities) == _fit_modes_one_pick_at_a_time(bare, utilities)
