@@ -34,7 +34,8 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _anchor_consensus(scorer, texts):
+def anchor_consensus(scorer, texts):
+    """Consensus with rouge-score's ``score`` for every pair (the rule before its fast path)."""
     n = len(texts)
     sim = [[0.0] * n for _ in range(n)]
     for i, j in itertools.combinations(range(n), 2):
@@ -42,7 +43,8 @@ def _anchor_consensus(scorer, texts):
     return [sum(row) / (n - 1) for row in sim]
 
 
-def _anchor_fit(candidates, utilities):
+def anchor_fit(candidates, utilities):
+    """``fit_modes`` by applying ``choose`` to every row at every grid point (the rule it must equal)."""
     from duetto.serve.selection import (COMBINED_GRID, FEATURES, FITTED_MODES, MODE_FEATURES, WEIGHT_GRID, choose,
                                         has_features)  # fmt: skip
 
@@ -90,7 +92,7 @@ def main() -> None:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
     ours_cons, t_ours_cons = _timed(lambda: [consensus_scores(t) for t in texts])
-    anchor_cons, t_anchor_cons = _timed(lambda: [_anchor_consensus(scorer, t) for t in texts])
+    anchor_cons, t_anchor_cons = _timed(lambda: [anchor_consensus(scorer, t) for t in texts])
     flat_preds = [x for t in texts for x in t]
     flat_refs = [ref for ref, t in zip(refs, texts) for _ in t]
     ours_util, t_ours_util = _timed(lambda: rouge_l_scores(flat_preds, flat_refs))
@@ -101,11 +103,11 @@ def main() -> None:
                         prior_score=c["prior_score"], consensus=s) for c, s in zip(r["ensemble_candidates"], cs)]
              for r, cs in zip(rows, ours_cons)]  # fmt: skip
     ours_fit, t_ours_fit = _timed(lambda: fit_modes(cands, util))
-    anchor_fit, t_anchor_fit = _timed(lambda: _anchor_fit(cands, util))
+    anchor_fitted, t_anchor_fit = _timed(lambda: anchor_fit(cands, util))
 
     parts = [("consensus", t_ours_cons, t_anchor_cons, ours_cons == anchor_cons),
              ("utilities", t_ours_util, t_anchor_util, ours_util == anchor_util),
-             ("fit", t_ours_fit, t_anchor_fit, ours_fit == anchor_fit)]  # fmt: skip
+             ("fit", t_ours_fit, t_anchor_fit, ours_fit == anchor_fitted)]  # fmt: skip
     k = len(texts[0]) if texts else 0
     print(f"{len(rows)} rows x {k} candidates from {args.outputs}")
     print(f"{'part':10} {'ours s':>8} {'anchor s':>9} {'ratio':>7}  equal")

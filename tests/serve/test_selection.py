@@ -68,34 +68,16 @@ def test_fit_modes_finds_the_rule_that_matches_the_references():
     assert set(fit_modes(bare, utilities)) == {"reranker", "combined"}
 
 
-def _fit_modes_one_pick_at_a_time(candidates, utilities):
-    """The reference fit: every grid point's picks through ``choose``, candidate by candidate."""
-    import itertools
+def _anchor_fit(candidates, utilities):
+    """The reference fit of benchmarks/selection_speed.py: ``choose`` on every row at every grid point."""
+    import importlib.util
+    from pathlib import Path
 
-    from duetto.serve.selection import COMBINED_GRID, FEATURES, FITTED_MODES, MODE_FEATURES, WEIGHT_GRID, has_features
-
-    def mean_pick(mode, weight=0.5, weights=None):
-        picks = [u[choose(cs, mode, weight, weights)] for cs, u in zip(candidates, utilities)]
-        return sum(picks) / len(picks)
-
-    out = {}
-    for mode in FITTED_MODES:
-        if mode == "combined":
-            names = [f for f in FEATURES if has_features(candidates, [f])]
-            best = None
-            for ws in itertools.product(COMBINED_GRID, repeat=len(names)):
-                if any(ws):
-                    value = mean_pick(mode, weights=dict(zip(names, ws)))
-                    if best is None or value > best[0]:
-                        best = (value, dict(zip(names, ws)))
-            out[mode] = {"weights": {f: w for f, w in best[1].items() if w}, "mean_rougeL": best[0]}
-        elif has_features(candidates, MODE_FEATURES[mode]):
-            if mode in ("mix", "pmi"):
-                value, weight = max(((mean_pick(mode, w), w) for w in WEIGHT_GRID), key=lambda t: (t[0], -t[1]))
-                out[mode] = {"weight": weight, "mean_rougeL": value}
-            else:
-                out[mode] = {"mean_rougeL": mean_pick(mode)}
-    return out
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "selection_speed.py"
+    spec = importlib.util.spec_from_file_location("selection_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.anchor_fit(candidates, utilities)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -117,9 +99,9 @@ def test_fit_modes_equals_choosing_candidate_by_candidate(seed):
     rows[0][0].reranker_score = float("-inf")  # an answer with no scored token
     rows[1][-1].reranker_score = float("-inf")
     rows[2][0].generator_logprob = float("nan")
-    assert fit_modes(rows, utilities) == _fit_modes_one_pick_at_a_time(rows, utilities)
+    assert fit_modes(rows, utilities) == _anchor_fit(rows, utilities)
     bare = [[Candidate(c.text, reranker_score=c.reranker_score, consensus=c.consensus) for c in cs] for cs in rows]
-    assert fit_modes(bare, utilities) == _fit_modes_one_pick_at_a_time(bare, utilities)
+    assert fit_modes(bare, utilities) == _anchor_fit(bare, utilities)
 
 
 def test_consensus_equals_rouge_score_on_every_pair():
