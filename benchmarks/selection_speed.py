@@ -37,6 +37,8 @@ def _timed(fn):
 def anchor_consensus(scorer, texts):
     """Consensus with rouge-score's ``score`` for every pair (the rule before its fast path)."""
     n = len(texts)
+    if n < 2:
+        return [0.0] * n
     sim = [[0.0] * n for _ in range(n)]
     for i, j in itertools.combinations(range(n), 2):
         sim[i][j] = sim[j][i] = scorer.score(texts[i], texts[j])["rougeL"].fmeasure

@@ -68,8 +68,8 @@ def test_fit_modes_finds_the_rule_that_matches_the_references():
     assert set(fit_modes(bare, utilities)) == {"reranker", "combined"}
 
 
-def _anchor_fit(candidates, utilities):
-    """The reference fit of benchmarks/selection_speed.py: ``choose`` on every row at every grid point."""
+def _anchors():
+    """benchmarks/selection_speed.py, whose anchors are the reference rules the fast paths must equal."""
     import importlib.util
     from pathlib import Path
 
@@ -77,7 +77,7 @@ def _anchor_fit(candidates, utilities):
     spec = importlib.util.spec_from_file_location("selection_speed", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.anchor_fit(candidates, utilities)
+    return module
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -99,9 +99,9 @@ def test_fit_modes_equals_choosing_candidate_by_candidate(seed):
     rows[0][0].reranker_score = float("-inf")  # an answer with no scored token
     rows[1][-1].reranker_score = float("-inf")
     rows[2][0].generator_logprob = float("nan")
-    assert fit_modes(rows, utilities) == _anchor_fit(rows, utilities)
+    assert fit_modes(rows, utilities) == _anchors().anchor_fit(rows, utilities)
     bare = [[Candidate(c.text, reranker_score=c.reranker_score, consensus=c.consensus) for c in cs] for cs in rows]
-    assert fit_modes(bare, utilities) == _anchor_fit(bare, utilities)
+    assert fit_modes(bare, utilities) == _anchors().anchor_fit(bare, utilities)
 
 
 def test_consensus_equals_rouge_score_on_every_pair():
@@ -110,20 +110,13 @@ def test_consensus_equals_rouge_score_on_every_pair():
 
     from rouge_score import rouge_scorer
 
+    anchors = _anchors()
     rnd = random.Random(0)
     vocab = "the cats sat running on mats, a dog ran far. Ran RUNS 3 x-y".split()
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     for _ in range(40):
         texts = [" ".join(rnd.choice(vocab) for _ in range(rnd.randint(0, 30))) for _ in range(rnd.randint(1, 6))]
-        n = len(texts)
-        expected = [0.0] * n
-        if n > 1:
-            sim = [[0.0] * n for _ in range(n)]
-            for i in range(n):
-                for j in range(i + 1, n):
-                    sim[i][j] = sim[j][i] = scorer.score(texts[i], texts[j])["rougeL"].fmeasure
-            expected = [sum(row) / (n - 1) for row in sim]
-        assert consensus_scores(texts) == expected
+        assert consensus_scores(texts) == anchors.anchor_consensus(scorer, texts)
 
 
 def test_the_default_mode_is_chosen_on_rows_its_weights_never_saw():
