@@ -5,7 +5,7 @@
     # the same in two calls (each mode's run fits a 10-minute device call): the second adds to the file
     python benchmarks/sweep_packing.py --model DIR --data DATA --modes unpacked --out OUT.json
     python benchmarks/sweep_packing.py --model DIR --data DATA --modes packed --append --out OUT.json
-    # CPU smoke run on the tiny model:
+    # CPU smoke run on the tiny model (--full-sweep there keeps --cpu's small evaluations and no GPUs):
     python benchmarks/sweep_packing.py --model tiny --data DATA --steps 6 --anchor-steps 4 --cpu --out /tmp/sp.json
 
 Both modes run the QLoRA search of --sweep (configs/sweep_study.yaml) with the same sampled configs
@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -104,10 +105,13 @@ def main() -> None:
     work = Path(args.work)
     common = [f"base.model={args.model}", f"base.data.train={args.data}/train.jsonl",
               f"base.data.test={args.data}/test.jsonl", f"base.max_steps={args.steps}", "scheduler.type=fifo"]  # fmt: skip
+    cpu_overrides = []
     if args.cpu:
-        common += ["resources.gpus_per_trial=0", "resources.cpus_per_trial=0.5", "base.eval.num_examples=2",
-                   "base.eval.max_new_tokens=4", "base.eval.loss_examples=8", "base.interim_eval_examples=0",
-                   "base.report_every_steps=0", "base.max_seq_len=64", "base.data.limit_train=64", "metric=eval_loss"]  # fmt: skip
+        cpu_overrides = ["resources.gpus_per_trial=0", "resources.cpus_per_trial=0.5", "base.eval.num_examples=2",
+                         "base.eval.max_new_tokens=4", "base.eval.loss_examples=8", "base.interim_eval_examples=0",
+                         "base.report_every_steps=0", "base.max_seq_len=64", "base.data.limit_train=64",
+                         "metric=eval_loss"]  # fmt: skip
+        common += cpu_overrides
     num_cpus = 4 if args.cpu else None
     rows = [r for r in prev.get("rows", []) if r["mode"] not in modes]
     runs = {mode: done for mode, done in prev.get("trials", {}).items() if mode not in modes}
@@ -116,6 +120,7 @@ def main() -> None:
         anchor_tps = anchor(study_config("qlora-int8", args.model, args.data, args.anchor_steps, work / "anchor"))["tokens_per_s"]
     for mode in modes:
         packing = "qlora" if mode == "packed" else "off"
+        shutil.rmtree(work / mode, ignore_errors=True)  # this script's scratch: a sweep there would be resumed, not rerun
         sweep_dir, wall = run_sweep(qlora_only(args.sweep, work / "sweep_qlora.yaml"),
                                     common + [f"packing={packing}", f"storage_path={work / mode}"], num_cpus)  # fmt: skip
         done = {key: {k: m[k] for k in ("eval_loss", "trained_tokens", "tokens_per_second")}
@@ -132,9 +137,10 @@ def main() -> None:
                  for k in sorted(runs.get("packed", {}).keys() & runs.get("unpacked", {}).keys())]  # fmt: skip
     full_wall = None
     if args.full_sweep:
+        shutil.rmtree(work / "full", ignore_errors=True)
         _, full_wall = run_sweep(args.sweep, [f"base.model={args.model}", f"base.data.train={args.data}/train.jsonl",
                                               f"base.data.test={args.data}/test.jsonl", "packing=qlora",
-                                              f"storage_path={work / 'full'}"], num_cpus)  # fmt: skip
+                                              f"storage_path={work / 'full'}", *cpu_overrides], num_cpus)  # fmt: skip
     full_wall = full_wall if full_wall is not None else prev.get("sweep_study_wall_seconds")
     rows.sort(key=lambda r: r["mode"] != "unpacked")
     result = {"rows": rows, "sweep_study_wall_seconds": full_wall, "agreement": agreement,
