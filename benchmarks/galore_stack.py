@@ -58,46 +58,52 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def one_at_a_time(models, data, device, graphs: bool):
+def _captured(eager):
+    """``eager`` captured once as a CUDA graph after a warm-up on a side stream; returns the replay."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            eager()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        eager()
+    return g.replay
+
+
+def one_at_a_time(models, device, graphs: bool, rows: torch.Tensor):
     """Each trial its own step (forward, backward, fused AdamW), replayed as a CUDA graph on a GPU."""
     import torch
 
-    steps = []
+    runs = []
     for i, m in enumerate(models):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=device.type == "cuda", capturable=graphs)
-        x = data[0][i].clone()
+        x = rows[i].clone()
 
         def eager(m=m, opt=opt, x=x):
-            loss = m(input_ids=x, labels=x).loss
-            loss.backward()
+            m(input_ids=x, labels=x).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=not graphs)
-            return loss
 
-        if graphs:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    eager()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = eager()
-            steps.append((x, lambda g=g: g.replay(), out))
-        else:
-            steps.append((x, eager, None))
+        runs.append((x, _captured(eager) if graphs else eager, opt))
 
     def step(batch):
-        for i, (x, run, _) in enumerate(steps):
+        for i, (x, run, _) in enumerate(runs):
             x.copy_(batch[i])
             run()
 
+    # a graph holds no reference to what it reads and writes: the step keeps the models, inputs and
+    # optimizers (with their states) alive for as long as it can be replayed
+    step.keep = (models, runs)
     return step
 
 
-def stacked(models, data, device, graphs: bool):
-    """All trials as one step: stacked weights, vmap over the trial dimension, one fused AdamW."""
+def stacked(models, device, graphs: bool, rows: torch.Tensor):
+    """All trials as one step: stacked weights, vmap over the trial dimension, one fused AdamW.
+    ``models[0]`` is the skeleton ``functional_call`` runs; the other models may be freed after."""
     import torch
     from torch.func import functional_call, stack_module_state, vmap
 
@@ -110,36 +116,21 @@ def stacked(models, data, device, graphs: bool):
 
     batched = vmap(loss_one, in_dims=(0, 0, 0), randomness="different")
     opt = torch.optim.AdamW(list(params.values()), lr=1e-5, fused=device.type == "cuda", capturable=graphs)
-    x = data[0].clone()
+    x = rows.clone()
 
     def eager():
-        losses = batched(params, buffers, x)
-        losses.sum().backward()  # each trial's weights get their own loss's gradient
+        batched(params, buffers, x).sum().backward()  # each trial's weights get their own loss's gradient
         opt.step()
         opt.zero_grad(set_to_none=not graphs)
-        return losses
 
-    if graphs:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                eager()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            eager()
+    run = _captured(eager) if graphs else eager
 
-        def step(batch):
-            x.copy_(batch)
-            g.replay()
-    else:
+    def step(batch):
+        x.copy_(batch)
+        run()
 
-        def step(batch):
-            x.copy_(batch)
-            eager()
-
-    return step, batched, params, buffers
+    step.keep = (skeleton, params, buffers, opt, x)  # see one_at_a_time
+    return step
 
 
 def first_losses_agree(models, data) -> float:
@@ -157,20 +148,28 @@ def first_losses_agree(models, data) -> float:
 
 
 def measure(path: str, n: int, steps: int, device, dtype) -> dict:
+    import gc
+
     import torch
 
     graphs = device.type == "cuda"
-    row: dict = {"trials": n, "steps": steps, "tokens_per_step": n * 2 * 128, "graphs": graphs}
+    # labels are the inputs shifted by one: 127 trained tokens a row
+    row: dict = {"trials": n, "steps": steps, "tokens_per_step": n * 2 * 127, "graphs": graphs}
     for arm in ("one_at_a_time", "stacked"):
         models = _models(path, n, device, dtype)
         data = _batches(n, models[0].config.vocab_size, steps, device)
         if arm == "stacked":
             row["first_loss_max_rel_diff"] = first_losses_agree(models, data)
+        step = None
         if graphs:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            step = one_at_a_time(models, data, device, graphs) if arm == "one_at_a_time" else stacked(models, data, device, graphs)[0]
+            if arm == "one_at_a_time":
+                step = one_at_a_time(models, device, graphs, data[0])
+            else:
+                step = stacked(models, device, graphs, data[0])
+                del models[1:]  # the stacked copy holds the trials' weights now
             for b in data[:2]:
                 step(b)
             _sync(device)
@@ -183,7 +182,8 @@ def measure(path: str, n: int, steps: int, device, dtype) -> dict:
                         "peak_memory_bytes": torch.cuda.max_memory_allocated() if graphs else None}  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a failing arm is a result: record why
             row[arm] = {"error": f"{type(e).__name__}: {e}"[:800]}
-        del models
+        del step, models, data  # the arm's graphs, weights and states, before the next arm measures its peak
+        gc.collect()
         if graphs:
             torch.cuda.empty_cache()
     a, b = row["one_at_a_time"].get("tokens_per_s"), row["stacked"].get("tokens_per_s")

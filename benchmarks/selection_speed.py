@@ -8,7 +8,10 @@ On the stored candidates of a `duetto report` (`outputs.jsonl`), one process, on
 - utilities: every candidate's ROUGE-L F against its reference (what the report fits and scores the
   modes with); anchor: `RougeScorer.score` per candidate;
 - fit: `serve.selection.fit_modes` on those rows (every mode's weights, 1,295 weightings for
-  `combined`); anchor: `choose` applied to each row at each grid point.
+  `combined`); anchor: `choose` applied to each row at each grid point;
+- validation_fit: all of the above as `duetto report` runs it on validation rows (the candidates
+  read as the greedy answer and k - 1 samples: two pools, in-sample and 5-fold fits); anchor: the
+  same code with the three anchors patched in.
 
 Each pair must give equal results (checked); the table shows the seconds and the ratio.
 
@@ -19,6 +22,7 @@ Each pair must give equal results (checked); the table shows the seconds and the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -64,7 +68,8 @@ def anchor_fit(candidates, utilities):
                     value = mean_pick(mode, weights=dict(zip(names, ws)))
                     if best is None or value > best[0]:
                         best = (value, dict(zip(names, ws)))
-            out[mode] = {"weights": {f: w for f, w in best[1].items() if w}, "mean_rougeL": best[0]}
+            if best is not None:
+                out[mode] = {"weights": {f: w for f, w in best[1].items() if w}, "mean_rougeL": best[0]}
         elif has_features(candidates, MODE_FEATURES[mode]):
             if mode in ("mix", "pmi"):
                 value, weight = max(((mean_pick(mode, w), w) for w in WEIGHT_GRID), key=lambda t: (t[0], -t[1]))
@@ -72,6 +77,30 @@ def anchor_fit(candidates, utilities):
             else:
                 out[mode] = {"mean_rougeL": mean_pick(mode)}
     return out
+
+
+def validation_fit(rows):
+    """What `duetto report` does with its validation rows: the stored candidates read as the greedy
+    answer and k - 1 samples, every mode fitted on both pools with 5-fold cross-validation."""
+    from duetto.workflows.selection_report import fit_selection_and_greedy
+
+    rows = [{**r, "ensemble_candidates": [{k: v for k, v in c.items() if k != "consensus"}
+                                          for c in r["ensemble_candidates"]]} for r in rows]  # fmt: skip
+    return fit_selection_and_greedy(rows, len(rows[0]["ensemble_candidates"]) - 1)
+
+
+@contextlib.contextmanager
+def anchors_in_place(scorer):
+    """The report's selection code with the anchors instead of the fast paths."""
+    from unittest import mock
+
+    def rouge(preds, refs):
+        return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]
+
+    with mock.patch("duetto.workflows.selection_report.fit_modes", lambda c, u, modes=None: anchor_fit(c, u)), \
+            mock.patch("duetto.workflows.selection_report.consensus_scores", lambda t: anchor_consensus(scorer, t)), \
+            mock.patch("duetto.trainers.evaluate.rouge_l_scores", rouge):  # fmt: skip
+        yield
 
 
 def main() -> None:
@@ -107,14 +136,19 @@ def main() -> None:
     ours_fit, t_ours_fit = _timed(lambda: fit_modes(cands, util))
     anchor_fitted, t_anchor_fit = _timed(lambda: anchor_fit(cands, util))
 
+    ours_val, t_ours_val = _timed(lambda: validation_fit(rows))
+    with anchors_in_place(scorer):
+        anchor_val, t_anchor_val = _timed(lambda: validation_fit(rows))
+
     parts = [("consensus", t_ours_cons, t_anchor_cons, ours_cons == anchor_cons),
              ("utilities", t_ours_util, t_anchor_util, ours_util == anchor_util),
-             ("fit", t_ours_fit, t_anchor_fit, ours_fit == anchor_fitted)]  # fmt: skip
+             ("fit", t_ours_fit, t_anchor_fit, ours_fit == anchor_fitted),
+             ("validation_fit", t_ours_val, t_anchor_val, ours_val == anchor_val)]  # fmt: skip
     k = len(texts[0]) if texts else 0
     print(f"{len(rows)} rows x {k} candidates from {args.outputs}")
-    print(f"{'part':10} {'ours s':>8} {'anchor s':>9} {'ratio':>7}  equal")
+    print(f"{'part':15} {'ours s':>8} {'anchor s':>9} {'ratio':>7}  equal")
     for name, ours, anchor, equal in parts:
-        print(f"{name:10} {ours:8.3f} {anchor:9.3f} {anchor / ours:7.1f}  {equal}")
+        print(f"{name:15} {ours:8.3f} {anchor:9.3f} {anchor / ours:7.1f}  {equal}")
     result = {
         "rows": [{"part": n, "seconds": o, "anchor_seconds": a, "ratio": a / o, "equal": e} for n, o, a, e in parts],
         "source": args.outputs, "num_rows": len(rows), "candidates": k,

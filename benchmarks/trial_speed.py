@@ -197,7 +197,7 @@ def main() -> None:
         rows.extend(r for r in earlier["rows"] if (r["model"], r["method"]) not in wanted)
         before = {(r["model"], r["method"]): r for r in earlier["rows"] if (r["model"], r["method"]) in wanted}
     else:
-        before = {}
+        earlier, before = {}, {}
     parts = set(args.parts.split(","))
     if not parts <= {"ours", "wall", "anchor"}:
         raise SystemExit(f"--parts: ours, wall and/or anchor, got {args.parts!r}")
@@ -208,9 +208,11 @@ def main() -> None:
         if (then["steps"], then["wall_steps"], then.get("extra", [])) != (args.steps, args.wall_steps, args.extra):
             raise SystemExit(f"--parts with --append: {args.out} was measured with steps {then['steps']}, "
                              f"wall steps {then['wall_steps']}, extra {then.get('extra', [])}; a row must not mix them")  # fmt: skip
-    result = {"rows": rows, "machine": machine, "date": datetime.date.today().isoformat(),
-              "settings": {"steps": args.steps, "wall_steps": args.wall_steps, "log_every": LOG_EVERY,
-                           "eval_rows": EVAL_ROWS, "extra": args.extra}}  # fmt: skip
+    # --append keeps what else the file says (a note, a command line) beside the rows it rewrites
+    kept = {k: v for k, v in earlier.items() if k != "rows"}
+    result = {**kept, "rows": rows, "machine": machine, "date": datetime.date.today().isoformat(),
+              "settings": {**kept.get("settings", {}), "steps": args.steps, "wall_steps": args.wall_steps,
+                           "log_every": LOG_EVERY, "eval_rows": EVAL_ROWS, "extra": args.extra}}  # fmt: skip
     for spec in args.model:
         name, path = spec.split("=", 1)
         for method in args.methods.split(","):

@@ -84,7 +84,8 @@ def consensus_scores(texts: Sequence[str]) -> list[float]:
     n = len(texts)
     if n < 2:
         return [0.0] * n
-    tokens = [rouge_tokens()(t) for t in texts]
+    tokenize = rouge_tokens()
+    tokens = [tokenize(t) for t in texts]
     sim = [[0.0] * n for _ in range(n)]
     for i, j in itertools.combinations(range(n), 2):  # ROUGE-L F is symmetric
         sim[i][j] = sim[j][i] = rouge_l_f(tokens[i], tokens[j])
@@ -158,6 +159,8 @@ def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float
     candidate each."""
     import numpy as np
 
+    if any(len(cs) == 0 for cs in candidates):
+        raise ValueError("choose: no candidates")
     rows = len(candidates)
     width = max((len(cs) for cs in candidates), default=0)
     present = np.zeros((rows, width), dtype=bool)
@@ -177,7 +180,7 @@ def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float
     def mean_pick(score: np.ndarray) -> float:
         picks = np.argmax(np.where(present, score, -np.inf), axis=1).tolist()  # first of equal scores, as choose
         for i in np.flatnonzero(np.isnan(score).any(axis=1)).tolist():  # NaN orders differently in max and argmax
-            row = score[i, : len(util[i])].tolist()
+            row = score[i, : len(candidates[i])].tolist()
             picks[i] = max(range(len(row)), key=lambda j: (row[j], -j))
         chosen = [u[j] for u, j in zip(util, picks)]
         return sum(chosen) / len(chosen)
@@ -209,8 +212,10 @@ def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float
                 elif len(MODE_FEATURES[mode]) == 1:
                     out[mode] = {"mean_rougeL": mean_pick(raw[MODE_FEATURES[mode][0]])}
                     continue
-                else:
-                    raise ValueError(f"fit_modes: mode {mode!r} has nothing to fit")
+                else:  # no weight and no single feature (reranker-greedy): the rule as it is
+                    chosen = [u[choose(cs, mode)] for cs, u in zip(candidates, util)]
+                    out[mode] = {"mean_rougeL": sum(chosen) / len(chosen)}
+                    continue
                 value, weight = max(grid, key=lambda t: (t[0], -t[1]))
                 out[mode] = {"weight": weight, "mean_rougeL": value}
     return out

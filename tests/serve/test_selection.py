@@ -102,6 +102,12 @@ def test_fit_modes_equals_choosing_candidate_by_candidate(seed):
     assert fit_modes(rows, utilities) == _anchors().anchor_fit(rows, utilities)
     bare = [[Candidate(c.text, reranker_score=c.reranker_score, consensus=c.consensus) for c in cs] for cs in rows]
     assert fit_modes(bare, utilities) == _anchors().anchor_fit(bare, utilities)
+    # a NaN in a row whose utilities run past its candidates picks among the candidates only
+    ragged = [[Candidate("a", reranker_score=-1.0), Candidate("b", reranker_score=float("nan"))],
+              [Candidate(t, reranker_score=-1.0) for t in "cde"]]  # fmt: skip
+    assert fit_modes(ragged, [[0.1, 0.05, 0.9], [0.3, 0.2, 0.2]], ["reranker"]) == {"reranker": {"mean_rougeL": 0.2}}
+    with pytest.raises(ValueError, match="no candidates"):
+        fit_modes([[]], [[]])
 
 
 def test_consensus_equals_rouge_score_on_every_pair():
