@@ -74,7 +74,7 @@ def _captured(eager):
     return g.replay
 
 
-def one_at_a_time(models, device, graphs: bool, rows: torch.Tensor):
+def one_at_a_time(models, device, graphs: bool, rows):
     """Each trial its own step (forward, backward, fused AdamW), replayed as a CUDA graph on a GPU."""
     import torch
 
@@ -101,7 +101,7 @@ def one_at_a_time(models, device, graphs: bool, rows: torch.Tensor):
     return step
 
 
-def stacked(models, device, graphs: bool, rows: torch.Tensor):
+def stacked(models, device, graphs: bool, rows):
     """All trials as one step: stacked weights, vmap over the trial dimension, one fused AdamW.
     ``models[0]`` is the skeleton ``functional_call`` runs; the other models may be freed after."""
     import torch

@@ -175,14 +175,13 @@ def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float
 
     raw = {f: matrix([[feature(c, f) for c in cs] for cs in candidates])
            for f in FEATURES if has_features(candidates, [f])}  # fmt: skip
-    util = [list(u) for u in utilities]
 
     def mean_pick(score: np.ndarray) -> float:
         picks = np.argmax(np.where(present, score, -np.inf), axis=1).tolist()  # first of equal scores, as choose
         for i in np.flatnonzero(np.isnan(score).any(axis=1)).tolist():  # NaN orders differently in max and argmax
             row = score[i, : len(candidates[i])].tolist()
             picks[i] = max(range(len(row)), key=lambda j: (row[j], -j))
-        chosen = [u[j] for u, j in zip(util, picks)]
+        chosen = [u[j] for u, j in zip(utilities, picks)]
         return sum(chosen) / len(chosen)
 
     out: dict[str, dict] = {}
@@ -213,7 +212,7 @@ def fit_modes(candidates: Sequence[Sequence], utilities: Sequence[Sequence[float
                     out[mode] = {"mean_rougeL": mean_pick(raw[MODE_FEATURES[mode][0]])}
                     continue
                 else:  # no weight and no single feature (reranker-greedy): the rule as it is
-                    chosen = [u[choose(cs, mode)] for cs, u in zip(candidates, util)]
+                    chosen = [u[choose(cs, mode)] for cs, u in zip(candidates, utilities)]
                     out[mode] = {"mean_rougeL": sum(chosen) / len(chosen)}
                     continue
                 value, weight = max(grid, key=lambda t: (t[0], -t[1]))
