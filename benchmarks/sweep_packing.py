@@ -1,19 +1,22 @@
-"""A sweep of study-config QLoRA trials, packed (`packing: qlora`) and unpacked, beside one plain-HF trial.
+"""A sweep of study-config trials, packed (`packing: qlora`) and unpacked, beside one plain-HF trial.
 
     # GPU (SmolLM2-135M random weights are enough for speed; DATA from `duetto data prepare`):
     python benchmarks/sweep_packing.py --model DIR --data DATA --out benchmarks/results/sweep_packing_h200.json
     # the same in two calls (each mode's run fits a 10-minute device call): the second adds to the file
     python benchmarks/sweep_packing.py --model DIR --data DATA --modes unpacked --out OUT.json
     python benchmarks/sweep_packing.py --model DIR --data DATA --modes packed --append --out OUT.json
+    # GaLore's search too (its trials run unpacked: `packing` packs QLoRA trials only)
+    python benchmarks/sweep_packing.py --model DIR --data DATA --methods galore --modes unpacked --append --out OUT.json
     # CPU smoke run on the tiny model (--full-sweep there keeps --cpu's small evaluations and no GPUs):
     python benchmarks/sweep_packing.py --model tiny --data DATA --steps 6 --anchor-steps 4 --cpu --out /tmp/sp.json
 
-Both modes run the QLoRA search of --sweep (configs/sweep_study.yaml) with the same sampled configs
-(the sweep's seed), FIFO (no early stopping, so every config trains to the end in both modes and can
+Both modes run one method's search of --sweep (configs/sweep_study.yaml; QLoRA unless --methods says
+otherwise) with the same sampled configs (the sweep's seed), FIFO (no early stopping, so every config trains to the end in both modes and can
 be compared), --steps steps each. Reported per mode: the summed trained tokens of all trials over
 the sweep's wall clock (end to end, start-up and evaluation included), the sum of the trials' own
-tokens/s (over the steps each took part in), and the wall time; the anchor is plain HF `Trainer` on
-one study-config QLoRA int8 trial (benchmarks/trial_speed.py). `agreement` pairs each config's final
+tokens/s (over the steps each took part in), and the wall time; each method's anchor is plain HF
+`Trainer` on one study-config trial of it (benchmarks/trial_speed.py: QLoRA int8, GaLore layer-wise
+8-bit). `agreement` pairs each config's final
 eval loss packed and alone. With --full-sweep it also times the shipped sweep file as it is (both
 methods, ASHA) with packing on: `sweep_study_wall_seconds`.
 """
@@ -23,13 +26,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+#: each method's plain-HF anchor: one study-config trial of it (benchmarks/trial_speed.py)
+ANCHOR = {"qlora": "qlora-int8", "galore": "galore"}
 
 
 def run_sweep(sweep_file: str, overrides: list[str], num_cpus: int | None) -> tuple[Path, float]:
@@ -52,14 +58,14 @@ def run_sweep(sweep_file: str, overrides: list[str], num_cpus: int | None) -> tu
     return sweep_dir, wall
 
 
-def qlora_only(sweep_file: str, out: Path) -> str:
-    """The sweep file with its QLoRA search alone (paths inside stay relative to the repo root)."""
+def one_method(sweep_file: str, method: str, out: Path) -> str:
+    """The sweep file with one method's search alone (paths inside stay relative to the repo root)."""
     import yaml
 
     data = yaml.safe_load(Path(sweep_file).read_text())
-    data["methods"] = {"qlora": data["methods"]["qlora"]}
+    data["methods"] = {method: data["methods"][method]}
     if isinstance(data.get("num_samples"), dict):
-        data["num_samples"] = {"qlora": data["num_samples"]["qlora"]}
+        data["num_samples"] = {method: data["num_samples"][method]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(out)
@@ -86,6 +92,8 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="CPU smoke run: no GPUs, small evaluations")
     ap.add_argument("--full-sweep", action="store_true", help="also time the shipped sweep file with packing on")
     ap.add_argument("--modes", default="unpacked,packed", help="which runs now (comma-separated)")
+    ap.add_argument("--methods", default="qlora",
+                    help="whose search runs (comma-separated: qlora, galore; GaLore trials run unpacked only)")
     ap.add_argument("--append", action="store_true",
                     help="keep --out's anchor, rows and trials of the modes not run now (one run split over calls)")
     ap.add_argument("--out", required=True)
@@ -93,6 +101,11 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"unpacked", "packed"}:
         ap.error(f"--modes: unpacked and/or packed, got {args.modes!r}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or set(methods) - set(ANCHOR):
+        ap.error(f"--methods: qlora and/or galore, got {args.methods!r}")
+    if "galore" in methods and "packed" in modes:
+        ap.error("--methods galore runs with --modes unpacked: `packing` packs QLoRA trials only")
     prev = json.loads(Path(args.out).read_text()) if args.append and Path(args.out).exists() else {}
     for key, value in (("steps", args.steps), ("sweep", args.sweep), ("model", args.model)):
         if prev and prev.get(key) != value:
@@ -113,28 +126,33 @@ def main() -> None:
                          "metric=eval_loss"]  # fmt: skip
         common += cpu_overrides
     num_cpus = 4 if args.cpu else None
-    rows = [r for r in prev.get("rows", []) if r["mode"] not in modes]
-    runs = {mode: done for mode, done in prev.get("trials", {}).items() if mode not in modes}
-    anchor_tps = prev.get("anchor_tokens_per_s") or float("nan")  # the anchor times CUDA steps: none on CPU
-    if not args.cpu and math.isnan(anchor_tps):
-        anchor_tps = anchor(study_config("qlora-int8", args.model, args.data, args.anchor_steps, work / "anchor"))["tokens_per_s"]
-    for mode in modes:
-        packing = "qlora" if mode == "packed" else "off"
-        shutil.rmtree(work / mode, ignore_errors=True)  # this script's scratch: a sweep there would be resumed, not rerun
-        sweep_dir, wall = run_sweep(qlora_only(args.sweep, work / "sweep_qlora.yaml"),
-                                    common + [f"packing={packing}", f"storage_path={work / mode}"], num_cpus)  # fmt: skip
-        done = {key: {k: m[k] for k in ("eval_loss", "trained_tokens", "tokens_per_second")}
-                for key, m in trials(sweep_dir).items()}  # fmt: skip
-        runs[mode] = done
-        tokens = sum(m["trained_tokens"] for m in done.values())
-        rows.append({"method": "qlora", "mode": mode, "trials": len(done),
-                     "aggregate_tokens_per_s": tokens / wall,
-                     "sum_trial_tokens_per_s": sum(m["tokens_per_second"] for m in done.values()),
-                     "anchor_tokens_per_s": anchor_tps, "ratio": tokens / wall / anchor_tps,
-                     "wall_seconds": wall, "trained_tokens": tokens})  # fmt: skip
-    agreement = [{"config": json.loads(k), "eval_loss_packed": runs["packed"][k]["eval_loss"],
-                  "eval_loss_alone": runs["unpacked"][k]["eval_loss"]}
-                 for k in sorted(runs.get("packed", {}).keys() & runs.get("unpacked", {}).keys())]  # fmt: skip
+    now = {(method, mode) for method in methods for mode in modes}
+    rows = [r for r in prev.get("rows", []) if (r["method"], r["mode"]) not in now]
+    runs = {run: done for run, done in prev.get("trials", {}).items() if tuple(run.split("/")) not in now}
+    anchors = dict(prev.get("anchors", {}))
+    for method in methods:
+        if not args.cpu and method not in anchors:  # the anchor times CUDA steps: none on CPU
+            cfg = study_config(ANCHOR[method], args.model, args.data, args.anchor_steps, work / f"anchor_{method}")
+            anchors[method] = anchor(cfg)["tokens_per_s"]
+        anchor_tps = anchors.get(method, float("nan"))
+        for mode in modes:
+            packing = "qlora" if mode == "packed" else "off"
+            scratch = work / f"{method}_{mode}"
+            shutil.rmtree(scratch, ignore_errors=True)  # this script's scratch: a sweep there would be resumed, not rerun
+            sweep_dir, wall = run_sweep(one_method(args.sweep, method, work / f"sweep_{method}.yaml"),
+                                        common + [f"packing={packing}", f"storage_path={scratch}"], num_cpus)  # fmt: skip
+            done = {key: {k: m[k] for k in ("eval_loss", "trained_tokens", "tokens_per_second")}
+                    for key, m in trials(sweep_dir).items()}  # fmt: skip
+            runs[f"{method}/{mode}"] = done
+            tokens = sum(m["trained_tokens"] for m in done.values())
+            rows.append({"method": method, "mode": mode, "trials": len(done),
+                         "aggregate_tokens_per_s": tokens / wall,
+                         "sum_trial_tokens_per_s": sum(m["tokens_per_second"] for m in done.values()),
+                         "anchor_tokens_per_s": anchor_tps, "ratio": tokens / wall / anchor_tps,
+                         "wall_seconds": wall, "trained_tokens": tokens})  # fmt: skip
+    packed, alone = runs.get("qlora/packed", {}), runs.get("qlora/unpacked", {})
+    agreement = [{"config": json.loads(k), "eval_loss_packed": packed[k]["eval_loss"],
+                  "eval_loss_alone": alone[k]["eval_loss"]} for k in sorted(packed.keys() & alone.keys())]  # fmt: skip
     full_wall = None
     if args.full_sweep:
         shutil.rmtree(work / "full", ignore_errors=True)
@@ -142,15 +160,15 @@ def main() -> None:
                                               f"base.data.test={args.data}/test.jsonl", "packing=qlora",
                                               f"storage_path={work / 'full'}", *cpu_overrides], num_cpus)  # fmt: skip
     full_wall = full_wall if full_wall is not None else prev.get("sweep_study_wall_seconds")
-    rows.sort(key=lambda r: r["mode"] != "unpacked")
+    rows.sort(key=lambda r: (r["method"], r["mode"] != "unpacked"))
     result = {"rows": rows, "sweep_study_wall_seconds": full_wall, "agreement": agreement,
-              "anchor_tokens_per_s": anchor_tps, "trials": runs,
+              "anchors": anchors, "trials": runs,
               "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else "CPU",
               "date": datetime.date.today().isoformat(), "steps": args.steps, "sweep": args.sweep,
               "model": args.model}  # fmt: skip
-    print(f"{'mode':<10}{'trials':>7}{'agg tok/s':>12}{'sum trial tok/s':>17}{'anchor':>9}{'ratio':>8}{'wall s':>9}")
+    print(f"{'method':<8}{'mode':<10}{'trials':>7}{'agg tok/s':>12}{'sum trial tok/s':>17}{'anchor':>9}{'ratio':>8}{'wall s':>9}")
     for r in rows:
-        print(f"{r['mode']:<10}{r['trials']:>7}{r['aggregate_tokens_per_s']:>12.0f}{r['sum_trial_tokens_per_s']:>17.0f}"
+        print(f"{r['method']:<8}{r['mode']:<10}{r['trials']:>7}{r['aggregate_tokens_per_s']:>12.0f}{r['sum_trial_tokens_per_s']:>17.0f}"
               f"{r['anchor_tokens_per_s']:>9.0f}{r['ratio']:>8.2f}{r['wall_seconds']:>9.0f}")  # fmt: skip
     for a in agreement:
         rel = abs(a["eval_loss_packed"] - a["eval_loss_alone"]) / abs(a["eval_loss_alone"])
