@@ -3,6 +3,7 @@
     duetto serve run --generator runs/qlora/trial --reranker runs/galore/trial [--k 4] [--port 8000]
     duetto serve run configs/serve.yaml [--set ensemble.mode=mix]
     duetto serve run --from-sweep duetto-runs/sweeps/study
+    duetto serve run --from-sweep duetto-runs/sweeps/study --ensemble-from reports/study/report.json
     duetto serve bench --url http://127.0.0.1:8000 --concurrency 4 --duration 30
 
 `run` is the default action (`duetto serve --generator ...` and `duetto serve configs/serve.yaml`
@@ -42,6 +43,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_config_flags(run, ServeConfig, SERVE_FLAGS)
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="any config key, dotted (e.g. generator_deployment.num_gpus=0.5); repeatable")  # fmt: skip
+    run.add_argument("--ensemble-from", default=None, metavar="REPORT.json",
+                     help="start the ensemble settings (mode, weights, greedy_candidate, k, temperature, top_p, "
+                          "max_new_tokens) from what a `duetto report` chose on its validation rows and sampled "
+                          "with (named flags and --set still override)")  # fmt: skip
     run.add_argument(
         "--address",
         default=None,
@@ -74,11 +79,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_config(args: argparse.Namespace):
-    """ServeConfig from the optional YAML, then the named flags, then --set overrides."""
-    from duetto.config import config_flags, load_config
+    """ServeConfig from the optional YAML, then a report's validated ensemble settings
+    (--ensemble-from), then the named flags, then --set overrides."""
+    from duetto.config import ConfigError, config_flags, load_config
     from duetto.serve.config import ServeConfig
 
-    return load_config(ServeConfig, args.config, args.overrides, flags=config_flags(args))
+    flags = {k: v for k, v in config_flags(args).items() if v is not None}
+    if getattr(args, "ensemble_from", None):
+        from duetto.workflows.selection_report import validated_ensemble
+
+        try:
+            flags = {**validated_ensemble(args.ensemble_from), **flags}
+        except ValueError as e:
+            raise ConfigError(f"--ensemble-from: {e}") from None
+    return load_config(ServeConfig, args.config, args.overrides, flags=flags)
 
 
 def _serve(args: argparse.Namespace) -> int:

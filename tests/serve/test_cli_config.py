@@ -134,3 +134,46 @@ def test_bench_refuses_non_loopback_and_unbounded_runs(capsys):
     assert "--duration" in capsys.readouterr().err
     assert cli.run(_parse(["bench", "--concurrency", "1000", "--duration", "1"])) == 2
     assert "--concurrency" in capsys.readouterr().err
+
+
+def _report(tmp_path, selection, name="report.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"config": {"max_new_tokens": 48, "ensemble": {"k": 8, "temperature": 0.7, "top_p": 0.9}},
+                                "selection": selection}))  # fmt: skip
+    return str(path)
+
+
+def test_ensemble_from_a_report_takes_its_validated_rule_and_sampling(tmp_path):
+    fitted = {"modes": {"combined": {}}, "chosen": "combined", "greedy_candidate": True,
+              "params": {"weights": {"consensus": 0.5, "generator": 2.0}}}  # fmt: skip
+    report = _report(tmp_path, fitted)
+    e = cli.build_config(_parse(["run", "--generator", "g", "--reranker", "r", "--ensemble-from", report])).ensemble
+    assert (e.mode, e.k, e.greedy_candidate, e.temperature, e.top_p, e.max_new_tokens) == ("combined", 8, True, 0.7, 0.9, 48)
+    assert e.weights == {"consensus": 0.5, "generator": 2.0}
+    # named flags, then --set, still override the report, and the YAML is overridden by it
+    yaml_file = tmp_path / "serve.yaml"
+    yaml_file.write_text("generator: g\nreranker: r\nensemble:\n  mode: generator\n  k: 2\n")
+    e = cli.build_config(_parse(["run", str(yaml_file), "--ensemble-from", report, "--k", "4",
+                                 "--set", "ensemble.temperature=0.5"])).ensemble  # fmt: skip
+    assert (e.mode, e.k, e.temperature) == ("combined", 4, 0.5)
+    mix = _report(tmp_path, {"modes": {"mix": {}}, "chosen": "mix", "params": {"weight": 0.3}}, "mix.json")
+    e = cli.build_config(_parse(["run", "--generator", "g", "--reranker", "r", "--ensemble-from", mix])).ensemble
+    assert (e.mode, e.weight, e.greedy_candidate) == ("mix", 0.3, False)
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "no such report"),
+    ("{not json", "not JSON"),
+    (json.dumps({"config": {}}), "no `selection` section"),
+    (json.dumps({"config": {"ensemble": {"k": 4, "temperature": 0.7, "top_p": 0.95}},
+                 "selection": {"fitted_on": None, "chosen": "reranker"}}), "selection: the mode was configured \\(reranker\\), not fitted"),
+    (json.dumps({"config": {"ensemble": {"k": 4}}, "selection": {"modes": {}, "chosen": "consensus"}}),
+     "config.ensemble.temperature: missing"),
+])  # fmt: skip
+def test_ensemble_from_refuses_what_is_not_a_validated_report(tmp_path, content, match):
+    path = tmp_path / "report.json"
+    if content is not None:
+        path.write_text(content)
+    args = _parse(["run", "--generator", "g", "--reranker", "r", "--ensemble-from", str(path)])
+    with pytest.raises(ConfigError, match=f"--ensemble-from: {path}: {match}"):
+        cli.build_config(args)

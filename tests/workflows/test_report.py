@@ -104,6 +104,16 @@ def test_report_has_all_rows_intervals_and_outputs(tmp_path, tiny_gemma_dir, uni
     assert prov["trials"]["QLoRA"]["qlora.bits"] == 4 and prov["trials"]["GaLore"]["galore.rank"] == 8
     assert prov["trials"]["QLoRA"]["seed"] == prov["trials"]["GaLore"]["seed"]
     assert report["versions"]["rouge-score"][0].isdigit() and report["versions"]["sacrebleu"][0].isdigit()
+    # `duetto serve run --ensemble-from` starts from the rule and sampling this report validated
+    from duetto.serve import cli as serve_cli
+    from duetto.cli import parse_args
+
+    args = parse_args(["serve", "run", "--generator", "g", "--reranker", "r", "--ensemble-from",
+                       str(tmp_path / "rep" / "report.json")])  # fmt: skip
+    e = serve_cli.build_config(args).ensemble
+    assert (e.mode, e.k, e.greedy_candidate, e.temperature, e.top_p, e.max_new_tokens) == (
+        sel["chosen"], 3, sel["greedy_candidate"], cfg.ensemble.temperature, cfg.ensemble.top_p, 6)
+    assert e.weight == sel["params"].get("weight", 0.5) and e.weights == (sel["params"].get("weights") or {})
 
 
 def test_report_config_needs_both_trials():
