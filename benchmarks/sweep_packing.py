@@ -2,7 +2,7 @@
 
     # GPU (SmolLM2-135M random weights are enough for speed; DATA from `duetto data prepare`):
     python benchmarks/sweep_packing.py --model DIR --data DATA --out benchmarks/results/sweep_packing_h200.json
-    # the same in two calls (each mode's run fits a 10-minute device call): the second adds to the file
+    # the same split over two calls (for time-limited device calls): the second adds to the file
     python benchmarks/sweep_packing.py --model DIR --data DATA --modes unpacked --out OUT.json
     python benchmarks/sweep_packing.py --model DIR --data DATA --modes packed --append --out OUT.json
     # GaLore's search too (its trials run unpacked: `packing` packs QLoRA trials only)
@@ -11,14 +11,14 @@
     python benchmarks/sweep_packing.py --model tiny --data DATA --steps 6 --anchor-steps 4 --cpu --out /tmp/sp.json
 
 Both modes run one method's search of --sweep (configs/sweep_study.yaml; QLoRA unless --methods says
-otherwise) with the same sampled configs (the sweep's seed), FIFO (no early stopping, so every config trains to the end in both modes and can
-be compared), --steps steps each. Reported per mode: the summed trained tokens of all trials over
-the sweep's wall clock (end to end, start-up and evaluation included), the sum of the trials' own
-tokens/s (over the steps each took part in), and the wall time; each method's anchor is plain HF
-`Trainer` on one study-config trial of it (benchmarks/trial_speed.py: QLoRA int8, GaLore layer-wise
-8-bit). `agreement` pairs each config's final
-eval loss packed and alone. With --full-sweep it also times the shipped sweep file as it is (both
-methods, ASHA) with packing on: `sweep_study_wall_seconds`.
+otherwise) with the same sampled configs (the sweep's seed), FIFO (no early stopping, so every
+config trains to the end in both modes and can be compared), --steps steps each. Reported per mode:
+the summed trained tokens of all trials over the sweep's wall clock (end to end, start-up and
+evaluation included), the sum of the trials' own tokens/s (over the steps each took part in), and
+the wall time; each method's anchor is plain HF `Trainer` on one study-config trial of it
+(benchmarks/trial_speed.py: QLoRA int8, GaLore layer-wise 8-bit). `agreement` pairs each QLoRA
+config's final eval loss packed and alone. With --full-sweep it also times the shipped sweep file as
+it is (both methods, ASHA) with packing on: `sweep_study_wall_seconds`.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--methods", default="qlora",
                     help="whose search runs (comma-separated: qlora, galore; GaLore trials run unpacked only)")
     ap.add_argument("--append", action="store_true",
-                    help="keep --out's anchor, rows and trials of the modes not run now (one run split over calls)")
+                    help="keep --out's anchors, rows and trials of the methods and modes not run now (one run split over calls)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

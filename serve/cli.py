@@ -82,15 +82,13 @@ def build_config(args: argparse.Namespace):
     """ServeConfig from the optional YAML, then a report's validated ensemble settings
     (--ensemble-from), then the named flags, then --set overrides."""
     from duetto.config import ConfigError, config_flags, load_config
-    from duetto.serve.config import ServeConfig
+    from duetto.serve.config import ServeConfig, ensemble_from_report
 
-    flags = {k: v for k, v in config_flags(args).items() if v is not None}
+    flags = config_flags(args)
     if getattr(args, "ensemble_from", None):
-        from duetto.workflows.selection_report import validated_ensemble
-
         try:
-            flags = {**validated_ensemble(args.ensemble_from), **flags}
-        except ValueError as e:
+            flags = {**ensemble_from_report(args.ensemble_from), **flags}
+        except ConfigError as e:
             raise ConfigError(f"--ensemble-from: {e}") from None
     return load_config(ServeConfig, args.config, args.overrides, flags=flags)
 

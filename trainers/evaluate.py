@@ -47,9 +47,9 @@ def rouge_tokens():
 
 @functools.cache
 def _rouge_tokenizer():
-    from rouge_score import rouge_scorer
+    from rouge_score import tokenizers
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)._tokenizer
+    return tokenizers.DefaultTokenizer(use_stemmer=True)  # what RougeScorer(use_stemmer=True) tokenizes with
 
 
 def rouge_l_f(target: Sequence[str], prediction: Sequence[str]) -> float:

@@ -12,7 +12,6 @@ n of each prompt's candidates, for several n: what more candidates buy, and what
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from duetto.serve.selection import (
@@ -255,42 +254,3 @@ def count_table(rows: Sequence[dict], *, mode: str, params: Mapping[str, Any], c
     return {"mode": mode, "params": dict(params), "k": k, "num_examples": len(rows),
             "best_single": best_single[0] if best_single else None, "counts": out}  # fmt: skip
 
-
-def validated_ensemble(report_path: str | Path) -> dict[str, Any]:
-    """The ensemble settings a ``duetto report`` fixed on its validation rows, as dotted config keys
-    (``ensemble.mode``, ``.weight`` / ``.weights``, ``.greedy_candidate``, and the sampling its candidates
-    were drawn with: ``.k``, ``.temperature``, ``.top_p``, ``.max_new_tokens``): what `duetto serve run
-    --ensemble-from REPORT.json` starts from. A report without a validation fit is refused, since its
-    mode was configured, not chosen."""
-    import json
-
-    path = Path(report_path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such report (the report.json `duetto report` wrote)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
-    selection = report.get("selection") if isinstance(report, dict) else None
-    if not isinstance(selection, dict) or "chosen" not in selection:
-        raise ValueError(f"{path}: no `selection` section: not a report.json of `duetto report`")
-    if "modes" not in selection:
-        raise ValueError(f"{path}: selection: the mode was configured ({selection['chosen']}), not fitted on "
-                         "validation rows (`validation.train` was not set); set ensemble.mode yourself")  # fmt: skip
-    config = report.get("config") or {}
-    sampling = config.get("ensemble") or {}
-    for key, kind in (("k", int), ("temperature", (int, float)), ("top_p", (int, float))):
-        if not isinstance(sampling.get(key), kind):
-            raise ValueError(f"{path}: config.ensemble.{key}: missing; the report's sampling settings are needed")
-    params = selection.get("params") or {}
-    # the rule was fitted on candidates drawn this way: the same count, temperature, top-p and length
-    keys: dict[str, Any] = {"ensemble.mode": selection["chosen"], "ensemble.k": sampling["k"],
-                            "ensemble.temperature": sampling["temperature"], "ensemble.top_p": sampling["top_p"],
-                            "ensemble.greedy_candidate": bool(selection.get("greedy_candidate", False))}  # fmt: skip
-    if isinstance(config.get("max_new_tokens"), int):
-        keys["ensemble.max_new_tokens"] = config["max_new_tokens"]
-    if "weight" in params:
-        keys["ensemble.weight"] = params["weight"]
-    if params.get("weights"):
-        keys["ensemble.weights"] = dict(params["weights"])
-    return keys
