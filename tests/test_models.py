@@ -275,11 +275,11 @@ def test_gguf_tokenizer_check_passes_a_word_level_tokenizer_with_bos():
 
 
 def test_gguf_tokenizer_check_rejects_missing_bos_and_words_cut_into_pieces():
-    with pytest.raises(RuntimeError, match=r"m\.gguf: transformers .* BOS .*transformers>=5\.23"):
+    with pytest.raises(model_fetch.FetchError, match=r"m\.gguf: transformers .* BOS .*transformers>=5\.23"):
         model_fetch.check_gguf_tokenizer(_bpe_tokenizer(400, bos=False), True, "m.gguf")
     pieces = _bpe_tokenizer(262, bos=True)  # 3 specials + 256 bytes + 3 merges
     assert len(pieces(model_fetch._PROBE, add_special_tokens=False)["input_ids"]) > 14
-    with pytest.raises(RuntimeError, match=r"cuts the 9 words .* into \d+ tokens"):
+    with pytest.raises(model_fetch.FetchError, match=r"cuts the 9 words .* into \d+ tokens"):
         model_fetch.check_gguf_tokenizer(pieces, True, "m.gguf")
 
 
@@ -326,6 +326,15 @@ def test_cli_model_tiny_writes_a_loadable_model(tmp_path):
     assert (manifest["style"], manifest["seed"]) == ("smollm", 3)
     assert _tok(out).eos_token == "<|im_end|>"
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_cli_model_fetch_reports_a_failed_fetch_in_one_line(tmp_path):
+    missing = tmp_path / "absent.gguf"
+    proc = _duetto("model", "fetch", "gemma-3-270m", "--gguf", str(missing), env={"DUETTO_CACHE": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"duetto model fetch: {missing}: no such GGUF file"
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "models" / "gemma-3-270m").exists()
 
 
 def test_cli_model_fetch_rejects_unknown_names(tmp_path):
