@@ -20,6 +20,7 @@ from duetto.files import file_sha256
 from duetto.model_cache import build_once, models_dir, read_manifest, write_manifest
 from duetto.tokens import GEMMA_CHAT_TEMPLATE, stop_token_ids
 
+
 class FetchError(RuntimeError):
     """A fetch that cannot finish for a reason the user can act on; `duetto model fetch` prints it
     as one line."""
@@ -177,7 +178,7 @@ def check_gguf_tokenizer(tok, adds_bos: bool | None, source: str) -> None:
         problems.append("it does not put BOS in front of a text, which the GGUF says the model expects")
     if problems:
         raise FetchError(f"{source}: transformers {transformers.__version__} converts this GGUF's tokenizer wrongly: "
-                           f"{'; '.join(problems)}. Install transformers>=5.23 and fetch again.")  # fmt: skip
+                         f"{'; '.join(problems)}. Install transformers>=5.23 and fetch again.")  # fmt: skip
 
 
 def _convert_gguf(name: str, gguf: Path, out: Path) -> None:
