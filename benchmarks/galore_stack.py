@@ -101,23 +101,30 @@ def one_at_a_time(models, device, graphs: bool, rows):
     return step
 
 
-def stacked(models, device, graphs: bool, rows):
-    """All trials as one step: stacked weights, vmap over the trial dimension, one fused AdamW.
-    ``models[0]`` is the skeleton ``functional_call`` runs; the other models may be freed after."""
-    import torch
-    from torch.func import functional_call, stack_module_state, vmap
+def _stacked_loss(skeleton):
+    """Per-trial losses of stacked weights: ``(params, buffers, rows)``, each with a leading trial
+    dimension, through ``skeleton``'s forward."""
+    from torch.func import functional_call, vmap
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    params, buffers = stack_module_state(models)
-    params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
-    skeleton = models[0]
 
     def loss_one(p, b, x):
         # the fused SDPA kernels reject vmap's batched strides; the math kernel is plain batched matmuls
         with sdpa_kernel(SDPBackend.MATH):
             return functional_call(skeleton, (p, b), (), {"input_ids": x, "labels": x}).loss
 
-    batched = vmap(loss_one, in_dims=(0, 0, 0), randomness="different")
+    return vmap(loss_one, in_dims=(0, 0, 0), randomness="different")
+
+
+def stacked(models, device, graphs: bool, rows):
+    """All trials as one step: stacked weights, vmap over the trial dimension, one fused AdamW.
+    ``models[0]`` is the skeleton ``functional_call`` runs; the other models may be freed after."""
+    import torch
+    from torch.func import stack_module_state
+
+    params, buffers = stack_module_state(models)
+    params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+    skeleton = models[0]
+    batched = _stacked_loss(skeleton)
     opt = torch.optim.AdamW(list(params.values()), lr=1e-5, fused=device.type == "cuda", capturable=graphs)
     x = rows.clone()
 
@@ -137,18 +144,17 @@ def stacked(models, device, graphs: bool, rows):
 
 
 def first_losses_agree(models, data) -> float:
-    """Largest relative difference between the stacked and the separate models' first-step losses."""
+    """Largest relative difference between the stacked and the separate models' first-step losses
+    (both through SDPA's math kernel, so the comparison is of the stacking alone)."""
     import torch
-    from torch.func import functional_call, stack_module_state, vmap
-
-    params, buffers = stack_module_state(models)
-    skeleton = models[0]
+    from torch.func import stack_module_state
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        stacked_losses = vmap(lambda p, b, x: functional_call(skeleton, (p, b), (), {"input_ids": x, "labels": x}).loss,
-                              randomness="different")(params, buffers, data[0])  # fmt: skip
-        alone = torch.stack([m(input_ids=data[0][i], labels=data[0][i]).loss for i, m in enumerate(models)])
+    params, buffers = stack_module_state(models)
+    with torch.no_grad():
+        stacked_losses = _stacked_loss(models[0])(params, buffers, data[0])
+        with sdpa_kernel(SDPBackend.MATH):
+            alone = torch.stack([m(input_ids=data[0][i], labels=data[0][i]).loss for i, m in enumerate(models)])
     return float(((stacked_losses - alone).abs() / alone.abs()).max())
 
 

@@ -119,7 +119,8 @@ def tiny_corpus() -> list[str]:
     return lines
 
 
-def _train_bpe(specials: list[str], vocab_size: int):
+def _train_bpe(specials: list[str], vocab_size: int, corpus: list[str] | None = None):
+    """A byte-level BPE trained on ``corpus`` (default: ``tiny_corpus()``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -129,7 +130,7 @@ def _train_bpe(specials: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    tok.train_from_iterator(tiny_corpus() if corpus is None else corpus, trainer=trainer)
     return tok
 
 

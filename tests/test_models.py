@@ -284,15 +284,12 @@ def test_gguf_chunks_are_joined_in_order(tmp_path):
 def _bpe_tokenizer(vocab_size: int, bos: bool):
     """A byte-level BPE trained on the check's own sentence: whole words with a large vocabulary,
     pieces of words with one barely above the byte alphabet."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([model_fetch._PROBE] * 20, trainer=trainer)
+    from duetto.tiny_model import _train_bpe
+
+    backend = _train_bpe(["<pad>", "<eos>", "<bos>"], vocab_size, corpus=[model_fetch._PROBE] * 20)
     if bos:
         backend.post_processor = processors.TemplateProcessing(
             single="<bos> $A", special_tokens=[("<bos>", backend.token_to_id("<bos>"))])

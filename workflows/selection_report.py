@@ -253,4 +253,3 @@ def count_table(rows: Sequence[dict], *, mode: str, params: Mapping[str, Any], c
         out.append(entry)
     return {"mode": mode, "params": dict(params), "k": k, "num_examples": len(rows),
             "best_single": best_single[0] if best_single else None, "counts": out}  # fmt: skip
-
