@@ -91,7 +91,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/sweep-packing")
     ap.add_argument("--cpu", action="store_true", help="CPU smoke run: no GPUs, small evaluations")
     ap.add_argument("--full-sweep", action="store_true", help="also time the shipped sweep file with packing on")
-    ap.add_argument("--modes", default="unpacked,packed", help="which runs now (comma-separated)")
+    ap.add_argument("--modes", default="unpacked,packed",
+                    help="which runs now (comma-separated; empty with --full-sweep: the shipped sweep alone)")
     ap.add_argument("--methods", default="qlora",
                     help="whose search runs (comma-separated: qlora, galore; GaLore trials run unpacked only)")
     ap.add_argument("--append", action="store_true",
@@ -99,8 +100,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"unpacked", "packed"}:
-        ap.error(f"--modes: unpacked and/or packed, got {args.modes!r}")
+    if (not modes and not args.full_sweep) or set(modes) - {"unpacked", "packed"}:
+        ap.error(f"--modes: unpacked and/or packed (or none, with --full-sweep), got {args.modes!r}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or set(methods) - set(ANCHOR):
         ap.error(f"--methods: qlora and/or galore, got {args.methods!r}")
