@@ -83,8 +83,8 @@ class SweepConfig:
     packing: Literal["off", "qlora"] = "off"
     """qlora = the QLoRA trials that share a base (model, bits, sequence length, batch size, targets) train
     together in one forward/backward on one trial's GPU share (tune/packing.py), each still its own Tune
-    trial with its own reports, checkpoints and ASHA decisions; on a GPU, packed steps do not use the
-    CUDA-graph fast path yet."""
+    trial with its own reports, checkpoints and ASHA decisions; on a GPU, a pack's forward and backward
+    replay as CUDA graphs unless the trials set cuda_graphs: false. GaLore trials always run unpacked."""
     pack_size: int = 0
     """Most QLoRA trials one pack trains at once; 0 = as many as its share of GPU memory holds (measured
     from its steps: see pack_memory_fraction; on CPU, no limit)."""
