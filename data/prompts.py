@@ -112,11 +112,14 @@ def encode_prompt(prompt: str, tokenizer, max_tokens: int | None = None) -> list
     Generation must use this: tokenizing a study prompt with ``add_special_tokens=False`` loses
     Gemma's BOS, tokenizing a chat prompt with it doubles BOS, and ``ids[-n:]`` drops BOS.
     """
-    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    prefix = _special_prefix(tokenizer)
-    if prefix and ids[: len(prefix)] != prefix:
-        ids = prefix + ids
+    ids = _with_prefix(list(tokenizer(prompt, add_special_tokens=False)["input_ids"]), tokenizer)
     return ids if max_tokens is None else cut_prompt(ids, tokenizer, max_tokens)
+
+
+def _with_prefix(ids: list[int], tokenizer) -> list[int]:
+    """Prompt ids with the tokenizer's special prefix (BOS) in front once."""
+    prefix = _special_prefix(tokenizer)
+    return prefix + ids if prefix and ids[: len(prefix)] != prefix else ids
 
 
 def _head(ids: list[int], tokenizer) -> int:
@@ -141,7 +144,20 @@ def encode_pair(prompt: str, response: str, tokenizer, *, template: str = "study
     """
     prompt_ids = encode_prompt(prompt, tokenizer)
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if response else []
-    stop_ids = list(tokenizer(response_end(tokenizer, template), add_special_tokens=False)["input_ids"])
+    return _assemble(prompt_ids, response_ids, tokenizer, template, max_seq_len)
+
+
+def _stop_ids(tokenizer, template: str) -> list[int]:
+    key = ("stop", template, getattr(tokenizer, "chat_template", None), tokenizer.eos_token)
+    memo = _cache(tokenizer)
+    if key not in memo:
+        memo[key] = list(tokenizer(response_end(tokenizer, template), add_special_tokens=False)["input_ids"])
+    return list(memo[key])
+
+
+def _assemble(prompt_ids: list[int], response_ids: list[int], tokenizer, template: str, max_seq_len: int) -> dict:
+    """``encode_pair``'s result from the prompt's ids (BOS in front) and the response's ids."""
+    stop_ids = _stop_ids(tokenizer, template)
     head = _head(prompt_ids, tokenizer)
     if max_seq_len < head + len(stop_ids) + 1:
         raise ValueError(f"max_seq_len={max_seq_len} leaves no room for a prompt (BOS + stop token need {head + len(stop_ids)})")
@@ -163,14 +179,33 @@ def encode_pair(prompt: str, response: str, tokenizer, *, template: str = "study
     }
 
 
-def encode_example(example: dict, tokenizer, *, template: str = "study", max_seq_len: int = 128) -> dict:
-    """Encode one unified row (``instruction``, optional ``input``, ``response``) for training or scoring."""
+def _example_prompt(example: dict, tokenizer, template: str) -> str:
     missing = [k for k in ("instruction", "response") if not isinstance(example.get(k), str)]
     if missing:
         where = f" (id {example['id']!r})" if "id" in example else ""
         raise ValueError(f"example{where} lacks string field(s) {', '.join(missing)}; keys: {sorted(example)}")
-    prompt = build_prompt(example["instruction"], example.get("input") or "", template=template, tokenizer=tokenizer)
+    return build_prompt(example["instruction"], example.get("input") or "", template=template, tokenizer=tokenizer)
+
+
+def encode_example(example: dict, tokenizer, *, template: str = "study", max_seq_len: int = 128) -> dict:
+    """Encode one unified row (``instruction``, optional ``input``, ``response``) for training or scoring."""
+    prompt = _example_prompt(example, tokenizer, template)
     return encode_pair(prompt, example["response"], tokenizer, template=template, max_seq_len=max_seq_len)
+
+
+def encode_examples(examples: Sequence[dict], tokenizer, *, template: str = "study", max_seq_len: int = 128) -> list[dict]:
+    """``encode_example`` of every row, with the prompts and the responses each tokenized in one batched
+    call: a fast tokenizer encodes a batch in parallel, where one call a text costs a Python round trip
+    per row (most of a trial's data preparation)."""
+    prompts = [_example_prompt(example, tokenizer, template) for example in examples]
+    responses = [example["response"] for example in examples]
+    if not examples:
+        return []
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    texts = [r for r in responses if r]
+    response_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    return [_assemble(_with_prefix(list(p), tokenizer), list(next(response_ids)) if r else [], tokenizer, template,
+                      max_seq_len) for p, r in zip(prompt_ids, responses)]  # fmt: skip
 
 
 def pad_batch(features: Sequence[dict], pad_id: int | None, *, side: str = "right", width: int = 0) -> dict:

@@ -451,13 +451,13 @@ def score_candidates(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str,
     ``static``'s largest row bucket when it is given: see StaticScoring)."""
     import torch
 
-    from duetto.data.prompts import encode_example, pad_batch
+    from duetto.data.prompts import encode_examples, pad_batch
     from duetto.tokens import ensure_pad_token
 
     ensure_pad_token(tokenizer)
     device = next(model.parameters()).device
     rows = [{"instruction": instruction, "input": inp or "", "response": resp} for instruction, inp, resp in pairs]
-    feats = [encode_example(row, tokenizer, template=template, max_seq_len=max_seq_len) for row in rows]
+    feats = encode_examples(rows, tokenizer, template=template, max_seq_len=max_seq_len)
     if static is not None:
         batch_rows = min(batch_rows, static.rows[-1])
     scores: list[float] = []

@@ -14,14 +14,11 @@ class EncodedDataset:
     """Tokenized unified rows (lists), padded per batch by the collator."""
 
     def __init__(self, rows: list[dict], tokenizer, template: str, max_seq_len: int):
-        from duetto.data.prompts import encode_example
+        from duetto.data.prompts import encode_examples
 
-        self.items = []
-        self.truncated = 0
-        for row in rows:
-            enc = encode_example(row, tokenizer, template=template, max_seq_len=max_seq_len)
-            self.truncated += bool(enc.get("truncated"))
-            self.items.append({k: enc[k] for k in ("input_ids", "attention_mask", "labels")})
+        encoded = encode_examples(rows, tokenizer, template=template, max_seq_len=max_seq_len)
+        self.truncated = sum(bool(enc.get("truncated")) for enc in encoded)
+        self.items = [{k: enc[k] for k in ("input_ids", "attention_mask", "labels")} for enc in encoded]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -9,6 +9,7 @@ from duetto.data.prompts import (
     build_prompt,
     count_truncated,
     encode_example,
+    encode_examples,
     encode_pair,
     encode_prompt,
     pad_batch,
@@ -193,6 +194,26 @@ def test_truncation_cuts_the_prompt_from_the_left_and_is_counted(tok, template):
         full["input_ids"][full["prompt_len"] - kept_tail : full["prompt_len"]]
     if tok.bos_token == "<bos>":  # Gemma: BOS survives the cut
         assert cut["input_ids"][0] == tok.bos_token_id and cut["input_ids"].count(tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("template", ["study", "chat"])
+def test_batched_encoding_equals_one_row_at_a_time(tok, template):
+    """encode_examples (one tokenizer call for all prompts, one for all responses) gives what encode_example
+    gives row by row: BOS once, truncation, empty inputs and responses, a response over max_seq_len."""
+    long_input = " ".join(["The children played in the garden while their parents cooked dinner."] * 20)
+    rows = [
+        {"instruction": "Summarize the following text.", "input": long_input, "response": RESPONSE},
+        {"instruction": "Hi", "input": "", "response": "Hello."},
+        {"instruction": "Say nothing.", "response": ""},
+        {"instruction": "Name a city.", "input": "Europe", "response": " ".join(["Paris is lovely."] * 40)},
+        {"instruction": "<bos>Starts with a special-looking text", "input": "x", "response": "y"},
+    ]
+    for max_seq_len in (64, 4096):
+        one_by_one = [encode_example(r, tok, template=template, max_seq_len=max_seq_len) for r in rows]
+        assert encode_examples(rows, tok, template=template, max_seq_len=max_seq_len) == one_by_one
+    assert encode_examples([], tok, template=template) == []
+    with pytest.raises(ValueError, match="lacks string field"):
+        encode_examples([rows[0], {"instruction": "no response"}], tok, template=template)
 
 
 @pytest.mark.parametrize("template", ["study", "chat"])
