@@ -198,14 +198,12 @@ def encode_examples(examples: Sequence[dict], tokenizer, *, template: str = "stu
     call: a fast tokenizer encodes a batch in parallel, where one call a text costs a Python round trip
     per row (most of a trial's data preparation)."""
     prompts = [_example_prompt(example, tokenizer, template) for example in examples]
-    responses = [example["response"] for example in examples]
-    if not examples:
+    if not prompts:
         return []
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    texts = [r for r in responses if r]
-    response_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    return [_assemble(_with_prefix(list(p), tokenizer), list(next(response_ids)) if r else [], tokenizer, template,
-                      max_seq_len) for p, r in zip(prompt_ids, responses)]  # fmt: skip
+    response_ids = tokenizer([example["response"] for example in examples], add_special_tokens=False)["input_ids"]
+    return [_assemble(_with_prefix(list(p), tokenizer), list(r), tokenizer, template, max_seq_len)
+            for p, r in zip(prompt_ids, response_ids)]  # fmt: skip
 
 
 def pad_batch(features: Sequence[dict], pad_id: int | None, *, side: str = "right", width: int = 0) -> dict:
