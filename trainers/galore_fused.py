@@ -114,11 +114,16 @@ class _PlainGroup:
     def __init__(self, params: list[torch.nn.Parameter], group: dict, eight_bit: bool, quirks: dict):
         self.params, self.group = params, group
         numel = sum(p.numel() for p in params)
-        self.views = [p.detach().view(-1) for p in params]
         self.adam = _AdamState(numel, params[0].device, eight_bit, quirks)
         if len(params) > 1:
             self.flat_p = torch.empty(numel, dtype=params[0].dtype, device=params[0].device)
             self.flat_g = torch.empty_like(self.flat_p)
+
+    @property
+    def views(self) -> list[torch.Tensor]:
+        """The weights, flattened; taken at each step, since a weight's storage may move between steps
+        (stacked GaLore trials: trainers/stacked_galore.py)."""
+        return [p.detach().view(-1) for p in self.params]
 
     def update_target(self) -> torch.Tensor:
         """What bitsandbytes steps (and takes the norm of, when it clips): the lone weight, flattened."""
@@ -130,11 +135,12 @@ class _PlainGroup:
             g = p.grad.view(-1) if p.grad is not None else torch.zeros_like(flat)
             self.adam.update(g, flat, self.group, step, self.group["weight_decay"], param_norm)
             return
-        grads = [p.grad.view(-1) if p.grad is not None else torch.zeros_like(v) for p, v in zip(self.params, self.views)]
+        views = self.views
+        grads = [p.grad.view(-1) if p.grad is not None else torch.zeros_like(v) for p, v in zip(self.params, views)]
         torch.cat(grads, out=self.flat_g)
-        torch.cat(self.views, out=self.flat_p)
+        torch.cat(views, out=self.flat_p)
         self.adam.update(self.flat_g, self.flat_p, self.group, step, self.group["weight_decay"])
-        torch._foreach_copy_(self.views, list(self.flat_p.split([v.numel() for v in self.views])))
+        torch._foreach_copy_(views, list(self.flat_p.split([v.numel() for v in views])))
 
 
 def low_rank_shapes(shape: tuple[int, int], group: dict) -> tuple[str, tuple[int, int], tuple[int, int]]:

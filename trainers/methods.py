@@ -43,14 +43,17 @@ class GaloreMethod:
 
         guard_galore_cuda_synchronize()
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        return Built(model, self.trainer_args(cfg), *param_counts(model))
+
+    @staticmethod
+    def trainer_args(cfg: TrialConfig) -> dict[str, Any]:
+        """The `TrainingArguments` fields that select GaLore and its settings."""
         g = cfg.galore
-        optim = "galore_adamw_8bit_layerwise" if g.layerwise else "galore_adamw_8bit"
-        args = {
-            "optim": optim,
+        return {
+            "optim": "galore_adamw_8bit_layerwise" if g.layerwise else "galore_adamw_8bit",
             "optim_target_modules": list(g.target_modules),
             "optim_args": f"rank={g.rank}, update_proj_gap={g.update_proj_gap}, scale={g.scale}, proj_type={g.proj_type}",
         }
-        return Built(model, args, *param_counts(model))
 
 
 class _OnceFilter:

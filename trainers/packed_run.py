@@ -33,10 +33,17 @@ from duetto.trainers.packed_lora import (
     peft_adapter_state,
 )
 
-#: Settings every trial of a pack must share: they shape the shared base and the packed batch.
-SHARED = ("method", "model", "template", "max_seq_len", "batch_size", "precision", "gradient_checkpointing",
-          "qlora.bits", "qlora.target_modules", "qlora.upcast_fp32", "gradient_accumulation_steps",
-          "cuda_graphs")  # fmt: skip
+#: Settings every trial of a pack must share, by method: they shape the packed batch and, for QLoRA,
+#: the shared base. GaLore trials share no weights, so their optimizer settings may differ.
+SHARED = {
+    "qlora": ("method", "model", "template", "max_seq_len", "batch_size", "precision", "gradient_checkpointing",
+              "qlora.bits", "qlora.target_modules", "qlora.upcast_fp32", "gradient_accumulation_steps",
+              "cuda_graphs"),
+    "galore": ("method", "model", "template", "max_seq_len", "batch_size", "precision", "gradient_accumulation_steps",
+               "cuda_graphs"),
+}  # fmt: skip
+#: The methods whose trials pack (trainers/stacked_galore.py packs GaLore trials)
+PACKABLE = tuple(SHARED)
 #: CUDA graphs a pack keeps, one per set of trials stepping together (trials wait at report steps, so
 #: a few sets recur); a graph holds its activations' memory
 GRAPHS_KEPT = 4
@@ -46,7 +53,7 @@ def shared_settings(cfg: TrialConfig) -> dict[str, str]:
     from duetto.config import flatten, to_dict
 
     flat = flatten(to_dict(cfg))
-    return {key: str(flat.get(key)) for key in SHARED}
+    return {key: str(flat.get(key)) for key in SHARED.get(cfg.method, SHARED["qlora"])}
 
 
 def group_key(cfg: TrialConfig) -> str:
@@ -59,16 +66,17 @@ def group_key(cfg: TrialConfig) -> str:
 def check_packable(cfgs: Sequence[TrialConfig]) -> None:
     from duetto.config import ConfigError
 
+    methods = sorted({c.method for c in cfgs})
+    if len(methods) > 1 or methods[0] not in PACKABLE:
+        raise ConfigError(f"method: trials packed together are all qlora or all galore, got {', '.join(methods)}")
     settings = [shared_settings(c) for c in cfgs]
-    for key in SHARED:
+    for key in SHARED[methods[0]]:
         values = {s[key] for s in settings}
         if len(values) > 1:
             raise ConfigError(f"{key}: trials packed together must share it, got {sorted(values)}")
-    if cfgs[0].method != "qlora":
-        raise ConfigError(f"method: only qlora trials pack on one base, got {cfgs[0].method}")
     if cfgs[0].gradient_accumulation_steps != 1:
         raise ConfigError("gradient_accumulation_steps: packed trials step every batch (1)")
-    if list(cfgs[0].qlora.target_modules) == ["all-linear"]:
+    if methods[0] == "qlora" and list(cfgs[0].qlora.target_modules) == ["all-linear"]:
         raise ConfigError("qlora.target_modules: name the modules to pack (all-linear is not supported yet)")
 
 
@@ -141,6 +149,9 @@ class Pack:
     ``memory_fraction`` of the GPU. Until a first step has measured a trial's share, one trial at a
     time is admitted."""
 
+    #: CUDA graphs the pack keeps at most, each holding its step's activations (see capacity)
+    graphs_kept = GRAPHS_KEPT
+
     def __init__(self, device: torch.device, max_trials: int = 0, memory_fraction: float = 0.9,
                  memory: CudaMemory | None = None):  # fmt: skip
         from duetto.models import use_attention_kernels_without_plans
@@ -190,7 +201,7 @@ class Pack:
         if self.memory is None or not self.trial_bytes:
             return None
         # each graph a pack keeps holds its step's activations in a pool of its own
-        per_trial = self.trial_bytes * (GRAPHS_KEPT if self.uses_graphs() else 1)
+        per_trial = self.trial_bytes * (self.graphs_kept if self.uses_graphs() else 1)
         fit = int((self.memory_fraction * self.memory.total() - 2 * self.base_bytes) // per_trial)
         return min(fit, self.max_trials) if self.max_trials else fit
 
@@ -250,9 +261,7 @@ class Pack:
         import io
 
         tr = self.trials[t]
-        saved = {"adapter": {k: v.cpu() for k, v in peft_adapter_state(self.layers, t).items()},
-                 "optimizer": self.optim.optimizers[t].state_dict(), "scheduler": self.optim.schedulers[t].state_dict(),
-                 "step": tr.step, "losses": list(tr.losses), "trained_tokens": tr.trained_tokens,
+        saved = {**self._trial_state(t), "step": tr.step, "losses": list(tr.losses), "trained_tokens": tr.trained_tokens,
                  "step_seconds": tr.step_seconds, "settings": shared_settings(tr.cfg)}  # fmt: skip
         buf = io.BytesIO()
         torch.save(saved, buf)
@@ -267,14 +276,22 @@ class Pack:
         saved = torch.load(io.BytesIO(state), map_location=self.device, weights_only=True)
         if saved["settings"] != shared_settings(tr.cfg):
             raise ConfigError(f"a packed trial's checkpoint was saved with other settings: {saved['settings']}")
-        load_peft_adapter(self.layers, t, saved["adapter"])
-        self.optim.optimizers[t].load_state_dict(saved["optimizer"])
-        self.optim.schedulers[t].load_state_dict(saved["scheduler"])
+        self._load_trial_state(t, saved)
         tr.step = tr.resumed_from = int(saved["step"])
         tr.losses = [float(x) for x in saved["losses"]]
         tr.trained_tokens, tr.step_seconds = int(saved["trained_tokens"]), float(saved["step_seconds"])
         for _ in range(tr.step * tr.cfg.batch_size):  # the rows its steps so far took
             next(tr.order)
+
+    def _trial_state(self, t: int) -> dict[str, Any]:
+        """What trial t's checkpoint holds besides its progress: its adapter, AdamW and schedule."""
+        return {"adapter": {k: v.cpu() for k, v in peft_adapter_state(self.layers, t).items()},
+                "optimizer": self.optim.optimizers[t].state_dict(), "scheduler": self.optim.schedulers[t].state_dict()}
+
+    def _load_trial_state(self, t: int, saved: dict[str, Any]) -> None:
+        load_peft_adapter(self.layers, t, saved["adapter"])
+        self.optim.optimizers[t].load_state_dict(saved["optimizer"])
+        self.optim.schedulers[t].load_state_dict(saved["scheduler"])
 
     def runnable(self) -> list[int]:
         return [t for t, tr in self.trials.items() if tr.step < min(tr.until, tr.total)]
@@ -293,13 +310,11 @@ class Pack:
             tr = self.trials[t]
             idx = [next(tr.order) for _ in range(tr.cfg.batch_size)]
             batches[t] = {k: v.to(self.device) for k, v in collate([tr.dataset[i] for i in idx]).items()}
-        self.base.train()
         if self.memory is not None:
             self.memory.reset_peak()
         self._replayed = False
         t0 = time.perf_counter()
-        # its read of the losses waits for the GPU: the step is done
-        losses = self.optim.step(self.base, batches, self._graphed if self.uses_graphs() else None)
+        losses = self._train(batches)  # its read of the losses waits for the GPU: the step is done
         seconds = time.perf_counter() - t0
         replayed = self._replayed
         if self.memory is not None:
@@ -318,6 +333,11 @@ class Pack:
             tr.trained_tokens += int(batches[t]["attention_mask"].sum())
             tr.replayed += replayed
         return losses
+
+    def _train(self, batches: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
+        """One optimizer step of each trial in ``batches`` on its batch; {trial: its loss}."""
+        self.base.train()
+        return self.optim.step(self.base, batches, self._graphed if self.uses_graphs() else None)
 
     def _graphed(self, trials: list[int], bounds: list[int], joined: dict[str, torch.Tensor]) -> torch.Tensor:
         """The pack's forward and backward for these trials' blocks as a CUDA graph (trainers/graph_step.py):
@@ -442,19 +462,26 @@ class Pack:
                 "tokens_per_second": tr.trained_tokens / tr.step_seconds if tr.step_seconds > 0 else 0.0,
                 "trained_tokens": tr.trained_tokens, "train_seconds": tr.step_seconds,
                 "train_wall_seconds": tr.step_seconds, "wall_seconds": time.perf_counter() - tr.joined_at,
-                "trainable_params": tr.trainable_params,
-                "total_params": sum(p.numel() for n, p in self.base.named_parameters() if ".lora_" not in n) + tr.trainable_params,
+                "trainable_params": tr.trainable_params, "total_params": self._total_params(t),
                 "num_train_examples": len(tr.dataset), "num_eval_examples": len(gen_rows[t]), "eval_split": tr.rows.split,
                 "truncated_train_examples": tr.dataset.truncated, "step": tr.step, "train_loss_curve": curve,
                 "fast_path": self._fast_path(tr), "resumed_from_step": tr.resumed_from,
                 "world_size": 1, "device": str(self.device), "done": True,
             }  # fmt: skip
-            model_dir = save_adapter(self.layers, t, cfg, self.model_path, self.tokenizer)
+            model_dir = self._save(t)
             write_outputs(cfg, self.model_path, model_dir, gen_rows[t], predictions, metrics)
             out[t] = metrics
         for t in ts:
             self.leave(t)
         return out
+
+    def _total_params(self, t: int) -> int:
+        own = self.trials[t].trainable_params
+        return sum(p.numel() for n, p in self.base.named_parameters() if ".lora_" not in n) + own
+
+    def _save(self, t: int) -> Any:
+        """Trial t's output_dir/model (a PEFT adapter folder); returns that folder."""
+        return save_adapter(self.layers, t, self.trials[t].cfg, self.model_path, self.tokenizer)
 
     def uses_graphs(self) -> bool:
         """The pack's forward and backward replay as CUDA graphs: on CUDA, unless its trials say
@@ -481,11 +508,20 @@ class Pack:
             layer.drop_adapter(t)
 
 
+def new_pack(method: str, device: torch.device, **kwargs: Any) -> Pack:
+    """An empty pack for trials of ``method``: a QLoRA ``Pack`` or a GaLore ``GaloreStack``."""
+    if method == "galore":
+        from duetto.trainers.stacked_galore import GaloreStack
+
+        return GaloreStack(device, **kwargs)
+    return Pack(device, **kwargs)
+
+
 def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[dict[str, Any]]:
     """Train every config for its own number of steps, then evaluate and save each one into its
-    output_dir (model/: a PEFT adapter; metrics.json); returns each trial's metrics."""
+    output_dir (model/: a PEFT adapter or a full model; metrics.json); returns each trial's metrics."""
     check_packable(cfgs)
-    pack = Pack(device)
+    pack = new_pack(cfgs[0].method, device)
     ids = [pack.join(cfg) for cfg in cfgs]
     while pack.step():
         pass

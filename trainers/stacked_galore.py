@@ -1,0 +1,312 @@
+"""Several GaLore trials trained in one step: their weights stacked, one batched forward and backward.
+
+A GaLore trial fine-tunes every weight, so trials share no weights the way QLoRA trials share a
+base. At the study's size (batch 2 x 128 on a 135M-1B model) a step is bound by launching kernels,
+not by arithmetic; stacking N trials' weights (``torch.func.stack_module_state``'s layout: one
+tensor [N, ...] per weight) and running ``vmap`` of ``functional_call`` over them turns each matmul
+of the N models into one batched matmul, so N trials cost about what one costs. Measured with
+``benchmarks/galore_stack.py`` on an H100 (SmolLM2-135M, both arms replayed as CUDA graphs): 8
+trials stacked trained 2.29x the tokens/s of the same 8 trials one after another.
+
+Each trial keeps what makes it itself: its own model object (its weights are views into the stacked
+tensors, so evaluation, generation and saving use it as `duetto train` would), its data order, its
+fused GaLore 8-bit optimizer (trainers/galore_fused.py, built from the HF ``galore_adamw_8bit``
+param groups of its own rank, update_proj_gap, scale, proj_type, lr and weight decay), its
+learning-rate schedule and its gradient clip (none when layer-wise, as the HF Trainer does). Its
+loss is the mean cross-entropy over its own label tokens, as HF computes it.
+
+What differs from a trial alone: the projection runs after backward for every trial (layer-wise
+GaLore projects inside backward to free each full gradient early; the update is the same), and
+gradient checkpointing is off (it saves memory, it does not change the math). The forward runs
+without an attention mask: batches are right-padded, so under the causal mask no real token ever
+attends to padding, and padding carries no label.
+
+The stack is rebuilt when a trial joins or leaves (a copy of the attached trials' weights); trials
+attached but waiting (a Tune client between reports) run on padding rows with no labels, which
+gives them a zero loss and zero gradients, so one CUDA graph serves every step of a membership.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from duetto.trainers.config import TrialConfig
+from duetto.trainers.packed_run import Pack, PackedTrial, check_packable, evaluate_loss, hf_order, total_steps
+
+
+class StackedWeights:
+    """The trainable weights of several same-architecture models as one tensor [slots, ...] per weight,
+    each model's parameters re-pointed to its slot's views."""
+
+    def __init__(self, models: Sequence[torch.nn.Module]):
+        self.names = [n for n, p in models[0].named_parameters() if p.requires_grad]
+        self.tensors: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            params = [dict(m.named_parameters())[name] for m in models]
+            stacked = torch.stack([p.detach() for p in params]).requires_grad_(True)
+            for slot, p in enumerate(params):
+                p.data = stacked[slot]  # the model now reads and the optimizer updates the slot in place
+            self.tensors[name] = stacked
+
+    def hand_out_grads(self, models: Sequence[tuple[int, torch.nn.Module]]) -> None:
+        """Each (slot, model)'s parameters get their slot of the stacked gradients (views, no copy)."""
+        for slot, model in models:
+            for name, p in model.named_parameters():
+                g = self.tensors[name].grad if name in self.tensors else None
+                p.grad = None if g is None else g[slot]
+
+    def clear_grads(self) -> None:
+        for t in self.tensors.values():
+            t.grad = None
+
+
+def stacked_losses(skeleton: torch.nn.Module, weights: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                   input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Each slot's mean cross-entropy over its label tokens ([slots]), from ``input_ids`` and ``labels``
+    [slots, rows, length] through ``skeleton``'s forward with that slot's weights. A slot with no
+    label token has loss 0 (and zero gradients)."""
+    from torch.func import functional_call, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def logits_of(w, x):
+        return functional_call(skeleton, ({**w, **buffers},), (), {"input_ids": x, "use_cache": False}).logits
+
+    # the fused SDPA kernels reject vmap's batched strides; the math kernel is plain batched matmuls
+    with sdpa_kernel([SDPBackend.MATH]):
+        logits = vmap(logits_of, in_dims=(0, 0), randomness="different")(weights, input_ids)
+    shift_logits = logits[:, :, :-1].float()
+    shift_labels = labels[:, :, 1:]
+    per_token = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                  shift_labels.reshape(-1), ignore_index=-100, reduction="none")  # fmt: skip
+    slots = labels.shape[0]
+    counts = (shift_labels != -100).reshape(slots, -1).sum(1)
+    return per_token.reshape(slots, -1).sum(1) / counts.clamp(min=1)
+
+
+class GaloreStack(Pack):
+    """GaLore trials trained together on stacked weights, with the ``Pack`` interface (join, step,
+    interim_reports, finish, state, leave, has_room) that the packing actor drives. Memory sizing is
+    the pack's: a trial's measured share of a step's peak (its weights, gradients, optimizer states
+    and activations, plus the copy a re-stack makes) within ``memory_fraction`` of the GPU."""
+
+    graphs_kept = 1  # one graph: the whole stack's forward and backward
+
+    def __init__(self, device: torch.device, max_trials: int = 0, memory_fraction: float = 0.9, memory=None):
+        super().__init__(device, max_trials=max_trials, memory_fraction=memory_fraction, memory=memory)
+        self.models: dict[int, torch.nn.Module] = {}
+        self.optimizers: dict[int, Any] = {}
+        self.schedulers: dict[int, Any] = {}
+        self.clips: dict[int, float] = {}
+        self.stack: StackedWeights | None = None
+        self.slots: list[int] = []
+        """Trial ids in stack order (the stack is stale when it differs from the attached trials)."""
+        self.skeleton: torch.nn.Module | None = None
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.graphed: Any = None
+        self._next_id = 0
+
+    # --- trials in and out ---
+
+    def join(self, cfg: TrialConfig, until: int | None = None, state: bytes | None = None) -> int:
+        import copy
+
+        from transformers import set_seed
+
+        from duetto.models import load_tokenizer, resolve_model
+        from duetto.trainers.methods import get_method
+        from duetto.trainers.trial import resolve_dtype
+        from duetto.trainers.trial_data import EncodedDataset, load_rows
+
+        check_packable([*(tr.cfg for tr in list(self.trials.values())[:1]), cfg])
+        if not self.model_path:
+            self.model_path = resolve_model(cfg.model)
+            self.tokenizer = load_tokenizer(self.model_path)
+        dtype, _ = resolve_dtype(cfg.precision, self.device.type == "cuda")
+        set_seed(cfg.seed)  # as the trial's _setup: the seed, then rows and the method's build
+        rows = load_rows(cfg)
+        dataset = EncodedDataset(rows.train, self.tokenizer, cfg.template, cfg.max_seq_len)
+        model = get_method("galore").build(cfg, self.model_path, dtype, self.device).model
+        model.config.use_cache = False
+        model.train()
+        if self.skeleton is None:  # the forward the stacked weights run through; its own weights are never read
+            self.skeleton = copy.deepcopy(model)
+            for p in self.skeleton.parameters():
+                p.requires_grad_(False)
+            self.buffers = dict(self.skeleton.named_buffers())
+        t = self._next_id
+        self._next_id += 1
+        total = total_steps(cfg, len(dataset))
+        self.models[t] = model
+        self.optimizers[t], self.clips[t] = galore_optimizer(cfg, model, self.device)
+        warmup = cfg.warmup_ratio if cfg.warmup_ratio >= 1 else math.ceil(total * cfg.warmup_ratio)
+        from transformers import get_scheduler
+
+        self.schedulers[t] = get_scheduler(cfg.lr_scheduler, self.optimizers[t], num_warmup_steps=int(warmup),
+                                           num_training_steps=total)  # fmt: skip
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.trials[t] = PackedTrial(cfg, rows, dataset, hf_order(len(dataset), cfg.seed), total,
+                                     until=total if until is None else until, joined_at=time.perf_counter(),
+                                     trainable_params=trainable)  # fmt: skip
+        if state is not None:
+            self._restore(t, state)
+        return t
+
+    def leave(self, t: int) -> None:
+        if self.trials.pop(t, None) is None:
+            return
+        for d in (self.models, self.optimizers, self.schedulers, self.clips):
+            d.pop(t, None)
+        self.graphed = None  # its weights leave the stack: the next step re-stacks and captures again
+
+    def _trial_state(self, t: int) -> dict[str, Any]:
+        return {"model": {k: v.detach().cpu().clone() for k, v in self.models[t].state_dict().items()},
+                "optimizer": self.optimizers[t].state_dict(), "scheduler": self.schedulers[t].state_dict()}  # fmt: skip
+
+    def _load_trial_state(self, t: int, saved: dict[str, Any]) -> None:
+        self.models[t].load_state_dict(saved["model"])
+        self.optimizers[t].load_state_dict(saved["optimizer"])
+        self.schedulers[t].load_state_dict(saved["scheduler"])
+
+    # --- the step ---
+
+    def _restack(self) -> None:
+        """Stack the attached trials' weights (their current values) into fresh tensors."""
+        self.graphed = None
+        if self.stack is not None:
+            self.stack.clear_grads()
+        self.slots = sorted(self.trials)
+        self.stack = StackedWeights([self.models[t] for t in self.slots])
+
+    def _train(self, batches: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
+        if self.slots != sorted(self.trials) or self.stack is None:
+            self._restack()
+        stack = self.stack
+        first = next(iter(batches.values()))
+        ids = torch.full((len(self.slots), *first["input_ids"].shape), self.tokenizer.pad_token_id,
+                         dtype=first["input_ids"].dtype, device=self.device)  # fmt: skip
+        labels = torch.full_like(ids, -100)  # a waiting trial's slot: no label, no gradient
+        for slot, t in enumerate(self.slots):
+            if t in batches:
+                ids[slot], labels[slot] = batches[t]["input_ids"], batches[t]["labels"]
+        inputs = {"input_ids": ids, "labels": labels}
+        cfg = self.trials[self.slots[0]].cfg
+        autocast = self.device.type == "cuda" and cfg.precision in ("auto", "bf16", "bf16-mixed")
+
+        def loss_fn(batch):
+            return stacked_losses(self.skeleton, stack.tensors, self.buffers, batch["input_ids"], batch["labels"])
+
+        if self.uses_graphs():
+            if self.graphed is None:
+                from duetto.trainers.graph_step import GraphedStep
+
+                if self._side is None:
+                    self._side = torch.cuda.Stream(device=self.device)
+                self.graphed = GraphedStep(self.skeleton, autocast_bf16=autocast, loss_fn=loss_fn,
+                                           side_stream=self._side, params=list(stack.tensors.values()))  # fmt: skip
+            replays = self.graphed.replays
+            losses = self.graphed(inputs)
+            self._replayed = self.graphed.replays > replays
+        else:
+            stack.clear_grads()
+            from contextlib import nullcontext
+
+            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+            with ctx:
+                losses = loss_fn(inputs)
+            losses.sum().backward()
+        live = [(slot, t) for slot, t in enumerate(self.slots) if t in batches]
+        stack.hand_out_grads([(slot, self.models[t]) for slot, t in live])
+        for _, t in live:
+            params = [p for p in self.models[t].parameters() if p.requires_grad]
+            if self.clips[t] > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.clips[t], foreach=True)
+            self.optimizers[t].step()
+            self.schedulers[t].step()
+            for p in params:
+                p.grad = None
+        values = losses.detach().tolist()  # one wait for the GPU, not one a trial
+        return {t: values[slot] for slot, t in live}
+
+    # --- evaluation and output ---
+
+    def eval_loss(self, t: int) -> float:
+        """Trial t's eval_loss now, as the HF Trainer's evaluate computes it."""
+        from contextlib import nullcontext
+
+        from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
+
+        tr, cfg, model = self.trials[t], self.trials[t].cfg, self.models[t]
+        eval_ds = EncodedDataset(tr.rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
+        on_gpu = self.device.type == "cuda"
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and cfg.precision != "fp32" else nullcontext()
+        model.eval()
+        try:
+            with ctx:
+                return evaluate_loss(model, eval_ds, PaddingCollator(self.tokenizer.pad_token_id),
+                                     max(cfg.batch_size, 32 if on_gpu else 8), self.device)  # fmt: skip
+        finally:
+            model.train()
+
+    def _answers(self, jobs: Sequence[tuple[int, list[dict]]]) -> dict[int, list[str]]:
+        """Greedy answers of each (trial, rows) from the trial's own model, as trial evaluation decodes them."""
+        from duetto.trainers.trial_reports import generation_metrics
+
+        out: dict[int, list[str]] = {}
+        for t, rows in jobs:
+            model = self.models[t]
+            model.eval()
+            try:
+                out[t] = generation_metrics(model, self.tokenizer, rows, self.trials[t].cfg)[1]
+            finally:
+                model.train()
+        return out
+
+    def _total_params(self, t: int) -> int:
+        return sum(p.numel() for p in self.models[t].parameters())
+
+    def _save(self, t: int) -> Any:
+        """Trial t's output_dir/model: the full model and tokenizer, as `duetto train` saves a GaLore trial."""
+        import shutil
+        from pathlib import Path
+
+        out = Path(self.trials[t].cfg.output_dir) / "model"
+        if out.exists():
+            shutil.rmtree(out)
+        self.models[t].save_pretrained(str(out))
+        self.tokenizer.save_pretrained(str(out))
+        return out
+
+    def _fast_path(self, tr: PackedTrial) -> str:
+        stacked = f"stacked: {len(self.trials)} trials' weights in one step when it left"
+        if not self.uses_graphs():
+            return stacked
+        return f"{stacked}; {tr.replayed} of {tr.step - tr.resumed_from} steps replayed as a CUDA graph"
+
+
+def galore_optimizer(cfg: TrialConfig, model: torch.nn.Module, device: torch.device) -> tuple[Any, float]:
+    """(the trial's fused GaLore 8-bit optimizer, its gradient-clip norm): the param groups, library
+    defaults and quirks the HF Trainer's ``galore_adamw_8bit`` set-up gives this config, and the clip
+    the trial's TrainingArguments set (none for layer-wise GaLore)."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from duetto.trainers.compat import guard_galore_cuda_synchronize
+    from duetto.trainers.galore_fused import FusedGaLoreAdamW8bit, hf_galore_param_groups
+    from duetto.trainers.methods import get_method
+
+    guard_galore_cuda_synchronize()
+    g = cfg.galore
+    method_args = get_method("galore").trainer_args(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                 use_cpu=device.type != "cuda", report_to="none", **method_args)  # fmt: skip
+        groups, defaults, quirks = hf_galore_param_groups(args, model)
+    # the projection runs after backward for every trial of a stack (see the module doc)
+    optimizer = FusedGaLoreAdamW8bit(groups, layerwise=False, defaults=defaults, quirks=quirks)
+    return optimizer, 0.0 if g.layerwise else 1.0
