@@ -1,6 +1,7 @@
-"""Packed QLoRA sweeps: one packing actor per group of shared settings (trainers/packed_run.py
-``group_key``), on one trial's GPU share, trains the QLoRA trials attached to it together
-(trainers/packed_run.py ``Pack``), while each configuration stays its own Ray Tune trial.
+"""Packed sweeps: one packing actor per group of shared settings (trainers/packed_run.py ``group_key``;
+the method is one of them), on one trial's GPU share, trains the trials attached to it together
+(QLoRA trials on one base: trainers/packed_run.py ``Pack``; GaLore trials on stacked weights:
+trainers/stacked_galore.py ``GaloreStack``), while each configuration stays its own Ray Tune trial.
 
 A Tune trial is a thin client (``packed_trial``): it joins the actor with its config, then moves its
 trial on one report interval at a time (``advance``) and hands each report to Tune, so ASHA sees the
@@ -34,7 +35,7 @@ ACTOR_NAME = "duetto-pack"
 STATE_FILE = "packed_trial.pt"
 
 
-# A packed sweep runs at most MAX_PACK_CLIENTS QLoRA trials at once (tune/spec.py concurrent_trials),
+# A packed sweep runs at most MAX_PACK_CLIENTS packed trials at once (tune/spec.py concurrent_trials),
 # each with at most one call of its pack's at a time: the actor's threads never run out while
 # clients wait in join or advance (the rest serve leave and attached).
 @ray.remote(max_concurrency=MAX_PACK_CLIENTS + 16)
@@ -43,14 +44,14 @@ class PackActor:
     A step that fails ends the trials that took part in it (their clients get the error, so Tune
     retries them from their checkpoints); the pack goes on with the others."""
 
-    def __init__(self, device: str = "auto", max_trials: int = 0, memory_fraction: float = 0.9):
+    def __init__(self, device: str = "auto", max_trials: int = 0, memory_fraction: float = 0.9, method: str = "qlora"):
         import torch
 
-        from duetto.trainers.packed_run import Pack
+        from duetto.trainers.packed_run import new_pack
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pack = Pack(torch.device(device), max_trials=max_trials, memory_fraction=memory_fraction)
+        self.pack = new_pack(method, torch.device(device), max_trials=max_trials, memory_fraction=memory_fraction)
         self.keys: dict[str, int] = {}
         self.errors: dict[int, BaseException] = {}
         """The error of the failed step each trial took part in, until its client reads it."""
@@ -184,7 +185,7 @@ def pack_actor_name(sweep_dir: str, group: str) -> str:
 
 def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, actor_name: str = "",
                  gpus: float = 0.0, cpus: float = 1.0, max_trials: int = 0, memory_fraction: float = 0.9) -> None:  # fmt: skip
-    """The Tune trial of a packed QLoRA configuration: join, report interval by interval, finish.
+    """The Tune trial of a packed configuration: join, report interval by interval, finish.
     Without ``actor_name`` it joins (or starts, with ``gpus``/``cpus``, at most ``max_trials`` trials
     within ``memory_fraction`` of the GPU) the pack of its sweep for trials of its shared settings
     (trainers/packed_run.py group_key). Each interim report carries the trial's checkpoint, so a
@@ -204,7 +205,7 @@ def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, a
         # detached, outside this trial's placement group: the pack outlives the trial that started it
         # (the sweep ends it, stop_packs), and takes its own GPU share, not this trial's
         actor = PackActor.options(name=name, get_if_exists=True, num_gpus=gpus, num_cpus=cpus, lifetime="detached",
-                                  scheduling_strategy="DEFAULT").remote("auto", max_trials, memory_fraction)  # fmt: skip
+                                  scheduling_strategy="DEFAULT").remote("auto", max_trials, memory_fraction, cfg.method)  # fmt: skip
     saved = tune.get_checkpoint()  # set when Tune restarts this trial (a resumed sweep, a retry)
     state = None
     if saved is not None:

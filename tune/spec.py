@@ -80,13 +80,15 @@ class SweepConfig:
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     failures: FailureOptions = field(default_factory=FailureOptions)
-    packing: Literal["off", "qlora"] = "off"
+    packing: Literal["off", "qlora", "galore", "all"] = "off"
     """qlora = the QLoRA trials that share a base (model, bits, sequence length, batch size, targets) train
-    together in one forward/backward on one trial's GPU share (tune/packing.py), each still its own Tune
-    trial with its own reports, checkpoints and ASHA decisions; on a GPU, a pack's forward and backward
-    replay as CUDA graphs unless the trials set cuda_graphs: false. GaLore trials always run unpacked."""
+    together in one forward/backward on one trial's GPU share (tune/packing.py); galore = the GaLore
+    trials of one model, sequence length and batch size train together on stacked weights (each its own
+    weights and optimizer: trainers/stacked_galore.py); all = both. Each packed trial is still its own
+    Tune trial with its own reports, checkpoints and ASHA decisions; on a GPU, a pack's forward and
+    backward replay as CUDA graphs unless the trials set cuda_graphs: false."""
     pack_size: int = 0
-    """Most QLoRA trials one pack trains at once; 0 = as many as its share of GPU memory holds (measured
+    """Most trials one pack trains at once; 0 = as many as its share of GPU memory holds (measured
     from its steps: see pack_memory_fraction; on CPU, no limit)."""
     pack_memory_fraction: float = 0.9
     """A pack admits another trial while base + measured memory per trial x trials stays within this
@@ -416,19 +418,24 @@ def check_resources(sweep: SweepConfig, cluster: dict[str, float], nodes: list[d
     return max(1, fits)
 
 
-#: Most packed QLoRA trials a sweep runs at once (each a client of its pack actor: tune/packing.py).
+#: Most packed trials a sweep runs at once (each a client of its pack actor: tune/packing.py).
 MAX_PACK_CLIENTS = 200
 
 
 def concurrent_trials(sweep: SweepConfig, fits: int) -> int:
-    """Trials Tune runs at once: what the resources fit (``fits``), plus, when QLoRA trials are packed,
-    every QLoRA trial up to MAX_PACK_CLIENTS (a packed trial holds only its driver's CPUs; its pack
-    decides when it joins); max_concurrent_trials instead when set (packed: at most fits +
-    MAX_PACK_CLIENTS)."""
-    if sweep.packing == "qlora" and "qlora" in sweep.methods:
-        n = sweep.max_concurrent_trials or fits + trials_of(sweep, "qlora")
+    """Trials Tune runs at once: what the resources fit (``fits``), plus, when trials are packed, every
+    packed trial up to MAX_PACK_CLIENTS (a packed trial holds only its driver's CPUs; its pack decides
+    when it joins); max_concurrent_trials instead when set (packed: at most fits + MAX_PACK_CLIENTS)."""
+    packed = [m for m in packed_methods(sweep.packing) if m in sweep.methods]
+    if packed:
+        n = sweep.max_concurrent_trials or fits + sum(trials_of(sweep, m) for m in packed)
         return min(n, fits + MAX_PACK_CLIENTS)
     return sweep.max_concurrent_trials or fits
+
+
+def packed_methods(packing: str) -> tuple[str, ...]:
+    """The methods whose trials a sweep's ``packing`` setting packs."""
+    return {"off": (), "qlora": ("qlora",), "galore": ("galore",), "all": ("qlora", "galore")}[packing]
 
 
 def trials_of(sweep: SweepConfig, method: str) -> int:

@@ -25,7 +25,7 @@ import yaml
 from duetto.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from duetto.ray_connect import connect
 from duetto.trainers.config import TrialConfig
-from duetto.tune.spec import SweepConfig, base_trial_dict, check_resources, concurrent_trials, gpus_per_trial, param_space, total_trials, trial_config
+from duetto.tune.spec import SweepConfig, base_trial_dict, check_resources, concurrent_trials, gpus_per_trial, packed_methods, param_space, total_trials, trial_config
 
 SWEEP_FILE = "sweep.yaml"
 BASE_FILE = "base_trial.yaml"
@@ -47,10 +47,10 @@ def sweep_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, pa
 
     from duetto.trainers.trial import build_torch_trainer
 
-    if pack and config["trial"]["method"] == "qlora":  # packing: qlora (``pack`` holds its actor's resources)
+    if pack and config["trial"]["method"] in pack["methods"]:  # ``pack`` holds its actor's resources
         from duetto.tune.packing import packed_trial
 
-        return packed_trial(config, base, sweep_dir, **pack)
+        return packed_trial(config, base, sweep_dir, **{k: v for k, v in pack.items() if k != "methods"})
     trial_dir = str(Path(sweep_dir, tune.get_context().get_trial_name()))
     cfg = trial_config(base, config["trial"], output_dir=trial_dir)
     trainer = build_torch_trainer(cfg, storage_path=trial_dir, name=TRAIN_RUN_NAME, callbacks=[TuneReportCallback()])
@@ -67,9 +67,9 @@ def _trainable(sweep: SweepConfig, base: dict[str, Any], sweep_dir: Path, cluste
     from ray import tune
 
     pack = None
-    if sweep.packing == "qlora":  # a pack takes what one trial would take, and that share of GPU memory
+    if sweep.packing != "off":  # a pack takes what one trial would take, and that share of GPU memory
         gpus = gpus_per_trial(sweep, cluster or {})
-        pack = {"gpus": gpus, "cpus": sweep.resources.cpus_per_trial, "max_trials": sweep.pack_size,
+        pack = {"methods": packed_methods(sweep.packing), "gpus": gpus, "cpus": sweep.resources.cpus_per_trial, "max_trials": sweep.pack_size,
                 "memory_fraction": sweep.pack_memory_fraction * (min(1.0, gpus) if gpus > 0 else 1.0)}  # fmt: skip
     fn = tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_dir), pack=pack)
     return tune.with_resources(fn, {"cpu": sweep.resources.driver_cpus})
@@ -183,7 +183,8 @@ def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int
         f"duetto sweep: {total_trials(sweep)} trials ({', '.join(f'{m} x{sweep.samples_for(m)}' for m in sweep.methods)}), "
         f"{gpus_per_trial(sweep, cluster):g} GPU + {sweep.resources.cpus_per_trial:g} CPU per trial, "
         f"{concurrent} at a time, {sweep.scheduler.type} on {sweep.metric} ({sweep.resolved_mode})"
-        + (f", QLoRA trials packed ({sweep.pack_size or 'as many as GPU memory holds'} per pack)" if sweep.packing == "qlora" else "")
+        + (f", {' and '.join(m.replace('qlora', 'QLoRA').replace('galore', 'GaLore') for m in packed_methods(sweep.packing))} "
+           f"trials packed ({sweep.pack_size or 'as many as GPU memory holds'} per pack)" if sweep.packing != "off" else "")
         + f" -> {sweep_dir}",
         flush=True,
     )

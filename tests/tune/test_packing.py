@@ -134,9 +134,14 @@ def test_a_restarted_packed_trial_goes_on_from_its_last_checkpoint(tmp_path, tin
     assert attached == []
 
 
-def test_duetto_sweep_packs_qlora_trials(tmp_path, tiny_gemma_dir, unified_data):
-    """`duetto sweep` with packing: qlora: every QLoRA trial is a Tune trial with a result row, ASHA
-    cuts the learners that barely move, the finished ones leave model/ and metrics.json as alone."""
+@pytest.mark.parametrize("method, packing, searched, packed_as, output", [
+    ("qlora", "qlora", {"r": {"choice": [4, 8]}}, "packed", "adapter_config.json"),
+    ("galore", "all", {"rank": {"choice": [4, 8]}}, "stacked", "model.safetensors"),
+])
+def test_duetto_sweep_packs_trials(method, packing, searched, packed_as, output, tmp_path, tiny_gemma_dir, unified_data):
+    """`duetto sweep` with packing: every packed trial (QLoRA on one base, GaLore on stacked weights) is
+    a Tune trial with a result row, ASHA cuts the learners that barely move, the finished ones leave
+    model/ and metrics.json as alone."""
     import csv
 
     import ray
@@ -151,9 +156,9 @@ def test_duetto_sweep_packs_qlora_trials(tmp_path, tiny_gemma_dir, unified_data)
     sweep["base"]["model"] = str(tiny_gemma_dir)
     sweep["base"]["data"].update(train=unified_data[0], test=unified_data[1], val_size=8)
     sweep["storage_path"] = str(tmp_path / "sweeps")
-    sweep["methods"] = {"qlora": {"learning_rate": {"grid": [3e-2, 1e-8, 1e-8]}, "r": {"choice": [4, 8]}}}
+    sweep["methods"] = {method: {"learning_rate": {"grid": [3e-2, 1e-8, 1e-8]}, **searched}}
     sweep["num_samples"] = 1
-    sweep["packing"] = "qlora"
+    sweep["packing"] = packing
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(sweep))
     ray.shutdown()
@@ -167,13 +172,13 @@ def test_duetto_sweep_packs_qlora_trials(tmp_path, tiny_gemma_dir, unified_data)
         ray.shutdown()
     with open(sweep_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and all(r["method"] == "qlora" for r in rows)
+    assert len(rows) == 3 and all(r["method"] == method for r in rows)
     assert {r["status"] for r in rows} <= {"completed", "stopped early"}
     done = [r for r in rows if r["status"] == "completed"]
     assert done
     for r in done:
         metrics = json.loads((Path(r["trial_dir"]) / "metrics.json").read_text())
-        assert metrics["fast_path"].startswith("packed") and metrics["step"] == 12
-        assert (Path(metrics["model_dir"]) / "adapter_config.json").is_file()
+        assert metrics["fast_path"].startswith(packed_as) and metrics["step"] == 12
+        assert (Path(metrics["model_dir"]) / output).is_file()
         assert float(r["eval_loss"]) == pytest.approx(metrics["eval_loss"])
-    assert json.loads((sweep_dir / "best.json").read_text())["qlora"]["model_dir"]
+    assert json.loads((sweep_dir / "best.json").read_text())[method]["model_dir"]

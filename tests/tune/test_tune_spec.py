@@ -198,6 +198,8 @@ def test_packed_qlora_trials_all_run_at_once_their_pack_decides_when_they_join(w
     assert concurrent_trials(many, 4) == 4 + MAX_PACK_CLIENTS
     grid = load_sweep(path, ["packing=qlora", "methods.qlora.r={grid: [2, 4]}"])
     assert concurrent_trials(grid, 4) == 4 + 6 and total_trials(grid) == 9
+    both = load_sweep(path, ["packing=all"])  # GaLore's three pack too
+    assert concurrent_trials(both, 4) == 4 + 6 and concurrent_trials(load_sweep(path, ["packing=galore"]), 4) == 4 + 3
     for key, value, needle in [("pack_size", -1, "pack_size"), ("pack_memory_fraction", 0, "pack_memory_fraction"),
                                ("pack_memory_fraction", 1.5, "pack_memory_fraction")]:  # fmt: skip
         with pytest.raises(ConfigError, match=needle):
