@@ -1,12 +1,12 @@
-"""A sweep of study-config trials, packed (`packing: qlora`) and unpacked, beside one plain-HF trial.
+"""A sweep of study-config trials, packed (`packing: qlora` / `galore`) and unpacked, beside one plain-HF trial.
 
     # GPU (SmolLM2-135M random weights are enough for speed; DATA from `duetto data prepare`):
     python benchmarks/sweep_packing.py --model DIR --data DATA --out benchmarks/results/sweep_packing_h200.json
     # the same split over two calls (for time-limited device calls): the second adds to the file
     python benchmarks/sweep_packing.py --model DIR --data DATA --modes unpacked --out OUT.json
     python benchmarks/sweep_packing.py --model DIR --data DATA --modes packed --append --out OUT.json
-    # GaLore's search too (its trials run unpacked: `packing` packs QLoRA trials only)
-    python benchmarks/sweep_packing.py --model DIR --data DATA --methods galore --modes unpacked --append --out OUT.json
+    # GaLore's search too (packed: its trials train on stacked weights)
+    python benchmarks/sweep_packing.py --model DIR --data DATA --methods galore --append --out OUT.json
     # CPU smoke run on the tiny model (--full-sweep there keeps --cpu's small evaluations and no GPUs):
     python benchmarks/sweep_packing.py --model tiny --data DATA --steps 6 --anchor-steps 4 --cpu --out /tmp/sp.json
 
@@ -16,9 +16,9 @@ config trains to the end in both modes and can be compared), --steps steps each.
 the summed trained tokens of all trials over the sweep's wall clock (end to end, start-up and
 evaluation included), the sum of the trials' own tokens/s (over the steps each took part in), and
 the wall time; each method's anchor is plain HF `Trainer` on one study-config trial of it
-(benchmarks/trial_speed.py: QLoRA int8, GaLore layer-wise 8-bit). `agreement` pairs each QLoRA
-config's final eval loss packed and alone. With --full-sweep it also times the shipped sweep file as
-it is (both methods, ASHA) with packing on: `sweep_study_wall_seconds`.
+(benchmarks/trial_speed.py: QLoRA int8, GaLore layer-wise 8-bit). `agreement` pairs each config's
+final eval loss packed and alone. With --full-sweep it also times the shipped sweep file as it is
+(both methods, ASHA) with packing on for both methods (`packing: all`): `sweep_study_wall_seconds`.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--modes", default="unpacked,packed",
                     help="which runs now (comma-separated; empty with --full-sweep: the shipped sweep alone)")
     ap.add_argument("--methods", default="qlora",
-                    help="whose search runs (comma-separated: qlora, galore; GaLore trials run unpacked only)")
+                    help="whose search runs (comma-separated: qlora, galore)")
     ap.add_argument("--append", action="store_true",
                     help="keep --out's anchors, rows and trials of the methods and modes not run now (one run split over calls)")
     ap.add_argument("--out", required=True)
@@ -105,8 +105,6 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or set(methods) - set(ANCHOR):
         ap.error(f"--methods: qlora and/or galore, got {args.methods!r}")
-    if "galore" in methods and "packed" in modes:
-        ap.error("--methods galore runs with --modes unpacked: `packing` packs QLoRA trials only")
     prev = json.loads(Path(args.out).read_text()) if args.append and Path(args.out).exists() else {}
     for key, value in (("steps", args.steps), ("sweep", args.sweep), ("model", args.model)):
         if prev and prev.get(key) != value:
@@ -137,7 +135,7 @@ def main() -> None:
             anchors[method] = anchor(cfg)["tokens_per_s"]
         anchor_tps = anchors.get(method, float("nan"))
         for mode in modes:
-            packing = "qlora" if mode == "packed" else "off"
+            packing = method if mode == "packed" else "off"
             scratch = work / f"{method}_{mode}"
             shutil.rmtree(scratch, ignore_errors=True)  # this script's scratch: a sweep there would be resumed, not rerun
             sweep_dir, wall = run_sweep(one_method(args.sweep, method, work / f"sweep_{method}.yaml"),
@@ -151,14 +149,16 @@ def main() -> None:
                          "sum_trial_tokens_per_s": sum(m["tokens_per_second"] for m in done.values()),
                          "anchor_tokens_per_s": anchor_tps, "ratio": tokens / wall / anchor_tps,
                          "wall_seconds": wall, "trained_tokens": tokens})  # fmt: skip
-    packed, alone = runs.get("qlora/packed", {}), runs.get("qlora/unpacked", {})
-    agreement = [{"config": json.loads(k), "eval_loss_packed": packed[k]["eval_loss"],
-                  "eval_loss_alone": alone[k]["eval_loss"]} for k in sorted(packed.keys() & alone.keys())]  # fmt: skip
+    agreement = []
+    for method in ANCHOR:
+        packed, alone = runs.get(f"{method}/packed", {}), runs.get(f"{method}/unpacked", {})
+        agreement += [{"method": method, "config": json.loads(k), "eval_loss_packed": packed[k]["eval_loss"],
+                       "eval_loss_alone": alone[k]["eval_loss"]} for k in sorted(packed.keys() & alone.keys())]  # fmt: skip
     full_wall = None
     if args.full_sweep:
         shutil.rmtree(work / "full", ignore_errors=True)
         _, full_wall = run_sweep(args.sweep, [f"base.model={args.model}", f"base.data.train={args.data}/train.jsonl",
-                                              f"base.data.test={args.data}/test.jsonl", "packing=qlora",
+                                              f"base.data.test={args.data}/test.jsonl", "packing=all",
                                               f"storage_path={work / 'full'}", *cpu_overrides], num_cpus)  # fmt: skip
     full_wall = full_wall if full_wall is not None else prev.get("sweep_study_wall_seconds")
     rows.sort(key=lambda r: (r["method"], r["mode"] != "unpacked"))
