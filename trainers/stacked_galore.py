@@ -162,6 +162,8 @@ class GaloreStack(Pack):
         for d in (self.models, self.optimizers, self.schedulers, self.clips):
             d.pop(t, None)
         self.graphed = None  # its weights leave the stack: the next step re-stacks and captures again
+        if not self.trials:  # nothing left to stack: give the stacked weights and gradients back
+            self.stack, self.slots = None, []
 
     def _trial_state(self, t: int) -> dict[str, Any]:
         return {"model": {k: v.detach().cpu().clone() for k, v in self.models[t].state_dict().items()},
