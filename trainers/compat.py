@@ -1,7 +1,7 @@
 """Library work-arounds, each in one named function: two CPU traps of galore-torch and bitsandbytes
-(no-ops on a CUDA machine; on CPU they make the libraries compute correctly), the checkpointing
-keywords of whichever transformers 5.x is installed, and the filter of warnings known to be harmless
-for a trial.
+(no-ops on a CUDA machine; on CPU they make the libraries compute correctly), the learning-rate
+schedule of the HF Trainer's layer-wise GaLore, the checkpointing keywords of whichever
+transformers 5.x is installed, and the filter of warnings known to be harmless for a trial.
 """
 
 from __future__ import annotations
@@ -27,6 +27,32 @@ def checkpointing_args(enabled: bool) -> dict:
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     prefix = "activation" if "activation_checkpointing" in fields else "gradient"
     return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+def layerwise_schedule_callback():
+    """A Trainer callback that gives layer-wise GaLore its learning-rate schedule.
+
+    With ``optim="galore_adamw_8bit_layerwise"`` the HF Trainer steps one library optimizer per weight
+    inside backward, and its scheduler drives only the placeholder optimizer it wraps (accelerate's
+    wrapper hides the placeholder from ``get_scheduler``'s layer-wise branch): the per-weight optimizers
+    keep the initial learning rate for the whole run, with no warm-up or decay, while the logs show the
+    schedule. Before each step this callback sets every per-weight optimizer's rate to the scheduler's
+    rate for that step, as a single optimizer under the same scheduler would have. Where the optimizer
+    has no per-weight optimizers (the fused GaLore optimizer of the GPU fast path) it does nothing."""
+    from transformers import TrainerCallback
+
+    class LayerwiseSchedule(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            inner = getattr(optimizer, "optimizer", optimizer)
+            per_weight = getattr(inner, "optimizer_dict", None)
+            if not per_weight or lr_scheduler is None:
+                return
+            lr = lr_scheduler.get_last_lr()[0]
+            for opt in per_weight.values():
+                for group in opt.param_groups:
+                    group["lr"] = lr
+
+    return LayerwiseSchedule()
 
 
 def guard_galore_cuda_synchronize() -> bool:

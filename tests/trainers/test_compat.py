@@ -1,4 +1,4 @@
-"""The two CPU traps of GUIDE §4, each checked against a reference."""
+"""Library work-arounds of trainers/compat.py, each checked against a reference."""
 
 from __future__ import annotations
 
@@ -117,3 +117,37 @@ def test_checkpointing_args_are_keywords_this_transformers_accepts(monkeypatch):
     fields = [f for f in dataclasses.fields(TrainingArguments) if not f.name.startswith("activation_checkpointing")]
     monkeypatch.setattr(dataclasses, "fields", lambda cls: fields if cls is TrainingArguments else ())
     assert set(checkpointing_args(False)) == {"gradient_checkpointing", "gradient_checkpointing_kwargs"}
+
+
+@pytest.mark.parametrize("with_callback", [True, False])
+def test_layerwise_galore_follows_the_schedule_with_the_callback(tiny_smollm_dir, tmp_path, with_callback):
+    """The HF Trainer's layer-wise GaLore: its per-weight optimizers step at the scheduler's rate of each
+    step (warm-up, then linear decay) with layerwise_schedule_callback; without it they stay at the
+    initial rate, which is the library behaviour the callback exists for."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from duetto.trainers.compat import guard_galore_cuda_synchronize, layerwise_schedule_callback
+
+    guard_galore_cuda_synchronize()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_smollm_dir, dtype=torch.float32)
+    rows = [{"input_ids": torch.randint(3, 100, (16,)), "labels": torch.randint(3, 100, (16,))} for _ in range(12)]
+    args = TrainingArguments(output_dir=str(tmp_path), optim="galore_adamw_8bit_layerwise", use_cpu=True,
+                             optim_target_modules=["self_attn", "mlp"], learning_rate=1e-2, lr_scheduler_type="linear",
+                             warmup_steps=2, max_steps=6, per_device_train_batch_size=2, report_to="none",
+                             max_grad_norm=0.0, optim_args="rank=8, update_proj_gap=3, scale=0.25, proj_type=std")  # fmt: skip
+    seen: list[float] = []
+
+    class Watch(TrainerCallback):  # after the schedule callback: the rate the step's backward steps with
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            per_weight = optimizer.optimizer.optimizer_dict
+            rates = {g["lr"] for opt in per_weight.values() for g in opt.param_groups}
+            assert len(rates) == 1
+            seen.append(rates.pop())
+
+    callbacks = [layerwise_schedule_callback(), Watch()] if with_callback else [Watch()]
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=callbacks).train()
+    if with_callback:
+        assert seen == pytest.approx([0.0, 5e-3, 1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    else:
+        assert seen == pytest.approx([1e-2] * 6)
