@@ -130,7 +130,8 @@ class GaloreStack(Pack):
         set_seed(cfg.seed)  # as the trial's _setup: the seed, then rows and the method's build
         rows = load_rows(cfg)
         dataset = EncodedDataset(rows.train, self.tokenizer, cfg.template, cfg.max_seq_len)
-        model = get_method("galore").build(cfg, self.model_path, dtype, self.device).model
+        # the build loads on the CPU (the HF Trainer moves a trial's model to its device)
+        model = get_method("galore").build(cfg, self.model_path, dtype, self.device).model.to(self.device)
         model.config.use_cache = False
         model.train()
         if self.skeleton is None:  # the forward the stacked weights run through; its own weights are never read
