@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from duetto.model_fetch import FETCHABLE, FetchError, fetch
@@ -78,6 +79,40 @@ def _dequantized_linear_cls():
     return _DEQUANTIZED_LINEAR
 
 
+def dequantized_linear(module, dtype, *, keep_io_dtype: bool = False):
+    """A plain, frozen ``nn.Linear`` holding bitsandbytes layer ``module``'s dequantized weight (PEFT's
+    ``dequantize_bnb_weight``) and bias in ``dtype`` (see dequantize_bnb for ``keep_io_dtype``)."""
+    import torch
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    linear = _dequantized_linear_cls() if keep_io_dtype else torch.nn.Linear
+    weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
+    plain = linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device,
+                   dtype=dtype)  # fmt: skip
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if module.bias is not None:
+            plain.bias.copy_(module.bias.to(dtype))
+    plain.requires_grad_(False)
+    return plain
+
+
+@contextmanager
+def dequantized_bnb_layers(model, dtype):
+    """Inside, every bitsandbytes 4/8-bit Linear of ``model`` is replaced by its dequantized plain copy
+    (made on entry; computing in ``dtype`` and returning its input's dtype, as dequantize_bnb's
+    ``keep_io_dtype``); on exit the quantized layers are back and the copies freed. For decoding passes
+    of a model that goes on training on its quantized layers (a pack's shared base)."""
+    originals = {name: model.get_submodule(name) for name in _bnb_linears(model)}
+    try:
+        for name, module in originals.items():
+            model.set_submodule(name, dequantized_linear(module, dtype, keep_io_dtype=True))
+        yield model
+    finally:
+        for name, module in originals.items():
+            model.set_submodule(name, module)
+
+
 def dequantize_bnb(model, dtype, *, keep_io_dtype: bool = False):
     """Replace every bitsandbytes 4/8-bit Linear of ``model`` with a plain ``nn.Linear`` holding its
     dequantized weight (PEFT's ``dequantize_bnb_weight``, the step PEFT's own merge uses), so an adapter
@@ -85,21 +120,8 @@ def dequantize_bnb(model, dtype, *, keep_io_dtype: bool = False):
     wrappers stay and compute on the plain base layers; the adapter itself is untouched.
     ``keep_io_dtype``: each layer computes in ``dtype`` (the quantized layer's compute dtype) and returns
     its input's dtype, as the quantized layer did, for models whose other weights PEFT upcast to fp32."""
-    import torch
-    from peft.utils.integrations import dequantize_bnb_weight
-
-    linear = _dequantized_linear_cls() if keep_io_dtype else torch.nn.Linear
     for name in _bnb_linears(model):  # by name, so each quantized module is freed once replaced
-        module = model.get_submodule(name)
-        weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
-        plain = linear(module.in_features, module.out_features, bias=module.bias is not None,
-                       device=weight.device, dtype=dtype)  # fmt: skip
-        with torch.no_grad():
-            plain.weight.copy_(weight)
-            if module.bias is not None:
-                plain.bias.copy_(module.bias.to(dtype))
-        plain.requires_grad_(False)
-        model.set_submodule(name, plain)
+        model.set_submodule(name, dequantized_linear(model.get_submodule(name), dtype, keep_io_dtype=keep_io_dtype))
     # no longer quantized: generate may compile it, save_pretrained writes plain weights
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     hf_quantizer = getattr(hf_model, "hf_quantizer", None)

@@ -418,7 +418,7 @@ class Pack:
                        for _, rows in group for r in rows]  # fmt: skip
             batch = batch or (256 if self.device.type == "cuda" else 16)
             texts: list[str] = []
-            with by_rows(self.base, self.layers) as rows_of:
+            with self._decoding_weights(), by_rows(self.base, self.layers) as rows_of:
                 for s in range(0, len(prompts), batch):
                     rows_of.owners = owners[s : s + batch]
                     cands = generate_candidates(self.base, self.tokenizer, prompts[s : s + batch], 1, max_new_tokens=max_new,
@@ -428,6 +428,23 @@ class Pack:
             for t, rows in group:
                 out[t] = [next(answers) for _ in rows]
         return out
+
+    def _decoding_weights(self):
+        """What the answers decode on: on a GPU, the shared base dequantized to plain layers for the
+        decoding pass (while they fit, as a trial's final decoding does: trainers/trial.py
+        decode_on_dequantized_base), so no decoding step dequantizes in every layer; else the
+        quantized base itself. The trials' adapters are the same either way."""
+        from contextlib import nullcontext
+
+        from duetto.models import dequantized_bnb_layers, dequantized_bytes, dequantized_fits
+        from duetto.trainers.trial import resolve_dtype
+
+        if self.device.type != "cuda" or not self.trials:
+            return nullcontext()
+        dtype = resolve_dtype(next(iter(self.trials.values())).cfg.precision, True)[0]
+        if not dequantized_fits(dequantized_bytes(self.base, dtype), self.device):
+            return nullcontext()
+        return dequantized_bnb_layers(self.base, dtype)
 
     def finish(self, t: int) -> dict[str, Any]:
         """Evaluate trial t with only its adapter, save it into its output_dir, and drop it."""

@@ -334,3 +334,44 @@ def test_batched_adapters_compute_what_one_trial_at_a_time_computes(tiny_gemma_d
     torch.testing.assert_close(lb, ll, rtol=1e-5, atol=1e-6)
     for a, b in zip(gb, gl):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_packs_answers_decode_on_its_dequantized_base_and_training_goes_on_quantized(tmp_path, tiny_gemma_dir,
+                                                                                       unified_data, monkeypatch):  # fmt: skip
+    """Inside dequantized_bnb_layers the pack's 4-bit base decodes on plain layers of its dequantized
+    weights: the same greedy answers, each row through its own trial's adapter; on exit the quantized
+    layers are back and the next step trains on them. On a GPU the pack picks that context while the
+    dequantized weights fit, as a trial's final decoding does."""
+    from duetto.config import load_config
+    from duetto.models import dequantized_bnb_layers, dequantized_bytes
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import Pack
+
+    train, test = unified_data
+    common = [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+              "batch_size=2", "max_steps=6", "report_every_steps=0", "interim_eval_examples=0", "eval.batch_size=4",
+              "eval.max_new_tokens=6", "eval.loss_examples=4", "scaling.num_workers=0", "learning_rate=5e-2",
+              "qlora.bits=4"]  # fmt: skip
+    cfgs = [load_config(TrialConfig, None, common + [f"seed={i}", f"output_dir={tmp_path / str(i)}"]) for i in range(2)]
+    pack = Pack(torch.device("cpu"))
+    ids = [pack.join(c, until=3) for c in cfgs]
+    while pack.step():
+        pass
+    jobs = [(t, pack.trials[t].rows.generation(cfgs[0])[:4]) for t in ids]
+    quantized = pack._answers(jobs)
+    bnb_layers = lambda: sum(type(m).__module__.startswith("bitsandbytes") for m in pack.base.modules())  # noqa: E731
+    before = bnb_layers()
+    with dequantized_bnb_layers(pack.base, torch.float32):  # the CPU trial's compute dtype
+        assert bnb_layers() == 0
+        plain = pack._answers(jobs)
+    assert plain == quantized and bnb_layers() == before > 0
+    for t in ids:
+        pack.trials[t].until = 6
+    assert pack.step()  # trains on the quantized base again
+
+    need = dequantized_bytes(pack.base, torch.bfloat16)
+    pack.device = torch.device("cuda")  # only the choice of context: nothing below runs on a GPU
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need - 1, 10 * need))
+    assert type(pack._decoding_weights()).__name__ == "nullcontext"  # too little free memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 10 * need))
+    assert type(pack._decoding_weights()).__name__ == "_GeneratorContextManager"
