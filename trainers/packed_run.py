@@ -80,14 +80,23 @@ def check_packable(cfgs: Sequence[TrialConfig]) -> None:
         raise ConfigError("qlora.target_modules: name the modules to pack (all-linear is not supported yet)")
 
 
-def hf_order(n: int, data_seed: int) -> Iterator[int]:
-    """The HF Trainer's training order, epoch after epoch: accelerate's SeedableRandomSampler, which
-    the Trainer's data loader samples with (each pass reseeds it with data_seed + epoch)."""
+def hf_batches(n: int, batch_size: int, data_seed: int) -> Iterator[list[int]]:
+    """The HF Trainer's batches of row indices, epoch after epoch: accelerate's SeedableRandomSampler,
+    which the Trainer's data loader samples with (each pass reseeds it with data_seed + epoch), cut
+    into ``batch_size`` rows; an epoch's last batch holds the rows left (the loader keeps it)."""
     from accelerate.data_loader import SeedableRandomSampler
 
     sampler = SeedableRandomSampler(range(n), data_seed=data_seed)
     while True:
-        yield from sampler
+        order = list(sampler)
+        for s in range(0, n, batch_size):
+            yield order[s : s + batch_size]
+
+
+def unlabelled(row: dict) -> dict:
+    """``row`` with no label token: it fills a short batch up to the pack's row count and changes no
+    loss (a trial's loss is the mean over its label tokens) and no gradient."""
+    return {**row, "labels": [-100] * len(row["labels"])}
 
 
 def total_steps(cfg: TrialConfig, n_rows: int) -> int:
@@ -100,7 +109,8 @@ class PackedTrial:
     cfg: TrialConfig
     rows: Any
     dataset: Any
-    order: Iterator[int]
+    order: Iterator[list[int]]
+    """Its batches' row indices (hf_batches)."""
     total: int
     step: int = 0
     until: int = 0
@@ -246,7 +256,7 @@ class Pack:
         self.optim.add(t, TrialOptim(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=1.0,
                                      warmup_steps=int(warmup), total_steps=total, scheduler=cfg.lr_scheduler))  # fmt: skip
         trainable = sum(p.numel() for layer in self.layers.values() for p in layer.adapter_params(t))
-        self.trials[t] = PackedTrial(cfg, rows, dataset, hf_order(len(dataset), cfg.seed), total,
+        self.trials[t] = PackedTrial(cfg, rows, dataset, hf_batches(len(dataset), cfg.batch_size, cfg.seed), total,
                                      until=total if until is None else until, joined_at=time.perf_counter(),
                                      trainable_params=trainable)  # fmt: skip
         if state is not None:
@@ -280,7 +290,7 @@ class Pack:
         tr.step = tr.resumed_from = int(saved["step"])
         tr.losses = [float(x) for x in saved["losses"]]
         tr.trained_tokens, tr.step_seconds = int(saved["trained_tokens"]), float(saved["step_seconds"])
-        for _ in range(tr.step * tr.cfg.batch_size):  # the rows its steps so far took
+        for _ in range(tr.step):  # the batches its steps so far took
             next(tr.order)
 
     def _trial_state(self, t: int) -> dict[str, Any]:
@@ -305,11 +315,15 @@ class Pack:
             return {}
         width = next(iter(self.trials.values())).cfg.max_seq_len  # one width: the trials' rows stack
         collate = PaddingCollator(self.tokenizer.pad_token_id, width=width)
-        batches = {}
+        batches, tokens = {}, {}
         for t in live:
             tr = self.trials[t]
-            idx = [next(tr.order) for _ in range(tr.cfg.batch_size)]
-            batches[t] = {k: v.to(self.device) for k, v in collate([tr.dataset[i] for i in idx]).items()}
+            rows = [tr.dataset[i] for i in next(tr.order)]
+            tokens[t] = sum(sum(r["attention_mask"]) for r in rows)
+            # every block of a step has batch_size rows (the trials' rows stack); an epoch's short last
+            # batch is filled with rows that carry no label
+            rows += [unlabelled(rows[0])] * (tr.cfg.batch_size - len(rows))
+            batches[t] = {k: v.to(self.device) for k, v in collate(rows).items()}
         if self.memory is not None:
             self.memory.reset_peak()
         self._replayed = False
@@ -330,7 +344,7 @@ class Pack:
             tr.step += 1
             tr.losses.append(loss)
             tr.step_seconds += seconds
-            tr.trained_tokens += int(batches[t]["attention_mask"].sum())
+            tr.trained_tokens += tokens[t]
             tr.replayed += replayed
         return losses
 

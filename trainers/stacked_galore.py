@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from duetto.trainers.config import TrialConfig
-from duetto.trainers.packed_run import Pack, PackedTrial, check_packable, evaluate_loss, hf_order, total_steps
+from duetto.trainers.packed_run import Pack, PackedTrial, check_packable, evaluate_loss, hf_batches, total_steps
 
 
 class StackedWeights:
@@ -150,7 +150,7 @@ class GaloreStack(Pack):
         self.schedulers[t] = get_scheduler(cfg.lr_scheduler, self.optimizers[t], num_warmup_steps=int(warmup),
                                            num_training_steps=total)  # fmt: skip
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.trials[t] = PackedTrial(cfg, rows, dataset, hf_order(len(dataset), cfg.seed), total,
+        self.trials[t] = PackedTrial(cfg, rows, dataset, hf_batches(len(dataset), cfg.batch_size, cfg.seed), total,
                                      until=total if until is None else until, joined_at=time.perf_counter(),
                                      trainable_params=trainable)  # fmt: skip
         if state is not None:

@@ -375,3 +375,29 @@ def test_a_packs_answers_decode_on_its_dequantized_base_and_training_goes_on_qua
     assert type(pack._decoding_weights()).__name__ == "nullcontext"  # too little free memory
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 10 * need))
     assert type(pack._decoding_weights()).__name__ == "_GeneratorContextManager"
+
+
+@pytest.mark.parametrize("method", ["qlora", "galore"])
+def test_packed_trials_cross_epochs_as_the_hf_trainer_does(method, tmp_path, tiny_gemma_dir, unified_data):
+    """16 train rows in batches of 5: each epoch's last batch holds 1 row, and the next epoch reshuffles.
+    A packed trial (QLoRA on one base, GaLore on stacked weights) beside another takes the same
+    batches, so its per-step losses and trained tokens are those of `duetto train` of it alone."""
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import train_packed
+    from duetto.trainers.trial import run_trial
+
+    train, test = unified_data
+    common = [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", f"method={method}",
+              "max_seq_len=64", "batch_size=5", "data.limit_train=16", "epochs=2", "logging_steps=1",
+              "report_every_steps=0", "interim_eval_examples=0", "eval.num_examples=2", "eval.max_new_tokens=4",
+              "eval.loss_examples=8", "scaling.num_workers=0", "qlora.dropout=0.0", "learning_rate=3e-3",
+              "gradient_checkpointing=false", "galore.rank=8"]  # fmt: skip
+    cfgs = lambda tag: [load_config(TrialConfig, None, common + [f"seed={s}", f"output_dir={tmp_path / tag / str(s)}"])
+                        for s in (1, 2)]  # fmt: skip
+    solo = run_trial(cfgs("alone")[0])
+    packed = train_packed(cfgs("packed"), torch.device("cpu"))[0]
+    assert solo["step"] == packed["step"] == 8  # 4 batches an epoch, the 4th of 1 row
+    assert packed["trained_tokens"] == solo["trained_tokens"]
+    want = [loss for _, loss in solo["train_loss_curve"]]
+    assert [loss for _, loss in packed["train_loss_curve"]] == pytest.approx(want, rel=1e-4)
