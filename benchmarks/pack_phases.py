@@ -1,5 +1,6 @@
 """Where a pack's time goes: joining, training steps, interim reports and final evaluation of the
-trials it holds (trainers/packed_run.py Pack, in this process, no Ray).
+trials it holds (trainers/packed_run.py Pack, or with --method galore trainers/stacked_galore.py
+GaloreStack; in this process, no Ray).
 
     # GPU (random SmolLM2-135M weights are enough; DATA from `duetto data prepare`):
     python benchmarks/pack_phases.py --model DIR --data DATA --out benchmarks/results/pack_phases_h200.json
@@ -8,7 +9,7 @@ trials it holds (trainers/packed_run.py Pack, in this process, no Ray).
         --out benchmarks/results/pack_phases_cpu.json
 
 --adapters one-at-a-time runs each step's adapters one trial after another (the reference for the
-batched adapters). The trials are the study's QLoRA settings (seq 128, batch 2) with seeds 0..N-1, all in one pack, a
+batched adapters; QLoRA). The trials are the study's QLoRA (or GaLore) settings (seq 128, batch 2) with seeds 0..N-1, all in one pack, a
 report every --every steps (BLEU/ROUGE on 16 held-out rows) and the trial's own final evaluation. The
 interim reports due at one step decode together, as the pack actor makes them (--one-at-a-time: one
 trial after another, the reference); each final evaluation runs alone while the others wait.
@@ -30,7 +31,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=20)
-    ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    ap.add_argument("--method", choices=["qlora", "galore"], default="qlora")
+    ap.add_argument("--bits", type=int, default=4, choices=[4, 8], help="QLoRA's base")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--one-at-a-time", action="store_true", help="interim reports one trial at a time (the reference)")
     ap.add_argument("--adapters", choices=["batched", "one-at-a-time"], default="batched",
@@ -45,7 +47,7 @@ def main() -> None:
 
     from duetto.config import load_config
     from duetto.trainers.config import TrialConfig
-    from duetto.trainers.packed_run import Pack
+    from duetto.trainers.packed_run import new_pack
 
     if args.adapters == "one-at-a-time":
         import duetto.trainers.packed_lora as packed_lora
@@ -54,10 +56,10 @@ def main() -> None:
         packed_lora._groups = lambda *a, **k: None  # every step takes the one-trial-at-a-time path
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     common = [f"model={args.model}", f"data.train={args.data}/train.jsonl", f"data.test={args.data}/test.jsonl",
-              "method=qlora", "max_seq_len=128", "batch_size=2", f"max_steps={args.steps}", f"qlora.bits={args.bits}",
+              f"method={args.method}", "max_seq_len=128", "batch_size=2", f"max_steps={args.steps}", f"qlora.bits={args.bits}",
               f"report_every_steps={args.every}", "interim_eval_examples=16", "scaling.num_workers=0"]  # fmt: skip
     cfgs = [load_config(TrialConfig, None, common + [f"seed={i}", f"output_dir={args.work}/t{i}"]) for i in range(args.trials)]
-    pack = Pack(device)
+    pack = new_pack(args.method, device)
     seconds = dict.fromkeys(("join", "steps", "interim_reports", "final_evaluation"), 0.0)
 
     def timed(phase, fn):
@@ -86,7 +88,8 @@ def main() -> None:
     timed("final_evaluation", lambda: [pack.finish(t) for t in ids])
     total = sum(seconds.values())
     result = {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "total_seconds": round(total, 2),
-              "trials": args.trials, "steps": args.steps, "report_every": args.every, "bits": args.bits,
+              "trials": args.trials, "steps": args.steps, "report_every": args.every, "method": args.method,
+              "bits": args.bits if args.method == "qlora" else None,
               "eval_examples": cfgs[0].eval.num_examples, "interim_eval_examples": 16, "model": args.model,
               "interim_reports": "one trial at a time" if args.one_at_a_time else "together", "adapters": args.adapters,
               "machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU",
