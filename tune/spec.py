@@ -81,7 +81,8 @@ class SweepConfig:
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     failures: FailureOptions = field(default_factory=FailureOptions)
     packing: Literal["off", "qlora", "galore", "all"] = "off"
-    """qlora = the QLoRA trials that share a base (model, bits, sequence length, batch size, targets) train
+    """off | qlora | galore | all. off = every trial on its own Ray Train worker; qlora = the QLoRA trials
+    that share a base (model, bits, sequence length, batch size, targets) train
     together in one forward/backward on one trial's GPU share (tune/packing.py); galore = the GaLore
     trials of one model, sequence length and batch size train together on stacked weights (each its own
     weights and optimizer: trainers/stacked_galore.py); all = both. Each packed trial is still its own
