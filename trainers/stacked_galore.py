@@ -136,8 +136,9 @@ class GaloreStack(Pack):
         model.train()
         if self.skeleton is None:  # the forward the stacked weights run through; its own weights are never read
             self.skeleton = copy.deepcopy(model)
-            for p in self.skeleton.parameters():
+            for p in self.skeleton.parameters():  # so they hold no memory (tied weights stay one parameter)
                 p.requires_grad_(False)
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             self.buffers = dict(self.skeleton.named_buffers())
         t = self._next_id
         self._next_id += 1
