@@ -99,6 +99,11 @@ def unlabelled(row: dict) -> dict:
     return {**row, "labels": [-100] * len(row["labels"])}
 
 
+def warmup_steps(cfg: TrialConfig, total: int) -> int:
+    """The HF Trainer's warm-up steps: warmup_ratio of the total steps rounded up (a value >= 1 is a count)."""
+    return int(cfg.warmup_ratio if cfg.warmup_ratio >= 1 else math.ceil(total * cfg.warmup_ratio))
+
+
 def total_steps(cfg: TrialConfig, n_rows: int) -> int:
     """The HF Trainer's optimizer steps: max_steps, else epochs x batches per epoch, rounded up."""
     return cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * math.ceil(n_rows / cfg.batch_size))
@@ -218,21 +223,10 @@ class Pack:
     def join(self, cfg: TrialConfig, until: int | None = None, state: bytes | None = None) -> int:
         """Add a trial (``state``: one that ``Pack.state`` saved, to go on from its step); returns its id."""
         from peft import get_peft_model_state_dict
-        from transformers import set_seed
 
-        from duetto.models import load_tokenizer, resolve_model
         from duetto.trainers.methods import get_method
-        from duetto.trainers.trial import resolve_dtype
-        from duetto.trainers.trial_data import EncodedDataset, load_rows
 
-        check_packable([*(tr.cfg for tr in list(self.trials.values())[:1]), cfg])
-        if self.base is None:
-            self.model_path = resolve_model(cfg.model)
-            self.tokenizer = load_tokenizer(self.model_path)
-        dtype, _ = resolve_dtype(cfg.precision, self.device.type == "cuda")
-        set_seed(cfg.seed)  # as the trial's _setup: the seed, then rows and the method's build (LoRA init)
-        rows = load_rows(cfg)
-        dataset = EncodedDataset(rows.train, self.tokenizer, cfg.template, cfg.max_seq_len)
+        rows, dataset, dtype = self._prepare(cfg)  # the method's build (LoRA init) follows the seed, as alone
         built = get_method("qlora").build(cfg, self.model_path, dtype, self.device)
         init = {k: v.detach().clone() for k, v in get_peft_model_state_dict(built.model).items()}
         spec = LoraSpec(r=cfg.qlora.r, alpha=cfg.qlora.alpha, dropout=cfg.qlora.dropout)
@@ -252,10 +246,32 @@ class Pack:
         (t,) = {layer.add_adapter(spec) for layer in self.layers.values()}  # the same index in every layer
         load_peft_adapter(self.layers, t, init)
         total = total_steps(cfg, len(dataset))
-        warmup = cfg.warmup_ratio if cfg.warmup_ratio >= 1 else math.ceil(total * cfg.warmup_ratio)
         self.optim.add(t, TrialOptim(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=1.0,
-                                     warmup_steps=int(warmup), total_steps=total, scheduler=cfg.lr_scheduler))  # fmt: skip
+                                     warmup_steps=warmup_steps(cfg, total), total_steps=total, scheduler=cfg.lr_scheduler))  # fmt: skip
         trainable = sum(p.numel() for layer in self.layers.values() for p in layer.adapter_params(t))
+        return self._admit(t, cfg, rows, dataset, total, trainable, until, state)
+
+    def _prepare(self, cfg: TrialConfig) -> tuple[Any, Any, torch.dtype]:
+        """A joining trial's check against the pack, then its seed, rows and tokenized train set, as the
+        trial's own _setup makes them; (rows, dataset, weights dtype). The first trial loads the tokenizer."""
+        from transformers import set_seed
+
+        from duetto.models import load_tokenizer, resolve_model
+        from duetto.trainers.trial import resolve_dtype
+        from duetto.trainers.trial_data import EncodedDataset, load_rows
+
+        check_packable([*(tr.cfg for tr in list(self.trials.values())[:1]), cfg])
+        if not self.model_path:
+            self.model_path = resolve_model(cfg.model)
+            self.tokenizer = load_tokenizer(self.model_path)
+        set_seed(cfg.seed)
+        rows = load_rows(cfg)
+        dataset = EncodedDataset(rows.train, self.tokenizer, cfg.template, cfg.max_seq_len)
+        return rows, dataset, resolve_dtype(cfg.precision, self.device.type == "cuda")[0]
+
+    def _admit(self, t: int, cfg: TrialConfig, rows: Any, dataset: Any, total: int, trainable: int,
+               until: int | None, state: bytes | None) -> int:  # fmt: skip
+        """Trial t (its weights and optimizer in place) joins the running trials, from ``state`` if given."""
         self.trials[t] = PackedTrial(cfg, rows, dataset, hf_batches(len(dataset), cfg.batch_size, cfg.seed), total,
                                      until=total if until is None else until, joined_at=time.perf_counter(),
                                      trainable_params=trainable)  # fmt: skip

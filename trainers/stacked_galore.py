@@ -28,15 +28,14 @@ gives them a zero loss and zero gradients, so one CUDA graph serves every step o
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from duetto.trainers.config import TrialConfig
-from duetto.trainers.packed_run import Pack, PackedTrial, check_packable, evaluate_loss, hf_batches, total_steps
+from duetto.trainers.packed_run import Pack, PackedTrial, evaluate_loss, total_steps, warmup_steps
 
 
 class StackedWeights:
@@ -115,21 +114,11 @@ class GaloreStack(Pack):
     def join(self, cfg: TrialConfig, until: int | None = None, state: bytes | None = None) -> int:
         import copy
 
-        from transformers import set_seed
+        from transformers import get_scheduler
 
-        from duetto.models import load_tokenizer, resolve_model
         from duetto.trainers.methods import get_method
-        from duetto.trainers.trial import resolve_dtype
-        from duetto.trainers.trial_data import EncodedDataset, load_rows
 
-        check_packable([*(tr.cfg for tr in list(self.trials.values())[:1]), cfg])
-        if not self.model_path:
-            self.model_path = resolve_model(cfg.model)
-            self.tokenizer = load_tokenizer(self.model_path)
-        dtype, _ = resolve_dtype(cfg.precision, self.device.type == "cuda")
-        set_seed(cfg.seed)  # as the trial's _setup: the seed, then rows and the method's build
-        rows = load_rows(cfg)
-        dataset = EncodedDataset(rows.train, self.tokenizer, cfg.template, cfg.max_seq_len)
+        rows, dataset, dtype = self._prepare(cfg)
         # the build loads on the CPU (the HF Trainer moves a trial's model to its device)
         model = get_method("galore").build(cfg, self.model_path, dtype, self.device).model.to(self.device)
         model.config.use_cache = False
@@ -145,18 +134,10 @@ class GaloreStack(Pack):
         total = total_steps(cfg, len(dataset))
         self.models[t] = model
         self.optimizers[t], self.clips[t] = galore_optimizer(cfg, model, self.device)
-        warmup = cfg.warmup_ratio if cfg.warmup_ratio >= 1 else math.ceil(total * cfg.warmup_ratio)
-        from transformers import get_scheduler
-
-        self.schedulers[t] = get_scheduler(cfg.lr_scheduler, self.optimizers[t], num_warmup_steps=int(warmup),
-                                           num_training_steps=total)  # fmt: skip
+        self.schedulers[t] = get_scheduler(cfg.lr_scheduler, self.optimizers[t],
+                                           num_warmup_steps=warmup_steps(cfg, total), num_training_steps=total)  # fmt: skip
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.trials[t] = PackedTrial(cfg, rows, dataset, hf_batches(len(dataset), cfg.batch_size, cfg.seed), total,
-                                     until=total if until is None else until, joined_at=time.perf_counter(),
-                                     trainable_params=trainable)  # fmt: skip
-        if state is not None:
-            self._restore(t, state)
-        return t
+        return self._admit(t, cfg, rows, dataset, total, trainable, until, state)
 
     def leave(self, t: int) -> None:
         if self.trials.pop(t, None) is None:
@@ -198,8 +179,7 @@ class GaloreStack(Pack):
             if t in batches:
                 ids[slot], labels[slot] = batches[t]["input_ids"], batches[t]["labels"]
         inputs = {"input_ids": ids, "labels": labels}
-        cfg = self.trials[self.slots[0]].cfg
-        autocast = self.device.type == "cuda" and cfg.precision in ("auto", "bf16", "bf16-mixed")
+        autocast = self._autocast_bf16()
 
         def loss_fn(batch):
             return stacked_losses(self.skeleton, stack.tensors, self.buffers, batch["input_ids"], batch["labels"])
@@ -217,10 +197,7 @@ class GaloreStack(Pack):
             self._replayed = self.graphed.replays > replays
         else:
             stack.clear_grads()
-            from contextlib import nullcontext
-
-            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
-            with ctx:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 losses = loss_fn(inputs)
             losses.sum().backward()
         live = [(slot, t) for slot, t in enumerate(self.slots) if t in batches]
@@ -236,25 +213,36 @@ class GaloreStack(Pack):
         values = losses.detach().tolist()  # one wait for the GPU, not one a trial
         return {t: values[slot] for slot, t in live}
 
+    def _autocast_bf16(self) -> bool:
+        """Whether the trials' steps and evaluations run under bf16 autocast, as each trial's own do
+        (trainers/trial.py resolve_dtype; the pack's trials share ``precision``): on a GPU only."""
+        from duetto.trainers.trial import resolve_dtype
+
+        cfg = next(iter(self.trials.values())).cfg
+        return self.device.type == "cuda" and resolve_dtype(cfg.precision, True)[1]
+
     # --- evaluation and output ---
+
+    @contextmanager
+    def _evaluating(self, t: int):
+        """Trial t's model in eval mode, back in training mode after."""
+        model = self.models[t]
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train()
 
     def eval_loss(self, t: int) -> float:
         """Trial t's eval_loss now, as the HF Trainer's evaluate computes it."""
-        from contextlib import nullcontext
-
         from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
 
-        tr, cfg, model = self.trials[t], self.trials[t].cfg, self.models[t]
+        tr, cfg = self.trials[t], self.trials[t].cfg
         eval_ds = EncodedDataset(tr.rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
-        on_gpu = self.device.type == "cuda"
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and cfg.precision != "fp32" else nullcontext()
-        model.eval()
-        try:
-            with ctx:
-                return evaluate_loss(model, eval_ds, PaddingCollator(self.tokenizer.pad_token_id),
-                                     max(cfg.batch_size, 32 if on_gpu else 8), self.device)  # fmt: skip
-        finally:
-            model.train()
+        # under the trials' autocast, as the HF Trainer's evaluation runs
+        with self._evaluating(t) as model, torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._autocast_bf16()):
+            return evaluate_loss(model, eval_ds, PaddingCollator(self.tokenizer.pad_token_id),
+                                 max(cfg.batch_size, 32 if self.device.type == "cuda" else 8), self.device)  # fmt: skip
 
     def _answers(self, jobs: Sequence[tuple[int, list[dict]]]) -> dict[int, list[str]]:
         """Greedy answers of each (trial, rows) from the trial's own model, as trial evaluation decodes them."""
@@ -262,12 +250,8 @@ class GaloreStack(Pack):
 
         out: dict[int, list[str]] = {}
         for t, rows in jobs:
-            model = self.models[t]
-            model.eval()
-            try:
+            with self._evaluating(t) as model:
                 out[t] = generation_metrics(model, self.tokenizer, rows, self.trials[t].cfg)[1]
-            finally:
-                model.train()
         return out
 
     def _total_params(self, t: int) -> int:
