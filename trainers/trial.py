@@ -313,13 +313,12 @@ def _build_trainer(cfg: TrialConfig, run: TrialSetup, rank: int):
     from ray.train.huggingface.transformers import prepare_trainer
     from transformers import PrinterCallback, Trainer
 
-    from duetto.trainers.fast_trainer import fast_trainer_cls
-
     from duetto.trainers.compat import layerwise_schedule_callback
+    from duetto.trainers.fast_trainer import fast_trainer_cls
 
     interim = run.gen_rows[: cfg.interim_eval_examples] if cfg.interim_eval_examples > 0 else []
     callback = report_callback_cls()(cfg, run.tokenizer, interim, rank)
-    layerwise = [layerwise_schedule_callback()] if cfg.method == "galore" and cfg.galore.layerwise else []
+    schedule = [layerwise_schedule_callback()] if cfg.method == "galore" and cfg.galore.layerwise else []
     fast = run.fast_blocker is None
     static_shapes = cfg.compile or fast  # compiled models and CUDA graphs see one batch shape
     kwargs = dict(
@@ -329,7 +328,7 @@ def _build_trainer(cfg: TrialConfig, run: TrialSetup, rank: int):
         eval_dataset=run.eval_ds,
         data_collator=PaddingCollator(run.tokenizer.pad_token_id, width=cfg.max_seq_len if static_shapes else 0),
         processing_class=run.tokenizer,
-        callbacks=[callback, *layerwise],
+        callbacks=[callback, *schedule],
     )
     if fast:
         layerwise = cfg.galore.layerwise if cfg.method == "galore" else None

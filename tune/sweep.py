@@ -35,7 +35,8 @@ TRAIN_RUN_NAME = "train"
 # ----- the Tune trial (runs in a Tune actor) -----------------------------------------------------
 
 
-def sweep_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, pack: dict[str, Any] | None = None) -> None:
+def sweep_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, pack: dict[str, Any] | None = None,
+                packed: tuple[str, ...] = ()) -> None:  # fmt: skip
     """One Tune trial = one TorchTrainer run of ``base`` + the sampled ``config["trial"]``.
 
     The trial writes into ``<sweep_dir>/<trial name>``, not ``tune.get_context().get_trial_dir()``:
@@ -47,10 +48,10 @@ def sweep_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, pa
 
     from duetto.trainers.trial import build_torch_trainer
 
-    if pack and config["trial"]["method"] in pack["methods"]:  # ``pack`` holds its actor's resources
+    if config["trial"]["method"] in packed:  # ``pack`` holds its actor's resources
         from duetto.tune.packing import packed_trial
 
-        return packed_trial(config, base, sweep_dir, **{k: v for k, v in pack.items() if k != "methods"})
+        return packed_trial(config, base, sweep_dir, **pack)
     trial_dir = str(Path(sweep_dir, tune.get_context().get_trial_name()))
     cfg = trial_config(base, config["trial"], output_dir=trial_dir)
     trainer = build_torch_trainer(cfg, storage_path=trial_dir, name=TRAIN_RUN_NAME, callbacks=[TuneReportCallback()])
@@ -69,9 +70,10 @@ def _trainable(sweep: SweepConfig, base: dict[str, Any], sweep_dir: Path, cluste
     pack = None
     if sweep.packing != "off":  # a pack takes what one trial would take, and that share of GPU memory
         gpus = gpus_per_trial(sweep, cluster or {})
-        pack = {"methods": packed_methods(sweep.packing), "gpus": gpus, "cpus": sweep.resources.cpus_per_trial, "max_trials": sweep.pack_size,
+        pack = {"gpus": gpus, "cpus": sweep.resources.cpus_per_trial, "max_trials": sweep.pack_size,
                 "memory_fraction": sweep.pack_memory_fraction * (min(1.0, gpus) if gpus > 0 else 1.0)}  # fmt: skip
-    fn = tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_dir), pack=pack)
+    fn = tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_dir), pack=pack,
+                              packed=packed_methods(sweep.packing))  # fmt: skip
     return tune.with_resources(fn, {"cpu": sweep.resources.driver_cpus})
 
 
@@ -183,7 +185,7 @@ def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int
         f"duetto sweep: {total_trials(sweep)} trials ({', '.join(f'{m} x{sweep.samples_for(m)}' for m in sweep.methods)}), "
         f"{gpus_per_trial(sweep, cluster):g} GPU + {sweep.resources.cpus_per_trial:g} CPU per trial, "
         f"{concurrent} at a time, {sweep.scheduler.type} on {sweep.metric} ({sweep.resolved_mode})"
-        + (f", {' and '.join(m.replace('qlora', 'QLoRA').replace('galore', 'GaLore') for m in packed_methods(sweep.packing))} "
+        + (f", {' and '.join({'qlora': 'QLoRA', 'galore': 'GaLore'}[m] for m in packed_methods(sweep.packing))} "
            f"trials packed ({sweep.pack_size or 'as many as GPU memory holds'} per pack)" if sweep.packing != "off" else "")
         + f" -> {sweep_dir}",
         flush=True,
