@@ -1,5 +1,6 @@
 """The generator's decoding under concurrent clients, one process, one GPU, no Serve: merged static batches
-against transformers' continuous batching, as latency a client sees.
+(decoded by ``generate`` or by whole compiled steps) against transformers' continuous batching, as
+latency a client sees.
 
 ``decode_paths.py`` times one call of a fixed size; this script asks what a request waits for when
 others keep arriving. On the random SmolLM2-135M QLoRA trial of `serve_bench.py` (adapter merged
@@ -8,8 +9,10 @@ into bf16 weights, as Serve loads it), --clients closed-loop clients each send o
 
 - batched: what the Serve generator runs: one model thread takes every request queued since its last
   call or within --batch-wait of its first (up to --max-batch requests, Serve's max_batch_size) into
-  one ``generate_candidates`` call on static shapes (``StaticDecoding``, every bucket compiled first); a request that arrives while a
-  call decodes waits for that call to end;
+  one ``generate_candidates`` call on static shapes (``StaticDecoding``, every bucket compiled
+  first); a request that arrives while a call decodes waits for that call to end;
+- steps: the same batches decoded by whole compiled steps (trainers/decode_steps.py: forward,
+  sampling and stop checks in one CUDA graph) instead of ``generate``;
 - continuous: transformers' ``ContinuousBatchingManager`` (paged KV cache, its own CUDA graphs):
   each request's k rows join the running batch at the next decoding step and leave when they end.
 
@@ -163,7 +166,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32, help="Serve's generator max_batch_size")
     ap.add_argument("--batch-wait", type=float, default=0.01, help="Serve's batch_wait_timeout_s")
     ap.add_argument("--row-buckets", default="4,16,64,128", help="the static path's row buckets (Serve's default)")
-    ap.add_argument("--paths", default="batched,continuous")
+    ap.add_argument("--paths", default="steps,batched,continuous")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -197,13 +200,14 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     paths = args.paths.split(",")
-    if "batched" in paths:
-        static = StaticDecoding([int(r) for r in args.row_buckets.split(",")], [256]) if device == "cuda" else None
+    for path in [p for p in ("steps", "batched") if p in paths]:
+        whole = path == "steps"
+        static = StaticDecoding([int(r) for r in args.row_buckets.split(",")], [256], whole_steps=whole) if device == "cuda" else None
         t = time.perf_counter()
-        result["batched_warm_up"] = static.warm_up(lm.model, lm.tokenizer, lm.stop_ids) if static else {}
-        result["batched_warm_up_s"] = round(time.perf_counter() - t, 1)
+        result[f"{path}_warm_up"] = static.warm_up(lm.model, lm.tokenizer, lm.stop_ids) if static else {}
+        result[f"{path}_warm_up_s"] = round(time.perf_counter() - t, 1)
 
-        def sample(batch: list[str]):
+        def sample(batch: list[str], static=static):
             return generate_candidates(lm.model, lm.tokenizer, batch, args.k, max_new_tokens=args.new_tokens,
                                        temperature=0.8, top_p=0.95, stop_ids=lm.stop_ids,
                                        max_prompt_tokens=lm.max_seq_len, static=static)  # fmt: skip
@@ -216,7 +220,7 @@ def main() -> None:
             def calls_summary():
                 return {"requests_per_call": statistics.fmean(server.calls) if server.calls else None}
 
-            record("batched", lambda i: server.submit(prompts[i % len(prompts)]), n, calls_summary)
+            record(path, lambda i: server.submit(prompts[i % len(prompts)]), n, calls_summary)
     if "continuous" in paths:
         from transformers import ContinuousBatchingConfig
 

@@ -85,6 +85,11 @@ class DecodingOptions:
     """Decode and score on static shapes: a preallocated KV cache per (rows, length) bucket and padded
     scoring forwards, compiled once and replayed as CUDA graphs. auto = on for plain weights on GPU (bitsandbytes' 4/8-bit layers do not
     compile; CPU does not compile), off = transformers' dynamic cache."""
+    whole_steps: Literal["auto", "on", "off"] = "auto"
+    """With static shapes, decode each step (forward, sampling, stop checks) as one compiled graph
+    (trainers/decode_steps.py) instead of transformers' ``generate``, which compiles the forward alone.
+    auto = off (``generate`` on the static cache), on = whole steps. A model whose generation config adds processors of
+    its own (repetition penalty, suppressed ids) always decodes with ``generate``."""
     row_buckets: list[int] = field(default_factory=lambda: [4, 16, 64, 128])
     """Candidate rows per generate call are padded up to one of these (more than the largest run in chunks of it)."""
     length_buckets: list[int] = field(default_factory=lambda: [256, 640])

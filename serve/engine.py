@@ -55,7 +55,8 @@ def use_static_decoding(lm: LoadedModel, decoding: DecodingOptions) -> LoadedMod
     from duetto.trainers.inference import StaticDecoding, StaticScoring
 
     if static_decoding_on(decoding.static_cache, lm):
-        lm.static = StaticDecoding(decoding.row_buckets, decoding.length_buckets)
+        lm.static = StaticDecoding(decoding.row_buckets, decoding.length_buckets,
+                                   whole_steps=decoding.whole_steps == "on")
         lm.static_scoring = StaticScoring(decoding.row_buckets, decoding.score_length_buckets)
     return lm
 
@@ -106,7 +107,8 @@ class HFEngine:
     def info(self):
         static, scoring = self.lm.static, self.lm.static_scoring
         return {"engine": self.name, "model_class": type(self.lm.model).__name__,
-                "static_decoding": {"rows": list(static.rows), "lengths": list(static.lengths)} if static else None,
+                "static_decoding": {"rows": list(static.rows), "lengths": list(static.lengths),
+                                    "whole_steps": static.whole_steps} if static else None,
                 "static_scoring": {"rows": list(scoring.rows), "lengths": list(scoring.lengths)} if scoring else None,
                 "warm_up_s": self.warm_up_s}  # fmt: skip
 

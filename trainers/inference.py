@@ -101,9 +101,14 @@ class StaticDecoding(_Buckets):
     static path then computes what the dynamic one does (a test checks it).
     """
 
-    def __init__(self, rows: Sequence[int], lengths: Sequence[int]):
+    def __init__(self, rows: Sequence[int], lengths: Sequence[int], whole_steps: bool = False):
         super().__init__(rows, lengths)
         self._caches: dict[tuple[int, int], Any] = {}
+        self.whole_steps = whole_steps
+        """Decode with trainers/decode_steps.py (each step one compiled graph: forward, sampling and
+        stop bookkeeping) instead of ``generate`` (which compiles the forward alone), for models whose
+        generation config adds no processor of its own."""
+        self._steps: dict[tuple[int, int], Any] = {}
 
     def length_for(self, needed: int) -> int | None:
         """The cache length bucket for prompt + new tokens (None: longer than every bucket)."""
@@ -131,6 +136,16 @@ class StaticDecoding(_Buckets):
         else:
             cache.reset()
         return cache
+
+    def steps(self, model: Any, rows: int, length: int) -> Any:
+        """The bucket's whole decoding step (DecodeSteps) over its emptied cache; compiled on CUDA."""
+        from duetto.trainers.decode_steps import DecodeSteps
+
+        cache = self.cache(model, rows, length)
+        key = (rows, length)
+        if key not in self._steps:
+            self._steps[key] = DecodeSteps(model, cache, length, compile=next(model.parameters()).device.type == "cuda")
+        return self._steps[key]
 
     def allow_recompiles(self) -> None:
         """torch.compile keeps 8 shapes of a function by default and runs eager past that: allow one
@@ -334,6 +349,7 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
 
     from duetto.data.prompts import encode_prompt, pad_batch
     from duetto.tokens import ensure_pad_token, stop_token_ids
+    from duetto.trainers.decode_steps import decode, plain_sampling
 
     ensure_pad_token(tokenizer)
     ks = [int(k)] * len(prompts) if isinstance(k, int) else [int(x) for x in k]
@@ -372,10 +388,18 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
             part = part + [part[-1]] * (padded - len(part))  # bucket padding: copies, dropped below
             enc = pad_batch([{"input_ids": encoded[p]} for p in part], tokenizer.pad_token_id, side="left")
             enc = {key: v.to(device) for key, v in enc.items()}
+            greedy_rows = firsts[start:stop_row] + [False] * (padded - (stop_row - start))
+            if length and static.whole_steps and plain_sampling(model):
+                ids, lp = decode(static.steps(model, padded, length), enc["input_ids"], enc["attention_mask"],
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 greedy_rows=greedy_rows, stop_ids=stop, pad_id=tokenizer.pad_token_id,
+                                 min_new_tokens=min_new_tokens)  # fmt: skip
+                logps.append(lp[: stop_row - start].cpu() if logprobs else torch.full(ids[: stop_row - start].shape, float("nan")))
+                id_rows.extend(ids[: stop_row - start].cpu().tolist())
+                continue
             extra = {_cache_kwarg(): static.cache(model, padded, length)} if length else {}
             recorder = _chosen_logprobs() if logprobs else None
             processors = [recorder] if recorder is not None else []
-            greedy_rows = firsts[start:stop_row] + [False] * (padded - (stop_row - start))
             if any(greedy_rows):
                 processors.append(_greedy_rows(torch.tensor(greedy_rows, device=device)))
             if processors:

@@ -39,6 +39,16 @@ def test_engine_calls_are_the_ensemble_steps(galore_trial):
     assert flat == pytest.approx([x for xs in score_requests(engine.lm, reqs, got) for x in xs], abs=1e-5)
 
 
+def test_whole_step_decoding_answers_what_generate_answers(galore_trial):
+    reqs = [EnsembleRequest("Name a prime.", k=3, max_new_tokens=6, temperature=0.0)]
+    steps = _engine(galore_trial, "on", row_buckets=[4], length_buckets=[128], whole_steps="on")
+    plain = _engine(galore_trial, "on", row_buckets=[4], length_buckets=[128])
+    assert steps.info()["static_decoding"]["whole_steps"] and not plain.info()["static_decoding"]["whole_steps"]
+    got, want = steps.sample(reqs), plain.sample(reqs)
+    assert list(steps.lm.static._steps) == [(4, 128)] and not plain.lm.static._steps
+    assert [[c.token_ids for c in cs] for cs in got] == [[c.token_ids for c in cs] for cs in want]
+
+
 def test_warm_up_compiles_the_decoding_and_scoring_buckets_only_when_asked(galore_trial):
     engine = _engine(galore_trial, "on", row_buckets=[2], length_buckets=[32], score_length_buckets=[16, 8192])
     top = 16 if engine.lm.max_seq_len <= 16 else 8192  # buckets past the model's max_seq_len are never warmed
@@ -57,7 +67,7 @@ def test_warm_up_compiles_the_decoding_and_scoring_buckets_only_when_asked(galor
     ("key", "value", "message"),
     [("adapter", "fold", "adapter: must be one of"), ("engine", "vllm", "engine: must be one of hf"),
      ("decoding.row_buckets", [], "row_buckets"), ("decoding.length_buckets", [8], "length_buckets"),
-     ("decoding.static_cache", "maybe", "static_cache"), ("decoding.score_length_buckets", [8], "score_length_buckets")],
+     ("decoding.static_cache", "maybe", "static_cache"), ("decoding.whole_steps", "yes", "whole_steps"), ("decoding.score_length_buckets", [8], "score_length_buckets")],
 )  # fmt: skip
 def test_bad_engine_settings_name_the_key(key, value, message):
     data: dict = {}
