@@ -204,7 +204,13 @@ def main() -> None:
         whole = path == "steps"
         static = StaticDecoding([int(r) for r in args.row_buckets.split(",")], [256], whole_steps=whole) if device == "cuda" else None
         t = time.perf_counter()
-        result[f"{path}_warm_up"] = static.warm_up(lm.model, lm.tokenizer, lm.stop_ids) if static else {}
+        try:
+            result[f"{path}_warm_up"] = static.warm_up(lm.model, lm.tokenizer, lm.stop_ids) if static else {}
+        except Exception as e:  # noqa: BLE001 - one failing path must not hide the others
+            result[f"{path}_error"] = f"{type(e).__name__}: {e}"[-800:]
+            result[f"{path}_traceback"] = traceback.format_exc()[-2500:]
+            print(result[f"{path}_error"], flush=True)
+            continue
         result[f"{path}_warm_up_s"] = round(time.perf_counter() - t, 1)
 
         def sample(batch: list[str], static=static):
