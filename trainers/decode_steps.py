@@ -71,20 +71,13 @@ def _is_stop_column(logits: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tenso
     return cols.index_fill(0, stop_ids, True).unsqueeze(0)
 
 
-def _cache_kwarg() -> str:
-    """The forward's keyword for the KV cache: ``cache`` since transformers renamed it, ``past_key_values`` before."""
-    import inspect
-
-    from transformers import LlamaModel
-
-    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
 class DecodeSteps:
     """The decoding step of one model and one static cache (a (rows, length) bucket): compiled on CUDA
     (CUDA graphs), eager elsewhere."""
 
     def __init__(self, model: Any, cache: Any, length: int, compile: bool):
+        from duetto.trainers.inference import _cache_kwarg  # generate's keyword for the cache is the forward's
+
         self.model, self.cache, self.length = model, cache, length
         self.cache_kw = _cache_kwarg()
         self.step: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = self._step
