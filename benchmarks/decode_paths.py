@@ -24,14 +24,10 @@ import argparse
 import datetime
 import json
 import statistics
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
-PROMPTS = ["Give three tips for staying healthy.", "Explain why the sky is blue.", "Write a short poem about the sea.",
-           "What is the capital of France?", "Summarize the plot of Romeo and Juliet.", "Name three colors.",
-           "How do I make a cup of tea?", "Why is exercise important?"]  # fmt: skip
 
 
 def timed(fn, calls: int) -> list[float]:
@@ -62,22 +58,16 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from serve_bench import as_trials, build_random_smollm2  # benchmarks/ is on sys.path when this runs
+    from serve_bench import merged_generator  # benchmarks/ is on sys.path when this runs
     from transformers import GenerationConfig
 
-    from duetto.serve.loading import load_lm
-    from duetto.trainers.inference import StaticDecoding, generate_candidates, prompt_text
+    from duetto.trainers.inference import StaticDecoding, generate_candidates
 
     sizes = [int(s) for s in args.sizes.split(",")]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result: dict = {"machine": torch.cuda.get_device_name(0) if device == "cuda" else "CPU", "date": datetime.date.today().isoformat(),
                     "settings": vars(args), "rows": []}  # fmt: skip
-    work = Path(tempfile.mkdtemp(prefix="decode-paths-"))
-    gen = build_random_smollm2(work / "gen", args.smollm2_dir, 0)
-    rer = build_random_smollm2(work / "rer", args.smollm2_dir, 1)
-    gen_trial, _ = as_trials(work, gen, rer, "study")
-    lm = load_lm(gen_trial, device=device, adapter="merge")
-    prompts = [prompt_text(lm.tokenizer, lm.template, q) for q in PROMPTS]
+    lm, prompts = merged_generator(args.smollm2_dir, device)
 
     def batch(n: int) -> list[str]:
         return (prompts * (n // len(prompts) + 1))[:n]

@@ -105,6 +105,22 @@ def build_random_smollm2(out: Path, config_dir: str, seed: int) -> Path:
     return smollm2_random(config_dir, out, seed)
 
 
+def merged_generator(config_dir: str, device: str):
+    """The generator of the random SmolLM2 QLoRA trial below, loaded as Serve loads it on a GPU (adapter
+    merged into bf16 weights), and PROMPTS in its template: what the decoding benchmarks decode."""
+    import tempfile
+
+    from duetto.serve.loading import load_lm
+    from duetto.trainers.inference import prompt_text
+
+    work = Path(tempfile.mkdtemp(prefix="generator-"))
+    gen = build_random_smollm2(work / "gen", config_dir, 0)
+    rer = build_random_smollm2(work / "rer", config_dir, 1)
+    gen_trial, _ = as_trials(work, gen, rer, "study")
+    lm = load_lm(gen_trial, device=device, adapter="merge")
+    return lm, [prompt_text(lm.tokenizer, lm.template, q) for q in PROMPTS]
+
+
 def as_trials(work: Path, gen_base: Path, rer_model: Path, template: str) -> tuple[str, str]:
     """A QLoRA trial dir (a random LoRA r4 adapter over ``gen_base``, trained at 4 bits) and a GaLore
     trial dir (``rer_model`` as its full model), laid out as `duetto train` saves them."""

@@ -3,9 +3,9 @@ temperature, top-p, sampling, stop bookkeeping) one compiled function replayed a
 
 transformers' ``generate`` compiles only the model's forward: around it, each decoding step runs its
 logits processors, sampling and stopping criteria as separate Python calls and kernel launches, and
-checks on the host whether every row has stopped. For a small model that loop costs more than the
-forward (3.3 ms a step for 4 rows of SmolLM2-135M on an H100, the same order as 64 rows). Here the
-whole step is one ``torch.compile`` graph (mode ``reduce-overhead``: CUDA graphs) per (rows, cache
+checks on the host whether every row has stopped. With SmolLM2-135M on an H100 a step took 3.3 ms
+for 4 rows and 4.6 ms for 64 (``benchmarks/results/static_decoding_probe_h100.json``): a floor that
+does not grow with the rows, as per-step host work would give. Here the whole step is one ``torch.compile`` graph (mode ``reduce-overhead``: CUDA graphs) per (rows, cache
 length) bucket, and the host asks whether all rows have stopped every ``CHECK_EVERY`` steps.
 
 It computes what ``generate`` with the same settings computes (tests compare them): the prompt is

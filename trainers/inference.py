@@ -390,27 +390,25 @@ def generate_candidates(model: Any, tokenizer: Any, prompts: Sequence[str], k: i
             enc = {key: v.to(device) for key, v in enc.items()}
             greedy_rows = firsts[start:stop_row] + [False] * (padded - (stop_row - start))
             if length and static.whole_steps and plain_sampling(model):
-                ids, lp = decode(static.steps(model, padded, length), enc["input_ids"], enc["attention_mask"],
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 greedy_rows=greedy_rows, stop_ids=stop, pad_id=tokenizer.pad_token_id,
-                                 min_new_tokens=min_new_tokens)  # fmt: skip
-                logps.append(lp[: stop_row - start].cpu() if logprobs else torch.full(ids[: stop_row - start].shape, float("nan")))
-                id_rows.extend(ids[: stop_row - start].cpu().tolist())
-                continue
-            extra = {_cache_kwarg(): static.cache(model, padded, length)} if length else {}
-            recorder = _chosen_logprobs() if logprobs else None
-            processors = [recorder] if recorder is not None else []
-            if any(greedy_rows):
-                processors.append(_greedy_rows(torch.tensor(greedy_rows, device=device)))
-            if processors:
-                extra["logits_processor"] = processors
-            out = model.generate(**enc, **gen_kwargs, **extra)
-            gen_ids = out.sequences[: stop_row - start, enc["input_ids"].shape[1] :]
-            if recorder is None:
-                logps.append(torch.full(gen_ids.shape, float("nan")))
+                gen_ids, lp = decode(static.steps(model, padded, length), enc["input_ids"], enc["attention_mask"],
+                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     greedy_rows=greedy_rows, stop_ids=stop, pad_id=tokenizer.pad_token_id,
+                                     min_new_tokens=min_new_tokens)  # fmt: skip
+                lp = lp if logprobs else None
             else:
-                logps.append(recorder.finish(out.sequences)[: stop_row - start].cpu())
-            del out
+                extra = {_cache_kwarg(): static.cache(model, padded, length)} if length else {}
+                recorder = _chosen_logprobs() if logprobs else None
+                processors = [recorder] if recorder is not None else []
+                if any(greedy_rows):
+                    processors.append(_greedy_rows(torch.tensor(greedy_rows, device=device)))
+                if processors:
+                    extra["logits_processor"] = processors
+                out = model.generate(**enc, **gen_kwargs, **extra)
+                gen_ids = out.sequences[:, enc["input_ids"].shape[1] :]
+                lp = recorder.finish(out.sequences) if recorder is not None else None
+                del out
+            gen_ids = gen_ids[: stop_row - start]  # the bucket's padding rows dropped
+            logps.append(torch.full(gen_ids.shape, float("nan")) if lp is None else lp[: stop_row - start].cpu())
             id_rows.extend(gen_ids.cpu().tolist())
     logp = [row for part in logps for row in part]
     flat: list[Candidate] = []
