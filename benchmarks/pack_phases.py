@@ -11,8 +11,8 @@ GaloreStack; in this process, no Ray).
 --adapters one-at-a-time runs each step's adapters one trial after another (the reference for the
 batched adapters; QLoRA). The trials are the study's QLoRA (or GaLore) settings (seq 128, batch 2) with seeds 0..N-1, all in one pack, a
 report every --every steps (BLEU/ROUGE on 16 held-out rows) and the trial's own final evaluation. The
-interim reports due at one step decode together, as the pack actor makes them (--one-at-a-time: one
-trial after another, the reference); each final evaluation runs alone while the others wait.
+interim reports due at one step decode together, as do the final evaluations of trials that end at the
+same step, as the pack actor makes them (--one-at-a-time: one trial after another, the reference).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--method", choices=["qlora", "galore"], default="qlora")
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8], help="QLoRA's base")
     ap.add_argument("--cpu", action="store_true")
-    ap.add_argument("--one-at-a-time", action="store_true", help="interim reports one trial at a time (the reference)")
+    ap.add_argument("--one-at-a-time", action="store_true", help="interim reports and final evaluations one trial at a time (the reference)")
     ap.add_argument("--adapters", choices=["batched", "one-at-a-time"], default="batched",
                     help="a step's adapters: batched per rank (the default), or one trial after another (the reference)")
     ap.add_argument("--work", default="/tmp/pack-phases")
@@ -85,7 +85,10 @@ def main() -> None:
                 timed("interim_reports", lambda: [pack.interim_report(t) for t in ids])
             else:  # as the pack actor makes the reports due at the same step
                 timed("interim_reports", lambda: pack.interim_reports(ids))
-    timed("final_evaluation", lambda: [pack.finish(t) for t in ids])
+    if args.one_at_a_time:
+        timed("final_evaluation", lambda: [pack.finish(t) for t in ids])
+    else:  # as the pack actor finishes the trials that reach their last step together
+        timed("final_evaluation", lambda: pack.finish_all(ids))
     total = sum(seconds.values())
     result = {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "total_seconds": round(total, 2),
               "trials": args.trials, "steps": args.steps, "report_every": args.every, "method": args.method,
