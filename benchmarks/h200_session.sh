@@ -26,6 +26,9 @@
 #   sweep-packing sweep_packing.py: the study sweep's QLoRA search unpacked and packed, beside plain HF
 #   decode-paths  decode_paths.py: the generator's static, dynamic and continuous-batching decoding
 #   serve-buckets serve_bench.py at 32 clients: the default row buckets, then finer ones (4..128 by 16)
+#   decode-load   decode_load.py: the generator under 1-64 clients, generate vs whole compiled steps vs
+#                 continuous batching (no Serve)
+#   serve-steps   serve_bench.py on SmolLM2's architecture with decoding.whole_steps: on
 #   trial-speed   trial_speed.py on SmolLM2's shape: GaLore, QLoRA NF4 and int8 beside plain HF
 #   trial-speed-gemma  the same on gemma-3-1b-it's shape (random weights), into trial_speed_gemma_h200.json
 #
@@ -153,6 +156,13 @@ do_serve-buckets() {
   python3 benchmarks/serve_bench.py "${args[@]}" --out $R/serve_c32_default_buckets_h200.json &&
     python3 benchmarks/serve_bench.py "${args[@]}" --set 'decoding.row_buckets=[4,16,32,48,64,80,96,128]' \
       --out $R/serve_c32_finer_buckets_h200.json
+}
+do_decode-load() {
+  (cd benchmarks && python3 decode_load.py --smollm2-dir $W/models/smollm2-135m-instruct --out $R/decode_load_h200.json)
+}
+do_serve-steps() {
+  python3 benchmarks/serve_bench.py --model smollm2 --smollm2-dir $W/models/smollm2-135m-instruct \
+    --duration "$SERVE_SECONDS" --naive-requests 2 --set decoding.whole_steps=on --out $R/serve_speed_whole_steps_h200.json
 }
 do_trial-speed() {
   python3 benchmarks/trial_speed.py --data $W/data --model smollm2=$W/models/smollm2-135m-instruct \
