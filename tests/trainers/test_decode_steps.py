@@ -1,7 +1,7 @@
 """Whole-step decoding (trainers/decode_steps.py) computes what transformers' ``generate`` computes:
 the same greedy tokens and log-probabilities, the same top-p nucleus, log-probabilities of sampled
 tokens equal to a teacher-forced forward's, stop ids and min_new_tokens honoured. On CPU the step
-runs eagerly; the compiled CUDA path has its test in test_decode_steps_gpu.py."""
+runs eagerly; the compiled CUDA path has its test in test_static_decoding_gpu.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """On CUDA the static-shape decoding step is compiled and replayed as CUDA graphs: it must still
-decode what the dynamic cache decodes (fp32, so compiled and eager kernels agree to rounding)."""
+decode what the dynamic cache decodes (fp32, so compiled and eager kernels agree to rounding). So
+must whole decoding steps (trainers/decode_steps.py), and a seed must give the same samples on every
+replay."""
 
 from __future__ import annotations
 
@@ -33,6 +35,30 @@ def test_compiled_static_greedy_equals_dynamic_on_cuda(which, request):
             assert a[0].token_ids == b[0].token_ids
             assert a[0].generator_logprob == pytest.approx(b[0].generator_logprob, abs=1e-3)
     assert set(static._caches) == {(2, 128), (8, 128)}
+
+
+@pytest.mark.parametrize("which", ["gemma", "smollm"])
+def test_compiled_whole_steps_equal_generate_on_cuda(which, request):
+    from duetto.serve.loading import load_lm
+
+    lm = load_lm(str(request.getfixturevalue(f"tiny_{which}_dir")), "study", device="cuda", dtype="float32")
+    prompts = [prompt_text(lm.tokenizer, lm.template, q) for q in QUESTIONS]
+    steps = StaticDecoding(rows=[2, 8], lengths=[128], whole_steps=True)
+    steps.warm_up(lm.model, lm.tokenizer, lm.stop_ids)
+    assert set(steps._steps) == {(2, 128), (8, 128)}
+    reference = generate_candidates(lm.model, lm.tokenizer, prompts, 1, max_new_tokens=12, temperature=0.0,
+                                    stop_ids=lm.stop_ids)  # fmt: skip
+    for _ in range(2):  # the second call replays what the first recorded
+        ours = generate_candidates(lm.model, lm.tokenizer, prompts, 1, max_new_tokens=12, temperature=0.0,
+                                   stop_ids=lm.stop_ids, static=steps)  # fmt: skip
+        for a, b in zip(reference, ours):
+            assert a[0].token_ids == b[0].token_ids
+            assert a[0].generator_logprob == pytest.approx(b[0].generator_logprob, abs=1e-3)
+    sampled = [generate_candidates(lm.model, lm.tokenizer, prompts[:2], 4, max_new_tokens=12, temperature=0.8,
+                                   top_p=0.95, seed=3, stop_ids=lm.stop_ids, static=steps, greedy_first=True)
+               for _ in range(2)]  # fmt: skip
+    assert [[c.token_ids for c in cs] for cs in sampled[0]] == [[c.token_ids for c in cs] for cs in sampled[1]]
+    assert [cs[0].token_ids for cs in sampled[0]] == [cs[0].token_ids for cs in reference[:2]]
 
 
 @pytest.mark.parametrize("which", ["gemma", "smollm"])
