@@ -43,6 +43,20 @@ def plain_sampling(model: Any) -> bool:
     return cfg is None or all(getattr(cfg, name, None) in neutral for name, neutral in _NEUTRAL.items())
 
 
+@torch.library.custom_op("duetto::cumsum_last", mutates_args=())
+def cumsum_last(x: torch.Tensor) -> torch.Tensor:
+    """``x.cumsum(-1)`` as one opaque op: inside a compiled step the graph calls aten's cumsum kernel.
+    Inductor's own code for a scan along a whole vocabulary (a split scan) fails to generate in torch
+    2.11 (``InductorError: list indices must be integers or slices, not NoneType`` at 128 rows x
+    SmolLM2's 49,152 columns on an H100)."""
+    return x.cumsum(dim=-1)
+
+
+@cumsum_last.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, greedy: torch.Tensor,
                 stop_ids: torch.Tensor, allow_stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(next token, its log-probability) per row from float32 ``logits`` (rows, vocab).
@@ -54,7 +68,7 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     logp = torch.log_softmax(logits, dim=-1)
     scores = logits / temperature
     sorted_scores, order = torch.sort(scores, dim=-1)  # ascending, as TopPLogitsWarper sorts
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    cumulative = cumsum_last(sorted_scores.softmax(dim=-1))
     drop_sorted = cumulative <= (1 - top_p)
     drop_sorted[..., -1:] = False  # the most likely token always stays
     drop = drop_sorted.scatter(1, order, drop_sorted)

@@ -87,6 +87,21 @@ def test_top_p_nucleus_and_temperature_match_transformers_warpers():
     assert (draws == allowed).float().mean() > 0.95  # and it covers it
 
 
+def test_the_nucleus_cumsum_is_torch_cumsum_and_traces_as_one_op():
+    from duetto.trainers.decode_steps import cumsum_last
+
+    x = torch.rand(5, 4099)
+    assert torch.equal(cumsum_last(x), x.cumsum(-1))
+    # the compiled step sees one opaque op, no graph break (aot_eager: the trace without code generation)
+    traced = torch.compile(sample_next, backend="aot_eager", fullgraph=True)
+    logits = torch.randn(3, 64)
+    greedy = torch.tensor([True, False, True])
+    args = (torch.full((3, 1), 0.7), torch.full((3, 1), 0.9), greedy, torch.tensor([3]), torch.tensor(True))
+    token, logp = traced(logits, *args)
+    assert torch.equal(token[greedy], logits.argmax(-1)[greedy])
+    assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
+
+
 def test_stops_pad_the_rest_and_min_new_tokens_forbids_them(lm):
     prompts = _prompts(lm, 2)
     steps = StaticDecoding(rows=[4], lengths=[64], whole_steps=True)

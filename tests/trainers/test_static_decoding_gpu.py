@@ -75,3 +75,26 @@ def test_compiled_static_scoring_equals_eager_on_cuda(which, request):
     for _ in range(2):  # the second call replays what the first recorded
         assert score_candidates(lm.model, lm.tokenizer, pairs, static=static, **kw) == pytest.approx(eager, abs=1e-3)
         assert score_candidates(lm.model, lm.tokenizer, pairs[:2], static=static, **kw) == pytest.approx(eager[:2], abs=1e-3)
+
+
+def test_compiled_sampling_at_a_real_vocabulary_on_cuda():
+    """128 rows x SmolLM2's 49,152 columns: the size at which inductor's own scan code fails to build."""
+    from duetto.trainers.decode_steps import sample_next
+
+    torch.manual_seed(0)
+    rows, vocab = 128, 49152
+    logits = torch.randn(rows, vocab, device="cuda") * 4
+    temperature, top_p = torch.full((rows, 1), 0.7, device="cuda"), torch.full((rows, 1), 0.95, device="cuda")
+    greedy = torch.arange(rows, device="cuda") % 2 == 0
+    args = (temperature, top_p, greedy, torch.tensor([2], device="cuda"), torch.tensor(True, device="cuda"))
+    compiled = torch.compile(sample_next, mode="reduce-overhead")
+    for _ in range(3):  # warm-up, record, replay
+        token, logp = compiled(logits, *args)
+    assert torch.equal(token[greedy], logits.argmax(-1)[greedy])
+    assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1), atol=1e-4)
+    # every sampled token lies in the eager top-p nucleus
+    scores = logits / temperature
+    ranked, order = scores.sort(-1)
+    keep = ~(ranked.softmax(-1).cumsum(-1) <= 1 - top_p)
+    allowed = keep.scatter(1, order, keep)
+    assert allowed.gather(1, token[:, None]).all()
