@@ -24,6 +24,8 @@
 #   demo          `duetto demo` on the GPU (model from prep's cache)
 #   serve-colocate  serve_bench.py on SmolLM2's architecture at 32 clients: two deployments, then colocate: on
 #   sweep-packing sweep_packing.py: the study sweep's QLoRA search unpacked and packed, beside plain HF
+#   pack-phases   pack_phases.py: where a pack's time goes (joins, steps, interim reports, final
+#                 evaluation), QLoRA and GaLore, 4 trials, 300 steps, a report every 50
 #   decode-paths  decode_paths.py: the generator's static, dynamic and continuous-batching decoding
 #   serve-buckets serve_bench.py at 32 clients: the default row buckets, then finer ones (4..128 by 16)
 #   decode-load   decode_load.py: the generator under 1-64 clients, generate vs whole compiled steps vs
@@ -177,6 +179,12 @@ gemma3_1b_random('$M/$LANE/gemma3-1b-random')" &&
 do_sweep-packing() {
   python3 benchmarks/sweep_packing.py --model $W/models/smollm2-135m-instruct --data $W/data \
     --work /tmp/sweep-packing-$LANE --out $R/sweep_packing_h200.json
+}
+do_pack-phases() {
+  local args=(--model $W/models/smollm2-135m-instruct --data $W/data --steps 300 --every 50)
+  python3 benchmarks/pack_phases.py "${args[@]}" --work /tmp/pack-phases-$LANE --out $R/pack_phases_h200.json &&
+    python3 benchmarks/pack_phases.py "${args[@]}" --method galore --work /tmp/pack-phases-$LANE \
+      --out $R/pack_phases_galore_h200.json
 }
 
 lane() {  # lane N JOB...: on GPU N
