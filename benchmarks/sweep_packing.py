@@ -15,7 +15,9 @@ otherwise) with the same sampled configs (the sweep's seed), FIFO (no early stop
 config trains to the end in both modes and can be compared), --steps steps each. Reported per mode:
 the summed trained tokens of all trials over the sweep's wall clock (end to end, start-up and
 evaluation included), the sum of the trials' own tokens/s (over the steps each took part in), and
-the wall time; each method's anchor is plain HF `Trainer` on one study-config trial of it
+the wall time, and where a trial's wall time went (`trial_phase_seconds`, the mean of the trials'
+metrics.json `phase_seconds`: set-up, steps, interim reports, eval loss, generation and, packed, the
+time it waited in its pack); each method's anchor is plain HF `Trainer` on one study-config trial of it
 (benchmarks/trial_speed.py: QLoRA int8, GaLore layer-wise 8-bit). `agreement` pairs each config's
 final eval loss packed and alone. With --full-sweep it also times the shipped sweep file as it is
 (both methods, ASHA) with packing on for both methods (`packing: all`): `sweep_study_wall_seconds`.
@@ -81,6 +83,12 @@ def trials(sweep_dir: Path) -> dict[str, dict]:
     return out
 
 
+def mean_phases(phases: list[dict[str, float]]) -> dict[str, float]:
+    """A trial's wall time by phase (metrics.json ``phase_seconds``), the mean over ``phases``."""
+    keys = dict.fromkeys(k for p in phases for k in p)
+    return {k: sum(p.get(k, 0.0) for p in phases) / len(phases) for k in keys}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="model dir (or fetch name, e.g. tiny)")
@@ -140,11 +148,13 @@ def main() -> None:
             shutil.rmtree(scratch, ignore_errors=True)  # this script's scratch: a sweep there would be resumed, not rerun
             sweep_dir, wall = run_sweep(one_method(args.sweep, method, work / f"sweep_{method}.yaml"),
                                         common + [f"packing={packing}", f"storage_path={scratch}"], num_cpus)  # fmt: skip
+            finished = trials(sweep_dir)
             done = {key: {k: m[k] for k in ("eval_loss", "trained_tokens", "tokens_per_second")}
-                    for key, m in trials(sweep_dir).items()}  # fmt: skip
+                    for key, m in finished.items()}  # fmt: skip
             runs[f"{method}/{mode}"] = done
             tokens = sum(m["trained_tokens"] for m in done.values())
             rows.append({"method": method, "mode": mode, "trials": len(done),
+                         "trial_phase_seconds": mean_phases([m.get("phase_seconds", {}) for m in finished.values()]),
                          "aggregate_tokens_per_s": tokens / wall,
                          "sum_trial_tokens_per_s": sum(m["tokens_per_second"] for m in done.values()),
                          "anchor_tokens_per_s": anchor_tps, "ratio": tokens / wall / anchor_tps,
@@ -171,6 +181,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['method']:<8}{r['mode']:<10}{r['trials']:>7}{r['aggregate_tokens_per_s']:>12.0f}{r['sum_trial_tokens_per_s']:>17.0f}"
               f"{r['anchor_tokens_per_s']:>9.0f}{r['ratio']:>8.2f}{r['wall_seconds']:>9.0f}")  # fmt: skip
+    for r in rows:
+        if r.get("trial_phase_seconds"):
+            print(f"  {r['method']} {r['mode']}, a trial's mean seconds: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in r["trial_phase_seconds"].items()))
     for a in agreement:
         rel = abs(a["eval_loss_packed"] - a["eval_loss_alone"]) / abs(a["eval_loss_alone"])
         print(f"  {a['config']}: eval_loss packed {a['eval_loss_packed']:.4f} alone {a['eval_loss_alone']:.4f} ({rel:.2%})")

@@ -125,6 +125,11 @@ class PackedTrial:
     step_seconds: float = 0.0
     """Wall time of the pack steps this trial took part in (shared with the trials beside it)."""
     joined_at: float = 0.0
+    """When its join began (its wall time counts from there, as a trial alone counts its set-up)."""
+    setup_seconds: float = 0.0
+    """Its join: rows, tokenization, the method's build, its adapter or model in place, a restore."""
+    report_seconds: float = 0.0
+    """Wall time of the interim reports it took part in (shared with the trials reported beside it)."""
     trainable_params: int = 0
     resumed_from: int = 0
     """The step its saved state (``Pack.state``) brought it back to (0: trained from the start)."""
@@ -196,6 +201,8 @@ class Pack:
         """Why the base's steps cannot be captured (prepare_for_graphs), or None."""
         self._replayed = False
         """Whether the last step's forward and backward were a graph replay."""
+        self._join_started = 0.0
+        """When the join in progress began (_prepare starts a join, _admit ends it)."""
         self.graphs: dict[tuple, Any] = {}
         """(trials, row bounds) -> the GraphedStep of their forward and backward (on CUDA, unless the
         trials say cuda_graphs: false), most recently used last."""
@@ -260,6 +267,7 @@ class Pack:
         from duetto.trainers.trial import resolve_dtype
         from duetto.trainers.trial_data import EncodedDataset, load_rows
 
+        self._join_started = time.perf_counter()  # _admit ends the join
         check_packable([*(tr.cfg for tr in list(self.trials.values())[:1]), cfg])
         if not self.model_path:
             self.model_path = resolve_model(cfg.model)
@@ -273,10 +281,11 @@ class Pack:
                until: int | None, state: bytes | None) -> int:  # fmt: skip
         """Trial t (its weights and optimizer in place) joins the running trials, from ``state`` if given."""
         self.trials[t] = PackedTrial(cfg, rows, dataset, hf_batches(len(dataset), cfg.batch_size, cfg.seed), total,
-                                     until=total if until is None else until, joined_at=time.perf_counter(),
+                                     until=total if until is None else until, joined_at=self._join_started,
                                      trainable_params=trainable)  # fmt: skip
         if state is not None:
             self._restore(t, state)
+        self.trials[t].setup_seconds = time.perf_counter() - self._join_started
         return t
 
     def state(self, t: int) -> bytes:
@@ -412,6 +421,7 @@ class Pack:
         from duetto.trainers.evaluate import text_metrics
         from duetto.trainers.trial_reports import peak_memory_bytes
 
+        started = time.perf_counter()
         reports: dict[int, dict[str, Any]] = {}
         jobs: dict[int, list[dict]] = {}  # trial -> the rows its BLEU/ROUGE are computed on
         for t in ts:
@@ -429,6 +439,9 @@ class Pack:
                 jobs[t] = rows
         for t, answers in self._answers(list(jobs.items())).items():
             reports[t].update(text_metrics(answers, [r["response"] for r in jobs[t]]))
+        seconds = time.perf_counter() - started
+        for t in ts:
+            self.trials[t].report_seconds += seconds
         return reports
 
     def _answers(self, jobs: Sequence[tuple[int, list[dict]]]) -> dict[int, list[str]]:
@@ -491,14 +504,27 @@ class Pack:
         train_peak = self.peak_bytes or peak_memory_bytes(self.device)
         if self.memory is not None:
             self.memory.reset_peak()  # the evaluations' own peak, below
-        eval_losses = {t: self.eval_loss(t) for t in ts}
+        eval_losses, eval_seconds = {}, {}
+        for t in ts:
+            t0 = time.perf_counter()
+            eval_losses[t] = self.eval_loss(t)
+            eval_seconds[t] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         gen_rows = {t: self.trials[t].rows.generation(self.trials[t].cfg) for t in ts}
         answers = self._answers([(t, rows) for t, rows in gen_rows.items() if rows])
+        decoding = time.perf_counter() - t0  # one shared pass
         out: dict[int, dict[str, Any]] = {}
         for t in ts:
             tr, cfg = self.trials[t], self.trials[t].cfg
             predictions = answers.get(t, [])
+            t0 = time.perf_counter()
             gen = text_metrics(predictions, [r["response"] for r in gen_rows[t]])
+            wall = time.perf_counter() - tr.joined_at
+            phases = {"setup": tr.setup_seconds, "train": tr.step_seconds, "interim_reports": tr.report_seconds,
+                      "eval_loss": eval_seconds[t], "generation": decoding + time.perf_counter() - t0}  # fmt: skip
+            # attached but in none of its own phases: the pack stepping other trials, or the trial
+            # waiting at a report for its Tune client to move it on
+            phases["waiting"] = max(0.0, wall - sum(phases.values()))
             every = max(cfg.logging_steps, 1)
             # as the HF Trainer logs it: the mean loss of each full window of logging_steps
             curve = [[s + every, sum(tr.losses[s : s + every]) / every] for s in range(0, len(tr.losses) - every + 1, every)]
@@ -508,7 +534,7 @@ class Pack:
                 "eval_peak_memory_bytes": peak_memory_bytes(self.device),
                 "tokens_per_second": tr.trained_tokens / tr.step_seconds if tr.step_seconds > 0 else 0.0,
                 "trained_tokens": tr.trained_tokens, "train_seconds": tr.step_seconds,
-                "train_wall_seconds": tr.step_seconds, "wall_seconds": time.perf_counter() - tr.joined_at,
+                "train_wall_seconds": tr.step_seconds, "wall_seconds": wall, "phase_seconds": phases,
                 "trainable_params": tr.trainable_params, "total_params": self._total_params(t),
                 "num_train_examples": len(tr.dataset), "num_eval_examples": len(gen_rows[t]), "eval_split": tr.rows.split,
                 "truncated_train_examples": tr.dataset.truncated, "step": tr.step, "train_loss_curve": curve,

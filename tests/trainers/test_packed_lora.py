@@ -136,6 +136,12 @@ def test_packed_trials_follow_their_solo_duetto_train_loss_curves(tmp_path, tiny
         assert set(mine) == set(theirs)
         for key in theirs:
             assert torch.allclose(mine[key], theirs[key], atol=1e-5), (t, key)
+    for t in range(2):  # a trial alone's phases, plus the pack's own: where its wall time went
+        phases = packed[t]["phase_seconds"]
+        assert phases.keys() == set(solo[t]["phase_seconds"]) | {"interim_reports", "waiting"}
+        assert min(phases.values()) >= 0 and phases["setup"] > 0 and phases["generation"] > 0
+        assert phases["train"] == packed[t]["train_seconds"]
+        assert sum(phases.values()) == pytest.approx(packed[t]["wall_seconds"], rel=1e-6)
     assert len(curves[0]) == 6 and len(curves[1]) == 4  # the shorter trial left the pack after its 4 steps
     assert curves[0][:4] != pytest.approx(curves[1], rel=1e-3)  # the two trials really differ
 
@@ -291,6 +297,7 @@ def test_interim_reports_of_several_trials_decode_together_and_match_each_alone(
         for key, value in alone[t].items():
             if key != "peak_memory_bytes":  # on CPU the process's high-water mark, which only grows
                 assert together[t][key] == pytest.approx(value, abs=1e-6), (t, key)
+    assert all(pack.trials[t].report_seconds > 0 for t in ids)  # both reports counted in each trial's phases
     # the trials learned apart (lr 5e-2): their answers differ, so each row really took its own adapter
     answers = pack._answers([(t, pack.trials[t].rows.generation(cfgs[0])[:5]) for t in ids])
     assert len({tuple(a) for a in answers.values()}) > 1
