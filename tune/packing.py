@@ -1,4 +1,4 @@
-"""Packed sweeps: one packing actor per group of shared settings (trainers/packed_run.py ``group_key``;
+"""Packed sweeps: one packing actor per group of shared settings (trainers/pack_groups.py ``group_key``;
 the method is one of them), on one trial's GPU share, trains the trials attached to it together
 (QLoRA trials on one base: trainers/packed_run.py ``Pack``; GaLore trials on stacked weights:
 trainers/stacked_galore.py ``GaloreStack``), while each configuration stays its own Ray Tune trial.
@@ -188,12 +188,12 @@ def packed_trial(config: dict[str, Any], base: dict[str, Any], sweep_dir: str, a
     """The Tune trial of a packed configuration: join, report interval by interval, finish.
     Without ``actor_name`` it joins (or starts, with ``gpus``/``cpus``, at most ``max_trials`` trials
     within ``memory_fraction`` of the GPU) the pack of its sweep for trials of its shared settings
-    (trainers/packed_run.py group_key). Each interim report carries the trial's checkpoint, so a
+    (trainers/pack_groups.py group_key). Each interim report carries the trial's checkpoint, so a
     restarted trial goes on from its last report."""
     from ray import tune
 
     from duetto.config import to_dict
-    from duetto.trainers.packed_run import group_key
+    from duetto.trainers.pack_groups import group_key
     from duetto.tune.spec import trial_config
 
     key = tune.get_context().get_trial_id()

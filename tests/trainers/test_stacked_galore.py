@@ -148,7 +148,7 @@ def test_a_stacked_trial_saved_midway_goes_on_as_if_it_never_stopped(tmp_path, t
 
 def test_galore_and_qlora_trials_do_not_pack_together(tmp_path, tiny_gemma_dir, unified_data):
     from duetto.config import ConfigError
-    from duetto.trainers.packed_run import check_packable
+    from duetto.trainers.pack_groups import check_packable
 
     common = _common(tiny_gemma_dir, unified_data)
     galore = _cfg(common, [], tmp_path / "g")
