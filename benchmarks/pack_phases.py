@@ -21,7 +21,10 @@ import argparse
 import datetime
 import json
 import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def main() -> None:
@@ -48,6 +51,7 @@ def main() -> None:
     from duetto.config import load_config
     from duetto.trainers.config import TrialConfig
     from duetto.trainers.packed_run import new_pack
+    from sweep_packing import mean_phases
 
     if args.adapters == "one-at-a-time":
         import duetto.trainers.packed_lora as packed_lora
@@ -86,11 +90,15 @@ def main() -> None:
             else:  # as the pack actor makes the reports due at the same step
                 timed("interim_reports", lambda: pack.interim_reports(ids))
     if args.one_at_a_time:
-        timed("final_evaluation", lambda: [pack.finish(t) for t in ids])
+        finished = timed("final_evaluation", lambda: [pack.finish(t) for t in ids])
     else:  # as the pack actor finishes the trials that reach their last step together
-        timed("final_evaluation", lambda: pack.finish_all(ids))
+        finished = list(timed("final_evaluation", lambda: pack.finish_all(ids)).values())
     total = sum(seconds.values())
+    # the same run from each trial's side: its metrics.json phase_seconds (the pack's calls above
+    # also hold the saves; a shared report or decoding counts whole for every trial in it)
+    trial_phases = {k: round(v, 2) for k, v in mean_phases([m["phase_seconds"] for m in finished]).items()}
     result = {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "total_seconds": round(total, 2),
+              "trial_phase_seconds": trial_phases,
               "trials": args.trials, "steps": args.steps, "report_every": args.every, "method": args.method,
               "bits": args.bits if args.method == "qlora" else None,
               "eval_examples": cfgs[0].eval.num_examples, "interim_eval_examples": 16, "model": args.model,
@@ -101,6 +109,7 @@ def main() -> None:
     print(f"{'phase':<18}{'seconds':>9}{'share':>8}")
     for k, v in seconds.items():
         print(f"{k:<18}{v:>9.1f}{v / total:>8.0%}")
+    print("a trial's mean seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in trial_phases.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -16,8 +16,9 @@ config trains to the end in both modes and can be compared), --steps steps each.
 the summed trained tokens of all trials over the sweep's wall clock (end to end, start-up and
 evaluation included), the sum of the trials' own tokens/s (over the steps each took part in), and
 the wall time, and where a trial's wall time went (`trial_phase_seconds`, the mean of the trials'
-metrics.json `phase_seconds`: set-up, steps, interim reports, eval loss, generation and, packed, the
-time it waited in its pack); each method's anchor is plain HF `Trainer` on one study-config trial of it
+metrics.json `phase_seconds`: set-up, train, eval loss, generation and, packed, interim reports and
+the time it waited in its pack; unpacked, `train` is `trainer.train()` whole, its interim evaluations
+included, packed it is the pack steps alone); each method's anchor is plain HF `Trainer` on one study-config trial of it
 (benchmarks/trial_speed.py: QLoRA int8, GaLore layer-wise 8-bit). `agreement` pairs each config's
 final eval loss packed and alone. With --full-sweep it also times the shipped sweep file as it is
 (both methods, ASHA) with packing on for both methods (`packing: all`): `sweep_study_wall_seconds`.
@@ -84,9 +85,10 @@ def trials(sweep_dir: Path) -> dict[str, dict]:
 
 
 def mean_phases(phases: list[dict[str, float]]) -> dict[str, float]:
-    """A trial's wall time by phase (metrics.json ``phase_seconds``), the mean over ``phases``."""
+    """A trial's wall time by phase (metrics.json ``phase_seconds``): each phase's mean over the trials
+    that report it."""
     keys = dict.fromkeys(k for p in phases for k in p)
-    return {k: sum(p.get(k, 0.0) for p in phases) / len(phases) for k in keys}
+    return {k: sum(p[k] for p in phases if k in p) / sum(k in p for p in phases) for k in keys}
 
 
 def main() -> None:

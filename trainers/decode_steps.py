@@ -45,16 +45,18 @@ def plain_sampling(model: Any) -> bool:
 
 @torch.library.custom_op("duetto::cumsum_last", mutates_args=())
 def cumsum_last(x: torch.Tensor) -> torch.Tensor:
-    """``x.cumsum(-1)`` as one opaque op: inside a compiled step the graph calls aten's cumsum kernel.
-    Inductor's own code for a scan along a whole vocabulary (a split scan) fails to generate in torch
-    2.11 (``InductorError: list indices must be integers or slices, not NoneType`` at 128 rows x
-    SmolLM2's 49,152 columns on an H100)."""
+    """``x.cumsum(-1)`` of a floating-point ``x`` as one opaque op: inside a compiled step the graph
+    calls aten's cumsum kernel. Inductor's own code for a scan along a whole vocabulary (a split scan)
+    failed to generate in torch 2.11 (``InductorError: list indices must be integers or slices, not
+    NoneType`` for a SplitScan of cumsum over 128 rows x SmolLM2's 49,152 columns on an H100)."""
+    if not x.is_floating_point():
+        raise TypeError(f"cumsum_last takes floating-point tensors, got {x.dtype}")
     return x.cumsum(dim=-1)
 
 
 @cumsum_last.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # cumsum's output: contiguous
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, greedy: torch.Tensor,

@@ -82,13 +82,17 @@ class PackedTrial:
     losses: list[float] = field(default_factory=list)
     trained_tokens: int = 0
     step_seconds: float = 0.0
-    """Wall time of the pack steps this trial took part in (shared with the trials beside it)."""
+    """Time of the pack steps' forward, backward and optimizer steps this trial took part in (shared
+    with the trials beside it), a restored trial's earlier attempts included: its tokens/s."""
+    step_wall: float = 0.0
+    """Wall time of the pack steps it took part in since it joined (their batch collation included)."""
     joined_at: float = 0.0
     """When its join began (its wall time counts from there, as a trial alone counts its set-up)."""
     setup_seconds: float = 0.0
     """Its join: rows, tokenization, the method's build, its adapter or model in place, a restore."""
     report_seconds: float = 0.0
-    """Wall time of the interim reports it took part in (shared with the trials reported beside it)."""
+    """Wall time of the interim reports it took part in since it joined (each one whole: shared with
+    the trials reported beside it)."""
     trainable_params: int = 0
     resumed_from: int = 0
     """The step its saved state (``Pack.state``) brought it back to (0: trained from the start)."""
@@ -188,11 +192,11 @@ class Pack:
 
     def join(self, cfg: TrialConfig, until: int | None = None, state: bytes | None = None) -> int:
         """Add a trial (``state``: one that ``Pack.state`` saved, to go on from its step); returns its id."""
+        rows, dataset, dtype = self._prepare(cfg)  # the method's build (LoRA init) follows the seed, as alone
         from peft import get_peft_model_state_dict
 
         from duetto.trainers.methods import get_method
 
-        rows, dataset, dtype = self._prepare(cfg)  # the method's build (LoRA init) follows the seed, as alone
         built = get_method("qlora").build(cfg, self.model_path, dtype, self.device)
         init = {k: v.detach().clone() for k, v in get_peft_model_state_dict(built.model).items()}
         spec = LoraSpec(r=cfg.qlora.r, alpha=cfg.qlora.alpha, dropout=cfg.qlora.dropout)
@@ -219,14 +223,15 @@ class Pack:
 
     def _prepare(self, cfg: TrialConfig) -> tuple[Any, Any, torch.dtype]:
         """A joining trial's check against the pack, then its seed, rows and tokenized train set, as the
-        trial's own _setup makes them; (rows, dataset, weights dtype). The first trial loads the tokenizer."""
+        trial's own _setup makes them; (rows, dataset, weights dtype). The first trial loads the tokenizer.
+        A join starts here (its set-up, first imports included, as a trial alone's); _admit ends it."""
+        self._join_started = time.perf_counter()
         from transformers import set_seed
 
         from duetto.models import load_tokenizer, resolve_model
         from duetto.trainers.trial import resolve_dtype
         from duetto.trainers.trial_data import EncodedDataset, load_rows
 
-        self._join_started = time.perf_counter()  # _admit ends the join
         check_packable([*(tr.cfg for tr in list(self.trials.values())[:1]), cfg])
         if not self.model_path:
             self.model_path = resolve_model(cfg.model)
@@ -297,6 +302,7 @@ class Pack:
         live = self.runnable()
         if not live:
             return {}
+        started = time.perf_counter()
         width = next(iter(self.trials.values())).cfg.max_seq_len  # one width: the trials' rows stack
         collate = PaddingCollator(self.tokenizer.pad_token_id, width=width)
         batches, tokens = {}, {}
@@ -328,6 +334,7 @@ class Pack:
             tr.step += 1
             tr.losses.append(loss)
             tr.step_seconds += seconds
+            tr.step_wall += time.perf_counter() - started
             tr.trained_tokens += tokens[t]
             tr.replayed += replayed
         return losses
@@ -471,19 +478,22 @@ class Pack:
         t0 = time.perf_counter()
         gen_rows = {t: self.trials[t].rows.generation(self.trials[t].cfg) for t in ts}
         answers = self._answers([(t, rows) for t, rows in gen_rows.items() if rows])
-        decoding = time.perf_counter() - t0  # one shared pass
+        decoding = time.perf_counter() - t0  # every trial's answers: each counts the whole decoding
+        gens, gen_seconds = {}, {}
+        for t in ts:
+            t0 = time.perf_counter()
+            gens[t] = text_metrics(answers.get(t, []), [r["response"] for r in gen_rows[t]])
+            gen_seconds[t] = decoding + time.perf_counter() - t0
         out: dict[int, dict[str, Any]] = {}
         for t in ts:
             tr, cfg = self.trials[t], self.trials[t].cfg
-            predictions = answers.get(t, [])
-            t0 = time.perf_counter()
-            gen = text_metrics(predictions, [r["response"] for r in gen_rows[t]])
+            predictions, gen = answers.get(t, []), gens[t]
             wall = time.perf_counter() - tr.joined_at
-            phases = {"setup": tr.setup_seconds, "train": tr.step_seconds, "interim_reports": tr.report_seconds,
-                      "eval_loss": eval_seconds[t], "generation": decoding + time.perf_counter() - t0}  # fmt: skip
-            # attached but in none of its own phases: the pack stepping other trials, or the trial
-            # waiting at a report for its Tune client to move it on
-            phases["waiting"] = max(0.0, wall - sum(phases.values()))
+            phases = {"setup": tr.setup_seconds, "train": tr.step_wall, "interim_reports": tr.report_seconds,
+                      "eval_loss": eval_seconds[t], "generation": gen_seconds[t]}  # fmt: skip
+            # attached but in none of its own phases: other trials' steps, joins, evaluations and saves,
+            # or its wait at a report for its Tune client to move it on (disjoint spans: never below 0)
+            phases["waiting"] = wall - sum(phases.values())
             every = max(cfg.logging_steps, 1)
             # as the HF Trainer logs it: the mean loss of each full window of logging_steps
             curve = [[s + every, sum(tr.losses[s : s + every]) / every] for s in range(0, len(tr.losses) - every + 1, every)]

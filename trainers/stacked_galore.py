@@ -112,13 +112,13 @@ class GaloreStack(Pack):
     # --- trials in and out ---
 
     def join(self, cfg: TrialConfig, until: int | None = None, state: bytes | None = None) -> int:
+        rows, dataset, dtype = self._prepare(cfg)  # the join's set-up starts there
         import copy
 
         from transformers import get_scheduler
 
         from duetto.trainers.methods import get_method
 
-        rows, dataset, dtype = self._prepare(cfg)
         # the build loads on the CPU (the HF Trainer moves a trial's model to its device)
         model = get_method("galore").build(cfg, self.model_path, dtype, self.device).model.to(self.device)
         model.config.use_cache = False

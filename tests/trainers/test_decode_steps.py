@@ -87,17 +87,26 @@ def test_top_p_nucleus_and_temperature_match_transformers_warpers():
     assert (draws == allowed).float().mean() > 0.95  # and it covers it
 
 
-def test_the_nucleus_cumsum_is_torch_cumsum_and_traces_as_one_op():
+def test_the_nucleus_cumsum_traces_as_one_opaque_op():
+    """Compiled, the step calls duetto::cumsum_last (aten's kernel), never inductor's own scan."""
     from duetto.trainers.decode_steps import cumsum_last
 
     x = torch.rand(5, 4099)
-    assert torch.equal(cumsum_last(x), x.cumsum(-1))
-    # the compiled step sees one opaque op, no graph break (aot_eager: the trace without code generation)
-    traced = torch.compile(sample_next, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(cumsum_last(x), x.cumsum(-1))
+    graphs = []
+
+    def collect(gm, inputs):  # a backend that keeps the traced graph and runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    traced = torch.compile(sample_next, backend=collect, fullgraph=True)
     logits = torch.randn(3, 64)
     greedy = torch.tensor([True, False, True])
     args = (torch.full((3, 1), 0.7), torch.full((3, 1), 0.9), greedy, torch.tensor([3]), torch.tensor(True))
     token, logp = traced(logits, *args)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+    assert any("duetto.cumsum_last" in t for t in targets), targets
+    assert not any(t.endswith("cumsum") for t in targets), targets
     assert torch.equal(token[greedy], logits.argmax(-1)[greedy])
     assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
 

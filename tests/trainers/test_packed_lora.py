@@ -140,8 +140,7 @@ def test_packed_trials_follow_their_solo_duetto_train_loss_curves(tmp_path, tiny
         phases = packed[t]["phase_seconds"]
         assert phases.keys() == set(solo[t]["phase_seconds"]) | {"interim_reports", "waiting"}
         assert min(phases.values()) >= 0 and phases["setup"] > 0 and phases["generation"] > 0
-        assert phases["train"] == packed[t]["train_seconds"]
-        assert sum(phases.values()) == pytest.approx(packed[t]["wall_seconds"], rel=1e-6)
+        assert phases["train"] >= packed[t]["train_seconds"] > 0  # the steps, with their batches' collation
     assert len(curves[0]) == 6 and len(curves[1]) == 4  # the shorter trial left the pack after its 4 steps
     assert curves[0][:4] != pytest.approx(curves[1], rel=1e-3)  # the two trials really differ
 
@@ -252,6 +251,7 @@ def test_a_packed_trial_saved_midway_goes_on_as_if_it_never_stopped(tmp_path, ti
     first.join(cfg, until=3)
     while first.step():
         pass
+    first.trials[0].step_seconds += 1000.0  # as if the first attempt's steps had been slow
     state = first.state(0)
     second = Pack(torch.device("cpu"))
     t = second.join(cfg, state=state)
@@ -260,6 +260,10 @@ def test_a_packed_trial_saved_midway_goes_on_as_if_it_never_stopped(tmp_path, ti
         pass
     got = second.finish(t)
     assert got["resumed_from_step"] == 3 and want["resumed_from_step"] == 0
+    # tokens/s counts every attempt's steps; the phases split this attempt's wall time, from its join
+    assert got["train_seconds"] > 1000 > got["wall_seconds"] >= got["phase_seconds"]["train"] > 0
+    assert min(got["phase_seconds"].values()) >= 0
+    assert sum(got["phase_seconds"].values()) == pytest.approx(got["wall_seconds"], rel=1e-6)
     assert [x for _, x in got["train_loss_curve"]] == pytest.approx([x for _, x in want["train_loss_curve"]], rel=1e-5)
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
     assert got["trained_tokens"] == want["trained_tokens"]
@@ -291,13 +295,15 @@ def test_interim_reports_of_several_trials_decode_together_and_match_each_alone(
     while pack.step():
         pass
     alone = {t: pack.interim_report(t) for t in ids}
+    before = {t: pack.trials[t].report_seconds for t in ids}
     together = pack.interim_reports(ids)
     for t in ids:
         assert together[t].keys() == alone[t].keys() >= {"bleu4", "rougeL", "eval_loss", "train_loss"}
         for key, value in alone[t].items():
             if key != "peak_memory_bytes":  # on CPU the process's high-water mark, which only grows
                 assert together[t][key] == pytest.approx(value, abs=1e-6), (t, key)
-    assert all(pack.trials[t].report_seconds > 0 for t in ids)  # both reports counted in each trial's phases
+    rose = {t: pack.trials[t].report_seconds - before[t] for t in ids}
+    assert min(rose.values()) > 0 and len(set(rose.values())) == 1  # one shared report, counted whole for each
     # the trials learned apart (lr 5e-2): their answers differ, so each row really took its own adapter
     answers = pack._answers([(t, pack.trials[t].rows.generation(cfgs[0])[:5]) for t in ids])
     assert len({tuple(a) for a in answers.values()}) > 1

@@ -78,23 +78,31 @@ def test_compiled_static_scoring_equals_eager_on_cuda(which, request):
 
 
 def test_compiled_sampling_at_a_real_vocabulary_on_cuda():
-    """128 rows x SmolLM2's 49,152 columns: the size at which inductor's own scan code fails to build."""
-    from duetto.trainers.decode_steps import sample_next
+    """128 rows x SmolLM2's 49,152 columns: the size at which inductor's own scan code failed to build."""
+    from duetto.trainers.decode_steps import cumsum_last, sample_next
 
     torch.manual_seed(0)
     rows, vocab = 128, 49152
     logits = torch.randn(rows, vocab, device="cuda") * 4
+    # the nucleus's cumulative probabilities, compiled as in a decoding step, equal eager torch's
+    ranked = (logits / 0.7).sort(-1).values
+    nucleus = torch.compile(lambda s: cumsum_last(s.softmax(-1)), mode="reduce-overhead")
+    for _ in range(3):  # warm-up, record, replay
+        compiled_cumulative = nucleus(ranked)
+    assert torch.allclose(compiled_cumulative, ranked.softmax(-1).cumsum(-1), atol=1e-5)
+    # the whole sampling step: greedy rows take the argmax, the others sample inside the nucleus
     temperature, top_p = torch.full((rows, 1), 0.7, device="cuda"), torch.full((rows, 1), 0.95, device="cuda")
     greedy = torch.arange(rows, device="cuda") % 2 == 0
     args = (temperature, top_p, greedy, torch.tensor([2], device="cuda"), torch.tensor(True, device="cuda"))
     compiled = torch.compile(sample_next, mode="reduce-overhead")
-    for _ in range(3):  # warm-up, record, replay
+    for _ in range(3):
         token, logp = compiled(logits, *args)
-    assert torch.equal(token[greedy], logits.argmax(-1)[greedy])
+    argmax = logits.argmax(-1)
+    assert torch.equal(token[greedy], argmax[greedy])
     assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1), atol=1e-4)
-    # every sampled token lies in the eager top-p nucleus
     scores = logits / temperature
     ranked, order = scores.sort(-1)
     keep = ~(ranked.softmax(-1).cumsum(-1) <= 1 - top_p)
     allowed = keep.scatter(1, order, keep)
-    assert allowed.gather(1, token[:, None]).all()
+    assert allowed.gather(1, token[:, None]).all()  # never outside the top-p nucleus
+    assert (token[~greedy] != argmax[~greedy]).any()  # and not shrunk to the top token
