@@ -21,10 +21,7 @@ import argparse
 import datetime
 import json
 import time
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def main() -> None:
@@ -51,7 +48,7 @@ def main() -> None:
     from duetto.config import load_config
     from duetto.trainers.config import TrialConfig
     from duetto.trainers.packed_run import new_pack
-    from sweep_packing import mean_phases
+    from sweep_packing import mean_phases  # benchmarks/ is on sys.path when this runs
 
     if args.adapters == "one-at-a-time":
         import duetto.trainers.packed_lora as packed_lora

@@ -18,6 +18,19 @@ QUESTIONS = ["What is the capital of France?", "Give a synonym for the word big.
              "Summarize: plants need light and water.", "Why is the sky blue?"]  # fmt: skip
 
 
+def _greedy(lm, prompts, static=None):
+    return generate_candidates(lm.model, lm.tokenizer, prompts, 1, max_new_tokens=12, temperature=0.0,
+                               stop_ids=lm.stop_ids, static=static)  # fmt: skip
+
+
+def _assert_replays_decode(lm, prompts, static, reference) -> None:
+    """``static``'s greedy answers, recorded then replayed, are ``reference``'s tokens and log-probs."""
+    for _ in range(2):  # the second call replays what the first recorded
+        for a, b in zip(reference, _greedy(lm, prompts, static)):
+            assert a[0].token_ids == b[0].token_ids
+            assert a[0].generator_logprob == pytest.approx(b[0].generator_logprob, abs=1e-3)
+
+
 @pytest.mark.parametrize("which", ["gemma", "smollm"])
 def test_compiled_static_greedy_equals_dynamic_on_cuda(which, request):
     from duetto.serve.loading import load_lm
@@ -26,14 +39,7 @@ def test_compiled_static_greedy_equals_dynamic_on_cuda(which, request):
     prompts = [prompt_text(lm.tokenizer, lm.template, q) for q in QUESTIONS]
     static = StaticDecoding(rows=[2, 8], lengths=[128])
     static.warm_up(lm.model, lm.tokenizer, lm.stop_ids)
-    dynamic = generate_candidates(lm.model, lm.tokenizer, prompts, 1, max_new_tokens=12, temperature=0.0,
-                                  stop_ids=lm.stop_ids)  # fmt: skip
-    for _ in range(2):  # the second call replays what the first recorded
-        fixed = generate_candidates(lm.model, lm.tokenizer, prompts, 1, max_new_tokens=12, temperature=0.0,
-                                    stop_ids=lm.stop_ids, static=static)  # fmt: skip
-        for a, b in zip(dynamic, fixed):
-            assert a[0].token_ids == b[0].token_ids
-            assert a[0].generator_logprob == pytest.approx(b[0].generator_logprob, abs=1e-3)
+    _assert_replays_decode(lm, prompts, static, _greedy(lm, prompts))
     assert set(static._caches) == {(2, 128), (8, 128)}
 
 
@@ -46,14 +52,8 @@ def test_compiled_whole_steps_equal_generate_on_cuda(which, request):
     steps = StaticDecoding(rows=[2, 8], lengths=[128], whole_steps=True)
     steps.warm_up(lm.model, lm.tokenizer, lm.stop_ids)
     assert set(steps._steps) == {(2, 128), (8, 128)}
-    reference = generate_candidates(lm.model, lm.tokenizer, prompts, 1, max_new_tokens=12, temperature=0.0,
-                                    stop_ids=lm.stop_ids)  # fmt: skip
-    for _ in range(2):  # the second call replays what the first recorded
-        ours = generate_candidates(lm.model, lm.tokenizer, prompts, 1, max_new_tokens=12, temperature=0.0,
-                                   stop_ids=lm.stop_ids, static=steps)  # fmt: skip
-        for a, b in zip(reference, ours):
-            assert a[0].token_ids == b[0].token_ids
-            assert a[0].generator_logprob == pytest.approx(b[0].generator_logprob, abs=1e-3)
+    reference = _greedy(lm, prompts)
+    _assert_replays_decode(lm, prompts, steps, reference)
     sampled = [generate_candidates(lm.model, lm.tokenizer, prompts[:2], 4, max_new_tokens=12, temperature=0.8,
                                    top_p=0.95, seed=3, stop_ids=lm.stop_ids, static=steps, greedy_first=True)
                for _ in range(2)]  # fmt: skip
