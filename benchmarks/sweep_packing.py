@@ -14,8 +14,8 @@ Both modes run one method's search of --sweep (configs/sweep_study.yaml; QLoRA u
 otherwise) with the same sampled configs (the sweep's seed), FIFO (no early stopping, so every
 config trains to the end in both modes and can be compared), --steps steps each. Reported per mode:
 the summed trained tokens of all trials over the sweep's wall clock (end to end, start-up and
-evaluation included), the sum of the trials' own tokens/s (over the steps each took part in), and
-the wall time, and where a trial's wall time went (`trial_phase_seconds`, the mean of the trials'
+evaluation included; `ratio` to the anchor), the sum of the trials' own tokens/s (each over the steps
+it took part in: the rate at which the sweep trains while it steps; `step_ratio`), and the wall time, and where a trial's wall time went (`trial_phase_seconds`, the mean of the trials'
 metrics.json `phase_seconds`: set-up, train, eval loss, generation and, packed, interim reports and
 the time it waited in its pack; unpacked, `train` is `trainer.train()` whole, its interim evaluations
 included, packed it is the pack steps alone); each method's anchor is plain HF `Trainer` on one study-config trial of it
@@ -140,7 +140,7 @@ def main() -> None:
     runs = {run: done for run, done in prev.get("trials", {}).items() if tuple(run.split("/")) not in now}
     anchors = dict(prev.get("anchors", {}))
     for method in methods:
-        if not args.cpu and method not in anchors:  # the anchor times CUDA steps: none on CPU
+        if not args.cpu and modes and method not in anchors:  # the anchor times CUDA steps: none on CPU
             cfg = study_config(ANCHOR[method], args.model, args.data, args.anchor_steps, work / f"anchor_{method}")
             anchors[method] = anchor(cfg)["tokens_per_s"]
         anchor_tps = anchors.get(method, float("nan"))
@@ -155,34 +155,42 @@ def main() -> None:
                     for key, m in finished.items()}  # fmt: skip
             runs[f"{method}/{mode}"] = done
             tokens = sum(m["trained_tokens"] for m in done.values())
+            step_rate = sum(m["tokens_per_second"] for m in done.values())
             rows.append({"method": method, "mode": mode, "trials": len(done),
                          "trial_phase_seconds": mean_phases([m.get("phase_seconds", {}) for m in finished.values()]),
                          "aggregate_tokens_per_s": tokens / wall,
-                         "sum_trial_tokens_per_s": sum(m["tokens_per_second"] for m in done.values()),
-                         "anchor_tokens_per_s": anchor_tps, "ratio": tokens / wall / anchor_tps,
-                         "wall_seconds": wall, "trained_tokens": tokens})  # fmt: skip
+                         "sum_trial_tokens_per_s": step_rate, "anchor_tokens_per_s": anchor_tps,
+                         "ratio": tokens / wall / anchor_tps, "step_ratio": step_rate / anchor_tps,
+                         "wall_seconds": wall, "trained_tokens": tokens,
+                         "fast_path": sorted({m.get("fast_path", "") for m in finished.values()})})  # fmt: skip
     agreement = []
     for method in ANCHOR:
         packed, alone = runs.get(f"{method}/packed", {}), runs.get(f"{method}/unpacked", {})
         agreement += [{"method": method, "config": json.loads(k), "eval_loss_packed": packed[k]["eval_loss"],
                        "eval_loss_alone": alone[k]["eval_loss"]} for k in sorted(packed.keys() & alone.keys())]  # fmt: skip
-    full_wall = None
+    full_wall, full_trials = None, prev.get("sweep_study_trials")
     if args.full_sweep:
         shutil.rmtree(work / "full", ignore_errors=True)
-        _, full_wall = run_sweep(args.sweep, [f"base.model={args.model}", f"base.data.train={args.data}/train.jsonl",
+        full_dir, full_wall = run_sweep(args.sweep, [f"base.model={args.model}", f"base.data.train={args.data}/train.jsonl",
                                               f"base.data.test={args.data}/test.jsonl", "packing=all",
                                               f"storage_path={work / 'full'}", *cpu_overrides], num_cpus)  # fmt: skip
+        # the trials that ran to the end (ASHA's stopped ones write no metrics.json): where their time went
+        full_trials = {Path(m.parent).name: {k: m_json[k] for k in ("step", "wall_seconds", "tokens_per_second", "fast_path",
+                                                                    "phase_seconds") if k in m_json}
+                       for m in sorted(full_dir.glob("*/metrics.json")) for m_json in [json.loads(m.read_text())]}  # fmt: skip
     full_wall = full_wall if full_wall is not None else prev.get("sweep_study_wall_seconds")
     rows.sort(key=lambda r: (r["method"], r["mode"] != "unpacked"))
-    result = {"rows": rows, "sweep_study_wall_seconds": full_wall, "agreement": agreement,
+    result = {"rows": rows, "sweep_study_wall_seconds": full_wall, "sweep_study_trials": full_trials, "agreement": agreement,
               "anchors": anchors, "trials": runs,
               "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else "CPU",
               "date": datetime.date.today().isoformat(), "steps": args.steps, "sweep": args.sweep,
               "model": args.model}  # fmt: skip
-    print(f"{'method':<8}{'mode':<10}{'trials':>7}{'agg tok/s':>12}{'sum trial tok/s':>17}{'anchor':>9}{'ratio':>8}{'wall s':>9}")
+    print(f"{'method':<8}{'mode':<10}{'trials':>7}{'agg tok/s':>12}{'ratio':>8}{'sum trial tok/s':>17}{'ratio':>8}"
+          f"{'anchor':>9}{'wall s':>9}")  # fmt: skip
     for r in rows:
-        print(f"{r['method']:<8}{r['mode']:<10}{r['trials']:>7}{r['aggregate_tokens_per_s']:>12.0f}{r['sum_trial_tokens_per_s']:>17.0f}"
-              f"{r['anchor_tokens_per_s']:>9.0f}{r['ratio']:>8.2f}{r['wall_seconds']:>9.0f}")  # fmt: skip
+        print(f"{r['method']:<8}{r['mode']:<10}{r['trials']:>7}{r['aggregate_tokens_per_s']:>12.0f}{r['ratio']:>8.2f}"
+              f"{r['sum_trial_tokens_per_s']:>17.0f}{r.get('step_ratio', float('nan')):>8.2f}{r['anchor_tokens_per_s']:>9.0f}"
+              f"{r['wall_seconds']:>9.0f}")  # fmt: skip
     for r in rows:
         if r.get("trial_phase_seconds"):
             print(f"  {r['method']} {r['mode']}, a trial's mean seconds: "
@@ -192,6 +200,8 @@ def main() -> None:
         print(f"  {a['config']}: eval_loss packed {a['eval_loss_packed']:.4f} alone {a['eval_loss_alone']:.4f} ({rel:.2%})")
     if full_wall is not None:
         print(f"{args.sweep} as shipped, packing on: {full_wall:.0f} s end to end")
+        for name, m in (full_trials or {}).items():
+            print(f"  {name}: {m.get('wall_seconds', 0):.0f} s, " + ", ".join(f"{k} {v:.1f}" for k, v in m.get("phase_seconds", {}).items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

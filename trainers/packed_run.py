@@ -37,6 +37,10 @@ from duetto.trainers.packed_lora import (
 #: CUDA graphs a pack keeps, one per set of trials stepping together (trials wait at report steps, so
 #: a few sets recur); a graph holds its activations' memory
 GRAPHS_KEPT = 4
+#: How long the trials of a pack that are ahead wait for those furthest behind to be moved on by
+#: their clients (a report's checkpoint and Tune's handling of it take seconds) before they step
+#: without them (Pack.to_step)
+LOCKSTEP_HOLD_SECONDS = 30.0
 
 
 def hf_batches(n: int, batch_size: int, data_seed: int) -> Iterator[list[int]]:
@@ -166,6 +170,8 @@ class Pack:
         """Whether the last step's forward and backward were a graph replay."""
         self._join_started = 0.0
         """When the join in progress began (_prepare starts a join, _admit ends it)."""
+        self._held_since: float | None = None
+        """When the trials ahead began to wait for those furthest behind (to_step)."""
         self.graphs: dict[tuple, Any] = {}
         """(trials, row bounds) -> the GraphedStep of their forward and backward (on CUDA, unless the
         trials say cuda_graphs: false), most recently used last."""
@@ -295,11 +301,33 @@ class Pack:
     def runnable(self) -> list[int]:
         return [t for t, tr in self.trials.items() if tr.step < min(tr.until, tr.total)]
 
-    def step(self) -> dict[int, float]:
-        """One step of every runnable trial together; {trial: its loss}."""
+    def to_step(self, now: float) -> tuple[list[int], float | None]:
+        """The trials a pack driven by clients (tune/packing.py) steps next, at time ``now`` (seconds, a
+        monotonic clock), and how long to wait before asking again when it is none (None: until a
+        client moves a trial on). Trials step in lockstep: those furthest behind step, those ahead wait
+        for them, so that steps and reports hold every trial at once (on a GPU one trial's step costs
+        about what eight trials' step does, and each new set of trials stepping together is a new
+        CUDA graph). When the trials furthest behind wait at a report for their clients, the others
+        wait too, at most LOCKSTEP_HOLD_SECONDS, then step without them."""
+        training = {t: tr for t, tr in self.trials.items() if tr.step < tr.total}
+        live = [t for t, tr in training.items() if tr.step < tr.until]
+        if not live:
+            return [], None
+        lowest = min(tr.step for tr in training.values())
+        behind = [t for t in live if training[t].step == lowest]
+        if behind:
+            self._held_since = None
+            return behind, None
+        if self._held_since is None:
+            self._held_since = now
+        left = LOCKSTEP_HOLD_SECONDS - (now - self._held_since)
+        return (live, None) if left <= 0 else ([], left)
+
+    def step(self, trials: Sequence[int] | None = None) -> dict[int, float]:
+        """One step of every runnable trial together (of ``trials`` alone, if given); {trial: its loss}."""
         from duetto.trainers.trial_data import PaddingCollator
 
-        live = self.runnable()
+        live = [t for t in self.runnable() if trials is None or t in trials]
         if not live:
             return {}
         started = time.perf_counter()

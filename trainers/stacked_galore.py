@@ -179,7 +179,7 @@ class GaloreStack(Pack):
             if t in batches:
                 ids[slot], labels[slot] = batches[t]["input_ids"], batches[t]["labels"]
         inputs = {"input_ids": ids, "labels": labels}
-        autocast = self._autocast_bf16()
+        autocast = self._step_autocast()
 
         def loss_fn(batch):
             return stacked_losses(self.skeleton, stack.tensors, self.buffers, batch["input_ids"], batch["labels"])
@@ -220,6 +220,16 @@ class GaloreStack(Pack):
 
         cfg = next(iter(self.trials.values())).cfg
         return self.device.type == "cuda" and resolve_dtype(cfg.precision, True)[1]
+
+    def _step_autocast(self) -> bool:
+        """Whether the stacked step runs under bf16 autocast: only over fp32 weights (``bf16-mixed``). Over
+        bf16 weights autocast changes no matmul, and the model's float32 parts (RMSNorm, rotary
+        embeddings, the loss) upcast themselves; under ``vmap`` it also breaks CUDA graph capture
+        (the math attention kernel's safe-softmax backward gets a gradient of another dtype than its
+        input), so a bf16 stack steps without it."""
+        if not self._autocast_bf16():
+            return False
+        return next(iter(self.models.values())).get_input_embeddings().weight.dtype == torch.float32
 
     # --- evaluation and output ---
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,13 @@ class PackActor:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.pack.runnable():
-                    self.cond.wait()
-                live = self.pack.runnable()
+                while True:
+                    live, wait = self.pack.to_step(time.monotonic())
+                    if live:
+                        break
+                    self.cond.wait(timeout=wait)
                 try:
-                    self.pack.step()
+                    self.pack.step(live)
                 except BaseException as e:
                     for t in live:
                         self.errors[t] = e

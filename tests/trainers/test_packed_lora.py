@@ -145,6 +145,30 @@ def test_packed_trials_follow_their_solo_duetto_train_loss_curves(tmp_path, tiny
     assert curves[0][:4] != pytest.approx(curves[1], rel=1e-3)  # the two trials really differ
 
 
+def test_a_pack_steps_its_trials_in_lockstep_and_waits_a_while_for_those_behind():
+    from duetto.trainers.packed_run import LOCKSTEP_HOLD_SECONDS, Pack, PackedTrial
+
+    pack = Pack(torch.device("cpu"))
+
+    def trial(step: int, until: int, total: int = 10) -> PackedTrial:
+        return PackedTrial(None, None, None, iter(()), total, step=step, until=until)
+
+    # 0 waits at its report (step 4), 1 is behind and may step, 2 waits at an earlier report, 3 is done
+    pack.trials = {0: trial(4, 4), 1: trial(2, 4), 2: trial(2, 2), 3: trial(10, 10)}
+    assert pack.to_step(0.0) == ([1], None)  # the trial furthest behind steps; none ahead of it does
+    pack.trials[1].step = 4
+    assert pack.to_step(1.0) == ([], None)  # nothing may step: wait until a client moves a trial on
+    pack.trials[0].until = pack.trials[1].until = 6
+    assert pack.to_step(2.0) == ([], LOCKSTEP_HOLD_SECONDS)  # 0 and 1 wait for 2, still at its report
+    assert pack.to_step(2.0 + LOCKSTEP_HOLD_SECONDS - 1) == ([], 1.0)
+    assert pack.to_step(2.0 + LOCKSTEP_HOLD_SECONDS) == ([0, 1], None)  # then they step without it
+    pack.trials[2].until = 6
+    assert pack.to_step(40.0) == ([2], None)  # 2 is moved on: it catches up while the others wait
+    pack.trials[2].step = 4
+    assert pack.to_step(41.0) == ([0, 1, 2], None)  # and from there they step together
+    assert pack.to_step(41.0) == ([0, 1, 2], None)
+
+
 class _FakeGpuMemory:
     """GPU memory as a pack reads it: the base takes 1,000 bytes, each stepping trial 1,000 more."""
 
