@@ -16,8 +16,9 @@ learning-rate schedule and its gradient clip (none when layer-wise, as the HF Tr
 loss is the mean cross-entropy over its own label tokens, as HF computes it.
 
 What differs from a trial alone: the projection runs after backward for every trial (layer-wise
-GaLore projects inside backward to free each full gradient early; the update is the same), and
-gradient checkpointing is off (it saves memory, it does not change the math). The forward runs
+GaLore projects inside backward to free each full gradient early; the update is the same),
+gradient checkpointing is off (it saves memory, it does not change the math), and a stack of bf16
+weights steps without bf16 autocast (_step_autocast). The forward runs
 without an attention mask: batches are right-padded, so under the causal mask no real token ever
 attends to padding, and padding carries no label.
 

@@ -7,6 +7,8 @@ A Tune trial is a thin client (``packed_trial``): it joins the actor with its co
 trial on one report interval at a time (``advance``) and hands each report to Tune, so ASHA sees the
 same reports and makes the same decisions as for a trial trained alone. Between two ``advance`` calls
 the trial waits in the pack without stepping: a trial ASHA stops never trains past its last report.
+The pack steps its trials in lockstep (trainers/packed_run.py ``Pack.to_step``): those ahead wait, a
+while, for those behind, so that its steps and reports hold every trial at once.
 Its slot is freed when Tune says the trial ended (``LeavePack``, a Tune callback) or when it finishes.
 
 A pack sizes itself (``Pack.has_room``): a trial joins when the GPU memory the pack's steps took per
