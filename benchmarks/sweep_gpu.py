@@ -41,7 +41,7 @@ def phase(args, method: str, trials: int, work: Path) -> dict:
         "base.interim_eval_examples=0", "base.eval.num_examples=8", "base.eval.max_new_tokens=16",
         "base.eval.loss_examples=32", f"base.model={args.model}",
         f"base.data.train={args.data}/train.jsonl", f"base.data.test={args.data}/test.jsonl",
-        f"methods={json.dumps({method: STUDY[method]})}",
+        f"methods={json.dumps({method: STUDY[method]})}", "packing=off",  # trials sharing a GPU as separate processes
     ]
     if args.cpu:
         cpus = (args.num_cpus - trials * 0.05) / trials

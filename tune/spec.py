@@ -80,8 +80,10 @@ class SweepConfig:
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     resources: ResourceOptions = field(default_factory=ResourceOptions)
     failures: FailureOptions = field(default_factory=FailureOptions)
-    packing: Literal["off", "qlora", "galore", "all"] = "off"
-    """off | qlora | galore | all. off = every trial on its own Ray Train worker; qlora = the QLoRA trials
+    packing: Literal["auto", "off", "qlora", "galore", "all"] = "auto"
+    """auto | off | qlora | galore | all. auto = all when trials get a GPU share, for each method whose
+    trials can pack (one worker per trial, gradient_accumulation_steps 1, QLoRA targets named rather than
+    all-linear; resolve_packing), else off. off = every trial on its own Ray Train worker; qlora = the QLoRA trials
     that share a base (model, bits, sequence length, batch size, targets) train
     together in one forward/backward on one trial's GPU share (tune/packing.py); galore = the GaLore
     trials of one model, sequence length and batch size train together on stacked weights (each its own
@@ -435,8 +437,34 @@ def concurrent_trials(sweep: SweepConfig, fits: int) -> int:
 
 
 def packed_methods(packing: str) -> tuple[str, ...]:
-    """The methods whose trials a sweep's ``packing`` setting packs."""
-    return {"off": (), "qlora": ("qlora",), "galore": ("galore",), "all": ("qlora", "galore")}[packing]
+    """The methods whose trials a sweep's ``packing`` setting packs (``auto``: see resolve_packing)."""
+    return {"off": (), "auto": (), "qlora": ("qlora",), "galore": ("galore",), "all": ("qlora", "galore")}[packing]
+
+
+def resolve_packing(sweep: SweepConfig, base: dict[str, Any], gpus: float) -> tuple[str, str]:
+    """(the ``packing`` a sweep runs with, why, for ``auto``). ``auto`` packs when a trial gets a GPU
+    share (``gpus``: gpus_per_trial on this cluster), each method whose trials can pack: on a GPU a
+    pack's shared steps train several trials for about the cost of one, and on CPU they save only the
+    Ray Train workers' start. A set value stays as it is."""
+    if sweep.packing != "auto":
+        return sweep.packing, ""
+    if gpus <= 0:
+        return "off", "no GPU per trial"
+    if sweep.resources.workers_per_trial != 1:
+        return "off", f"{sweep.resources.workers_per_trial} workers per trial (a pack trains on one)"
+    methods, why = [], []
+    for method in ("qlora", "galore"):
+        if method not in sweep.methods:
+            continue
+        space = {resolve_key(method, str(k)) for k in sweep.methods[method]}
+        if "gradient_accumulation_steps" in space or base.get("gradient_accumulation_steps", 1) != 1:
+            why.append(f"{method}: gradient_accumulation_steps (packed trials step every batch)")
+        elif method == "qlora" and ("qlora.target_modules" in space or list(base.get("qlora", {}).get("target_modules", [])) == ["all-linear"]):
+            why.append("qlora: target_modules all-linear or searched (a pack names its targets once)")
+        else:
+            methods.append(method)
+    packing = "all" if len(methods) == 2 else (methods[0] if methods else "off")
+    return packing, "; ".join(why)
 
 
 def trials_of(sweep: SweepConfig, method: str) -> int:

@@ -17,6 +17,8 @@ Layout of a sweep folder (Tune's experiment directory)::
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import yaml
 from duetto.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from duetto.ray_connect import connect
 from duetto.trainers.config import TrialConfig
-from duetto.tune.spec import SweepConfig, base_trial_dict, check_resources, concurrent_trials, gpus_per_trial, packed_methods, param_space, total_trials, trial_config
+from duetto.tune.spec import SweepConfig, base_trial_dict, check_resources, concurrent_trials, gpus_per_trial, packed_methods, param_space, resolve_packing, total_trials, trial_config
 
 SWEEP_FILE = "sweep.yaml"
 BASE_FILE = "base_trial.yaml"
@@ -176,6 +178,9 @@ def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int
     connect(address, num_cpus, num_gpus)
     cluster, nodes = _cluster()
     fits = check_resources(sweep, cluster, nodes)
+    # the sweep folder keeps what auto chose, so a resumed sweep runs its trials as they started
+    packing, why_not = resolve_packing(sweep, base, gpus_per_trial(sweep, cluster))
+    sweep = dataclasses.replace(sweep, packing=packing)
     concurrent = concurrent_trials(sweep, fits)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     resolved = from_dict(SweepConfig, {**to_dict(sweep), "storage_path": str(sweep_dir)})
@@ -187,6 +192,7 @@ def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int
         f"{concurrent} at a time, {sweep.scheduler.type} on {sweep.metric} ({sweep.resolved_mode})"
         + (f", {' and '.join({'qlora': 'QLoRA', 'galore': 'GaLore'}[m] for m in packed_methods(sweep.packing))} "
            f"trials packed ({sweep.pack_size or 'as many as GPU memory holds'} per pack)" if sweep.packing != "off" else "")
+        + (f" (not packed: {why_not})" if why_not else "")
         + f" -> {sweep_dir}",
         flush=True,
     )
@@ -218,6 +224,7 @@ def resume_sweep(
     connect(address, num_cpus, num_gpus)
     cluster, nodes = _cluster()
     check_resources(sweep, cluster, nodes)
+    sweep = dataclasses.replace(sweep, packing=resolve_packing(sweep, base, gpus_per_trial(sweep, cluster))[0])
     print(f"duetto sweep: resuming {sweep_dir}", flush=True)
     tuner = tune.Tuner.restore(
         str(sweep_dir),

@@ -184,6 +184,27 @@ def test_concurrency_follows_the_scarce_resource(write_yaml, sweep_data):
     assert check_resources(cpu, {"CPU": 2}, [{"CPU": 2}]) == math.floor(2 / 0.55)
 
 
+def test_packing_auto_packs_each_method_that_can_on_a_gpu_and_nothing_on_cpu(write_yaml, sweep_data):
+    from duetto.tune.spec import base_trial_dict, resolve_packing
+
+    path = _sweep(write_yaml, sweep_data, resources={"gpus_per_trial": 0.25, "cpus_per_trial": 1})
+    sweep = load_sweep(path)
+    assert sweep.packing == "auto"
+    base = base_trial_dict(sweep)
+    assert resolve_packing(sweep, base, 0.25) == ("all", "")
+    assert resolve_packing(sweep, base, 0.0) == ("off", "no GPU per trial")
+    assert resolve_packing(load_sweep(path, ["packing=off"]), base, 0.25) == ("off", "")  # a set value stays
+    assert resolve_packing(load_sweep(path, ["packing=qlora"]), base, 0.0) == ("qlora", "")
+    two = load_sweep(path, ["resources.workers_per_trial=2", "resources.gpus_per_trial=1", "base.galore.layerwise=false"])
+    assert resolve_packing(two, base_trial_dict(two), 0.5)[0] == "off"
+    all_linear = load_sweep(path, ["base.qlora.target_modules=[all-linear]"])
+    packing, why = resolve_packing(all_linear, base_trial_dict(all_linear), 0.25)
+    assert packing == "galore" and "qlora: target_modules" in why
+    accumulating = load_sweep(path, ["methods.galore.gradient_accumulation_steps={choice: [1, 2]}", "base.galore.layerwise=false"])
+    packing, why = resolve_packing(accumulating, base_trial_dict(accumulating), 0.25)
+    assert packing == "qlora" and "galore: gradient_accumulation_steps" in why
+
+
 def test_packed_qlora_trials_all_run_at_once_their_pack_decides_when_they_join(write_yaml, sweep_data):
     from duetto.tune.spec import concurrent_trials
 
