@@ -401,8 +401,45 @@ class Pack:
         tr, cfg = self.trials[t], self.trials[t].cfg
         eval_ds = EncodedDataset(tr.rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
         with only_trial(self.base, self.layers, t):
-            return evaluate_loss(self.base, eval_ds, PaddingCollator(self.tokenizer.pad_token_id),
-                                 max(cfg.batch_size, 32 if self.device.type == "cuda" else 8), self.device)  # fmt: skip
+            return evaluate_loss(self.base, eval_ds, PaddingCollator(self.tokenizer.pad_token_id), self._eval_batch_size(cfg),
+                                 self.device)  # fmt: skip
+
+    def eval_losses(self, ts: Sequence[int]) -> dict[int, float]:
+        """``eval_loss`` of each trial of ``ts``. Trials that evaluate on the same rows with the same batch
+        size share each evaluation batch: its rows once per trial, one block each, through their own
+        adapters in one forward (the base runs once for all of them), and each block's mean token loss
+        is that trial's loss of the batch, as its own forward computes it."""
+        from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
+
+        groups: dict[tuple, list[int]] = {}
+        for t in ts:
+            tr, cfg = self.trials[t], self.trials[t].cfg
+            rows = tr.rows.loss(cfg)
+            key = (self._eval_batch_size(cfg), hash(tuple((r["instruction"], r.get("input", ""), r["response"]) for r in rows)))
+            groups.setdefault(key, []).append(t)
+        out: dict[int, float] = {}
+        for (batch_size, _), group in groups.items():
+            if len(group) == 1:
+                out[group[0]] = self.eval_loss(group[0])
+                continue
+            cfg = self.trials[group[0]].cfg  # template and max_seq_len are the pack's (SHARED)
+            eval_ds = EncodedDataset(self.trials[group[0]].rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
+            collate = PaddingCollator(self.tokenizer.pad_token_id)
+            totals, rows = torch.zeros(len(group), dtype=torch.float64), 0
+            with torch.no_grad(), by_rows(self.base, self.layers) as rows_of:
+                for s in range(0, len(eval_ds), batch_size):
+                    batch = collate([eval_ds[i] for i in range(s, min(s + batch_size, len(eval_ds)))])
+                    n = batch["input_ids"].shape[0]
+                    joined = {k: v.to(self.device).repeat(len(group), *([1] * (v.dim() - 1))) for k, v in batch.items()}
+                    rows_of.owners = [t for t in group for _ in range(n)]
+                    losses = PackedTrials.losses(self.base, joined, [i * n for i in range(len(group) + 1)])
+                    totals += losses.double().cpu() * n  # one wait for the GPU per batch, not one a trial
+                    rows += n
+            out.update({t: float(totals[i]) / max(rows, 1) for i, t in enumerate(group)})
+        return out
+
+    def _eval_batch_size(self, cfg: TrialConfig) -> int:
+        return max(cfg.batch_size, 32 if self.device.type == "cuda" else 8)
 
     def interim_report(self, t: int) -> dict[str, Any]:
         """What a trial alone reports at a report step (see interim_reports)."""
@@ -418,9 +455,10 @@ class Pack:
         started = time.perf_counter()
         reports: dict[int, dict[str, Any]] = {}
         jobs: dict[int, list[dict]] = {}  # trial -> the rows its BLEU/ROUGE are computed on
+        eval_losses = self.eval_losses(ts)
         for t in ts:
             tr, cfg = self.trials[t], self.trials[t].cfg
-            report: dict[str, Any] = {"step": tr.step, "eval_split": tr.rows.split, "eval_loss": self.eval_loss(t),
+            report: dict[str, Any] = {"step": tr.step, "eval_split": tr.rows.split, "eval_loss": eval_losses[t],
                                       "peak_memory_bytes": self.peak_bytes or peak_memory_bytes(self.device)}  # fmt: skip
             if tr.losses:
                 every = max(cfg.logging_steps, 1)
@@ -498,11 +536,9 @@ class Pack:
         train_peak = self.peak_bytes or peak_memory_bytes(self.device)
         if self.memory is not None:
             self.memory.reset_peak()  # the evaluations' own peak, below
-        eval_losses, eval_seconds = {}, {}
-        for t in ts:
-            t0 = time.perf_counter()
-            eval_losses[t] = self.eval_loss(t)
-            eval_seconds[t] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eval_losses = self.eval_losses(ts)
+        eval_seconds = dict.fromkeys(ts, time.perf_counter() - t0)  # each counts the shared passes whole
         t0 = time.perf_counter()
         gen_rows = {t: self.trials[t].rows.generation(self.trials[t].cfg) for t in ts}
         answers = self._answers([(t, rows) for t, rows in gen_rows.items() if rows])

@@ -244,6 +244,10 @@ class GaloreStack(Pack):
         finally:
             model.train()
 
+    def eval_losses(self, ts: Sequence[int]) -> dict[int, float]:
+        """Each trial's eval_loss, one trial after another (each its own model: no shared base)."""
+        return {t: self.eval_loss(t) for t in ts}
+
     def eval_loss(self, t: int) -> float:
         """Trial t's eval_loss now, as the HF Trainer's evaluate computes it."""
         from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
@@ -252,8 +256,8 @@ class GaloreStack(Pack):
         eval_ds = EncodedDataset(tr.rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
         # under the trials' autocast, as the HF Trainer's evaluation runs
         with self._evaluating(t) as model, torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._autocast_bf16()):
-            return evaluate_loss(model, eval_ds, PaddingCollator(self.tokenizer.pad_token_id),
-                                 max(cfg.batch_size, 32 if self.device.type == "cuda" else 8), self.device)  # fmt: skip
+            return evaluate_loss(model, eval_ds, PaddingCollator(self.tokenizer.pad_token_id), self._eval_batch_size(cfg),
+                                 self.device)  # fmt: skip
 
     def _answers(self, jobs: Sequence[tuple[int, list[dict]]]) -> dict[int, list[str]]:
         """Greedy answers of each (trial, rows) from the trial's own model, as trial evaluation decodes them."""

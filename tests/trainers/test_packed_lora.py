@@ -333,6 +333,32 @@ def test_interim_reports_of_several_trials_decode_together_and_match_each_alone(
     assert len({tuple(a) for a in answers.values()}) > 1
 
 
+def test_eval_losses_in_shared_passes_equal_each_trials_own(tmp_path, tiny_gemma_dir, unified_data):
+    """Trials that evaluate on the same rows share each evaluation batch (one block a trial, through its
+    own adapter): each gets the eval loss of its own pass, a short last batch included; a trial on
+    other rows evaluates on its own."""
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import Pack
+
+    train, test = unified_data
+    common = [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+              "batch_size=2", "max_steps=4", "report_every_steps=0", "interim_eval_examples=0", "scaling.num_workers=0",
+              "learning_rate=5e-2"]  # fmt: skip
+    variants = [["qlora.r=4", "eval.loss_examples=11"], ["qlora.r=4", "eval.loss_examples=11"],
+                ["qlora.r=8", "eval.loss_examples=11"], ["qlora.r=4", "eval.loss_examples=5"]]  # fmt: skip
+    cfgs = [load_config(TrialConfig, None, common + v + [f"seed={i}", f"output_dir={tmp_path / str(i)}"])
+            for i, v in enumerate(variants)]  # fmt: skip
+    pack = Pack(torch.device("cpu"))
+    ids = [pack.join(c) for c in cfgs]
+    while pack.step():
+        pass
+    alone = {t: pack.eval_loss(t) for t in ids}
+    together = pack.eval_losses(ids)
+    assert together == pytest.approx(alone, rel=1e-5)
+    assert len(set(alone.values())) == len(ids)  # the trials learned apart: each loss is really its own
+
+
 @pytest.mark.parametrize("ranks, alphas", [((4, 4, 8, 4), (8, 16, 8, 8)), ((4, 4, 4), (8, 8, 8))],
                          ids=["mixed-groups", "one-group"])
 def test_batched_adapters_compute_what_one_trial_at_a_time_computes(tiny_gemma_dir, ranks, alphas):
