@@ -307,21 +307,21 @@ class Pack:
         client moves a trial on). Trials step in lockstep: those furthest behind step, those ahead wait
         for them, so that steps and reports hold every trial at once (on a GPU one trial's step costs
         about what eight trials' step does, and each new set of trials stepping together is a new
-        CUDA graph). When the trials furthest behind wait at a report for their clients, the others
-        wait too, at most LOCKSTEP_HOLD_SECONDS, then step without them."""
+        CUDA graph). While one of the trials furthest behind waits at a report for its client, the others
+        wait too, at most LOCKSTEP_HOLD_SECONDS, then step without it."""
         training = {t: tr for t, tr in self.trials.items() if tr.step < tr.total}
         live = [t for t, tr in training.items() if tr.step < tr.until]
         if not live:
             return [], None
         lowest = min(tr.step for tr in training.values())
         behind = [t for t in live if training[t].step == lowest]
-        if behind:
+        if len(behind) == sum(tr.step == lowest for tr in training.values()):  # none of them waits for its client
             self._held_since = None
             return behind, None
         if self._held_since is None:
             self._held_since = now
         left = LOCKSTEP_HOLD_SECONDS - (now - self._held_since)
-        return (live, None) if left <= 0 else ([], left)
+        return (behind or live, None) if left <= 0 else ([], left)
 
     def step(self, trials: Sequence[int] | None = None) -> dict[int, float]:
         """One step of every runnable trial together (of ``trials`` alone, if given); {trial: its loss}."""

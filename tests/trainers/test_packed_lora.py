@@ -153,20 +153,24 @@ def test_a_pack_steps_its_trials_in_lockstep_and_waits_a_while_for_those_behind(
     def trial(step: int, until: int, total: int = 10) -> PackedTrial:
         return PackedTrial(None, None, None, iter(()), total, step=step, until=until)
 
-    # 0 waits at its report (step 4), 1 is behind and may step, 2 waits at an earlier report, 3 is done
-    pack.trials = {0: trial(4, 4), 1: trial(2, 4), 2: trial(2, 2), 3: trial(10, 10)}
+    # 0 waits at its report (step 4), 1 is behind and may step, 3 is done
+    pack.trials = {0: trial(4, 4), 1: trial(2, 4), 3: trial(10, 10)}
     assert pack.to_step(0.0) == ([1], None)  # the trial furthest behind steps; none ahead of it does
     pack.trials[1].step = 4
     assert pack.to_step(1.0) == ([], None)  # nothing may step: wait until a client moves a trial on
-    pack.trials[0].until = pack.trials[1].until = 6
-    assert pack.to_step(2.0) == ([], LOCKSTEP_HOLD_SECONDS)  # 0 and 1 wait for 2, still at its report
+    pack.trials[0].until = 6
+    assert pack.to_step(2.0) == ([], LOCKSTEP_HOLD_SECONDS)  # 0 waits for 1, still at its report
     assert pack.to_step(2.0 + LOCKSTEP_HOLD_SECONDS - 1) == ([], 1.0)
-    assert pack.to_step(2.0 + LOCKSTEP_HOLD_SECONDS) == ([0, 1], None)  # then they step without it
-    pack.trials[2].until = 6
-    assert pack.to_step(40.0) == ([2], None)  # 2 is moved on: it catches up while the others wait
-    pack.trials[2].step = 4
-    assert pack.to_step(41.0) == ([0, 1, 2], None)  # and from there they step together
-    assert pack.to_step(41.0) == ([0, 1, 2], None)
+    assert pack.to_step(2.0 + LOCKSTEP_HOLD_SECONDS) == ([0], None)  # then it steps without it
+    pack.trials[0].step = 5
+    pack.trials[1].until = 6
+    assert pack.to_step(40.0) == ([1], None)  # 1 is moved on: it catches up while 0 waits
+    pack.trials[1].step = 5
+    assert pack.to_step(41.0) == ([0, 1], None)  # and from there they step together
+    # a trial behind others waits at a report: those ahead wait for it, a while
+    pack.trials[2] = trial(3, 3)
+    assert pack.to_step(42.0) == ([], LOCKSTEP_HOLD_SECONDS)
+    assert pack.to_step(42.0 + LOCKSTEP_HOLD_SECONDS) == ([0, 1], None)
 
 
 class _FakeGpuMemory:
