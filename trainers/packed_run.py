@@ -170,8 +170,9 @@ class Pack:
         """Whether the last step's forward and backward were a graph replay."""
         self._join_started = 0.0
         """When the join in progress began (_prepare starts a join, _admit ends it)."""
-        self._held_since: float | None = None
-        """When the trials ahead began to wait for those furthest behind (to_step)."""
+        self._hold: tuple[tuple, float] | None = None
+        """((lowest step, the trials there that wait for their clients), when the others began to wait
+        for them) (to_step)."""
         self.graphs: dict[tuple, Any] = {}
         """(trials, row bounds) -> the GraphedStep of their forward and backward (on CUDA, unless the
         trials say cuda_graphs: false), most recently used last."""
@@ -254,7 +255,11 @@ class Pack:
                                      until=total if until is None else until, joined_at=self._join_started,
                                      trainable_params=trainable)  # fmt: skip
         if state is not None:
-            self._restore(t, state)
+            try:
+                self._restore(t, state)
+            except BaseException:  # a trial that never joined holds no slot (nor the pack's lockstep)
+                self.leave(t)
+                raise
         self.trials[t].setup_seconds = time.perf_counter() - self._join_started
         return t
 
@@ -315,12 +320,14 @@ class Pack:
             return [], None
         lowest = min(tr.step for tr in training.values())
         behind = [t for t in live if training[t].step == lowest]
-        if len(behind) == sum(tr.step == lowest for tr in training.values()):  # none of them waits for its client
-            self._held_since = None
+        waiting = frozenset(t for t, tr in training.items() if tr.step == lowest and tr.step >= tr.until)
+        if not waiting:
             return behind, None
-        if self._held_since is None:
-            self._held_since = now
-        left = LOCKSTEP_HOLD_SECONDS - (now - self._held_since)
+        # each wait is for these trials at this step: a wait that ran out is not waited again, and
+        # another one (a trial left, the pack moved on) waits afresh
+        if self._hold is None or self._hold[0] != (lowest, waiting):
+            self._hold = ((lowest, waiting), now)
+        left = LOCKSTEP_HOLD_SECONDS - (now - self._hold[1])
         return (behind or live, None) if left <= 0 else ([], left)
 
     def step(self, trials: Sequence[int] | None = None) -> dict[int, float]:
@@ -418,25 +425,38 @@ class Pack:
             key = (self._eval_batch_size(cfg), hash(tuple((r["instruction"], r.get("input", ""), r["response"]) for r in rows)))
             groups.setdefault(key, []).append(t)
         out: dict[int, float] = {}
-        for (batch_size, _), group in groups.items():
-            if len(group) == 1:
-                out[group[0]] = self.eval_loss(group[0])
-                continue
-            cfg = self.trials[group[0]].cfg  # template and max_seq_len are the pack's (SHARED)
-            eval_ds = EncodedDataset(self.trials[group[0]].rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
-            collate = PaddingCollator(self.tokenizer.pad_token_id)
-            totals, rows = torch.zeros(len(group), dtype=torch.float64), 0
-            with torch.no_grad(), by_rows(self.base, self.layers) as rows_of:
-                for s in range(0, len(eval_ds), batch_size):
-                    batch = collate([eval_ds[i] for i in range(s, min(s + batch_size, len(eval_ds)))])
-                    n = batch["input_ids"].shape[0]
-                    joined = {k: v.to(self.device).repeat(len(group), *([1] * (v.dim() - 1))) for k, v in batch.items()}
-                    rows_of.owners = [t for t in group for _ in range(n)]
-                    losses = PackedTrials.losses(self.base, joined, [i * n for i in range(len(group) + 1)])
-                    totals += losses.double().cpu() * n  # one wait for the GPU per batch, not one a trial
-                    rows += n
-            out.update({t: float(totals[i]) / max(rows, 1) for i, t in enumerate(group)})
+        for (batch_size, _), trials in groups.items():
+            cfg = self.trials[trials[0]].cfg  # template and max_seq_len are the pack's (SHARED)
+            per_pass = self._trials_per_eval_pass(len(trials), batch_size, cfg.max_seq_len)
+            for group in (trials[i : i + per_pass] for i in range(0, len(trials), per_pass)):
+                if len(group) == 1:
+                    out[group[0]] = self.eval_loss(group[0])
+                    continue
+                eval_ds = EncodedDataset(self.trials[group[0]].rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
+                collate = PaddingCollator(self.tokenizer.pad_token_id)
+                totals, rows = torch.zeros(len(group), dtype=torch.float64), 0
+                with torch.no_grad(), by_rows(self.base, self.layers) as rows_of:
+                    for s in range(0, len(eval_ds), batch_size):
+                        batch = collate([eval_ds[i] for i in range(s, min(s + batch_size, len(eval_ds)))])
+                        n = batch["input_ids"].shape[0]
+                        joined = {k: v.to(self.device).repeat(len(group), *([1] * (v.dim() - 1))) for k, v in batch.items()}
+                        rows_of.owners = [t for t in group for _ in range(n)]
+                        losses = PackedTrials.losses(self.base, joined, [i * n for i in range(len(group) + 1)])
+                        totals += losses.double().cpu() * n  # one wait for the GPU per batch, not one a trial
+                        rows += n
+                out.update({t: float(totals[i]) / max(rows, 1) for i, t in enumerate(group)})
         return out
+
+    def _trials_per_eval_pass(self, trials: int, rows: int, length: int) -> int:
+        """How many trials' blocks of ``rows`` rows one shared evaluation pass takes: on a GPU, while their
+        logits (bf16, and a block's float copy for its loss) stay within a quarter of the free memory,
+        which pack sizing (measured on training steps) does not hold back for evaluation."""
+        if self.device.type != "cuda":
+            return trials
+        vocab = self.base.get_output_embeddings().weight.shape[0]
+        per_trial = rows * length * vocab * (2 + 4)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, min(trials, int(free // 4 // per_trial)))
 
     def _eval_batch_size(self, cfg: TrialConfig) -> int:
         return max(cfg.batch_size, 32 if self.device.type == "cuda" else 8)

@@ -441,12 +441,49 @@ def packed_methods(packing: str) -> tuple[str, ...]:
     return {"off": (), "auto": (), "qlora": ("qlora",), "galore": ("galore",), "all": ("qlora", "galore")}[packing]
 
 
-def resolve_packing(sweep: SweepConfig, base: dict[str, Any], gpus: float) -> tuple[str, str]:
-    """(the ``packing`` a sweep runs with, why, for ``auto``). ``auto`` packs when a trial gets a GPU
-    share (``gpus``: gpus_per_trial on this cluster), each method whose trials can pack: on a GPU a
-    pack's shared steps train several trials for about the cost of one, and on CPU they save only the
-    Ray Train workers' start. A set value stays as it is."""
+def max_packs(sweep: SweepConfig, method: str) -> int:
+    """The most packs a method's trials can need: one per combination of the values its space gives the
+    settings a pack's trials share (trainers/pack_groups.py SHARED), at most one per trial."""
+    from duetto.trainers.pack_groups import SHARED
+
+    trials = trials_of(sweep, method)
+    packs = 1
+    for key, value in sweep.methods.get(method, {}).items():
+        dist = _distribution(method, str(key), value)
+        if dist is None or resolve_key(method, str(key)) not in SHARED[method]:
+            continue
+        name, args = dist
+        packs *= len({repr(a) for a in args}) if name in ("choice", "grid") else trials
+    return min(packs, trials)
+
+
+def packs_overflow(sweep: SweepConfig, packing: str, gpus: float, cluster: dict[str, float]) -> str:
+    """Why the packs of ``packing`` would not fit the cluster ("" when they do). A pack actor holds one
+    trial's share (``gpus`` GPU, cpus_per_trial CPUs) until the sweep ends, and a method left unpacked
+    needs one more share free to run its trials: packs that took the whole cluster would leave some
+    trials waiting forever."""
+    packed = [m for m in packed_methods(packing) if m in sweep.methods]
+    packs = sum(max_packs(sweep, m) for m in packed)
+    if not packs:
+        return ""
+    shares = packs + any(m not in packed for m in sweep.methods)
+    for resource, share in (("GPU", gpus), ("CPU", sweep.resources.cpus_per_trial)):
+        if share > 0 and shares * share > cluster.get(resource, 0.0) + 1e-9:
+            return (f"{packs} pack(s) of {share:g} {resource}{' and one unpacked trial' if shares > packs else ''} need "
+                    f"{shares * share:g} {resource}s, the cluster has {cluster.get(resource, 0.0):g}")
+    return ""
+
+
+def resolve_packing(sweep: SweepConfig, base: dict[str, Any], gpus: float, cluster: dict[str, float]) -> tuple[str, str]:
+    """(the ``packing`` a sweep runs with, why not more, for ``auto``). ``auto`` packs when a trial gets
+    a GPU share (``gpus``: gpus_per_trial on this cluster), each method whose trials can pack, while
+    the packs fit the cluster (packs_overflow): on a GPU a pack's shared steps train several trials
+    for about the cost of one, and on CPU they save only the Ray Train workers' start. A set value
+    stays as it is, unless its packs would not fit: then it is an error."""
     if sweep.packing != "auto":
+        overflow = packs_overflow(sweep, sweep.packing, gpus, cluster)
+        if overflow:
+            raise ConfigError(f"packing: {sweep.packing}: {overflow}; lower resources.gpus_per_trial / cpus_per_trial or set packing: off")
         return sweep.packing, ""
     if gpus <= 0:
         return "off", "no GPU per trial"
@@ -464,6 +501,9 @@ def resolve_packing(sweep: SweepConfig, base: dict[str, Any], gpus: float) -> tu
         else:
             methods.append(method)
     packing = "all" if len(methods) == 2 else (methods[0] if methods else "off")
+    overflow = packs_overflow(sweep, packing, gpus, cluster)
+    if overflow:
+        packing, why = "off", [*why, overflow]
     return packing, "; ".join(why)
 
 

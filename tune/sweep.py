@@ -179,7 +179,7 @@ def start_sweep(sweep: SweepConfig, *, address: str | None = None, num_cpus: int
     cluster, nodes = _cluster()
     fits = check_resources(sweep, cluster, nodes)
     # the sweep folder keeps what auto chose, so a resumed sweep runs its trials as they started
-    packing, why_not = resolve_packing(sweep, base, gpus_per_trial(sweep, cluster))
+    packing, why_not = resolve_packing(sweep, base, gpus_per_trial(sweep, cluster), cluster)
     sweep = dataclasses.replace(sweep, packing=packing)
     concurrent = concurrent_trials(sweep, fits)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,7 @@ def resume_sweep(
     connect(address, num_cpus, num_gpus)
     cluster, nodes = _cluster()
     check_resources(sweep, cluster, nodes)
-    sweep = dataclasses.replace(sweep, packing=resolve_packing(sweep, base, gpus_per_trial(sweep, cluster))[0])
+    sweep = dataclasses.replace(sweep, packing=resolve_packing(sweep, base, gpus_per_trial(sweep, cluster), cluster)[0])
     print(f"duetto sweep: resuming {sweep_dir}", flush=True)
     tuner = tune.Tuner.restore(
         str(sweep_dir),

@@ -167,10 +167,17 @@ def test_a_pack_steps_its_trials_in_lockstep_and_waits_a_while_for_those_behind(
     assert pack.to_step(40.0) == ([1], None)  # 1 is moved on: it catches up while 0 waits
     pack.trials[1].step = 5
     assert pack.to_step(41.0) == ([0, 1], None)  # and from there they step together
-    # a trial behind others waits at a report: those ahead wait for it, a while
+    # a trial behind others waits at a report: those ahead wait for it, a while, and not again
     pack.trials[2] = trial(3, 3)
     assert pack.to_step(42.0) == ([], LOCKSTEP_HOLD_SECONDS)
     assert pack.to_step(42.0 + LOCKSTEP_HOLD_SECONDS) == ([0, 1], None)
+    pack.trials[0].step = pack.trials[1].step = 6  # both at their reports: nothing may step
+    assert pack.to_step(80.0) == ([], None)
+    pack.trials[0].until = 8
+    assert pack.to_step(81.0) == ([0], None)  # still 2 at step 3: its wait ran out, it is not waited for again
+    del pack.trials[2]  # it leaves (Tune stopped it): 0 and 1 are the trials furthest behind
+    pack.trials[0].step = 6
+    assert pack.to_step(90.0) == ([], LOCKSTEP_HOLD_SECONDS)  # 0 waits for 1, at its report, afresh
 
 
 class _FakeGpuMemory:
@@ -301,8 +308,10 @@ def test_a_packed_trial_saved_midway_goes_on_as_if_it_never_stopped(tmp_path, ti
     b = load_file(str(tmp_path / "parts" / "model" / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     other = load_config(TrialConfig, None, common + ["max_seq_len=32", f"output_dir={tmp_path / 'other'}"])
+    fresh = Pack(torch.device("cpu"))
     with pytest.raises(ConfigError, match="other settings"):
-        Pack(torch.device("cpu")).join(other, state=state)
+        fresh.join(other, state=state)
+    assert not fresh.trials  # the trial that failed to join holds no slot
 
 
 def test_interim_reports_of_several_trials_decode_together_and_match_each_alone(tmp_path, tiny_gemma_dir, unified_data):
@@ -361,6 +370,21 @@ def test_eval_losses_in_shared_passes_equal_each_trials_own(tmp_path, tiny_gemma
     together = pack.eval_losses(ids)
     assert together == pytest.approx(alone, rel=1e-5)
     assert len(set(alone.values())) == len(ids)  # the trials learned apart: each loss is really its own
+
+
+def test_a_shared_evaluation_pass_takes_as_many_trials_as_a_quarter_of_free_gpu_memory_holds(monkeypatch):
+    from duetto.trainers.packed_run import Pack
+
+    pack = Pack(torch.device("cuda"), memory=object())  # nothing here touches a GPU
+    pack.base = torch.nn.Module()
+    pack.base.get_output_embeddings = lambda: torch.nn.Linear(8, 1000, bias=False)  # a vocabulary of 1,000
+    one_trial = 32 * 128 * 1000 * 6  # 32 rows of 128 tokens: bf16 logits and a block's float copy
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 3 * one_trial + 5, 10**12))
+    assert pack._trials_per_eval_pass(8, 32, 128) == 3
+    assert pack._trials_per_eval_pass(2, 32, 128) == 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10, 10**12))
+    assert pack._trials_per_eval_pass(8, 32, 128) == 1  # one trial at a time, as each alone evaluates
+    assert Pack(torch.device("cpu"))._trials_per_eval_pass(8, 8, 64) == 8
 
 
 @pytest.mark.parametrize("ranks, alphas", [((4, 4, 8, 4), (8, 16, 8, 8)), ((4, 4, 4), (8, 8, 8))],

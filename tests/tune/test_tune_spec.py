@@ -185,24 +185,42 @@ def test_concurrency_follows_the_scarce_resource(write_yaml, sweep_data):
 
 
 def test_packing_auto_packs_each_method_that_can_on_a_gpu_and_nothing_on_cpu(write_yaml, sweep_data):
-    from duetto.tune.spec import base_trial_dict, resolve_packing
+    from duetto.tune.spec import base_trial_dict, max_packs, resolve_packing
 
     path = _sweep(write_yaml, sweep_data, resources={"gpus_per_trial": 0.25, "cpus_per_trial": 1})
+    gpu = {"GPU": 1, "CPU": 16}
     sweep = load_sweep(path)
     assert sweep.packing == "auto"
     base = base_trial_dict(sweep)
-    assert resolve_packing(sweep, base, 0.25) == ("all", "")
-    assert resolve_packing(sweep, base, 0.0) == ("off", "no GPU per trial")
-    assert resolve_packing(load_sweep(path, ["packing=off"]), base, 0.25) == ("off", "")  # a set value stays
-    assert resolve_packing(load_sweep(path, ["packing=qlora"]), base, 0.0) == ("qlora", "")
+    assert resolve_packing(sweep, base, 0.25, gpu) == ("all", "")
+    assert resolve_packing(sweep, base, 0.0, {"CPU": 16}) == ("off", "no GPU per trial")
+    assert resolve_packing(load_sweep(path, ["packing=off"]), base, 0.25, gpu) == ("off", "")  # a set value stays
+    assert resolve_packing(load_sweep(path, ["packing=qlora"]), base, 0.0, {"CPU": 16}) == ("qlora", "")
     two = load_sweep(path, ["resources.workers_per_trial=2", "resources.gpus_per_trial=1", "base.galore.layerwise=false"])
-    assert resolve_packing(two, base_trial_dict(two), 0.5)[0] == "off"
+    assert resolve_packing(two, base_trial_dict(two), 0.5, gpu)[0] == "off"
     all_linear = load_sweep(path, ["base.qlora.target_modules=[all-linear]"])
-    packing, why = resolve_packing(all_linear, base_trial_dict(all_linear), 0.25)
+    packing, why = resolve_packing(all_linear, base_trial_dict(all_linear), 0.25, gpu)
     assert packing == "galore" and "qlora: target_modules" in why
     accumulating = load_sweep(path, ["methods.galore.gradient_accumulation_steps={choice: [1, 2]}", "base.galore.layerwise=false"])
-    packing, why = resolve_packing(accumulating, base_trial_dict(accumulating), 0.25)
+    packing, why = resolve_packing(accumulating, base_trial_dict(accumulating), 0.25, gpu)
     assert packing == "qlora" and "galore: gradient_accumulation_steps" in why
+
+
+def test_packs_that_would_hold_the_whole_cluster_are_not_made(write_yaml, sweep_data):
+    """A pack holds one trial's share until the sweep ends: the QLoRA trials' two bases (bits 4 and 8)
+    and the GaLore stack at a whole GPU each would leave trials waiting forever on one GPU."""
+    from duetto.tune.spec import base_trial_dict, max_packs, resolve_packing
+
+    path = _sweep(write_yaml, sweep_data, resources={"gpus_per_trial": 1, "cpus_per_trial": 1})
+    sweep = load_sweep(path)
+    assert max_packs(sweep, "qlora") == 2 and max_packs(sweep, "galore") == 1  # r and rank are each trial's own
+    packing, why = resolve_packing(sweep, base_trial_dict(sweep), 1.0, {"GPU": 1, "CPU": 16})
+    assert packing == "off" and "3 pack(s) of 1 GPU need 3 GPUs, the cluster has 1" in why
+    assert resolve_packing(sweep, base_trial_dict(sweep), 1.0, {"GPU": 4, "CPU": 16}) == ("all", "")
+    with pytest.raises(ConfigError, match="packing: qlora: 2 pack.* and one unpacked trial need 3 GPUs"):
+        resolve_packing(load_sweep(path, ["packing=qlora"]), base_trial_dict(sweep), 1.0, {"GPU": 2, "CPU": 16})
+    with pytest.raises(ConfigError, match="need 3 CPUs, the cluster has 2"):  # on CPU the packs' CPUs count
+        resolve_packing(load_sweep(path, ["packing=all"]), base_trial_dict(sweep), 0.0, {"CPU": 2})
 
 
 def test_packed_qlora_trials_all_run_at_once_their_pack_decides_when_they_join(write_yaml, sweep_data):
