@@ -35,6 +35,17 @@ def group_key(cfg: TrialConfig) -> str:
     return hashlib.sha1(repr(list(shared_settings(cfg).values())).encode()).hexdigest()[:10]
 
 
+def unpackable(cfg: TrialConfig) -> str:
+    """Why a trial cannot train in a pack, naming the setting ("" when it can)."""
+    if cfg.method not in PACKABLE:
+        return f"method: {cfg.method} trials do not pack"
+    if cfg.gradient_accumulation_steps != 1:
+        return "gradient_accumulation_steps: packed trials step every batch (1)"
+    if cfg.method == "qlora" and list(cfg.qlora.target_modules) == ["all-linear"]:
+        return "qlora.target_modules: name the modules to pack (all-linear is not supported yet)"
+    return ""
+
+
 def check_packable(cfgs: Sequence[TrialConfig]) -> None:
     from duetto.config import ConfigError
 
@@ -46,7 +57,6 @@ def check_packable(cfgs: Sequence[TrialConfig]) -> None:
         values = {s[key] for s in settings}
         if len(values) > 1:
             raise ConfigError(f"{key}: trials packed together must share it, got {sorted(values)}")
-    if cfgs[0].gradient_accumulation_steps != 1:
-        raise ConfigError("gradient_accumulation_steps: packed trials step every batch (1)")
-    if methods[0] == "qlora" and list(cfgs[0].qlora.target_modules) == ["all-linear"]:
-        raise ConfigError("qlora.target_modules: name the modules to pack (all-linear is not supported yet)")
+    why = unpackable(cfgs[0])  # the shared settings hold what it reads: one trial answers for all
+    if why:
+        raise ConfigError(why)

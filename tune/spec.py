@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from duetto.config import ConfigError, from_dict, load_config, merge_dicts, nest, read_yaml, to_dict
 from duetto.trainers.config import TrialConfig
+from duetto.trainers.pack_groups import PACKABLE, SHARED, unpackable
 
 METHODS = ("galore", "qlora")
 #: metric -> the direction that is better; the trial reports all three at every report.
@@ -299,6 +300,20 @@ def check_space(method: str, space: dict[str, Any], base: dict[str, Any]) -> Non
     """Fail fast: every key known, every distribution well formed, and every edge value a valid trial."""
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"methods.{method}: empty search space; give at least one key, e.g. learning_rate: {{loguniform: [1e-6, 1e-4]}}")
+    fixed, trials = _edge_trials(method, space)
+    for values in trials:
+        data = merge_dicts(base, nest({**fixed, **values}))
+        data["method"] = method
+        try:
+            from_dict(TrialConfig, data)
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise ConfigError(f"methods.{method}: a trial with {shown or 'its fixed values'} is invalid: {e}") from None
+
+
+def _edge_trials(method: str, space: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the space's fixed values, the sampled values of trials that reach every edge value of each
+    distribution), by dotted key: the trials a check of the whole space needs to look at."""
     fixed: dict[str, Any] = {}
     edges: dict[str, list] = {}
     for key, value in space.items():
@@ -309,15 +324,7 @@ def check_space(method: str, space: dict[str, Any], base: dict[str, Any]) -> Non
         else:
             edges[dotted] = _candidates(*dist)
     start = {k: v[0] for k, v in edges.items()}
-    trials = [start] + [{**start, k: v} for k, vals in edges.items() for v in vals[1:]]
-    for values in trials:
-        data = merge_dicts(base, nest({**fixed, **values}))
-        data["method"] = method
-        try:
-            from_dict(TrialConfig, data)
-        except ConfigError as e:
-            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
-            raise ConfigError(f"methods.{method}: a trial with {shown or 'its fixed values'} is invalid: {e}") from None
+    return fixed, [start] + [{**start, k: v} for k, vals in edges.items() for v in vals[1:]]
 
 
 def check_schedule(sweep: SweepConfig, base: dict[str, Any]) -> None:
@@ -444,8 +451,6 @@ def packed_methods(packing: str) -> tuple[str, ...]:
 def max_packs(sweep: SweepConfig, method: str) -> int:
     """The most packs a method's trials can need: one per combination of the values its space gives the
     settings a pack's trials share (trainers/pack_groups.py SHARED), at most one per trial."""
-    from duetto.trainers.pack_groups import SHARED
-
     trials = trials_of(sweep, method)
     packs = 1
     for key, value in sweep.methods.get(method, {}).items():
@@ -490,14 +495,13 @@ def resolve_packing(sweep: SweepConfig, base: dict[str, Any], gpus: float, clust
     if sweep.resources.workers_per_trial != 1:
         return "off", f"{sweep.resources.workers_per_trial} workers per trial (a pack trains on one)"
     methods, why = [], []
-    for method in ("qlora", "galore"):
+    for method in PACKABLE:
         if method not in sweep.methods:
             continue
-        space = {resolve_key(method, str(k)) for k in sweep.methods[method]}
-        if "gradient_accumulation_steps" in space or base.get("gradient_accumulation_steps", 1) != 1:
-            why.append(f"{method}: gradient_accumulation_steps (packed trials step every batch)")
-        elif method == "qlora" and ("qlora.target_modules" in space or list(base.get("qlora", {}).get("target_modules", [])) == ["all-linear"]):
-            why.append("qlora: target_modules all-linear or searched (a pack names its targets once)")
+        fixed, trials = _edge_trials(method, sweep.methods[method])
+        reasons = {unpackable(trial_config(base, {**fixed, **values, "method": method}, "")) for values in trials} - {""}
+        if reasons:
+            why.append(f"{method}: {'; '.join(sorted(reasons))}")
         else:
             methods.append(method)
     packing = "all" if len(methods) == 2 else (methods[0] if methods else "off")

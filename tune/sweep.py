@@ -18,7 +18,6 @@ Layout of a sweep folder (Tune's experiment directory)::
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 from typing import Any
 

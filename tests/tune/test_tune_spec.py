@@ -200,7 +200,7 @@ def test_packing_auto_packs_each_method_that_can_on_a_gpu_and_nothing_on_cpu(wri
     assert resolve_packing(two, base_trial_dict(two), 0.5, gpu)[0] == "off"
     all_linear = load_sweep(path, ["base.qlora.target_modules=[all-linear]"])
     packing, why = resolve_packing(all_linear, base_trial_dict(all_linear), 0.25, gpu)
-    assert packing == "galore" and "qlora: target_modules" in why
+    assert packing == "galore" and "qlora: qlora.target_modules" in why
     accumulating = load_sweep(path, ["methods.galore.gradient_accumulation_steps={choice: [1, 2]}", "base.galore.layerwise=false"])
     packing, why = resolve_packing(accumulating, base_trial_dict(accumulating), 0.25, gpu)
     assert packing == "qlora" and "galore: gradient_accumulation_steps" in why
