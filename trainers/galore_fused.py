@@ -26,6 +26,7 @@ settings. ``proj_type: full`` has no fused form (the trial then uses the library
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Iterable
 
@@ -143,6 +144,68 @@ class _PlainGroup:
         torch._foreach_copy_(views, list(self.flat_p.split([v.numel() for v in views])))
 
 
+class _SmallGroup:
+    """Same-size small weights (32-bit states; the norms) that bitsandbytes clips one by one (``max_unorm``):
+    its 32-bit Adam computed in torch for all of them at once, each update clipped by its own norms.
+
+    bitsandbytes steps each such weight with kernels of its own and needs the weight's norm on the
+    host first (61 weights a step on SmolLM2). This is the arithmetic of its kernels for the device:
+    on CUDA (kPreconditionOptimizer32bit2State, kOptimizer32bit2State) the update's norm comes from
+    the bias-corrected states, zero gradients are skipped (``skip_zeros``) and decay follows the
+    update; on the CPU (its ``_optimizer_update_32bit_cpu``) the norm is the update's own, decay comes
+    first and nothing is skipped. Either way the update is scaled by ``max_unorm * ||w|| / ||update||``
+    where that is below 1. Tests check it against bitsandbytes on both."""
+
+    def __init__(self, params: list[torch.nn.Parameter], group: dict, quirks: dict):
+        self.params, self.group = params, group
+        self.max_unorm = float(quirks.get("max_unorm", 0.0))
+        self.skip_zeros = bool(quirks.get("skip_zeros", False))
+        p0 = params[0]
+        self.state1 = torch.zeros((len(params), p0.numel()), dtype=torch.float32, device=p0.device)
+        self.state2 = torch.zeros_like(self.state1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"state1": self.state1, "state2": self.state2}
+
+    def step(self, step: int, param_norm: float | None = None) -> None:
+        grp = self.group
+        beta1, beta2 = grp["betas"][:2]
+        eps, lr, wd = grp["eps"], grp["lr"], grp["weight_decay"]
+        cuda = self.state1.device.type == "cuda"
+        views = [p.detach().view(-1) for p in self.params]
+        p = torch.stack(views)
+        pf = p.float()
+        g = torch.stack([q.grad.view(-1) if q.grad is not None else torch.zeros_like(v)
+                         for q, v in zip(self.params, views)]).float()  # fmt: skip
+        s1 = torch.add(self.state1 * beta1, g, alpha=1.0 - beta1)
+        s2 = torch.addcmul(self.state2 * beta2, g, g, value=1.0 - beta2)
+        bias1, bias2 = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+        direction = s1 / (s2.sqrt() + eps * bias2)
+        scale = torch.ones((len(views), 1), dtype=torch.float32, device=p.device)
+        if self.max_unorm > 0:
+            u = (s1 * (1.0 / bias1)) / ((s2 * (1.0 / bias2**2)).sqrt() + eps) if cuda else direction
+            unorm = torch.linalg.vector_norm(u, dim=1, keepdim=True)
+            limit = self.max_unorm * torch.linalg.vector_norm(pf, dim=1, keepdim=True)
+            scale = torch.where(unorm > limit, limit / unorm, scale)
+        if wd > 0 and not cuda:
+            pf = pf * (1.0 - lr * wd)
+        new = pf.add(direction * scale, alpha=-lr * bias2 / bias1).to(p.dtype)  # as the CPU kernel's add_
+        if wd > 0 and cuda:
+            new = (new.float() * (1.0 - lr * wd)).to(p.dtype)
+        # what stays as it was: zero gradients (skip_zeros, on CUDA), and weights without a gradient (the
+        # library skips them)
+        keep = g == 0 if self.skip_zeros and cuda else None
+        missing = [i for i, q in enumerate(self.params) if q.grad is None]
+        if missing:
+            keep = torch.zeros_like(g, dtype=torch.bool) if keep is None else keep
+            keep[missing] = True
+        if keep is not None:
+            new, s1, s2 = new.where(~keep, p), s1.where(~keep, self.state1), s2.where(~keep, self.state2)
+        self.state1.copy_(s1)
+        self.state2.copy_(s2)
+        torch._foreach_copy_(views, list(new.unbind(0)))
+
+
 def low_rank_shapes(shape: tuple[int, int], group: dict) -> tuple[str, tuple[int, int], tuple[int, int]]:
     """(side, projected-gradient shape, projection shape) of a weight in a GaLore group; the rank is
     capped by the weight's size, as the SVD's factors are."""
@@ -180,6 +243,16 @@ class _ProjectedGroup:
         else:
             torch.matmul(self.ortho[j].t(), grad, out=self.low[j])
 
+    def project_all(self, grads: list[torch.Tensor]) -> None:
+        """``project`` of every weight's gradient, a few weights to a batched matmul."""
+        chunk = max(1, BACK_CHUNK_ELEMENTS // grads[0].numel())
+        for s in range(0, len(grads), chunk):
+            g, o, low = torch.stack(grads[s : s + chunk]), self.ortho[s : s + chunk], self.low[s : s + chunk]
+            if self.side == "right":
+                torch.bmm(g, o.transpose(1, 2), out=low)
+            else:
+                torch.bmm(o.transpose(1, 2), g, out=low)
+
     def update_target(self) -> torch.Tensor:
         """What bitsandbytes steps (and takes the norm of, when it clips): the zero low-rank "weight"."""
         return self.delta.zero_()
@@ -212,6 +285,7 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
         self.quirks = dict(quirks or {})
         self.steps_done = 0
         self.plain: list[_PlainGroup] = []
+        self.small: list[_SmallGroup] = []
         self.projected: list[_ProjectedGroup] = []
         self._slot: dict[torch.nn.Parameter, tuple[_ProjectedGroup, int]] = {}
         self._hooks = []
@@ -227,9 +301,14 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
         q = self.quirks
         small = [p for p in params if p.numel() < MIN_8BIT_SIZE]
         big = [p for p in params if p.numel() >= MIN_8BIT_SIZE]
-        # 32-bit Adam is elementwise, so any concatenation steps the same, unless max_unorm clips each
-        # tensor's update by its own norm
-        self._add_stacks(small, group, eight_bit=False, alone=lambda p: q.get("max_unorm", 0.0) > 0)
+        if q.get("max_unorm", 0.0) > 0:  # each clipped by its own norm: stepped in torch, by size
+            by_size: dict[tuple, list] = {}
+            for p in small:
+                by_size.setdefault((p.numel(), p.dtype), []).append(p)
+            self.small.extend(_SmallGroup(same, group, q) for same in by_size.values())
+            small = []
+        # 32-bit Adam is elementwise, so any concatenation steps the same
+        self._add_stacks(small, group, eight_bit=False, alone=lambda p: False)
         self._add_stacks(big, group, eight_bit=True, alone=lambda p: p.numel() % BNB_BLOCK != 0)
 
     def _add_stacks(self, params, group, *, eight_bit: bool, alone) -> None:
@@ -298,17 +377,21 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
         step = self.steps_done + 1  # bitsandbytes counts from 1 (bias correction)
         if not self.layerwise:
             for pg in self.projected:
-                for j, p in enumerate(pg.params):
-                    if p.grad is None:
+                grads = [p.grad for p in pg.params]
+                if not self._refresh_for(pg) and all(g is not None for g in grads):
+                    pg.project_all(grads)
+                    continue
+                for j, g in enumerate(grads):
+                    if g is None:
                         pg.low[j].zero_()
                     else:
-                        self._project(pg, j, p.grad)
+                        self._project(pg, j, g)
         if self._refresher is not None:
             self._refresher.wait()  # the refreshes this step's backward (or the loop above) handed out
-        groups = [*self.projected, *self.plain]
+        groups = [*self.projected, *self.plain, *self.small]
         # Updates clipped by max_unorm need their weight's norm as a host float: read all of them with
         # one wait instead of one per tensor (61 a step on SmolLM2, ~18 ms of host time).
-        clipped = [i for i, grp in enumerate(groups) if grp.adam.clips]  # lone tensors only (see _add_plain)
+        clipped = [i for i, grp in enumerate(groups) if getattr(grp, "adam", None) and grp.adam.clips]  # lone projections
         norms = [None] * len(groups)
         if clipped:
             targets = [groups[i].update_target() for i in clipped]
@@ -323,7 +406,7 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
 
     def _buffers(self) -> list[dict[str, torch.Tensor]]:
         out = [{"ortho": pg.ortho, **pg.adam.tensors()} for pg in self.projected]
-        return out + [g.adam.tensors() for g in self.plain]
+        return out + [g.adam.tensors() for g in self.plain] + [g.tensors() for g in self.small]
 
     def state_dict(self) -> dict:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]

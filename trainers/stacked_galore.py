@@ -45,19 +45,21 @@ class StackedWeights:
 
     def __init__(self, models: Sequence[torch.nn.Module]):
         self.names = [n for n, p in models[0].named_parameters() if p.requires_grad]
+        by_name = [dict(m.named_parameters()) for m in models]
+        self.params = [[named[n] for n in self.names] for named in by_name]
+        """Each slot's trainable parameters, in ``names`` order."""
         self.tensors: dict[str, torch.Tensor] = {}
-        for name in self.names:
-            params = [dict(m.named_parameters())[name] for m in models]
-            stacked = torch.stack([p.detach() for p in params]).requires_grad_(True)
-            for slot, p in enumerate(params):
-                p.data = stacked[slot]  # the model now reads and the optimizer updates the slot in place
+        for i, name in enumerate(self.names):
+            stacked = torch.stack([params[i].detach() for params in self.params]).requires_grad_(True)
+            for slot, params in enumerate(self.params):
+                params[i].data = stacked[slot]  # the model now reads and the optimizer updates the slot in place
             self.tensors[name] = stacked
 
-    def hand_out_grads(self, models: Sequence[tuple[int, torch.nn.Module]]) -> None:
-        """Each (slot, model)'s parameters get their slot of the stacked gradients (views, no copy)."""
-        for slot, model in models:
-            for name, p in model.named_parameters():
-                g = self.tensors[name].grad if name in self.tensors else None
+    def hand_out_grads(self, slots: Sequence[int]) -> None:
+        """The parameters of each of these slots get their slot of the stacked gradients (views, no copy)."""
+        grads = [None if t.grad is None else t.grad.unbind(0) for t in self.tensors.values()]
+        for slot in slots:
+            for p, g in zip(self.params[slot], grads):
                 p.grad = None if g is None else g[slot]
 
     def clear_grads(self) -> None:
@@ -202,9 +204,9 @@ class GaloreStack(Pack):
                 losses = loss_fn(inputs)
             losses.sum().backward()
         live = [(slot, t) for slot, t in enumerate(self.slots) if t in batches]
-        stack.hand_out_grads([(slot, self.models[t]) for slot, t in live])
-        for _, t in live:
-            params = [p for p in self.models[t].parameters() if p.requires_grad]
+        stack.hand_out_grads([slot for slot, _ in live])
+        for slot, t in live:
+            params = stack.params[slot]
             if self.clips[t] > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.clips[t], foreach=True)
             self.optimizers[t].step()

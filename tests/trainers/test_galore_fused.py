@@ -123,3 +123,51 @@ def test_full_projection_has_no_fused_form():
     assert projection_side((8, 4), "reverse_std") == "left"
     with pytest.raises(ValueError, match="proj_type"):
         projection_side((8, 4), "full")
+
+
+def _small_weights_against_bitsandbytes(device, dtype, *, max_unorm, weight_decay, atol):
+    """The small weights' torch step against bitsandbytes' 32-bit Adam on each weight alone: a weight
+    with zero gradient entries, one without a gradient at one step, updates clipped where max_unorm is small."""
+    import bitsandbytes.functional as F
+
+    from duetto.trainers.galore_fused import _SmallGroup
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.rand(96, generator=g) + 0.5 for _ in range(3)]
+    params = [torch.nn.Parameter(w.to(device, dtype)) for w in start]
+    ref = [w.to(device, dtype) for w in start]
+    group = {"betas": (0.9, 0.999), "eps": 1e-8, "lr": 1e-2, "weight_decay": weight_decay}
+    small = _SmallGroup(params, group, {"max_unorm": max_unorm, "skip_zeros": True})
+    states = [(torch.zeros(96, device=device), torch.zeros(96, device=device)) for _ in ref]
+    for step in range(1, 5):
+        grads = [torch.randn(96, generator=g).to(device, dtype) for _ in ref]
+        grads[0][:10] = 0  # skipped on CUDA (skip_zeros), stepped on the CPU, as bitsandbytes does each
+        for i, (p, grad) in enumerate(zip(params, grads)):
+            p.grad = None if (step == 2 and i == 1) else grad.clone()
+        small.step(step)
+        for i, (w, grad, (s1, s2)) in enumerate(zip(ref, grads, states)):
+            if step == 2 and i == 1:
+                continue  # no gradient: the library skips the weight
+            F.optimizer_update_32bit("adam", grad, w, s1, 0.9, 1e-8, step, 1e-2, s2, 0.999, 0.0, 0.0, weight_decay,
+                                     1.0, torch.zeros(1, device=device), max_unorm=max_unorm, skip_zeros=True)  # fmt: skip
+        for i, (p, w) in enumerate(zip(params, ref)):
+            torch.testing.assert_close(p.detach(), w, rtol=0, atol=atol, msg=f"step {step}, weight {i}")
+        for (s1, s2), a, b in zip(states, small.state1, small.state2):
+            torch.testing.assert_close(a, s1, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(b, s2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("max_unorm", [100.0, 0.001])  # 0.001: every update clipped
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_small_weights_step_as_bitsandbytes_on_cpu(max_unorm, weight_decay):
+    _small_weights_against_bitsandbytes("cpu", torch.float32, max_unorm=max_unorm, weight_decay=weight_decay, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("max_unorm", [100.0, 0.001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_weights_step_as_bitsandbytes_on_cuda(max_unorm, dtype):
+    # float arithmetic in another order than the kernel's: within a unit of the weight's last place
+    atol = 1e-6 if dtype == torch.float32 else 1e-2
+    _small_weights_against_bitsandbytes("cuda", dtype, max_unorm=max_unorm, weight_decay=0.1, atol=atol)
