@@ -8,8 +8,7 @@ GaloreStack; in this process, no Ray).
     duetto model tiny /tmp/tiny && python benchmarks/pack_phases.py --model /tmp/tiny --data DATA --cpu \
         --out benchmarks/results/pack_phases_cpu.json
 
---adapters one-at-a-time runs each step's adapters one trial after another (the reference for the
-batched adapters; QLoRA). The trials are the study's QLoRA (or GaLore) settings (seq 128, batch 2) with seeds 0..N-1, all in one pack, a
+The trials are the study's QLoRA (or GaLore) settings (seq 128, batch 2) with seeds 0..N-1, all in one pack, a
 report every --every steps (BLEU/ROUGE on 16 held-out rows) and the trial's own final evaluation. The
 interim reports due at one step decode together, as do the final evaluations of trials that end at the
 same step, as the pack actor makes them (--one-at-a-time: one trial after another, the reference).
@@ -35,8 +34,6 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8], help="QLoRA's base")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--one-at-a-time", action="store_true", help="interim reports and final evaluations one trial at a time (the reference)")
-    ap.add_argument("--adapters", choices=["batched", "one-at-a-time"], default="batched",
-                    help="a step's adapters: batched per rank (the default), or one trial after another (the reference)")
     ap.add_argument("--work", default="/tmp/pack-phases")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -50,11 +47,6 @@ def main() -> None:
     from duetto.trainers.packed_run import new_pack
     from sweep_packing import mean_phases  # benchmarks/ is on sys.path when this runs
 
-    if args.adapters == "one-at-a-time":
-        import duetto.trainers.packed_lora as packed_lora
-
-        assert hasattr(packed_lora, "_groups"), "packed_lora._groups: the batched plan this option turns off moved"
-        packed_lora._groups = lambda *a, **k: None  # every step takes the one-trial-at-a-time path
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     common = [f"model={args.model}", f"data.train={args.data}/train.jsonl", f"data.test={args.data}/test.jsonl",
               f"method={args.method}", "max_seq_len=128", "batch_size=2", f"max_steps={args.steps}", f"qlora.bits={args.bits}",
@@ -99,7 +91,7 @@ def main() -> None:
               "trials": args.trials, "steps": args.steps, "report_every": args.every, "method": args.method,
               "bits": args.bits if args.method == "qlora" else None,
               "eval_examples": cfgs[0].eval.num_examples, "interim_eval_examples": 16, "model": args.model,
-              "interim_reports": "one trial at a time" if args.one_at_a_time else "together", "adapters": args.adapters,
+              "interim_reports": "one trial at a time" if args.one_at_a_time else "together",
               "machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU",
               "date": datetime.date.today().isoformat()}  # fmt: skip
     print(f"{args.trials} trials x {args.steps} steps in one pack on {result['machine']}")

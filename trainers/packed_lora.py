@@ -4,10 +4,17 @@ through its own LoRA adapter, in the same forward and backward.
 ``PackedLoraLinear`` wraps a base linear layer (plain or bitsandbytes 4/8-bit) with one LoRA adapter
 per trial (its own rank, alpha and dropout). A packed batch holds the trials' rows one block after
 the other; ``set_slices`` tells every packed layer which rows are whose. The base runs once over all
-rows; each block then adds its own trial's ``scaling * B(A(dropout(x)))``: in a training step, whose
-blocks are equal, trials of one rank and dropout run as one batched matmul (``torch.bmm`` over their
-stacked adapters), so a step's kernel count grows with the number of ranks, not of trials. Plain
-autograd carries each trial's gradients to its own weights: exactly those of its rows alone.
+rows; each block then adds its own trial's ``scaling * B(A(dropout(x)))``.
+
+The adapters live stacked (``stack_adapters``): per layer one A tensor [trials, rank, in] and one Bᵀ
+tensor [trials, rank, out], each trial's slot zero-padded to the largest rank, and each trial's own
+``lora_A`` / ``lora_B`` weights are views into its slot. Equal blocks (every training step, shared
+evaluation passes) run through two batched matmuls per layer whatever the trials' ranks, with no
+copy of the adapters per step: a step's kernel count does not grow with the number of trials or
+ranks. The zero padding adds exact zeros and takes zero gradients, so each trial computes what its
+adapter alone computes. Autograd gives the stacked tensors the gradients; ``hand_out_grads`` gives
+each trial its slot of them (views, no copy): exactly those of its rows alone. Blocks of any other
+shape (decoding) run one trial after another through its own ``lora_A`` / ``lora_B``.
 
 ``PackedTrials`` owns one optimizer (AdamW, as the HF Trainer builds it for LoRA weights), one
 learning-rate schedule and one gradient clip per trial, and steps them all after one backward of the
@@ -45,14 +52,16 @@ class PackedLoraLinear(nn.Module):
         self.lora_B = nn.ModuleList()
         self.slices: list[tuple[int, int, int]] = []
         """(trial, first row, end row) of each block of the packed batch, in row order."""
-        self.groups: list[_Group] | None = None
-        """How the blocks' adapters run batched (set_slices), or None: one after another."""
+        self.stack: _Stack | None = None
+        """The stacked adapters (stack_adapters), or None before any."""
+        self.plan: _Plan | None = None
+        """Where the blocks' adapters sit in the stack (set_slices), or None: one trial after another."""
         for spec in specs:
             self.add_adapter(spec)
 
     def add_adapter(self, spec: LoraSpec) -> int:
         """A new trial's adapter, on the base's device, PEFT's default init (B = 0: a fresh adapter is a
-        no-op); returns its index."""
+        no-op); returns its index. It joins the stacked adapters at the next ``stack_adapters``."""
         device = self.base.weight.device
         a = nn.Linear(self.base.in_features, spec.r, bias=False, device=device)
         b = nn.Linear(spec.r, self.base.out_features, bias=False, device=device)
@@ -63,12 +72,33 @@ class PackedLoraLinear(nn.Module):
         self.specs.append(spec)
         return len(self.specs) - 1
 
+    def restack(self, trials: Sequence[int]) -> None:
+        """Stack these trials' adapters (their current values) into fresh tensors, their weights then views
+        into their slots."""
+        if not trials:
+            self.stack = None
+            return
+        specs = [self.specs[t] for t in trials]
+        rank = max(s.r for s in specs)
+        a0 = self.lora_A[trials[0]].weight
+        A = torch.zeros((len(trials), rank, self.base.in_features), dtype=a0.dtype, device=a0.device)
+        Bt = torch.zeros((len(trials), rank, self.base.out_features), dtype=a0.dtype, device=a0.device)
+        with torch.no_grad():
+            for i, (t, spec) in enumerate(zip(trials, specs)):
+                A[i, : spec.r].copy_(self.lora_A[t].weight)
+                Bt[i, : spec.r].copy_(self.lora_B[t].weight.t())
+                self.lora_A[t].weight.data = A[i, : spec.r]  # the trial's weights now read and update its slot
+                self.lora_B[t].weight.data = Bt[i, : spec.r].t()
+        scalings, dropouts = [s.scaling for s in specs], [s.dropout for s in specs]
+        self.stack = _Stack(tuple(trials), A.requires_grad_(True), Bt.requires_grad_(True),
+                            _per_slot(scalings, a0.device), _per_slot(dropouts, a0.device))  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if not self.slices:
             raise RuntimeError("PackedLoraLinear: set_slices() first (which rows belong to which trial)")
-        if self.groups is not None:
-            return out + self._grouped_delta(x).to(out.dtype)
+        if self.plan is not None:
+            return out + self._stacked_delta(x, self.plan).to(out.dtype)
         parts = []
         for t, start, stop in self.slices:
             spec = self.specs[t]
@@ -80,33 +110,73 @@ class PackedLoraLinear(nn.Module):
             parts.append(out[start:stop] + delta.to(out.dtype))
         return torch.cat(parts)
 
-    def _grouped_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """Every block's ``scaling * B(A(dropout(x)))`` with a few batched matmuls per group of trials of one
-        rank and dropout, instead of a few small ones per trial: the blocks are equal, so they stack."""
-        n = len(self.slices)
-        blocks = x.reshape(n, -1, x.shape[-1])  # block i: the rows of slice i, in order
-        found: list[torch.Tensor | None] = [None] * n
-        for g in self.groups:
-            p = g.positions
-            xs = blocks[p[0] : p[-1] + 1] if p[-1] - p[0] == len(p) - 1 else torch.stack([blocks[i] for i in p])
-            if g.dropout and self.training:
-                xs = nn.functional.dropout(xs, g.dropout)
-            A = torch.stack([self.lora_A[t].weight for t in g.trials])
-            B = torch.stack([self.lora_B[t].weight for t in g.trials])
-            d = torch.bmm(torch.bmm(xs.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2)) * g.scaling
-            if len(self.groups) == 1:  # every block, in order
-                return d.reshape(*x.shape[:-1], d.shape[-1])
-            for j, i in enumerate(p):
-                found[i] = d[j]
-        return torch.cat(found).reshape(*x.shape[:-1], -1)
+    def _stacked_delta(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Every block's ``scaling * B(A(dropout(x)))`` as two batched matmuls over the stacked adapters."""
+        st = self.stack
+        A, Bt, scaling, dropout = st.A, st.Bt, st.scaling, st.dropout
+        if plan.index is not None:  # some of the stacked trials, or another order
+            A, Bt = A.index_select(0, plan.index), Bt.index_select(0, plan.index)
+            scaling = scaling.index_select(0, plan.index) if isinstance(scaling, torch.Tensor) else scaling
+            dropout = dropout.index_select(0, plan.index) if isinstance(dropout, torch.Tensor) else dropout
+        xs = x.reshape(len(plan.positions), -1, x.shape[-1])  # block i: the rows of slice i, in order
+        if self.training and (isinstance(dropout, torch.Tensor) or dropout):
+            xs = _dropout(xs, dropout)
+        d = torch.bmm(torch.bmm(xs.to(A.dtype), A.transpose(1, 2)), Bt) * scaling
+        return d.reshape(*x.shape[:-1], d.shape[-1])
 
     def adapter_params(self, t: int) -> list[nn.Parameter]:
         return [self.lora_A[t].weight, self.lora_B[t].weight]
 
     def drop_adapter(self, t: int) -> None:
-        """Free trial t's weights (it left: its rows never come back); the other trials keep their indices."""
+        """Free trial t's weights (it left: its rows never come back); the other trials keep their indices.
+        Its slot stays in the stack until the next ``stack_adapters``."""
         self.lora_A[t] = nn.Identity()
         self.lora_B[t] = nn.Identity()
+
+
+@dataclass
+class _Stack:
+    """A layer's adapters of ``trials``, in that order: A [trials, rank, in], Bᵀ [trials, rank, out]
+    (each slot zero-padded to the largest rank), and each slot's scaling and dropout (one number when
+    every slot has the same, else a [trials, 1, 1] tensor)."""
+
+    trials: tuple[int, ...]
+    A: torch.Tensor
+    Bt: torch.Tensor
+    scaling: Any
+    dropout: Any
+    _grad_views: tuple = ()
+
+    def grad_views(self, specs: Sequence[LoraSpec]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each slot's (A gradient, B gradient), views of the stacked gradients; made once for as long as
+        the stacked gradients are the same tensors (a CUDA graph's replays)."""
+        key = (id(self.A.grad), id(self.Bt.grad))
+        if not self._grad_views or self._grad_views[0] != key:
+            ga, gb = self.A.grad, self.Bt.grad
+            views = [(ga[i, : specs[t].r], gb[i, : specs[t].r].t()) for i, t in enumerate(self.trials)]
+            self._grad_views = (key, views)
+        return self._grad_views[1]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where each block's adapter sits in the stack; ``index`` (on the device) when that is not every
+    slot in order."""
+
+    positions: tuple[int, ...]
+    index: torch.Tensor | None
+
+
+def _per_slot(values: Sequence[float], device: torch.device) -> Any:
+    return values[0] if len(set(values)) == 1 else _scaling_tensor(tuple(values), device)
+
+
+def _dropout(xs: torch.Tensor, p: Any) -> torch.Tensor:
+    """Dropout of each block with its own probability (``p``: a number, or [blocks, 1, 1])."""
+    if not isinstance(p, torch.Tensor):
+        return nn.functional.dropout(xs, p)
+    keep = torch.rand(xs.shape, device=xs.device) >= p
+    return xs * keep / (1.0 - p)
 
 
 def pack_lora(model: nn.Module, target_modules: Sequence[str], specs: Sequence[LoraSpec]) -> dict[str, PackedLoraLinear]:
@@ -126,43 +196,12 @@ def pack_lora(model: nn.Module, target_modules: Sequence[str], specs: Sequence[L
     return packed
 
 
-@dataclass
-class _Group:
-    """Trials of one rank and dropout whose blocks of a packed batch run through one batched matmul."""
-
-    trials: list[int]
-    positions: list[int]  # where their blocks are among the batch's blocks, in order
-    dropout: float
-    scaling: Any  # a float, or a (trials, 1, 1) tensor where their scalings differ
-
-
-def _groups(layer: PackedLoraLinear, slices: Sequence[tuple[int, int, int]]) -> list[_Group] | None:
-    """The batched plan for ``slices``, or None where they are not equal blocks one after another from
-    row 0 (interim reports decode blocks of any size: those run one trial after another)."""
-    if len(slices) < 2:
-        return None
-    size = slices[0][2] - slices[0][1]
-    if size <= 0 or any(start != i * size or stop != start + size for i, (_, start, stop) in enumerate(slices)):
-        return None
-    by_key: dict[tuple[int, float], list[int]] = {}
-    for i, (t, _, _) in enumerate(slices):
-        spec = layer.specs[t]
-        by_key.setdefault((spec.r, spec.dropout), []).append(i)
-    groups = []
-    for (_, dropout), positions in by_key.items():
-        trials = [slices[i][0] for i in positions]
-        scalings = [layer.specs[t].scaling for t in trials]
-        scaling = scalings[0] if len(set(scalings)) == 1 else _scaling_tensor(tuple(scalings), layer.base.weight.device)
-        groups.append(_Group(trials, positions, dropout, scaling))
-    return groups
-
-
 _SCALINGS: dict[tuple, torch.Tensor] = {}
 
 
 def _scaling_tensor(scalings: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """(trials, 1, 1) scalings on ``device``, made once per combination: copying a new one to the GPU at
-    every step would make the host wait for it."""
+    """(trials, 1, 1) values (scalings, dropouts) on ``device``, made once per combination: copying a new
+    one to the GPU at every step would make the host wait for it."""
     key = (str(device), scalings)
     if key not in _SCALINGS:
         # a plain tensor even when first asked for while decoding under inference_mode: training steps
@@ -174,13 +213,52 @@ def _scaling_tensor(scalings: tuple[float, ...], device: torch.device) -> torch.
 
 def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int, int]]) -> None:
     """(trial, first row, end row) of each block of the next packed batch: trials that have finished
-    (or left the pack) simply have no block. Equal blocks one after another run batched; others one
-    trial after another. Every layer holds the same trials' specs, so the plan is made once."""
+    (or left the pack) simply have no block. Equal blocks one after another, all of stacked trials, run
+    through the stacked adapters; others one trial after another. Every layer holds the same trials,
+    so the plan is made once."""
     first = next(iter(layers.values()), None)
-    plan = _groups(first, slices) if first is not None else None
+    plan = _plan(first, slices) if first is not None else None
     for layer in layers.values():
         layer.slices = list(slices)
-        layer.groups = plan
+        layer.plan = plan
+
+
+def _plan(layer: PackedLoraLinear, slices: Sequence[tuple[int, int, int]]) -> _Plan | None:
+    if layer.stack is None or not slices:
+        return None
+    size = slices[0][2] - slices[0][1]
+    if size <= 0 or any(start != i * size or stop != start + size for i, (_, start, stop) in enumerate(slices)):
+        return None
+    where = {t: i for i, t in enumerate(layer.stack.trials)}
+    if any(t not in where for t, _, _ in slices):
+        return None
+    positions = tuple(where[t] for t, _, _ in slices)
+    if positions == tuple(range(len(where))):
+        return _Plan(positions, None)
+    return _Plan(positions, torch.tensor(positions, device=layer.stack.A.device))
+
+
+def stack_adapters(layers: dict[str, PackedLoraLinear], trials: Sequence[int]) -> None:
+    """Stack these trials' adapters in every layer, in this order (PackedLoraLinear.restack)."""
+    for layer in layers.values():
+        layer.restack(list(trials))
+
+
+def stacked_tensors(layers: dict[str, PackedLoraLinear]) -> list[torch.Tensor]:
+    """The tensors a training step's gradients go to: every layer's stacked A and Bᵀ."""
+    return [t for layer in layers.values() if layer.stack is not None for t in (layer.stack.A, layer.stack.Bt)]
+
+
+def hand_out_grads(layers: dict[str, PackedLoraLinear], trials: Sequence[int]) -> None:
+    """These trials' adapter weights get their slots of the stacked gradients (views, no copy)."""
+    wanted = set(trials)
+    for layer in layers.values():
+        st = layer.stack
+        if st is None or st.A.grad is None:
+            continue
+        for t, (ga, gb) in zip(st.trials, st.grad_views(layer.specs)):
+            if t in wanted:
+                layer.lora_A[t].weight.grad, layer.lora_B[t].weight.grad = ga, gb
 
 
 def load_peft_adapter(layers: dict[str, PackedLoraLinear], t: int, state: dict[str, torch.Tensor]) -> None:
@@ -221,10 +299,13 @@ class PackedTrials:
         self.params: dict[int, list[nn.Parameter]] = {}
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self.schedulers: dict[int, Any] = {}
+        self.version = 0
+        """Counts restacks: what captured the stacked adapters' addresses is stale when it changes."""
         for t, o in enumerate(optims):
             self.add(t, o)
 
     def add(self, t: int, o: TrialOptim) -> None:
+        """Trial t (its adapter added to every layer) gets its optimizer and schedule; the adapters restack."""
         from transformers import get_scheduler
 
         params = [p for layer in self.layers.values() for p in layer.adapter_params(t)]
@@ -233,50 +314,74 @@ class PackedTrials:
         self.optims[t], self.params[t], self.optimizers[t] = o, params, opt
         self.schedulers[t] = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps,
                                            num_training_steps=o.total_steps)  # fmt: skip
+        self._restack()
 
     def remove(self, t: int) -> None:
-        """Trial t leaves: its optimizer state is dropped and its adapter stops taking gradients."""
+        """Trial t leaves: its optimizer state is dropped, its adapter stops taking gradients and leaves the stack."""
         for d in (self.optims, self.params, self.optimizers, self.schedulers):
             d.pop(t, None)
         for layer in self.layers.values():
             for p in layer.adapter_params(t):
                 p.requires_grad_(False)
+        self._restack()
+
+    def _restack(self) -> None:
+        stack_adapters(self.layers, sorted(self.optimizers))
+        self.version += 1
+
+    @property
+    def order(self) -> list[int]:
+        """The trials in stack order: a training step's blocks, one per trial."""
+        first = next(iter(self.layers.values()), None)
+        return list(first.stack.trials) if first is not None and first.stack is not None else []
 
     @staticmethod
     def losses(model: nn.Module, joined: dict[str, torch.Tensor], bounds: Sequence[int]) -> torch.Tensor:
         """Each block's loss over a joined batch (rows ``bounds[i]`` to ``bounds[i + 1]``), stacked: the
-        mean cross-entropy over its label tokens, as HF computes it."""
+        mean cross-entropy over its label tokens, as HF computes it (0 for a block without any)."""
         logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"]).logits
-        losses = []
-        for i in range(len(bounds) - 1):
-            shift_logits = logits[bounds[i] : bounds[i + 1], :-1].float()
-            shift_labels = joined["labels"][bounds[i] : bounds[i + 1], 1:]
-            losses.append(nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                      shift_labels.reshape(-1), ignore_index=-100))  # fmt: skip
-        return torch.stack(losses)
+        shift_logits, shift_labels = logits[:, :-1].float(), joined["labels"][:, 1:]
+        per_token = nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                                ignore_index=-100, reduction="none").view(shift_labels.shape)  # fmt: skip
+        sums, counts = per_token.sum(1), (shift_labels != -100).sum(1)
+        sizes = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+        if len(set(sizes)) == 1:  # equal blocks: one reduction for all
+            sums, counts = sums.view(len(sizes), -1).sum(1), counts.view(len(sizes), -1).sum(1)
+        else:
+            sums, counts = torch.stack([t.sum() for t in sums.split(sizes)]), torch.stack([t.sum() for t in counts.split(sizes)])
+        return sums / counts.clamp(min=1)
 
     def step(self, model: nn.Module, batches: dict[int, dict[str, torch.Tensor]],
              forward_backward: Callable[..., torch.Tensor] | None = None) -> dict[int, float]:  # fmt: skip
-        """One optimizer step of each trial in ``batches`` ({trial: its batch}, equal sequence lengths)
-        on its own batch; returns each one's loss (``losses``). The other trials' weights and optimizer
-        states do not move. ``forward_backward(trials, bounds, joined)``, when given, runs the forward
-        and backward instead (a CUDA graph of them) and returns the detached losses."""
-        trials = list(batches)
-        sizes = [batches[t]["input_ids"].shape[0] for t in trials]
-        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        """One optimizer step of each trial in ``batches`` ({trial: its batch}, equal shapes) on its own
+        batch; returns each one's loss (``losses``). Every stacked trial has a block, in stack order: a
+        trial without a batch gets rows without labels (zero loss, zero gradients), and its weights and
+        optimizer state do not move. ``forward_backward(trials, bounds, joined)``, when given, runs the
+        forward and backward instead (a CUDA graph of them) and returns the detached losses."""
+        trials = self.order
+        if any(t not in trials for t in batches):
+            raise ValueError(f"PackedTrials.step: trials {sorted(set(batches) - set(trials))} have no optimizer here")
+        first = next(iter(batches.values()))
+        idle = {**first, "labels": torch.full_like(first["labels"], -100)}
+        rows = first["input_ids"].shape[0]
+        bounds = [i * rows for i in range(len(trials) + 1)]
         set_slices(self.layers, [(t, bounds[i], bounds[i + 1]) for i, t in enumerate(trials)])
-        joined = {k: torch.cat([batches[t][k] for t in trials]) for k in ("input_ids", "attention_mask", "labels")}
+        joined = {k: torch.cat([batches.get(t, idle)[k] for t in trials]) for k in ("input_ids", "attention_mask", "labels")}
+        stacked = stacked_tensors(self.layers)
+        for p in stacked:  # the backward writes them afresh (a graph's replay hands back its own)
+            p.grad = None
         if forward_backward is None:
             losses = self.losses(model, joined, bounds)
             losses.sum().backward()
         else:
             losses = forward_backward(trials, bounds, joined)
-        for t in trials:
+        hand_out_grads(self.layers, list(batches))
+        for t in batches:
             params, o = self.params[t], self.optims[t]
             if o.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
             self.optimizers[t].step()
             self.schedulers[t].step()
             self.optimizers[t].zero_grad(set_to_none=True)
-        return dict(zip(trials, losses.detach().tolist()))  # one wait for the GPU, not one a trial
-
+        values = losses.detach().tolist()  # one wait for the GPU, not one a trial
+        return {t: values[trials.index(t)] for t in batches}

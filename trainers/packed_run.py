@@ -32,11 +32,12 @@ from duetto.trainers.packed_lora import (
     load_peft_adapter,
     pack_lora,
     peft_adapter_state,
+    stacked_tensors,
 )
 
-#: CUDA graphs a pack keeps, one per set of trials stepping together (trials wait at report steps, so
-#: a few sets recur); a graph holds its activations' memory
-GRAPHS_KEPT = 4
+#: CUDA graphs a pack keeps: every step runs a block for each attached trial (one not stepping gets
+#: rows without labels), so the trials attached have one graph; a graph holds its activations' memory
+GRAPHS_KEPT = 1
 #: How long the trials of a pack that are ahead wait for those furthest behind to be moved on by
 #: their clients (a report's checkpoint and Tune's handling of it take seconds) before they step
 #: without them (Pack.to_step)
@@ -174,8 +175,8 @@ class Pack:
         """((lowest step, the trials there that wait for their clients), when the others began to wait
         for them) (to_step)."""
         self.graphs: dict[tuple, Any] = {}
-        """(trials, row bounds) -> the GraphedStep of their forward and backward (on CUDA, unless the
-        trials say cuda_graphs: false), most recently used last."""
+        """(adapter stack version, trials, row bounds) -> the GraphedStep of their forward and backward (on
+        CUDA, unless the trials say cuda_graphs: false), most recently used last."""
 
     def has_room(self) -> bool:
         n = len(self.trials)
@@ -361,9 +362,10 @@ class Pack:
             self.peak_bytes = max(self.peak_bytes, peak)
             # the most trials: the overheads shared by all weigh least; a replay's activations live in
             # its graph's pool, which max_memory_allocated does not see, so eager steps measure
-            if not replayed and len(live) >= self._measured_with:
-                self._measured_with = len(live)
-                self.trial_bytes = max(1, (peak - self.base_bytes) // len(live))
+            # every attached trial has a block in a step (those not stepping: rows without labels)
+            if not replayed and len(self.trials) >= self._measured_with:
+                self._measured_with = len(self.trials)
+                self.trial_bytes = max(1, (peak - self.base_bytes) // len(self.trials))
         for t, loss in losses.items():
             tr = self.trials[t]
             tr.step += 1
@@ -380,12 +382,15 @@ class Pack:
         return self.optim.step(self.base, batches, self._graphed if self.uses_graphs() else None)
 
     def _graphed(self, trials: list[int], bounds: list[int], joined: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The pack's forward and backward for these trials' blocks as a CUDA graph (trainers/graph_step.py):
-        the first call for a set of trials warms up, the second captures, later ones replay. The
-        blocks' adapters are baked into the graph, so each set of trials has its own."""
+        """The pack's forward and backward for the stacked trials' blocks as a CUDA graph
+        (trainers/graph_step.py): the first call warms up, the second captures, later ones replay. The
+        stacked adapters' addresses are baked into the graph, so a restack (a trial joins or leaves)
+        captures anew."""
         from duetto.trainers.graph_step import GraphedStep
 
-        key = (tuple(trials), tuple(bounds))
+        key = (self.optim.version, tuple(trials), tuple(bounds))
+        for stale in [k for k in self.graphs if k[0] != self.optim.version]:  # they captured adapters restacked since
+            del self.graphs[stale]
         step = self.graphs.pop(key, None)
         if step is None:
             while len(self.graphs) >= GRAPHS_KEPT:
@@ -394,7 +399,7 @@ class Pack:
                 self._side = torch.cuda.Stream(device=self.device)
             pack_losses = self.optim.losses
             step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: pack_losses(self.base, batch, bounds),
-                               side_stream=self._side, params=[p for t in trials for p in self.optim.params[t]])  # fmt: skip
+                               side_stream=self._side, params=stacked_tensors(self.layers))  # fmt: skip
         self.graphs[key] = step
         replays = step.replays
         losses = step(joined)
@@ -626,7 +631,7 @@ class Pack:
     def leave(self, t: int) -> None:
         if self.trials.pop(t, None) is None:
             return
-        for key in [key for key in self.graphs if t in key[0]]:  # its weights are about to go
+        for key in [key for key in self.graphs if t in key[1]]:  # its weights are about to go
             del self.graphs[key]
         if self.optim is not None:
             self.optim.remove(t)

@@ -390,12 +390,12 @@ def test_a_shared_evaluation_pass_takes_as_many_trials_as_a_quarter_of_free_gpu_
 @pytest.mark.parametrize("ranks, alphas", [((4, 4, 8, 4), (8, 16, 8, 8)), ((4, 4, 4), (8, 8, 8))],
                          ids=["mixed-groups", "one-group"])
 def test_batched_adapters_compute_what_one_trial_at_a_time_computes(tiny_gemma_dir, ranks, alphas):
-    """Equal blocks run each group of same-rank adapters through batched matmuls (here a group with a
-    gap, and scalings that differ inside a group; or all trials in one group): the loss and every
-    adapter gradient are those of running the trials' adapters one after another."""
+    """Equal blocks run through the stacked adapters (here of mixed ranks, zero-padded to the largest,
+    and scalings that differ; or all of one rank and scaling): the loss and every adapter gradient
+    are those of running the trials' adapters one after another."""
     from transformers import AutoModelForCausalLM
 
-    from duetto.trainers.packed_lora import set_slices
+    from duetto.trainers.packed_lora import hand_out_grads, set_slices, stack_adapters, stacked_tensors
 
     base = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32)
     model = copy.deepcopy(base)
@@ -405,6 +405,7 @@ def test_batched_adapters_compute_what_one_trial_at_a_time_computes(tiny_gemma_d
         for layer in layers.values():
             for t in range(len(ranks)):
                 layer.lora_B[t].weight.normal_(generator=g)  # B = 0 at init would hide the adapters
+    stack_adapters(layers, range(len(ranks)))
     batch = _batches(3, 1, base.config.vocab_size)[0]
     ids = batch["input_ids"].repeat(len(ranks), 1)
     slices = [(t, 2 * t, 2 * t + 2) for t in range(len(ranks))]
@@ -413,12 +414,17 @@ def test_batched_adapters_compute_what_one_trial_at_a_time_computes(tiny_gemma_d
         set_slices(layers, slices)
         if not batched:
             for layer in layers.values():
-                layer.groups = None
+                layer.plan = None
         else:
-            assert next(iter(layers.values())).groups is not None
+            assert next(iter(layers.values())).plan is not None
         model.zero_grad(set_to_none=True)
+        for p in stacked_tensors(layers):
+            p.grad = None
         logits = model(input_ids=ids).logits
         logits.float().pow(2).mean().backward()
+        if batched:  # the gradients went to the stacked adapters
+            assert all(p.grad is None for layer in layers.values() for t in range(len(ranks)) for p in layer.adapter_params(t))
+            hand_out_grads(layers, range(len(ranks)))
         grads = [p.grad.clone() for layer in layers.values() for t in range(len(ranks)) for p in layer.adapter_params(t)]
         results.append((logits.detach(), grads))
     (lb, gb), (ll, gl) = results
