@@ -279,7 +279,10 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
     ``layerwise=True`` projects each GaLore gradient in a backward hook and frees it there.
     """
 
-    def __init__(self, param_groups: Iterable[dict], *, layerwise: bool, defaults: dict, quirks: dict | None = None):
+    def __init__(self, param_groups: Iterable[dict], *, layerwise: bool, defaults: dict, quirks: dict | None = None,
+                 refresher: RefreshPool | None = None):  # fmt: skip
+        """``refresher``: the pool its projection refreshes run in (one shared by several optimizers lets
+        their refreshes overlap); one of its own by default."""
         super().__init__(list(param_groups), defaults)
         self.layerwise = layerwise
         self.quirks = dict(quirks or {})
@@ -289,7 +292,8 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
         self.projected: list[_ProjectedGroup] = []
         self._slot: dict[torch.nn.Parameter, tuple[_ProjectedGroup, int]] = {}
         self._hooks = []
-        self._refresher: RefreshPool | None = None
+        self._refresher: RefreshPool | None = refresher
+        self._projected = False
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
             if "rank" in group:
@@ -369,25 +373,34 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
         p.grad = None  # the low-rank copy is all the step needs
 
     @torch.no_grad()
+    def project_gradients(self) -> None:
+        """Not layer-wise: project every GaLore gradient now, handing this step's refreshes to the pool;
+        ``step`` then waits for them. Called ahead of ``step``, it lets several optimizers that share
+        a pool run their refreshes side by side (``step`` calls it otherwise)."""
+        for pg in self.projected:
+            grads = [p.grad for p in pg.params]
+            if not self._refresh_for(pg) and all(g is not None for g in grads):
+                pg.project_all(grads)
+                continue
+            for j, g in enumerate(grads):
+                if g is None:
+                    pg.low[j].zero_()
+                else:
+                    self._project(pg, j, g)
+        self._projected = True
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         step = self.steps_done + 1  # bitsandbytes counts from 1 (bias correction)
-        if not self.layerwise:
-            for pg in self.projected:
-                grads = [p.grad for p in pg.params]
-                if not self._refresh_for(pg) and all(g is not None for g in grads):
-                    pg.project_all(grads)
-                    continue
-                for j, g in enumerate(grads):
-                    if g is None:
-                        pg.low[j].zero_()
-                    else:
-                        self._project(pg, j, g)
+        if not self.layerwise and not self._projected:
+            self.project_gradients()
+        self._projected = False
         if self._refresher is not None:
-            self._refresher.wait()  # the refreshes this step's backward (or the loop above) handed out
+            self._refresher.wait()  # the refreshes this step's backward (or project_gradients) handed out
         groups = [*self.projected, *self.plain, *self.small]
         # Updates clipped by max_unorm need their weight's norm as a host float: read all of them with
         # one wait instead of one per tensor (61 a step on SmolLM2, ~18 ms of host time).

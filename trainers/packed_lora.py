@@ -287,6 +287,8 @@ class TrialOptim:
     warmup_steps: int = 0
     total_steps: int = 1
     scheduler: str = "linear"
+    fused: bool = False
+    """torch's fused AdamW (one kernel a step), as a trial alone on the GPU fast path steps."""
 
 
 class PackedTrials:
@@ -310,7 +312,8 @@ class PackedTrials:
 
         params = [p for layer in self.layers.values() for p in layer.adapter_params(t)]
         # the HF Trainer's groups for LoRA weights: every one decays (none is a bias or a norm)
-        opt = torch.optim.AdamW([{"params": params, "weight_decay": o.weight_decay}], lr=o.learning_rate)
+        opt = torch.optim.AdamW([{"params": params, "weight_decay": o.weight_decay}], lr=o.learning_rate,
+                                fused=o.fused or None)  # fmt: skip
         self.optims[t], self.params[t], self.optimizers[t] = o, params, opt
         self.schedulers[t] = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps,
                                            num_training_steps=o.total_steps)  # fmt: skip

@@ -224,8 +224,11 @@ class Pack:
         (t,) = {layer.add_adapter(spec) for layer in self.layers.values()}  # the same index in every layer
         load_peft_adapter(self.layers, t, init)
         total = total_steps(cfg, len(dataset))
+        # on a GPU with graphs, the fused AdamW of a trial alone on the fast path (trainers/trial.py)
+        fused = self.device.type == "cuda" and cfg.cuda_graphs is not False
         self.optim.add(t, TrialOptim(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=1.0,
-                                     warmup_steps=warmup_steps(cfg, total), total_steps=total, scheduler=cfg.lr_scheduler))  # fmt: skip
+                                     warmup_steps=warmup_steps(cfg, total), total_steps=total, scheduler=cfg.lr_scheduler,
+                                     fused=fused))  # fmt: skip
         trainable = sum(p.numel() for layer in self.layers.values() for p in layer.adapter_params(t))
         return self._admit(t, cfg, rows, dataset, total, trainable, until, state)
 

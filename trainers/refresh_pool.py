@@ -34,10 +34,14 @@ class RefreshPool:
     workspace of its own (tens of MB each, counted as allocated memory), so the projections
     (``then``) stay on the streams that already have one."""
 
-    def __init__(self, device: torch.device, workers: int = WORKERS):
+    def __init__(self, device: torch.device, workers: int = WORKERS, waiting: int | None = None):
+        """``waiting``: how many gradients may wait for their SVD before ``submit`` blocks (2 × workers by
+        default, so a layer-wise step frees full gradients as it goes; callers whose gradients stay
+        allocated anyway may let them all wait)."""
         self.cuda = device.type == "cuda" and workers > 0
         self.device = device
         self.workers = workers
+        self.waiting = 2 * workers if waiting is None else waiting
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._queue: deque = deque()  # (future of the done event, then, grad), in submission order
@@ -71,7 +75,7 @@ class RefreshPool:
             return done
 
         self._queue.append((self._pool.submit(run), then, grad))
-        self._finish(keep=2 * self.workers)
+        self._finish(keep=self.waiting)
 
     def _finish(self, keep: int) -> None:
         """Run ``then`` for finished SVDs in order, waiting for the oldest while more than ``keep`` wait."""

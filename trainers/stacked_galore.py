@@ -37,6 +37,10 @@ import torch
 
 from duetto.trainers.config import TrialConfig
 from duetto.trainers.packed_run import Pack, PackedTrial, evaluate_loss, total_steps, warmup_steps
+from duetto.trainers.refresh_pool import WORKERS, RefreshPool
+
+#: threads running a stack's SVD refreshes: the trials' refreshes at one step run side by side
+STACK_REFRESH_WORKERS = 2 * WORKERS
 
 
 class StackedWeights:
@@ -110,6 +114,9 @@ class GaloreStack(Pack):
         self.skeleton: torch.nn.Module | None = None
         self.buffers: dict[str, torch.Tensor] = {}
         self.graphed: Any = None
+        self.refresher: RefreshPool | None = None
+        """The pool every trial's projection refreshes run in, side by side (their gradients stay in
+        the stack, so all of them may wait)."""
         self._next_id = 0
 
     # --- trials in and out ---
@@ -136,7 +143,9 @@ class GaloreStack(Pack):
         self._next_id += 1
         total = total_steps(cfg, len(dataset))
         self.models[t] = model
-        self.optimizers[t], self.clips[t] = galore_optimizer(cfg, model, self.device)
+        if self.refresher is None:
+            self.refresher = RefreshPool(self.device, workers=STACK_REFRESH_WORKERS, waiting=1 << 30)
+        self.optimizers[t], self.clips[t] = galore_optimizer(cfg, model, self.device, self.refresher)
         self.schedulers[t] = get_scheduler(cfg.lr_scheduler, self.optimizers[t],
                                            num_warmup_steps=warmup_steps(cfg, total), num_training_steps=total)  # fmt: skip
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -206,9 +215,12 @@ class GaloreStack(Pack):
         live = [(slot, t) for slot, t in enumerate(self.slots) if t in batches]
         stack.hand_out_grads([slot for slot, _ in live])
         for slot, t in live:
-            params = stack.params[slot]
             if self.clips[t] > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.clips[t], foreach=True)
+                torch.nn.utils.clip_grad_norm_(stack.params[slot], self.clips[t], foreach=True)
+            # every trial's refreshes go to the shared pool before any step waits for them
+            self.optimizers[t].project_gradients()
+        for slot, t in live:
+            params = stack.params[slot]
             self.optimizers[t].step()
             self.schedulers[t].step()
             for p in params:
@@ -293,7 +305,8 @@ class GaloreStack(Pack):
         return f"{stacked}; {tr.replayed} of {tr.step - tr.resumed_from} steps replayed as a CUDA graph"
 
 
-def galore_optimizer(cfg: TrialConfig, model: torch.nn.Module, device: torch.device) -> tuple[Any, float]:
+def galore_optimizer(cfg: TrialConfig, model: torch.nn.Module, device: torch.device,
+                     refresher: RefreshPool | None = None) -> tuple[Any, float]:  # fmt: skip
     """(the trial's fused GaLore 8-bit optimizer, its gradient-clip norm): the param groups, library
     defaults and quirks the HF Trainer's ``galore_adamw_8bit`` set-up gives this config, and the clip
     the trial's TrainingArguments set (none for layer-wise GaLore)."""
@@ -313,5 +326,5 @@ def galore_optimizer(cfg: TrialConfig, model: torch.nn.Module, device: torch.dev
                                  use_cpu=device.type != "cuda", report_to="none", **method_args)  # fmt: skip
         groups, defaults, quirks = hf_galore_param_groups(args, model)
     # the projection runs after backward for every trial of a stack (see the module doc)
-    optimizer = FusedGaLoreAdamW8bit(groups, layerwise=False, defaults=defaults, quirks=quirks)
+    optimizer = FusedGaLoreAdamW8bit(groups, layerwise=False, defaults=defaults, quirks=quirks, refresher=refresher)
     return optimizer, 0.0 if g.layerwise else 1.0

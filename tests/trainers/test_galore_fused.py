@@ -151,7 +151,7 @@ def _small_weights_against_bitsandbytes(device, dtype, *, max_unorm, weight_deca
             F.optimizer_update_32bit("adam", grad, w, s1, 0.9, 1e-8, step, 1e-2, s2, 0.999, 0.0, 0.0, weight_decay,
                                      1.0, torch.zeros(1, device=device), max_unorm=max_unorm, skip_zeros=True)  # fmt: skip
         for i, (p, w) in enumerate(zip(params, ref)):
-            torch.testing.assert_close(p.detach(), w, rtol=0, atol=atol, msg=f"step {step}, weight {i}")
+            torch.testing.assert_close(p.detach(), w, rtol=0, atol=atol, msg=lambda m: f"step {step}, weight {i}: {m}")
         for (s1, s2), a, b in zip(states, small.state1, small.state2):
             torch.testing.assert_close(a, s1, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(b, s2, rtol=1e-5, atol=1e-7)
@@ -168,6 +168,8 @@ def test_small_weights_step_as_bitsandbytes_on_cpu(max_unorm, weight_decay):
 @pytest.mark.parametrize("max_unorm", [100.0, 0.001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_weights_step_as_bitsandbytes_on_cuda(max_unorm, dtype):
-    # float arithmetic in another order than the kernel's: within a unit of the weight's last place
-    atol = 1e-6 if dtype == torch.float32 else 1e-2
+    # float arithmetic in another order than the kernel's (fused multiply-adds): in float32 within 1e-5,
+    # far below a step's decay (lr x weight_decay x w = 1e-3) or update (~1e-2); in bf16 within a unit
+    # of the last place
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
     _small_weights_against_bitsandbytes("cuda", dtype, max_unorm=max_unorm, weight_decay=0.1, atol=atol)

@@ -498,3 +498,31 @@ def test_packed_trials_cross_epochs_as_the_hf_trainer_does(method, tmp_path, tin
     assert packed["trained_tokens"] == solo["trained_tokens"]
     want = [loss for _, loss in solo["train_loss_curve"]]
     assert [loss for _, loss in packed["train_loss_curve"]] == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_adamw_steps_stacked_adapters_as_foreach_does_on_cuda(tiny_gemma_dir):
+    """On a GPU a pack's trials step with torch's fused AdamW (as a trial alone on the fast path): over
+    adapter weights that are views into the stacked tensors (B a transposed slice) it computes what
+    the multi-tensor AdamW computes."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32).cuda()
+    specs = [LoraSpec(r=4, alpha=8), LoraSpec(r=8, alpha=16)]
+    states = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = copy.deepcopy(base)
+        layers = pack_lora(model, TARGETS, specs)
+        trials = PackedTrials(layers, [TrialOptim(learning_rate=3e-3, weight_decay=0.1, total_steps=4, fused=fused)
+                                       for _ in specs])  # fmt: skip
+        assert trials.optimizers[0].defaults["fused"] is (True if fused else None)
+        model.train()
+        for i in range(4):
+            trials.step(model, {t: {k: v.cuda() for k, v in _batches(20 + t, 4, base.config.vocab_size)[i].items()}
+                                for t in range(len(specs))})  # fmt: skip
+        states.append([peft_adapter_state(layers, t) for t in range(len(specs))])
+    for got, want in zip(*states):
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
