@@ -150,12 +150,12 @@ class _Stack:
     def grad_views(self, specs: Sequence[LoraSpec]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each slot's (A gradient, B gradient), views of the stacked gradients; made once for as long as
         the stacked gradients are the same tensors (a CUDA graph's replays)."""
-        key = (id(self.A.grad), id(self.Bt.grad))
-        if not self._grad_views or self._grad_views[0] != key:
-            ga, gb = self.A.grad, self.Bt.grad
+        ga, gb = self.A.grad, self.Bt.grad
+        # the cache holds the gradients it was made from, so "is" cannot match a new tensor at a reused address
+        if not self._grad_views or self._grad_views[0] is not ga or self._grad_views[1] is not gb:
             views = [(ga[i, : specs[t].r], gb[i, : specs[t].r].t()) for i, t in enumerate(self.trials)]
-            self._grad_views = (key, views)
-        return self._grad_views[1]
+            self._grad_views = (ga, gb, views)
+        return self._grad_views[2]
 
 
 @dataclass(frozen=True)
