@@ -211,6 +211,19 @@ def _scaling_tensor(scalings: tuple[float, ...], device: torch.device) -> torch.
     return _SCALINGS[key]
 
 
+_INDICES: dict[tuple, torch.Tensor] = {}
+
+
+def _index_tensor(positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``positions`` as an index on ``device``, made once per combination (decoding sets its blocks at
+    every step; a copy to the GPU each time would make the host wait)."""
+    key = (str(device), positions)
+    if key not in _INDICES:
+        with torch.inference_mode(False):
+            _INDICES[key] = torch.tensor(positions, device=device)
+    return _INDICES[key]
+
+
 def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int, int]]) -> None:
     """(trial, first row, end row) of each block of the next packed batch: trials that have finished
     (or left the pack) simply have no block. Equal blocks one after another, all of stacked trials, run
@@ -235,7 +248,7 @@ def _plan(layer: PackedLoraLinear, slices: Sequence[tuple[int, int, int]]) -> _P
     positions = tuple(where[t] for t, _, _ in slices)
     if positions == tuple(range(len(where))):
         return _Plan(positions, None)
-    return _Plan(positions, torch.tensor(positions, device=layer.stack.A.device))
+    return _Plan(positions, _index_tensor(positions, layer.stack.A.device))
 
 
 def stack_adapters(layers: dict[str, PackedLoraLinear], trials: Sequence[int]) -> None:
@@ -328,6 +341,16 @@ class PackedTrials:
                 p.requires_grad_(False)
         self._restack()
 
+    def load_optimizer_state(self, t: int, state: dict) -> None:
+        """Trial t's optimizer state from ``state_dict()``, each tensor laid out as its parameter (a B
+        weight is a transposed view into the stack; torch's fused AdamW wants its states alike)."""
+        opt = self.optimizers[t]
+        opt.load_state_dict(state)
+        for p in self.params[t]:
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p).copy_(v)
+
     def _restack(self) -> None:
         stack_adapters(self.layers, sorted(self.optimizers))
         self.version += 1
@@ -341,7 +364,8 @@ class PackedTrials:
     @staticmethod
     def losses(model: nn.Module, joined: dict[str, torch.Tensor], bounds: Sequence[int]) -> torch.Tensor:
         """Each block's loss over a joined batch (rows ``bounds[i]`` to ``bounds[i + 1]``), stacked: the
-        mean cross-entropy over its label tokens, as HF computes it (0 for a block without any)."""
+        mean cross-entropy over its label tokens, as HF computes it (NaN for a block without any; its
+        gradient is zero)."""
         logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"]).logits
         shift_logits, shift_labels = logits[:, :-1].float(), joined["labels"][:, 1:]
         per_token = nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
@@ -352,7 +376,10 @@ class PackedTrials:
             sums, counts = sums.view(len(sizes), -1).sum(1), counts.view(len(sizes), -1).sum(1)
         else:
             sums, counts = torch.stack([t.sum() for t in sums.split(sizes)]), torch.stack([t.sum() for t in counts.split(sizes)])
-        return sums / counts.clamp(min=1)
+        # a block without label tokens: NaN, as HF's loss of such a batch is, but no NaN gradient (a
+        # trial that is not stepping has such a block in every step)
+        empty = torch.where(counts > 0, 0.0, float("nan"))
+        return sums / counts.clamp(min=1) + empty
 
     def step(self, model: nn.Module, batches: dict[int, dict[str, torch.Tensor]],
              forward_backward: Callable[..., torch.Tensor] | None = None) -> dict[int, float]:  # fmt: skip

@@ -304,7 +304,7 @@ class Pack:
 
     def _load_trial_state(self, t: int, saved: dict[str, Any]) -> None:
         load_peft_adapter(self.layers, t, saved["adapter"])
-        self.optim.optimizers[t].load_state_dict(saved["optimizer"])
+        self.optim.load_optimizer_state(t, saved["optimizer"])
         self.optim.schedulers[t].load_state_dict(saved["scheduler"])
 
     def runnable(self) -> list[int]:

@@ -526,3 +526,48 @@ def test_fused_adamw_steps_stacked_adapters_as_foreach_does_on_cuda(tiny_gemma_d
     for got, want in zip(*states):
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_block_without_labels_has_a_nan_loss_and_no_nan_gradient(tiny_gemma_dir):
+    """As HF's loss of a batch without label tokens is NaN, so is such a block's; the backward of the
+    pack's summed loss still gives every other block's adapter its gradient, and this one zero."""
+    from transformers import AutoModelForCausalLM
+
+    from duetto.trainers.packed_lora import hand_out_grads, set_slices, stack_adapters, stacked_tensors
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32)
+    layers = pack_lora(model, TARGETS, [LoraSpec(r=2, alpha=4), LoraSpec(r=4, alpha=4)])
+    stack_adapters(layers, [0, 1])
+    batch = _batches(1, 1, model.config.vocab_size)[0]
+    joined = {k: torch.cat([v, v]) for k, v in batch.items()}
+    joined["labels"][2:] = -100  # trial 1's block: no label
+    set_slices(layers, [(0, 0, 2), (1, 2, 4)])
+    losses = PackedTrials.losses(model, joined, [0, 2, 4])
+    assert torch.isfinite(losses[0]) and torch.isnan(losses[1])
+    losses.sum().backward()  # as a pack's step takes the gradient of its summed losses
+    assert all(torch.isfinite(p.grad).all() for p in stacked_tensors(layers))
+    hand_out_grads(layers, [0, 1])
+    layer = next(iter(layers.values()))
+    assert float(layer.lora_A[1].weight.grad.abs().max()) == 0.0
+
+
+def test_optimizer_state_loads_laid_out_as_its_stacked_parameter(tiny_gemma_dir):
+    """A saved AdamW state whose tensors are contiguous (an adapter trained unstacked) loads laid out as
+    the trial's B weight, a transposed view into the stack, with the same values."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32)
+    layers = pack_lora(model, TARGETS, [LoraSpec(r=4, alpha=8)])
+    trials = PackedTrials(layers, [TrialOptim(learning_rate=1e-3)])
+    trials.step(model, {0: _batches(2, 1, model.config.vocab_size)[0]})
+    saved = trials.optimizers[0].state_dict()
+    for st in saved["state"].values():
+        for k, v in list(st.items()):
+            if v.dim() == 2:
+                st[k] = v.contiguous()  # as an unstacked adapter's state is laid out
+    b = next(iter(layers.values())).lora_B[0].weight
+    assert not b.is_contiguous()
+    trials.load_optimizer_state(0, saved)
+    state = trials.optimizers[0].state[b]
+    assert state["exp_avg"].stride() == b.stride()
+    torch.testing.assert_close(state["exp_avg"], saved["state"][1]["exp_avg"])
