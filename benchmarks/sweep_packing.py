@@ -151,7 +151,7 @@ def main() -> None:
             sweep_dir, wall = run_sweep(one_method(args.sweep, method, work / f"sweep_{method}.yaml"),
                                         common + [f"packing={packing}", f"storage_path={scratch}"], num_cpus)  # fmt: skip
             finished = trials(sweep_dir)
-            done = {key: {k: m[k] for k in ("eval_loss", "trained_tokens", "tokens_per_second")}
+            done = {key: {k: m[k] for k in ("eval_loss", "trained_tokens", "tokens_per_second", "refresh_step_seconds") if k in m}
                     for key, m in finished.items()}  # fmt: skip
             runs[f"{method}/{mode}"] = done
             tokens = sum(m["trained_tokens"] for m in done.values())
@@ -163,6 +163,9 @@ def main() -> None:
                          "ratio": tokens / wall / anchor_tps, "step_ratio": step_rate / anchor_tps,
                          "wall_seconds": wall, "trained_tokens": tokens,
                          "fast_path": sorted({m.get("fast_path", "") for m in finished.values()})})  # fmt: skip
+            refresh = [m["refresh_step_seconds"] for m in finished.values() if "refresh_step_seconds" in m]
+            if refresh:  # GaLore stacks: of a trial's train phase, the steps with a projection refresh
+                rows[-1]["refresh_step_seconds"] = sum(refresh) / len(refresh)
     agreement = []
     for method in ANCHOR:
         packed, alone = runs.get(f"{method}/packed", {}), runs.get(f"{method}/unpacked", {})
@@ -176,7 +179,7 @@ def main() -> None:
                                               f"storage_path={work / 'full'}", *cpu_overrides], num_cpus)  # fmt: skip
         # the trials that ran to the end (ASHA's stopped ones write no metrics.json): where their time went
         full_trials = {Path(m.parent).name: {k: m_json[k] for k in ("step", "wall_seconds", "tokens_per_second", "fast_path",
-                                                                    "phase_seconds") if k in m_json}
+                                                                    "phase_seconds", "refresh_step_seconds") if k in m_json}
                        for m in sorted(full_dir.glob("*/metrics.json")) for m_json in [json.loads(m.read_text())]}  # fmt: skip
     full_wall = full_wall if full_wall is not None else prev.get("sweep_study_wall_seconds")
     rows.sort(key=lambda r: (r["method"], r["mode"] != "unpacked"))
@@ -194,14 +197,16 @@ def main() -> None:
     for r in rows:
         if r.get("trial_phase_seconds"):
             print(f"  {r['method']} {r['mode']}, a trial's mean seconds: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in r["trial_phase_seconds"].items()))
+                  + ", ".join(f"{k} {v:.1f}" for k, v in r["trial_phase_seconds"].items())
+                  + (f" (of train, steps with a projection refresh {r['refresh_step_seconds']:.1f})" if "refresh_step_seconds" in r else ""))
     for a in agreement:
         rel = abs(a["eval_loss_packed"] - a["eval_loss_alone"]) / abs(a["eval_loss_alone"])
         print(f"  {a['config']}: eval_loss packed {a['eval_loss_packed']:.4f} alone {a['eval_loss_alone']:.4f} ({rel:.2%})")
     if full_wall is not None:
         print(f"{args.sweep} as shipped, packing on: {full_wall:.0f} s end to end")
         for name, m in (full_trials or {}).items():
-            print(f"  {name}: {m.get('wall_seconds', 0):.0f} s, " + ", ".join(f"{k} {v:.1f}" for k, v in m.get("phase_seconds", {}).items()))
+            print(f"  {name}: {m.get('wall_seconds', 0):.0f} s, " + ", ".join(f"{k} {v:.1f}" for k, v in m.get("phase_seconds", {}).items())
+                  + (f" (of train, steps with a projection refresh {m['refresh_step_seconds']:.1f})" if "refresh_step_seconds" in m else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -105,6 +105,9 @@ class PackedTrial:
     """The step of its last interim report (a report is due at ``until`` until it is made)."""
     replayed: int = 0
     """Steps it took in a replayed CUDA graph of the pack's forward and backward."""
+    refresh_wall: float = 0.0
+    """Of ``step_wall``: the steps at which a trial of its pack refreshed its GaLore projections (an SVD
+    per weight)."""
 
 
 class CudaMemory:
@@ -356,6 +359,7 @@ class Pack:
         if self.memory is not None:
             self.memory.reset_peak()
         self._replayed = False
+        refreshing = self._refreshing(live)
         t0 = time.perf_counter()
         losses = self._train(batches)  # its read of the losses waits for the GPU: the step is done
         seconds = time.perf_counter() - t0
@@ -375,9 +379,15 @@ class Pack:
             tr.losses.append(loss)
             tr.step_seconds += seconds
             tr.step_wall += time.perf_counter() - started
+            if refreshing:
+                tr.refresh_wall += time.perf_counter() - started
             tr.trained_tokens += tokens[t]
             tr.replayed += replayed
         return losses
+
+    def _refreshing(self, live: Sequence[int]) -> bool:
+        """Whether the next step of these trials refreshes a GaLore projection (never for LoRA)."""
+        return False
 
     def _train(self, batches: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
         """One optimizer step of each trial in ``batches`` on its batch; {trial: its loss}."""
@@ -600,6 +610,7 @@ class Pack:
                 "num_train_examples": len(tr.dataset), "num_eval_examples": len(gen_rows[t]), "eval_split": tr.rows.split,
                 "truncated_train_examples": tr.dataset.truncated, "step": tr.step, "train_loss_curve": curve,
                 "fast_path": self._fast_path(tr), "resumed_from_step": tr.resumed_from,
+                "refresh_step_seconds": tr.refresh_wall,
                 "world_size": 1, "device": str(self.device), "done": True,
             }  # fmt: skip
             model_dir = self._save(t)

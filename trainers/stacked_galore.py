@@ -228,6 +228,9 @@ class GaloreStack(Pack):
         values = losses.detach().tolist()  # one wait for the GPU, not one a trial
         return {t: values[slot] for slot, t in live}
 
+    def _refreshing(self, live: Sequence[int]) -> bool:
+        return any(self.optimizers[t].refresh_due for t in live)
+
     def _autocast_bf16(self) -> bool:
         """Whether the trials' steps and evaluations run under bf16 autocast, as each trial's own do
         (trainers/trial.py resolve_dtype; the pack's trials share ``precision``): on a GPU only."""

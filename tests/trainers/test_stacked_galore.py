@@ -96,6 +96,8 @@ def test_stacked_trials_follow_their_solo_duetto_train_runs(model_dir, request, 
         assert (stacked[t]["bleu4"], stacked[t]["rougeL"]) == pytest.approx((solo[t]["bleu4"], solo[t]["rougeL"]), abs=1e-6)
         assert stacked[t]["total_params"] == solo[t]["total_params"]
         assert stacked[t]["fast_path"].startswith("stacked: ")
+        # refreshes at steps 0, 2 and 3 (of one trial or the other): part of its steps' time, not all
+        assert 0 < stacked[t]["refresh_step_seconds"] < stacked[t]["phase_seconds"]["train"]
         mine = load_file(str(tmp_path / f"s{t}" / "model" / "model.safetensors"))
         theirs = load_file(str(Path(solo[t]["model_dir"]) / "model.safetensors"))
         assert set(mine) == set(theirs)
