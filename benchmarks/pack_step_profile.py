@@ -21,9 +21,11 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def _wrap(owner, name: str, label: str, seconds: dict, counts: dict, sync) -> None:
-    """Time ``owner.name`` under ``label`` (GPU waited for at both edges)."""
+def _wrap(owner, name: str, label: str, seconds: dict, counts: dict, sync, undo: list) -> None:
+    """Time ``owner.name`` under ``label`` (GPU waited for at both edges); ``undo`` gets what puts it back."""
     inner = getattr(owner, name)
+    had_own = name in vars(owner)  # an instance attribute (a schedule's wrapped step) or the class's
+    undo.append(lambda: setattr(owner, name, inner) if had_own else delattr(owner, name))
 
     def timed(*a, **k):
         sync()
@@ -76,16 +78,16 @@ def main() -> None:
     pack = new_pack(args.method, device)
     for c in cfgs:
         pack.join(c)
-    for _ in range(args.warmup):
-        pack.step()
-    sync()
+    def ms_per_step(n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pack.step()
+        sync()
+        return (time.perf_counter() - t0) / n * 1e3
 
-    # pass 1: free-running steps
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        pack.step()
-    sync()
-    step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    ms_per_step(args.warmup)
+    step_ms = ms_per_step(args.steps)  # pass 1: free-running steps
 
     # a step at which every GaLore trial refreshes its projections (an SVD per weight): its step count
     # set back to a multiple of every gap (bias correction restarts; the time is what matters here)
@@ -93,43 +95,37 @@ def main() -> None:
     if args.method == "galore":
         for opt in pack.optimizers.values():
             opt.steps_done = 0
-        sync()
-        t0 = time.perf_counter()
-        pack.step()
-        sync()
-        refresh_ms = (time.perf_counter() - t0) * 1e3
+        refresh_ms = ms_per_step(1)
 
     # pass 2: each part timed on its own
     seconds: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
+    undo: list = []
     from duetto.trainers import graph_step
 
-    _wrap(graph_step.GraphedStep, "__call__", "forward+backward (graph)", seconds, counts, sync)
+    _wrap(graph_step.GraphedStep, "__call__", "forward+backward (graph)", seconds, counts, sync, undo)
     if args.method == "galore":
         from duetto.trainers import galore_fused, stacked_galore
 
-        _wrap(stacked_galore.StackedWeights, "hand_out_grads", "hand out gradients", seconds, counts, sync)
-        _wrap(galore_fused._ProjectedGroup, "project", "  projection of a weight's gradient", seconds, counts, sync)
-        _wrap(galore_fused._ProjectedGroup, "step", "  projected groups' Adam + projection back", seconds, counts, sync)
-        _wrap(galore_fused._ProjectedGroup, "project_all", "  projection of a group's gradients", seconds, counts, sync)
-        _wrap(galore_fused._PlainGroup, "step", "  unprojected weights' Adam", seconds, counts, sync)
-        _wrap(galore_fused._SmallGroup, "step", "  small weights' Adam", seconds, counts, sync)
+        _wrap(stacked_galore.StackedWeights, "hand_out_grads", "hand out gradients", seconds, counts, sync, undo)
+        _wrap(galore_fused._ProjectedGroup, "project", "  projection of a weight's gradient", seconds, counts, sync, undo)
+        _wrap(galore_fused._ProjectedGroup, "step", "  projected groups' Adam + projection back", seconds, counts, sync, undo)
+        _wrap(galore_fused._ProjectedGroup, "project_all", "  projection of a group's gradients", seconds, counts, sync, undo)
+        _wrap(galore_fused._PlainGroup, "step", "  unprojected weights' Adam", seconds, counts, sync, undo)
+        _wrap(galore_fused._SmallGroup, "step", "  small weights' Adam", seconds, counts, sync, undo)
     else:
-        _wrap(torch.nn.utils, "clip_grad_norm_", "gradient clip", seconds, counts, sync)
+        _wrap(torch.nn.utils, "clip_grad_norm_", "gradient clip", seconds, counts, sync, undo)
     # each optimizer's own step (its schedule wraps the step on the instance)
     optimizers = pack.optimizers if args.method == "galore" else pack.optim.optimizers
     for opt in optimizers.values():
-        _wrap(opt, "step", "optimizer step (all of it)", seconds, counts, sync)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        pack.step()
-    sync()
-    timed_step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+        _wrap(opt, "step", "optimizer step (all of it)", seconds, counts, sync, undo)
+    timed_step_ms = ms_per_step(args.steps)
+    for put_back in reversed(undo):
+        put_back()
     parts = {k: {"ms_per_step": round(v / args.steps * 1e3, 3), "calls_per_step": counts[k] / args.steps}
              for k, v in seconds.items()}  # fmt: skip
 
-    # the busiest operations of a few free-running steps
+    # the busiest operations of a few free-running steps (the parts' waits taken out again)
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

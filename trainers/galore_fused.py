@@ -126,10 +126,6 @@ class _PlainGroup:
         (stacked GaLore trials: trainers/stacked_galore.py)."""
         return [p.detach().view(-1) for p in self.params]
 
-    def update_target(self) -> torch.Tensor:
-        """What bitsandbytes steps (and takes the norm of, when it clips): the lone weight, flattened."""
-        return self.views[0]
-
     def step(self, step: int, param_norm: float | None = None) -> None:
         if len(self.params) == 1:  # a lone tensor (the embedding: 0.6 GB on gemma-3-1b) steps in place
             p, flat = self.params[0], self.views[0]
@@ -401,17 +397,15 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
         self._projected = False
         if self._refresher is not None:
             self._refresher.wait()  # the refreshes this step's backward (or project_gradients) handed out
-        groups = [*self.projected, *self.plain, *self.small]
-        # Updates clipped by max_unorm need their weight's norm as a host float: read all of them with
-        # one wait instead of one per tensor (61 a step on SmolLM2, ~18 ms of host time).
-        clipped = [i for i, grp in enumerate(groups) if getattr(grp, "adam", None) and grp.adam.clips]  # lone projections
-        norms = [None] * len(groups)
+        # Projections under 4,096 values (32-bit states) that bitsandbytes clips by max_unorm need their
+        # norm as a host float: read all of them with one wait instead of one per tensor.
+        clipped = [pg for pg in self.projected if pg.adam.clips]
+        norms: dict[_ProjectedGroup, float] = {}
         if clipped:
-            targets = [groups[i].update_target() for i in clipped]
-            for i, n in zip(clipped, torch.stack([torch.norm(t.float()) for t in targets]).tolist()):
-                norms[i] = n
-        for grp, n in zip(groups, norms):
-            grp.step(step, n)
+            targets = torch.stack([torch.norm(pg.update_target().float()) for pg in clipped])
+            norms = dict(zip(clipped, targets.tolist()))
+        for grp in [*self.projected, *self.plain, *self.small]:
+            grp.step(step, norms.get(grp))
         self.steps_done = step
         return loss
 

@@ -168,7 +168,7 @@ class _Plan:
 
 
 def _per_slot(values: Sequence[float], device: torch.device) -> Any:
-    return values[0] if len(set(values)) == 1 else _scaling_tensor(tuple(values), device)
+    return values[0] if len(set(values)) == 1 else _on_device(tuple(values), device, (-1, 1, 1))
 
 
 def _dropout(xs: torch.Tensor, p: Any) -> torch.Tensor:
@@ -196,32 +196,20 @@ def pack_lora(model: nn.Module, target_modules: Sequence[str], specs: Sequence[L
     return packed
 
 
-_SCALINGS: dict[tuple, torch.Tensor] = {}
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
-def _scaling_tensor(scalings: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """(trials, 1, 1) values (scalings, dropouts) on ``device``, made once per combination: copying a new
-    one to the GPU at every step would make the host wait for it."""
-    key = (str(device), scalings)
-    if key not in _SCALINGS:
+def _on_device(values: tuple, device: torch.device, shape: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """``values`` (per-slot scalings or dropouts, stack positions) as a tensor of ``shape`` on ``device``,
+    made once per combination: a copy to the GPU at every step (decoding sets its blocks at each one)
+    would make the host wait for it."""
+    key = (str(device), values, shape)
+    if key not in _CONSTANTS:
         # a plain tensor even when first asked for while decoding under inference_mode: training steps
         # save it for backward, which an inference tensor cannot be
         with torch.inference_mode(False):
-            _SCALINGS[key] = torch.tensor(scalings, device=device).view(-1, 1, 1)
-    return _SCALINGS[key]
-
-
-_INDICES: dict[tuple, torch.Tensor] = {}
-
-
-def _index_tensor(positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``positions`` as an index on ``device``, made once per combination (decoding sets its blocks at
-    every step; a copy to the GPU each time would make the host wait)."""
-    key = (str(device), positions)
-    if key not in _INDICES:
-        with torch.inference_mode(False):
-            _INDICES[key] = torch.tensor(positions, device=device)
-    return _INDICES[key]
+            _CONSTANTS[key] = torch.tensor(values, device=device).view(shape)
+    return _CONSTANTS[key]
 
 
 def set_slices(layers: dict[str, PackedLoraLinear], slices: Sequence[tuple[int, int, int]]) -> None:
@@ -248,7 +236,7 @@ def _plan(layer: PackedLoraLinear, slices: Sequence[tuple[int, int, int]]) -> _P
     positions = tuple(where[t] for t, _, _ in slices)
     if positions == tuple(range(len(where))):
         return _Plan(positions, None)
-    return _Plan(positions, _index_tensor(positions, layer.stack.A.device))
+    return _Plan(positions, _on_device(positions, layer.stack.A.device))
 
 
 def stack_adapters(layers: dict[str, PackedLoraLinear], trials: Sequence[int]) -> None:
@@ -362,20 +350,16 @@ class PackedTrials:
         return list(first.stack.trials) if first is not None and first.stack is not None else []
 
     @staticmethod
-    def losses(model: nn.Module, joined: dict[str, torch.Tensor], bounds: Sequence[int]) -> torch.Tensor:
-        """Each block's loss over a joined batch (rows ``bounds[i]`` to ``bounds[i + 1]``), stacked: the
-        mean cross-entropy over its label tokens, as HF computes it (NaN for a block without any; its
+    def losses(model: nn.Module, joined: dict[str, torch.Tensor], blocks: int) -> torch.Tensor:
+        """Each block's loss over a joined batch of ``blocks`` equal blocks of rows, stacked: the mean
+        cross-entropy over its label tokens, as HF computes it (NaN for a block without any; its
         gradient is zero)."""
         logits = model(input_ids=joined["input_ids"], attention_mask=joined["attention_mask"]).logits
         shift_logits, shift_labels = logits[:, :-1].float(), joined["labels"][:, 1:]
         per_token = nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                                 ignore_index=-100, reduction="none").view(shift_labels.shape)  # fmt: skip
-        sums, counts = per_token.sum(1), (shift_labels != -100).sum(1)
-        sizes = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-        if len(set(sizes)) == 1:  # equal blocks: one reduction for all
-            sums, counts = sums.view(len(sizes), -1).sum(1), counts.view(len(sizes), -1).sum(1)
-        else:
-            sums, counts = torch.stack([t.sum() for t in sums.split(sizes)]), torch.stack([t.sum() for t in counts.split(sizes)])
+        sums = per_token.view(blocks, -1).sum(1)
+        counts = (shift_labels != -100).view(blocks, -1).sum(1)
         # a block without label tokens: NaN, as HF's loss of such a batch is, but no NaN gradient (a
         # trial that is not stepping has such a block in every step)
         empty = torch.where(counts > 0, 0.0, float("nan"))
@@ -401,7 +385,7 @@ class PackedTrials:
         for p in stacked:  # the backward writes them afresh (a graph's replay hands back its own)
             p.grad = None
         if forward_backward is None:
-            losses = self.losses(model, joined, bounds)
+            losses = self.losses(model, joined, len(trials))
             losses.sum().backward()
         else:
             losses = forward_backward(trials, bounds, joined)

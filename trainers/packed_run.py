@@ -373,14 +373,14 @@ class Pack:
             if not replayed and len(self.trials) >= self._measured_with:
                 self._measured_with = len(self.trials)
                 self.trial_bytes = max(1, (peak - self.base_bytes) // len(self.trials))
+        wall = time.perf_counter() - started
         for t, loss in losses.items():
             tr = self.trials[t]
             tr.step += 1
             tr.losses.append(loss)
             tr.step_seconds += seconds
-            tr.step_wall += time.perf_counter() - started
-            if refreshing:
-                tr.refresh_wall += time.perf_counter() - started
+            tr.step_wall += wall
+            tr.refresh_wall += wall if refreshing else 0.0
             tr.trained_tokens += tokens[t]
             tr.replayed += replayed
         return losses
@@ -411,7 +411,7 @@ class Pack:
             if self._side is None:
                 self._side = torch.cuda.Stream(device=self.device)
             pack_losses = self.optim.losses
-            step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: pack_losses(self.base, batch, bounds),
+            step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: pack_losses(self.base, batch, len(trials)),
                                side_stream=self._side, params=stacked_tensors(self.layers))  # fmt: skip
         self.graphs[key] = step
         replays = step.replays
@@ -459,7 +459,7 @@ class Pack:
                         n = batch["input_ids"].shape[0]
                         joined = {k: v.to(self.device).repeat(len(group), *([1] * (v.dim() - 1))) for k, v in batch.items()}
                         rows_of.owners = [t for t in group for _ in range(n)]
-                        losses = PackedTrials.losses(self.base, joined, [i * n for i in range(len(group) + 1)])
+                        losses = PackedTrials.losses(self.base, joined, len(group))
                         totals += losses.double().cpu() * n  # one wait for the GPU per batch, not one a trial
                         rows += n
                 out.update({t: float(totals[i]) / max(rows, 1) for i, t in enumerate(group)})

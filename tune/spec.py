@@ -504,7 +504,7 @@ def resolve_packing(sweep: SweepConfig, base: dict[str, Any], gpus: float, clust
             why.append(f"{method}: {'; '.join(sorted(reasons))}")
         else:
             methods.append(method)
-    packing = "all" if len(methods) == 2 else (methods[0] if methods else "off")
+    packing = "all" if len(methods) == len(PACKABLE) else (methods[0] if methods else "off")
     overflow = packs_overflow(sweep, packing, gpus, cluster)
     if overflow:
         packing, why = "off", [*why, overflow]

@@ -252,10 +252,10 @@ def test_a_pack_on_cuda_graphs_counts_each_kept_graph_against_memory(monkeypatch
 def test_scaling_tensors_made_while_decoding_can_train():
     """A rank group's scalings first asked for under inference_mode (the packed trials' reports decode
     there) become a plain tensor: a later training step saves it for backward."""
-    from duetto.trainers.packed_lora import _scaling_tensor
+    from duetto.trainers.packed_lora import _on_device
 
     with torch.inference_mode():
-        s = _scaling_tensor((0.125, 8.5), torch.device("cpu"))
+        s = _on_device((0.125, 8.5), torch.device("cpu"), (-1, 1, 1))
     assert not s.is_inference()
     w = torch.ones(2, 1, 1, requires_grad=True)
     (w * s).sum().backward()
@@ -542,7 +542,7 @@ def test_a_block_without_labels_has_a_nan_loss_and_no_nan_gradient(tiny_gemma_di
     joined = {k: torch.cat([v, v]) for k, v in batch.items()}
     joined["labels"][2:] = -100  # trial 1's block: no label
     set_slices(layers, [(0, 0, 2), (1, 2, 4)])
-    losses = PackedTrials.losses(model, joined, [0, 2, 4])
+    losses = PackedTrials.losses(model, joined, 2)
     assert torch.isfinite(losses[0]) and torch.isnan(losses[1])
     losses.sum().backward()  # as a pack's step takes the gradient of its summed losses
     assert all(torch.isfinite(p.grad).all() for p in stacked_tensors(layers))
