@@ -8,8 +8,8 @@ columns with ``argwhere``, whose result size the host must read: a wait for the 
 and a shape no CUDA graph can hold. ``StaticMatMul8bitLt`` computes the same thing with a column mask
 instead: the int8 part is bitsandbytes' own ops on the same quantized input, and the outlier part is
 one 16-bit matmul of the input with every non-outlier column zeroed against the whole dequantized
-weight (the zeroed columns add exact zeros). Its backward is the library's for a frozen weight
-(the input's gradient through the dequantized weight). ``use_static_int8`` turns every
+weight (the zeroed columns add exact zeros), in autocast's dtype under autocast, as the library's. Its
+backward is the library's for a frozen weight (the input's gradient through the dequantized weight). ``use_static_int8`` turns every
 ``bnb.nn.Linear8bitLt`` of a model into a ``StaticLinear8bitLt`` that computes with it; tests compare
 it with ``MatMul8bitLt`` on the same inputs.
 """
@@ -47,11 +47,15 @@ class StaticMatMul8bitLt(torch.autograd.Function):
             CA, SCA, _ = ops.int8_vectorwise_quant.default(A16, 0.0)
         out = ops.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=A2.dtype)
         if threshold > 0.0:
-            W = ops.int8_vectorwise_dequant.default(CB, SCB).to(A2.dtype)
-            # in A's dtype whatever autocast says, so the result's dtype never depends on the batch
-            # (bitsandbytes' outlier matmul, run only when a batch has outliers, follows autocast)
-            with torch.autocast(A.device.type, enabled=False):
-                out = out.addmm(A2.masked_fill(~cols, 0.0), W.t())
+            # bitsandbytes' outlier matmul follows autocast (its addmm runs in autocast's dtype), and so
+            # does this one; its product is added to the int8 part in A's dtype, so the result's dtype
+            # never depends on whether a batch has outliers (the library's, outside autocast, does not either)
+            kind = A.device.type
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else A2.dtype
+            W = ops.int8_vectorwise_dequant.default(CB, SCB).to(dtype)
+            with torch.autocast(kind, enabled=False):
+                sub = A2.masked_fill(~cols, 0.0).to(dtype)
+                out = out.addmm(sub, W.t()) if dtype == out.dtype else out.add_(torch.mm(sub, W.t()))
         return out.reshape(*shape[:-1], CB.shape[0])
 
     @staticmethod

@@ -366,12 +366,13 @@ class PackedTrials:
         return sums / counts.clamp(min=1) + empty
 
     def step(self, model: nn.Module, batches: dict[int, dict[str, torch.Tensor]],
-             forward_backward: Callable[..., torch.Tensor] | None = None) -> dict[int, float]:  # fmt: skip
+             forward_backward: Callable[..., torch.Tensor] | None = None, autocast_bf16: bool = False) -> dict[int, float]:  # fmt: skip
         """One optimizer step of each trial in ``batches`` ({trial: its batch}, equal shapes) on its own
         batch; returns each one's loss (``losses``). Every stacked trial has a block, in stack order: a
         trial without a batch gets rows without labels (zero loss, zero gradients), and its weights and
         optimizer state do not move. ``forward_backward(trials, bounds, joined)``, when given, runs the
-        forward and backward instead (a CUDA graph of them) and returns the detached losses."""
+        forward and backward instead (a CUDA graph of them) and returns the detached losses.
+        ``autocast_bf16``: the forward runs under bf16 autocast, as a trial alone's HF Trainer runs it."""
         trials = self.order
         if any(t not in trials for t in batches):
             raise ValueError(f"PackedTrials.step: trials {sorted(set(batches) - set(trials))} have no optimizer here")
@@ -385,7 +386,8 @@ class PackedTrials:
         for p in stacked:  # the backward writes them afresh (a graph's replay hands back its own)
             p.grad = None
         if forward_backward is None:
-            losses = self.losses(model, joined, len(trials))
+            with torch.autocast(first["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+                losses = self.losses(model, joined, len(trials))
             losses.sum().backward()
         else:
             losses = forward_backward(trials, bounds, joined)

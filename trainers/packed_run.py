@@ -181,6 +181,19 @@ class Pack:
         """(adapter stack version, trials, row bounds) -> the GraphedStep of their forward and backward (on
         CUDA, unless the trials say cuda_graphs: false), most recently used last."""
 
+    def _autocast_bf16(self) -> bool:
+        """Whether the trials' steps and evaluations run under bf16 autocast, as a trial alone's HF
+        Trainer runs them (trainers/trial.py resolve_dtype: on a GPU by default; ``bf16-mixed`` anywhere).
+        The pack's trials share ``precision``."""
+        from duetto.trainers.trial import resolve_dtype
+
+        cfg = next(iter(self.trials.values())).cfg
+        return resolve_dtype(cfg.precision, self.device.type == "cuda")[1]
+
+    def _autocast(self):
+        """The trials' evaluation autocast (``_autocast_bf16``) as a context."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast_bf16())
+
     def has_room(self) -> bool:
         n = len(self.trials)
         if self.max_trials and n >= self.max_trials:
@@ -392,7 +405,8 @@ class Pack:
     def _train(self, batches: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
         """One optimizer step of each trial in ``batches`` on its batch; {trial: its loss}."""
         self.base.train()
-        return self.optim.step(self.base, batches, self._graphed if self.uses_graphs() else None)
+        return self.optim.step(self.base, batches, self._graphed if self.uses_graphs() else None,
+                               autocast_bf16=self._autocast_bf16())  # fmt: skip
 
     def _graphed(self, trials: list[int], bounds: list[int], joined: dict[str, torch.Tensor]) -> torch.Tensor:
         """The pack's forward and backward for the stacked trials' blocks as a CUDA graph
@@ -411,7 +425,7 @@ class Pack:
             if self._side is None:
                 self._side = torch.cuda.Stream(device=self.device)
             pack_losses = self.optim.losses
-            step = GraphedStep(self.base, autocast_bf16=False, loss_fn=lambda batch: pack_losses(self.base, batch, len(trials)),
+            step = GraphedStep(self.base, autocast_bf16=self._autocast_bf16(), loss_fn=lambda batch: pack_losses(self.base, batch, len(trials)),
                                side_stream=self._side, params=stacked_tensors(self.layers))  # fmt: skip
         self.graphs[key] = step
         replays = step.replays
@@ -425,7 +439,7 @@ class Pack:
 
         tr, cfg = self.trials[t], self.trials[t].cfg
         eval_ds = EncodedDataset(tr.rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
-        with only_trial(self.base, self.layers, t):
+        with only_trial(self.base, self.layers, t), self._autocast():
             return evaluate_loss(self.base, eval_ds, PaddingCollator(self.tokenizer.pad_token_id), self._eval_batch_size(cfg),
                                  self.device)  # fmt: skip
 
@@ -453,7 +467,7 @@ class Pack:
                 eval_ds = EncodedDataset(self.trials[group[0]].rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
                 collate = PaddingCollator(self.tokenizer.pad_token_id)
                 totals, rows = torch.zeros(len(group), dtype=torch.float64), 0
-                with torch.no_grad(), by_rows(self.base, self.layers) as rows_of:
+                with torch.no_grad(), self._autocast(), by_rows(self.base, self.layers) as rows_of:
                     for s in range(0, len(eval_ds), batch_size):
                         batch = collate([eval_ds[i] for i in range(s, min(s + batch_size, len(eval_ds)))])
                         n = batch["input_ids"].shape[0]

@@ -209,7 +209,7 @@ class GaloreStack(Pack):
             self._replayed = self.graphed.replays > replays
         else:
             stack.clear_grads()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                 losses = loss_fn(inputs)
             losses.sum().backward()
         live = [(slot, t) for slot, t in enumerate(self.slots) if t in batches]
@@ -230,14 +230,6 @@ class GaloreStack(Pack):
 
     def _refreshing(self, live: Sequence[int]) -> bool:
         return any(self.optimizers[t].refresh_due for t in live)
-
-    def _autocast_bf16(self) -> bool:
-        """Whether the trials' steps and evaluations run under bf16 autocast, as each trial's own do
-        (trainers/trial.py resolve_dtype; the pack's trials share ``precision``): on a GPU only."""
-        from duetto.trainers.trial import resolve_dtype
-
-        cfg = next(iter(self.trials.values())).cfg
-        return self.device.type == "cuda" and resolve_dtype(cfg.precision, True)[1]
 
     def _step_autocast(self) -> bool:
         """Whether the stacked step runs under bf16 autocast: only over fp32 weights (``bf16-mixed``). Over
@@ -272,7 +264,7 @@ class GaloreStack(Pack):
         tr, cfg = self.trials[t], self.trials[t].cfg
         eval_ds = EncodedDataset(tr.rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
         # under the trials' autocast, as the HF Trainer's evaluation runs
-        with self._evaluating(t) as model, torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._autocast_bf16()):
+        with self._evaluating(t) as model, self._autocast():
             return evaluate_loss(model, eval_ds, PaddingCollator(self.tokenizer.pad_token_id), self._eval_batch_size(cfg),
                                  self.device)  # fmt: skip
 

@@ -113,3 +113,29 @@ def test_refuses_a_layer_with_16_bit_weights():
     layer = bnb.nn.Linear8bitLt(16, 8, bias=False, has_fp16_weights=True)
     with pytest.raises(ValueError, match="16 bits"):
         use_static_int8(torch.nn.Sequential(layer))
+
+
+@pytest.mark.parametrize("outlier_cols", [(3, 17), ()], ids=["outliers", "none"])
+def test_under_autocast_the_outlier_product_follows_autocast_as_the_librarys(outlier_cols):
+    """Under bf16 autocast over fp32 inputs (a QLoRA step over an upcast base) bitsandbytes' outlier addmm
+    runs in bf16; ours too, added to the fp32 int8 part: the result stays fp32 either way, equal to the
+    library's within bf16 rounding, and the input's gradient (fp32 in both) is the library's exactly."""
+    A, CB, SCB = _case(5, outlier_cols, dtype=torch.float32)
+    # bf16 numbers: the library's bf16 output (with outliers) hands its backward the same gradient
+    grad = torch.randn(*A.shape[:-1], CB.shape[0], generator=torch.Generator().manual_seed(6)).bfloat16().float()
+    outs = []
+    for fn in (_library, StaticMatMul8bitLt.apply):
+        a = A.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(a, CB, SCB, None, 6.0)
+        out.float().backward(grad)
+        outs.append((out.detach(), a.grad))
+    (lib_out, lib_grad), (ours_out, ours_grad) = outs
+    assert ours_out.dtype == torch.float32
+    torch.testing.assert_close(ours_out, lib_out.float(), rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(ours_grad, lib_grad, rtol=0, atol=0)
+    if outlier_cols:  # the outlier part in bf16: not the fp32 product
+        with torch.autocast("cpu", enabled=False):
+            fp32 = StaticMatMul8bitLt.apply(A, CB, SCB, None, 6.0)
+        assert not torch.equal(ours_out, fp32)
+        torch.testing.assert_close(ours_out, fp32, rtol=1e-2, atol=2e-2)

@@ -571,3 +571,34 @@ def test_optimizer_state_loads_laid_out_as_its_stacked_parameter(tiny_gemma_dir)
     state = trials.optimizers[0].state[b]
     assert state["exp_avg"].stride() == b.stride()
     torch.testing.assert_close(state["exp_avg"], saved["state"][1]["exp_avg"])
+
+
+@pytest.mark.parametrize("precision, autocast", [("bf16-mixed", True), ("fp32", False)])
+def test_a_pack_trains_and_evaluates_under_the_autocast_of_its_trials_alone(tmp_path, tiny_gemma_dir, unified_data,
+                                                                           precision, autocast):  # fmt: skip
+    """A trial alone trains and evaluates under the HF Trainer's bf16 autocast when its precision asks for
+    it (bf16-mixed; bf16 on a GPU by default): its pack's steps and eval losses run under the same, and
+    its answers decode without it, as a trial alone's do."""
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import Pack
+
+    train, test = unified_data
+    common = [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+              "batch_size=2", "max_steps=2", "report_every_steps=0", "interim_eval_examples=2", "eval.max_new_tokens=2",
+              "eval.loss_examples=4", "scaling.num_workers=0", f"precision={precision}"]  # fmt: skip
+    cfgs = [load_config(TrialConfig, None, common + [f"seed={i}", f"qlora.r={4 * (i + 1)}", f"output_dir={tmp_path / str(i)}"])
+            for i in range(2)]  # fmt: skip
+    pack = Pack(torch.device("cpu"))
+    ids = [pack.join(c) for c in cfgs]
+    seen: list[tuple[bool, bool]] = []  # (grad enabled: a training step, autocast on) of each forward
+    pack.base.register_forward_pre_hook(lambda m, a: seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))))
+    pack.step()
+    assert seen and all(on == autocast for _, on in seen)
+    seen.clear()
+    pack.eval_loss(ids[0])
+    pack.eval_losses(ids)
+    assert seen and all(on == autocast for _, on in seen)
+    seen.clear()
+    pack._answers([(t, pack.trials[t].rows.generation(pack.trials[t].cfg)[:2]) for t in ids])
+    assert seen and not any(on for _, on in seen)
