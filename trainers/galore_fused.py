@@ -15,8 +15,7 @@ captured CUDA graph cannot follow. This optimizer computes the same update with 
   full-rank gradient there, as the library's layer-wise optimizer does, so full gradients of all
   projected weights never coexist; the Adam step then runs once after backward;
 - a projection refresh makes the library's own SVD call for each weight, several at once on CUDA
-  streams (trainers/refresh_pool.py); not layer-wise, weights of one shape share a batched call
-  (``REFRESH_BATCH`` a call), whose singular vectors are each weight's own call's;
+  streams (trainers/refresh_pool.py);
 - nothing the size of all weights is allocated: a lone tensor (the embedding) steps in place, and
   the low-rank updates are projected back a few weights at a time.
 
@@ -42,9 +41,6 @@ MIN_8BIT_SIZE = 4096
 FUSED_PROJ_TYPES = ("std", "reverse_std", "right", "left")
 #: full-size updates projected back at once: bounds the step's scratch memory (16 MB in bf16)
 BACK_CHUNK_ELEMENTS = 1 << 23
-#: Weights of one shape whose refresh SVDs go to the pool as one batched ``torch.linalg.svd`` call
-#: (not layer-wise: all of a step's gradients are there at once); 1 = one call a weight.
-REFRESH_BATCH = 8
 
 
 def projection_side(shape: tuple[int, int], proj_type: str) -> str:
@@ -237,20 +233,6 @@ class _ProjectedGroup:
         k = self.ortho.shape[1] if self.side == "right" else self.ortho.shape[2]
         self.ortho[j].copy_(vh[:k] if self.side == "right" else u[:, :k])
 
-    def refresh_batch(self, start: int, grads: torch.Tensor) -> None:
-        """``refresh`` of weights start, start + 1, ... from their stacked gradients: one batched call."""
-        u, _, vh = torch.linalg.svd(grads.float(), full_matrices=False)
-        k = self.ortho.shape[1] if self.side == "right" else self.ortho.shape[2]
-        self.ortho[start : start + len(grads)].copy_(vh[:, :k] if self.side == "right" else u[:, :, :k])
-
-    def project_batch(self, start: int, grads: torch.Tensor) -> None:
-        """``project`` of weights start, start + 1, ... from their stacked gradients."""
-        o, low = self.ortho[start : start + len(grads)], self.low[start : start + len(grads)]
-        if self.side == "right":
-            torch.bmm(grads, o.transpose(1, 2), out=low)
-        else:
-            torch.bmm(o.transpose(1, 2), grads, out=low)
-
     def project(self, j: int, grad: torch.Tensor) -> None:
         if self.side == "right":
             torch.matmul(grad, self.ortho[j].t(), out=self.low[j])
@@ -393,15 +375,9 @@ class FusedGaLoreAdamW8bit(torch.optim.Optimizer):
         a pool run their refreshes side by side (``step`` calls it otherwise)."""
         for pg in self.projected:
             grads = [p.grad for p in pg.params]
-            if all(g is not None for g in grads):
-                if not self._refresh_for(pg):
-                    pg.project_all(grads)
-                    continue
-                if REFRESH_BATCH > 1 and len(grads) > 1:
-                    for s in range(0, len(grads), REFRESH_BATCH):
-                        stacked = torch.stack(grads[s : s + REFRESH_BATCH])
-                        self._refresh_pool().submit(partial(pg.refresh_batch, s), partial(pg.project_batch, s), stacked)
-                    continue
+            if not self._refresh_for(pg) and all(g is not None for g in grads):
+                pg.project_all(grads)
+                continue
             for j, g in enumerate(grads):
                 if g is None:
                     pg.low[j].zero_()
