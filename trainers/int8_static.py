@@ -9,9 +9,9 @@ and a shape no CUDA graph can hold. ``StaticMatMul8bitLt`` computes the same thi
 instead: the int8 part is bitsandbytes' own ops on the same quantized input, and the outlier part is
 one 16-bit matmul of the input with every non-outlier column zeroed against the whole dequantized
 weight (the zeroed columns add exact zeros), in autocast's dtype under autocast, as the library's. Its
-backward is the library's for a frozen weight (the input's gradient through the dequantized weight). ``use_static_int8`` turns every
-``bnb.nn.Linear8bitLt`` of a model into a ``StaticLinear8bitLt`` that computes with it; tests compare
-it with ``MatMul8bitLt`` on the same inputs.
+backward is the library's for a frozen weight (the input's gradient through the dequantized weight).
+``use_static_int8`` turns every ``bnb.nn.Linear8bitLt`` of a model into a ``StaticLinear8bitLt`` that
+computes with it; tests compare it with ``MatMul8bitLt`` on the same inputs.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ class StaticMatMul8bitLt(torch.autograd.Function):
             CA, SCA, _ = ops.int8_vectorwise_quant.default(A16, 0.0)
         out = ops.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=A2.dtype)
         if threshold > 0.0:
-            # bitsandbytes' outlier matmul follows autocast (its addmm runs in autocast's dtype), and so
-            # does this one; its product is added to the int8 part in A's dtype, so the result's dtype
-            # never depends on whether a batch has outliers (the library's, outside autocast, does not either)
+            # bitsandbytes' outlier matmul runs in autocast's dtype under autocast (its addmm is cast), and
+            # so does this one; the product is added to the int8 part, which stays in A's dtype, so the
+            # result's dtype never depends on whether a batch has outliers (the library's then turns bf16)
             kind = A.device.type
             dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else A2.dtype
             W = ops.int8_vectorwise_dequant.default(CB, SCB).to(dtype)
