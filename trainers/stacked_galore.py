@@ -231,6 +231,12 @@ class GaloreStack(Pack):
     def _refreshing(self, live: Sequence[int]) -> bool:
         return any(self.optimizers[t].refresh_due for t in live)
 
+    def _autocast_bf16(self) -> bool:
+        """The trials' autocast (Pack._autocast_bf16) on a GPU only: on a CPU the stacked forward under
+        ``vmap`` fails under CPU autocast (Gemma 3's attention gets float32 queries and keys and bf16
+        values), so a CPU stack with ``bf16-mixed`` steps and evaluates in float32."""
+        return self.device.type == "cuda" and super()._autocast_bf16()
+
     def _step_autocast(self) -> bool:
         """Whether the stacked step runs under bf16 autocast: only over fp32 weights (``bf16-mixed``). Over
         bf16 weights autocast changes no matmul, and the model's float32 parts (RMSNorm, rotary

@@ -160,3 +160,17 @@ def test_galore_and_qlora_trials_do_not_pack_together(tmp_path, tiny_gemma_dir, 
     check_packable([galore, _cfg(common, ["galore.rank=4", "learning_rate=1e-2"], tmp_path / "g2")])  # optimizer settings may differ
     with pytest.raises(ConfigError, match="max_seq_len"):
         check_packable([galore, _cfg(common, ["max_seq_len=32"], tmp_path / "g3")])
+
+
+def test_a_cpu_stack_with_bf16_mixed_trains_in_float32(tmp_path, tiny_gemma_dir, unified_data):
+    """``precision: bf16-mixed`` on a CPU: the stack steps and evaluates without CPU autocast (its
+    stacked forward under vmap cannot take it) and trains to finite losses."""
+    import math
+
+    from duetto.trainers.packed_run import train_packed
+
+    common = _common(tiny_gemma_dir, unified_data, max_steps=2, precision="bf16-mixed")
+    cfgs = [_cfg(common, [f"seed={i}"], tmp_path / str(i)) for i in range(2)]
+    for m in train_packed(cfgs, torch.device("cpu")):
+        assert len(m["train_loss_curve"]) == 2 and all(math.isfinite(loss) for _, loss in m["train_loss_curve"])
+        assert math.isfinite(m["eval_loss"])
