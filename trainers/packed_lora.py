@@ -369,7 +369,7 @@ class PackedTrials:
              forward_backward: Callable[..., torch.Tensor] | None = None, autocast_bf16: bool = False) -> dict[int, float]:  # fmt: skip
         """One optimizer step of each trial in ``batches`` ({trial: its batch}, equal shapes) on its own
         batch; returns each one's loss (``losses``). Every stacked trial has a block, in stack order: a
-        trial without a batch gets rows without labels (zero loss, zero gradients), and its weights and
+        trial without a batch gets rows without labels (a NaN loss, zero gradients), and its weights and
         optimizer state do not move. ``forward_backward(trials, bounds, joined)``, when given, runs the
         forward and backward instead (a CUDA graph of them) and returns the detached losses.
         ``autocast_bf16``: the forward runs under bf16 autocast, as a trial alone's HF Trainer runs it."""

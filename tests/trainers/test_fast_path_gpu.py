@@ -277,52 +277,19 @@ def test_packed_steps_replay_as_the_eager_packed_steps(tiny_smollm_dir, unified_
         assert fast["eval_loss"] == pytest.approx(plain["eval_loss"], rel=2e-2)
 
 
-def test_stacked_galore_trials_on_graphs_follow_each_trial_alone(tiny_smollm_dir, unified_data, tmp_path):
-    """Two GaLore trials (seeds, learning rates, ranks, gaps of their own; one layer-wise) on stacked
-    weights, their forward and backward replayed as one CUDA graph: each follows the loss curve and
-    ends at the eval loss of `duetto train` of it alone on the GPU fast path (bf16 noise apart)."""
+def _packed_trials_follow_each_alone(model_dir, unified_data, tmp_path, settings, variants):
+    """Two trials of ``settings`` (each with its ``variants``) packed on the GPU, their forward and backward
+    replayed as one CUDA graph: each follows the loss curve and ends at the eval loss of `duetto train`
+    of it alone on the GPU fast path (bf16 noise apart)."""
     from duetto.config import load_config
     from duetto.trainers.config import TrialConfig
     from duetto.trainers.packed_run import train_packed
     from duetto.trainers.trial import run_trial
 
     train, test = unified_data
-    common = [f"model={tiny_smollm_dir}", f"data.train={train}", f"data.test={test}", "method=galore", "max_seq_len=64",
-              "batch_size=2", "max_steps=8", "logging_steps=1", "report_every_steps=0", "interim_eval_examples=0",
-              "eval.num_examples=2", "eval.max_new_tokens=4", "eval.loss_examples=8", "scaling.num_workers=0",
-              "galore.update_proj_gap=4"]  # fmt: skip
-    variants = [["seed=1", "learning_rate=3e-3", "galore.rank=8", "galore.layerwise=true"],
-                ["seed=7", "learning_rate=1e-3", "galore.rank=4", "galore.layerwise=false"]]  # fmt: skip
-    cfgs = lambda tag: [load_config(TrialConfig, None, common + v + [f"output_dir={tmp_path / tag / str(i)}"])
-                        for i, v in enumerate(variants)]  # fmt: skip
-    alone = [run_trial(c) for c in cfgs("alone")]
-    stacked = train_packed(cfgs("stacked"), torch.device("cuda"))
-    for mine, solo in zip(stacked, alone):
-        assert mine["fast_path"].endswith("; 7 of 8 steps replayed as a CUDA graph"), mine["fast_path"]
-        ours = [loss for _, loss in mine["train_loss_curve"]]
-        theirs = [loss for _, loss in solo["train_loss_curve"]]
-        assert ours == pytest.approx(theirs, rel=2e-2)
-        assert mine["eval_loss"] == pytest.approx(solo["eval_loss"], rel=2e-2)
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_packed_qlora_trials_on_graphs_follow_each_trial_alone(tiny_smollm_dir, unified_data, tmp_path, bits):
-    """Two QLoRA trials (seeds, learning rates, ranks, alphas of their own) packed on one base, their forward
-    and backward replayed as one CUDA graph under the bf16 autocast a trial alone trains under: each
-    follows the loss curve and ends at the eval loss of `duetto train` of it alone on the GPU fast path
-    (bf16 noise apart)."""
-    from duetto.config import load_config
-    from duetto.trainers.config import TrialConfig
-    from duetto.trainers.packed_run import train_packed
-    from duetto.trainers.trial import run_trial
-
-    train, test = unified_data
-    common = [f"model={tiny_smollm_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
-              "batch_size=2", "max_steps=8", "logging_steps=1", "report_every_steps=0", "interim_eval_examples=0",
-              "eval.num_examples=2", "eval.max_new_tokens=4", "eval.loss_examples=8", "scaling.num_workers=0",
-              "qlora.dropout=0.0", f"qlora.bits={bits}"]  # fmt: skip
-    variants = [["seed=1", "learning_rate=3e-3", "qlora.r=8", "qlora.alpha=16"],
-                ["seed=7", "learning_rate=1e-3", "qlora.r=4", "qlora.alpha=32"]]  # fmt: skip
+    common = [f"model={model_dir}", f"data.train={train}", f"data.test={test}", "max_seq_len=64", "batch_size=2",
+              "max_steps=8", "logging_steps=1", "report_every_steps=0", "interim_eval_examples=0", "eval.num_examples=2",
+              "eval.max_new_tokens=4", "eval.loss_examples=8", "scaling.num_workers=0", *settings]  # fmt: skip
     cfgs = lambda tag: [load_config(TrialConfig, None, common + v + [f"output_dir={tmp_path / tag / str(i)}"])
                         for i, v in enumerate(variants)]  # fmt: skip
     alone = [run_trial(c) for c in cfgs("alone")]
@@ -333,3 +300,24 @@ def test_packed_qlora_trials_on_graphs_follow_each_trial_alone(tiny_smollm_dir, 
         theirs = [loss for _, loss in solo["train_loss_curve"]]
         assert ours == pytest.approx(theirs, rel=2e-2)
         assert mine["eval_loss"] == pytest.approx(solo["eval_loss"], rel=2e-2)
+
+
+def test_stacked_galore_trials_on_graphs_follow_each_trial_alone(tiny_smollm_dir, unified_data, tmp_path):
+    """Two GaLore trials (seeds, learning rates, ranks, gaps of their own; one layer-wise) on stacked
+    weights follow each trial alone (_packed_trials_follow_each_alone)."""
+    _packed_trials_follow_each_alone(
+        tiny_smollm_dir, unified_data, tmp_path, ["method=galore", "galore.update_proj_gap=4"],
+        [["seed=1", "learning_rate=3e-3", "galore.rank=8", "galore.layerwise=true"],
+         ["seed=7", "learning_rate=1e-3", "galore.rank=4", "galore.layerwise=false"]],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_qlora_trials_on_graphs_follow_each_trial_alone(tiny_smollm_dir, unified_data, tmp_path, bits):
+    """Two QLoRA trials (seeds, learning rates, ranks, alphas of their own) packed on one base, under the
+    bf16 autocast a trial alone trains under, follow each trial alone (_packed_trials_follow_each_alone)."""
+    _packed_trials_follow_each_alone(
+        tiny_smollm_dir, unified_data, tmp_path, ["method=qlora", "qlora.dropout=0.0", f"qlora.bits={bits}"],
+        [["seed=1", "learning_rate=3e-3", "qlora.r=8", "qlora.alpha=16"],
+         ["seed=7", "learning_rate=1e-3", "qlora.r=4", "qlora.alpha=32"]],
+    )  # fmt: skip
