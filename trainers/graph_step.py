@@ -54,12 +54,15 @@ class GraphedStep:
 
     def __init__(self, model: torch.nn.Module, *, autocast_bf16: bool, warmup_steps: int = 1,
                  loss_fn: Callable[[dict], torch.Tensor] | None = None,
-                 side_stream: torch.cuda.Stream | None = None, params: list[torch.nn.Parameter] | None = None):  # fmt: skip
+                 side_stream: torch.cuda.Stream | None = None, params: list[torch.nn.Parameter] | None = None,
+                 after_backward: Callable[[], None] | None = None):  # fmt: skip
         """``loss_fn(inputs)``: the loss to take the gradient of (its sum, when it has several values,
         as a pack's per-trial losses); the model's own ``.loss`` by default. ``side_stream``: the stream
         to warm up and capture on, for steps that share one (each stream that runs matrix products
         holds a cuBLAS workspace of its own); a new one by default. ``params``: the weights the step
-        trains (their gradients are the graph's); those that require a gradient by default."""
+        trains (their gradients are the graph's); those that require a gradient by default.
+        ``after_backward()``: work on the fresh gradients that belongs to every step (a pack's gradient
+        clips), captured with it; it must not wait for the GPU."""
         self.model = model
         self.loss_fn = loss_fn or (lambda inputs: self.model(**inputs).loss)
         self.autocast_bf16 = autocast_bf16
@@ -74,6 +77,7 @@ class GraphedStep:
         self._grads: list[torch.Tensor | None] = []
         self.replays = 0
         self._side = side_stream
+        self.after_backward = after_backward
 
     def _forward_backward(self, inputs: dict) -> torch.Tensor:
         # autocast's weight-cast cache cannot live across graph replays
@@ -81,6 +85,8 @@ class GraphedStep:
         with ctx:
             loss = self.loss_fn(inputs)
         (loss.sum() if loss.dim() else loss).backward()
+        if self.after_backward is not None:
+            self.after_backward()
         return loss.detach()
 
     @staticmethod

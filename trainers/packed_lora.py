@@ -365,13 +365,23 @@ class PackedTrials:
         empty = torch.where(counts > 0, 0.0, float("nan"))
         return sums / counts.clamp(min=1) + empty
 
+    def clip(self, trials: Sequence[int]) -> None:
+        """Each of these trials' gradient clip (torch's, as the HF Trainer clips a trial alone) over its
+        slots of the stacked gradients. A trial without a batch in the step has zero gradients, which a
+        clip leaves as they are, so a captured step clips every stacked trial and serves any of them."""
+        hand_out_grads(self.layers, trials)
+        for t in trials:
+            if self.optims[t].max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params[t], self.optims[t].max_grad_norm)
+
     def step(self, model: nn.Module, batches: dict[int, dict[str, torch.Tensor]],
              forward_backward: Callable[..., torch.Tensor] | None = None, autocast_bf16: bool = False) -> dict[int, float]:  # fmt: skip
         """One optimizer step of each trial in ``batches`` ({trial: its batch}, equal shapes) on its own
         batch; returns each one's loss (``losses``). Every stacked trial has a block, in stack order: a
         trial without a batch gets rows without labels (a NaN loss, zero gradients), and its weights and
         optimizer state do not move. ``forward_backward(trials, bounds, joined)``, when given, runs the
-        forward and backward instead (a CUDA graph of them) and returns the detached losses.
+        forward, the backward and every stacked trial's ``clip`` instead (a CUDA graph of them) and
+        returns the detached losses.
         ``autocast_bf16``: the forward runs under bf16 autocast, as a trial alone's HF Trainer runs it."""
         trials = self.order
         if any(t not in trials for t in batches):
@@ -389,13 +399,11 @@ class PackedTrials:
             with torch.autocast(first["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
                 losses = self.losses(model, joined, len(trials))
             losses.sum().backward()
+            self.clip(list(batches))
         else:
             losses = forward_backward(trials, bounds, joined)
-        hand_out_grads(self.layers, list(batches))
+            hand_out_grads(self.layers, list(batches))
         for t in batches:
-            params, o = self.params[t], self.optims[t]
-            if o.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
             self.optimizers[t].step()
             self.schedulers[t].step()
             self.optimizers[t].zero_grad(set_to_none=True)

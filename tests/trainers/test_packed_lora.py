@@ -91,6 +91,47 @@ def test_each_packed_trial_trains_as_it_does_alone(tiny_gemma_dir):
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)  # the base is frozen
 
 
+def test_a_step_that_clips_every_stacked_trial_inside_trains_as_the_eager_step(tiny_gemma_dir):
+    """A captured pack step clips every stacked trial's gradients after backward (PackedTrials.clip),
+    those of trials without a batch too; their zero gradients stay zero, so trial by trial the weights
+    equal those of eager steps that clip only the trials that step."""
+    from transformers import AutoModelForCausalLM
+
+    from duetto.trainers.packed_lora import set_slices
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32)
+    vocab = base.config.vocab_size
+    specs = [LoraSpec(r=4, alpha=8), LoraSpec(r=8, alpha=32), LoraSpec(r=2, alpha=2)]
+    data = [_batches(20 + t, 4, vocab) for t in range(3)]
+    # max_grad_norm small enough that every step clips
+    optims = lambda: [TrialOptim(learning_rate=3e-3, total_steps=4, max_grad_norm=0.05) for _ in specs]  # noqa: E731
+    # trial 1 sits out steps 1 and 2: it has a block of unlabelled rows there
+    plan = [{0, 1, 2}, {0, 2}, {0, 2}, {0, 1, 2}]
+    runs = []
+    for inside in (False, True):
+        torch.manual_seed(0)
+        model = copy.deepcopy(base)
+        layers = pack_lora(model, TARGETS, specs)
+        trials = PackedTrials(layers, optims())
+        model.train()
+
+        def forward_backward(order, bounds, joined, trials=trials, model=model, layers=layers):
+            set_slices(layers, [(t, bounds[i], bounds[i + 1]) for i, t in enumerate(order)])
+            losses = trials.losses(model, joined, len(order))
+            losses.sum().backward()
+            trials.clip(order)
+            return losses.detach()
+
+        losses = [trials.step(model, {t: data[t][i] for t in plan[i]}, forward_backward if inside else None)
+                  for i in range(4)]  # fmt: skip
+        runs.append((losses, [peft_adapter_state(layers, t) for t in range(3)]))
+    (eager_losses, eager_states), (inside_losses, inside_states) = runs
+    assert eager_losses == inside_losses
+    for t in range(3):
+        for key, value in eager_states[t].items():
+            assert torch.equal(inside_states[t][key], value), (t, key)
+
+
 def test_a_packed_layer_needs_its_row_slices(tiny_gemma_dir):
     from transformers import AutoModelForCausalLM
 
