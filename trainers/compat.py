@@ -1,11 +1,13 @@
 """Library work-arounds, each in one named function: two CPU traps of galore-torch and bitsandbytes
 (no-ops on a CUDA machine; on CPU they make the libraries compute correctly), the learning-rate
 schedule of the HF Trainer's layer-wise GaLore, the checkpointing keywords of whichever
-transformers 5.x is installed, and the filter of warnings known to be harmless for a trial.
+transformers 5.x is installed, the filter of warnings known to be harmless for a trial, and
+bitsandbytes imported without building a compiler it may never use.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -142,3 +144,42 @@ def quiet_known_warnings() -> None:
     if ray_logging is not None:
         for printer in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
             printer.skip_re = re.compile(skip)
+
+
+def import_bitsandbytes() -> types.ModuleType | None:
+    """Import bitsandbytes (None when it is not installed) with the ``torch.compile`` calls it makes while
+    it is imported deferred to each compiled function's first call.
+
+    bitsandbytes wraps four fallback kernels (blockwise and 4-bit dequantization, 32-bit optimizer steps,
+    for devices without kernels of their own) in ``torch.compile`` at import. Setting up the compiler
+    imports TorchInductor: about 3 of a trial's ~12 s of set-up in a py-spy profile of `duetto train` on
+    an H100 host, for kernels a CUDA trial never calls. ``torch.compile`` compiles a function at its
+    first call anyway; here it is also set up then, so what runs, and where a compile failure falls back
+    to the plain function (bitsandbytes' own wrapper catches it), is unchanged. Call it before anything
+    imports transformers' ``Trainer`` or PEFT (they import bitsandbytes)."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    real = torch.compile
+
+    def deferred(fn=None, **kwargs):
+        if fn is None:  # used as @torch.compile(...)
+            return lambda f: deferred(f, **kwargs)
+        compiled = None
+
+        @functools.wraps(fn)
+        def call(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(fn, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    torch.compile = deferred
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None
+    finally:
+        torch.compile = real
+    return bitsandbytes

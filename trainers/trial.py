@@ -64,9 +64,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from duetto.trainers.compat import quiet_known_warnings
+    from duetto.trainers.compat import import_bitsandbytes, quiet_known_warnings
 
     quiet_known_warnings()  # first: bitsandbytes warns as transformers imports it
+    import_bitsandbytes()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # bars garble inside Ray's log prefixes; the callback prints lines

@@ -50,6 +50,10 @@ class PackActor:
     def __init__(self, device: str = "auto", max_trials: int = 0, memory_fraction: float = 0.9, method: str = "qlora"):
         import torch
 
+        from duetto.trainers.compat import import_bitsandbytes, quiet_known_warnings
+
+        quiet_known_warnings()
+        import_bitsandbytes()
         from duetto.trainers.packed_run import new_pack
 
         if device == "auto":

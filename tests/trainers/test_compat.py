@@ -151,3 +151,42 @@ def test_layerwise_galore_follows_the_schedule_with_the_callback(tiny_smollm_dir
         assert seen == pytest.approx([0.0, 5e-3, 1e-2, 7.5e-3, 5e-3, 2.5e-3])
     else:
         assert seen == pytest.approx([1e-2] * 6)
+
+
+def _fresh_python(code: str, **env: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_bitsandbytes_imports_without_building_a_compiler_and_its_functions_still_run():
+    """import_bitsandbytes: a trial's imports (transformers' Trainer, PEFT) then never set up
+    TorchInductor for bitsandbytes' compiled fallback kernels; torch.compile is the real one again."""
+    out = _fresh_python(
+        "import sys, torch; real = torch.compile\n"
+        "from duetto.trainers.compat import import_bitsandbytes\n"
+        "bnb = import_bitsandbytes()\n"
+        "import peft; from transformers import Trainer\n"
+        "print(bnb is sys.modules['bitsandbytes'], 'torch._inductor.compile_fx' in sys.modules, torch.compile is real)"
+    )  # fmt: skip
+    assert out == "True False True"
+    # a deferred function compiles at its first call (TorchDynamo off here: the compile is the plain
+    # function, so the test needs no C++ compiler) and computes what the function computes
+    out = _fresh_python(
+        "import torch\n"
+        "from duetto.trainers.compat import import_bitsandbytes\n"
+        "import_bitsandbytes()\n"
+        "from bitsandbytes.backends.default import ops\n"
+        "A = torch.randint(0, 256, (64,), dtype=torch.uint8); absmax = torch.rand(1) + 0.5\n"
+        "code = torch.linspace(-1, 1, 256)\n"
+        "got = ops._dequantize_blockwise_compute(A, absmax, code, 64, torch.float32)\n"
+        "want = ops._dequantize_blockwise_compute.__wrapped__(A, absmax, code, 64, torch.float32)\n"
+        "print(torch.equal(got, want))",
+        TORCHDYNAMO_DISABLE="1",
+    )  # fmt: skip
+    assert out == "True"
