@@ -1,6 +1,6 @@
 """Library work-arounds, each in one named function: two CPU traps of galore-torch and bitsandbytes
 (no-ops on a CUDA machine; on CPU they make the libraries compute correctly), the learning-rate
-schedule of the HF Trainer's layer-wise GaLore, the checkpointing keywords of whichever
+schedule of the HF Trainer's layer-wise GaLore, the checkpointing keywords and switch of whichever
 transformers 5.x is installed, the filter of warnings known to be harmless for a trial, and
 bitsandbytes imported without building a compiler it may never use.
 """
@@ -16,6 +16,14 @@ import types
 import warnings
 
 import torch
+
+
+def checkpointing_off(model: torch.nn.Module) -> None:
+    """Turn a transformers model's activation checkpointing off, by the method name this transformers 5.x
+    has: newer releases name it ``activation_checkpointing_disable`` and warn on the older
+    ``gradient_checkpointing_disable``, which older 5.x releases (the GPU image's 5.17) still need."""
+    off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    off()
 
 
 def checkpointing_args(enabled: bool) -> dict:

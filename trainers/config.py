@@ -126,8 +126,8 @@ class TrialConfig:
     seed: int = 42
     """Seed for data order, LoRA init and sampling."""
     gradient_checkpointing: bool = True
-    """Recompute activations in backward to save memory. Packed trials on a GPU (`duetto sweep` packing)
-    run without it: a pack sizes itself from the memory its steps take."""
+    """Recompute activations in backward to save memory. Packed trials (`duetto sweep` packing) run without
+    it: a pack sizes itself from the memory its steps take."""
     precision: Literal["auto", "bf16", "bf16-mixed", "fp32"] = "auto"
     """bf16 = bf16 weights and compute (least memory; updates below bf16's resolution are lost);
     bf16-mixed = fp32 weights with bf16 autocast; auto = bf16 on GPU, fp32 on CPU. No fp16: Gemma 3 overflows."""

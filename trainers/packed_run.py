@@ -3,9 +3,10 @@
 Each trial keeps what makes it itself: its LoRA init (the trial's own method build under its seed),
 its data order (the HF Trainer's: a permutation of the train rows per epoch, seeded with data_seed +
 epoch), its AdamW, learning-rate schedule and gradient clip. What the trials share is the frozen,
-quantized base, which every step runs once over all trials' rows (trainers/packed_lora.py). On a GPU
-the base runs without gradient checkpointing (it saves memory, it does not change the gradients), and
-each step's forward, backward and every trial's gradient clip replay as one CUDA graph.
+quantized base, which every step runs once over all trials' rows (trainers/packed_lora.py). The base
+runs without activation checkpointing (it saves memory, it does not change the gradients; a pack
+sizes itself from the memory its steps take), and on a GPU each step's forward, backward and every
+trial's gradient clip replay as one CUDA graph.
 
 After training, each trial is evaluated (eval loss, BLEU/ROUGE of greedy answers) through the packed
 model with only its own adapter active, and saved as a PEFT adapter folder.
@@ -221,6 +222,7 @@ class Pack:
         rows, dataset, dtype = self._prepare(cfg)  # the method's build (LoRA init) follows the seed, as alone
         from peft import get_peft_model_state_dict
 
+        from duetto.trainers.compat import checkpointing_off
         from duetto.trainers.methods import get_method
 
         built = get_method("qlora").build(cfg, self.model_path, dtype, self.device)
@@ -228,14 +230,13 @@ class Pack:
         spec = LoraSpec(r=cfg.qlora.r, alpha=cfg.qlora.alpha, dropout=cfg.qlora.dropout)
         if self.base is None:
             self.base = built.model.unload()  # the prepared, quantized base without LoRA layers
+            # a pack sizes itself from the memory its steps take; recomputing every layer's forward in
+            # backward (activation checkpointing) would add work to each step and changes no gradient
+            checkpointing_off(self.base)
             if self.device.type == "cuda":  # LLM.int8 layers: the same matmul without a host wait in each
                 from duetto.trainers.graph_step import prepare_for_graphs
 
                 self.graph_blocker = prepare_for_graphs(self.base)
-                # a pack's activations are small beside a GPU's memory (pack sizing measures them), and
-                # recomputing every layer's forward in backward would cost a third of a step; the
-                # gradients are the same without it
-                self.base.gradient_checkpointing_disable()
             self.layers = pack_lora(self.base, cfg.qlora.target_modules, [])
             self.optim = PackedTrials(self.layers)
         del built

@@ -190,3 +190,22 @@ def test_bitsandbytes_imports_without_building_a_compiler_and_its_functions_stil
         TORCHDYNAMO_DISABLE="1",
     )  # fmt: skip
     assert out == "True"
+
+
+def test_checkpointing_off_turns_a_models_checkpointing_off_by_the_name_this_transformers_has(tiny_gemma_dir):
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from duetto.trainers.compat import checkpointing_off
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    assert layers and all(m.gradient_checkpointing for m in layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated name
+        checkpointing_off(model)
+    assert not any(m.gradient_checkpointing for m in layers)

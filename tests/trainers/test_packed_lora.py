@@ -643,3 +643,21 @@ def test_a_pack_trains_and_evaluates_under_the_autocast_of_its_trials_alone(tmp_
     seen.clear()
     pack._answers([(t, pack.trials[t].rows.generation(pack.trials[t].cfg)[:2]) for t in ids])
     assert seen and not any(on for _, on in seen)
+
+
+def test_a_packs_base_runs_without_activation_checkpointing(tmp_path, tiny_gemma_dir, unified_data):
+    """Trials asking for gradient checkpointing (the study's setting) pack onto a base that does not
+    recompute activations in backward; packed-vs-alone tests above check the losses are unchanged."""
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import Pack
+
+    train, test = unified_data
+    cfg = load_config(TrialConfig, None, [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}",
+                                          "method=qlora", "max_seq_len=64", "max_steps=2", "gradient_checkpointing=true",
+                                          "scaling.num_workers=0", f"output_dir={tmp_path}"])  # fmt: skip
+    pack = Pack(torch.device("cpu"))
+    pack.join(cfg)
+    layers = [m for m in pack.base.modules() if hasattr(m, "gradient_checkpointing")]
+    assert layers and not any(m.gradient_checkpointing for m in layers)
+    pack.step()
