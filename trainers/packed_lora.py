@@ -327,6 +327,7 @@ class PackedTrials:
         for layer in self.layers.values():
             for p in layer.adapter_params(t):
                 p.requires_grad_(False)
+                p.grad = None
         self._restack()
 
     def load_optimizer_state(self, t: int, state: dict) -> None:
@@ -340,6 +341,11 @@ class PackedTrials:
                     opt.state[p][k] = torch.empty_like(p).copy_(v)
 
     def _restack(self) -> None:
+        # a captured step's clip hands every stacked trial views of the stacked gradients (those not
+        # stepping keep theirs): dropped here, they would keep the old stack's gradients allocated
+        for params in self.params.values():
+            for p in params:
+                p.grad = None
         stack_adapters(self.layers, sorted(self.optimizers))
         self.version += 1
 

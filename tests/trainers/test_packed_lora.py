@@ -105,8 +105,8 @@ def test_a_step_that_clips_every_stacked_trial_inside_trains_as_the_eager_step(t
     data = [_batches(20 + t, 4, vocab) for t in range(3)]
     # max_grad_norm small enough that every step clips
     optims = lambda: [TrialOptim(learning_rate=3e-3, total_steps=4, max_grad_norm=0.05) for _ in specs]  # noqa: E731
-    # trial 1 sits out steps 1 and 2: it has a block of unlabelled rows there
-    plan = [{0, 1, 2}, {0, 2}, {0, 2}, {0, 1, 2}]
+    # trial 1 sits out steps 1 and 3: it has a block of unlabelled rows there
+    plan = [{0, 1, 2}, {0, 2}, {0, 1, 2}, {0, 2}]
     runs = []
     for inside in (False, True):
         torch.manual_seed(0)
@@ -125,11 +125,17 @@ def test_a_step_that_clips_every_stacked_trial_inside_trains_as_the_eager_step(t
         losses = [trials.step(model, {t: data[t][i] for t in plan[i]}, forward_backward if inside else None)
                   for i in range(4)]  # fmt: skip
         runs.append((losses, [peft_adapter_state(layers, t) for t in range(3)]))
+        held = trials  # the last run's (clips inside): its idle trial 1 kept views of the gradients
     (eager_losses, eager_states), (inside_losses, inside_states) = runs
     assert eager_losses == inside_losses
     for t in range(3):
         for key, value in eager_states[t].items():
             assert torch.equal(inside_states[t][key], value), (t, key)
+    # a restack (a trial joins or leaves) drops every trial's views, which would keep the old stacked
+    # gradients allocated
+    assert all(p.grad is not None for p in held.params[1])
+    held.remove(2)
+    assert all(p.grad is None for params in held.params.values() for p in params)
 
 
 def test_a_packed_layer_needs_its_row_slices(tiny_gemma_dir):
