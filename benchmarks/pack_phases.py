@@ -54,14 +54,35 @@ def main() -> None:
     cfgs = [load_config(TrialConfig, None, common + [f"seed={i}", f"output_dir={args.work}/t{i}"]) for i in range(args.trials)]
     pack = new_pack(args.method, device)
     seconds = dict.fromkeys(("join", "steps", "interim_reports", "final_evaluation"), 0.0)
+    # within the reports and final evaluations: the eval-loss passes and the BLEU/ROUGE decoding
+    parts = {phase: {"eval_losses": 0.0, "decoding": 0.0} for phase in ("interim_reports", "final_evaluation")}
+    current = [""]
 
-    def timed(phase, fn):
-        t0 = time.perf_counter()
-        out = fn()
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    def timed(phase, fn):
+        current[0] = phase
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
         seconds[phase] += time.perf_counter() - t0
         return out
+
+    def part_timer(part, fn):
+        def call(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            sync()
+            if current[0] in parts:
+                parts[current[0]][part] += time.perf_counter() - t0
+            return out
+
+        return call
+
+    pack.eval_losses = part_timer("eval_losses", pack.eval_losses)
+    pack._answers = part_timer("decoding", pack._answers)
 
     ids = timed("join", lambda: [pack.join(c, until=0) for c in cfgs])
     for until in range(args.every, args.steps + 1, args.every):
@@ -88,6 +109,7 @@ def main() -> None:
     trial_phases = {k: round(v, 2) for k, v in mean_phases([m["phase_seconds"] for m in finished]).items()}
     result = {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "total_seconds": round(total, 2),
               "trial_phase_seconds": trial_phases,
+              "parts_seconds": {k: {p: round(v, 2) for p, v in d.items()} for k, d in parts.items()},
               "trials": args.trials, "steps": args.steps, "report_every": args.every, "method": args.method,
               "bits": args.bits if args.method == "qlora" else None,
               "eval_examples": cfgs[0].eval.num_examples, "interim_eval_examples": 16, "model": args.model,
@@ -98,6 +120,8 @@ def main() -> None:
     print(f"{'phase':<18}{'seconds':>9}{'share':>8}")
     for k, v in seconds.items():
         print(f"{k:<18}{v:>9.1f}{v / total:>8.0%}")
+    for k, d in parts.items():
+        print(f"  {k}: " + ", ".join(f"{p} {v:.1f} s" for p, v in d.items()))
     print("a trial's mean seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in trial_phases.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -458,14 +458,8 @@ class Pack:
         is that trial's loss of the batch, as its own forward computes it."""
         from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
 
-        groups: dict[tuple, list[int]] = {}
-        for t in ts:
-            tr, cfg = self.trials[t], self.trials[t].cfg
-            rows = tr.rows.loss(cfg)
-            key = (self._eval_batch_size(cfg), hash(tuple((r["instruction"], r.get("input", ""), r["response"]) for r in rows)))
-            groups.setdefault(key, []).append(t)
         out: dict[int, float] = {}
-        for (batch_size, _), trials in groups.items():
+        for batch_size, trials in self._eval_groups(ts):
             cfg = self.trials[trials[0]].cfg  # template and max_seq_len are the pack's (SHARED)
             per_pass = self._trials_per_eval_pass(len(trials), batch_size, cfg.max_seq_len)
             for group in (trials[i : i + per_pass] for i in range(0, len(trials), per_pass)):
@@ -486,6 +480,17 @@ class Pack:
                         rows += n
                 out.update({t: float(totals[i]) / max(rows, 1) for i, t in enumerate(group)})
         return out
+
+    def _eval_groups(self, ts: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """The trials of ``ts`` grouped by what their eval loss reads: the same rows at the same batch
+        size; [(batch size, trials)]."""
+        groups: dict[tuple, list[int]] = {}
+        for t in ts:
+            tr, cfg = self.trials[t], self.trials[t].cfg
+            rows = tr.rows.loss(cfg)
+            key = (self._eval_batch_size(cfg), hash(tuple((r["instruction"], r.get("input", ""), r["response"]) for r in rows)))
+            groups.setdefault(key, []).append(t)
+        return [(batch_size, trials) for (batch_size, _), trials in groups.items()]
 
     def _trials_per_eval_pass(self, trials: int, rows: int, length: int) -> int:
         """How many trials' blocks of ``rows`` rows one shared evaluation pass takes: on a GPU, while their

@@ -76,6 +76,14 @@ def stacked_losses(skeleton: torch.nn.Module, weights: dict[str, torch.Tensor], 
     """Each slot's mean cross-entropy over its label tokens ([slots]), from ``input_ids`` and ``labels``
     [slots, rows, length] through ``skeleton``'s forward with that slot's weights. A slot with no
     label token has loss 0 (and zero gradients)."""
+    sums, counts = stacked_token_losses(skeleton, weights, buffers, input_ids, labels)
+    return sums / counts.clamp(min=1)
+
+
+def stacked_token_losses(skeleton: torch.nn.Module, weights: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                         input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``stacked_losses`` as each slot's summed cross-entropy over its label tokens and their count
+    ([slots] each), so that rows passed in parts add up to the loss of all of them."""
     from torch.func import functional_call, vmap
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -91,7 +99,7 @@ def stacked_losses(skeleton: torch.nn.Module, weights: dict[str, torch.Tensor], 
                                                   shift_labels.reshape(-1), ignore_index=-100, reduction="none")  # fmt: skip
     slots = labels.shape[0]
     counts = (shift_labels != -100).reshape(slots, -1).sum(1)
-    return per_token.reshape(slots, -1).sum(1) / counts.clamp(min=1)
+    return per_token.reshape(slots, -1).sum(1), counts
 
 
 class GaloreStack(Pack):
@@ -260,8 +268,60 @@ class GaloreStack(Pack):
             model.train()
 
     def eval_losses(self, ts: Sequence[int]) -> dict[int, float]:
-        """Each trial's eval_loss, one trial after another (each its own model: no shared base)."""
-        return {t: self.eval_loss(t) for t in ts}
+        """``eval_loss`` of each trial of ``ts``. Trials that evaluate on the same rows at the same batch
+        size share each evaluation batch: one stacked forward without gradients (a step's, with every
+        stacked trial's weights) runs its rows for all of them, and each slot's mean token loss over
+        the batch is that trial's loss of the batch, as its own forward computes it."""
+        from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
+
+        out: dict[int, float] = {}
+        for batch_size, trials in self._eval_groups(ts):
+            if len(trials) == 1:
+                out[trials[0]] = self.eval_loss(trials[0])
+                continue
+            if self.slots != sorted(self.trials) or self.stack is None:
+                self._restack()
+            cfg = self.trials[trials[0]].cfg  # template and max_seq_len are the pack's (SHARED)
+            eval_ds = EncodedDataset(self.trials[trials[0]].rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
+            collate = PaddingCollator(self.tokenizer.pad_token_id)
+            slots, k = [self.slots.index(t) for t in trials], len(self.slots)
+            totals, rows = torch.zeros(len(trials), dtype=torch.float64), 0
+            with torch.no_grad(), self._autocast(), self._skeleton_evaluating():
+                for s in range(0, len(eval_ds), batch_size):
+                    batch = collate([eval_ds[i] for i in range(s, min(s + batch_size, len(eval_ds)))])
+                    n, length = batch["input_ids"].shape
+                    sums = torch.zeros(k, dtype=torch.float64, device=self.device)
+                    counts = torch.zeros(k, dtype=torch.long, device=self.device)
+                    per_pass = self._rows_per_eval_pass(k, n, length)
+                    for r in range(0, n, per_pass):
+                        ids, labels = (batch[key][r : r + per_pass].to(self.device) for key in ("input_ids", "labels"))
+                        part_sums, part_counts = stacked_token_losses(self.skeleton, self.stack.tensors, self.buffers,
+                                                                      ids.expand(k, *ids.shape), labels.expand(k, *labels.shape))  # fmt: skip
+                        sums += part_sums.double()
+                        counts += part_counts
+                    losses = (sums / counts.clamp(min=1)).cpu()  # one wait for the GPU per batch, not one a trial
+                    totals += losses[slots] * n
+                    rows += n
+            out.update({t: float(totals[i]) / max(rows, 1) for i, t in enumerate(trials)})
+        return out
+
+    def _rows_per_eval_pass(self, slots: int, rows: int, length: int) -> int:
+        """How many of a batch's rows one stacked evaluation forward takes: on a GPU, while every slot's
+        logits (bf16, their float copy and its log-softmax) stay within a quarter of the free memory."""
+        if self.device.type != "cuda":
+            return rows
+        vocab = self.skeleton.config.vocab_size  # the skeleton's own weights hold no memory
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, min(rows, int(free // 4 // (slots * length * vocab * (2 + 4 + 4)))))
+
+    @contextmanager
+    def _skeleton_evaluating(self):
+        """The stacked forward in eval mode (no dropout), back in training mode after."""
+        self.skeleton.eval()
+        try:
+            yield
+        finally:
+            self.skeleton.train()
 
     def eval_loss(self, t: int) -> float:
         """Trial t's eval_loss now, as the HF Trainer's evaluate computes it."""

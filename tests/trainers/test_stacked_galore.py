@@ -174,3 +174,25 @@ def test_a_cpu_stack_with_bf16_mixed_trains_in_float32(tmp_path, tiny_gemma_dir,
     for m in train_packed(cfgs, torch.device("cpu")):
         assert len(m["train_loss_curve"]) == 2 and all(math.isfinite(loss) for _, loss in m["train_loss_curve"])
         assert math.isfinite(m["eval_loss"])
+
+
+@pytest.mark.parametrize("rows_per_pass", [None, 3])
+def test_stacked_eval_losses_equal_each_trials_own(tmp_path, tiny_smollm_dir, unified_data, monkeypatch, rows_per_pass):
+    """Trials that evaluate on the same rows share each evaluation batch in one stacked forward: each
+    gets the eval loss of its own model's pass, a short last batch included, also when a batch's rows
+    go through in parts; a trial on other rows evaluates on its own."""
+    from duetto.trainers.stacked_galore import GaloreStack
+
+    common = _common(tiny_smollm_dir, unified_data, max_steps=3, learning_rate=5e-2, **{"eval.loss_examples": 11})
+    variants = [["seed=1"], ["seed=2", "galore.rank=4"], ["seed=3", "galore.layerwise=false"], ["seed=4", "eval.loss_examples=5"]]
+    stack = GaloreStack(torch.device("cpu"))
+    if rows_per_pass:
+        monkeypatch.setattr(GaloreStack, "_rows_per_eval_pass", lambda self, slots, rows, length: rows_per_pass)
+    ids = [stack.join(_cfg(common, v, tmp_path / str(i))) for i, v in enumerate(variants)]
+    while stack.step():
+        pass
+    alone = {t: stack.eval_loss(t) for t in ids}
+    together = stack.eval_losses(ids)
+    assert together == pytest.approx(alone, rel=1e-5)
+    assert len(set(alone.values())) == len(ids)  # the trials learned apart: each loss is really its own
+    assert stack.skeleton.training  # the stacked forward is back in training mode for the next step
