@@ -269,9 +269,9 @@ class GaloreStack(Pack):
 
     def eval_losses(self, ts: Sequence[int]) -> dict[int, float]:
         """``eval_loss`` of each trial of ``ts``. Trials that evaluate on the same rows at the same batch
-        size share each evaluation batch: one stacked forward without gradients (a step's, with every
-        stacked trial's weights) runs its rows for all of them, and each slot's mean token loss over
-        the batch is that trial's loss of the batch, as its own forward computes it."""
+        size share each evaluation batch: one stacked forward without gradients (a step's, over the stack's
+        slots from the first of those trials' to the last) runs its rows for all of them, and each slot's
+        mean token loss over the batch is that trial's loss of the batch, as its own forward computes it."""
         from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
 
         out: dict[int, float] = {}
@@ -284,7 +284,11 @@ class GaloreStack(Pack):
             cfg = self.trials[trials[0]].cfg  # template and max_seq_len are the pack's (SHARED)
             eval_ds = EncodedDataset(self.trials[trials[0]].rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
             collate = PaddingCollator(self.tokenizer.pad_token_id)
-            slots, k = [self.slots.index(t) for t in trials], len(self.slots)
+            # views of the stack, no copy: slots outside the span cost nothing
+            where = [self.slots.index(t) for t in trials]
+            first, k = min(where), max(where) - min(where) + 1
+            slots = [w - first for w in where]
+            weights = {name: w[first : first + k] for name, w in self.stack.tensors.items()}
             totals, rows = torch.zeros(len(trials), dtype=torch.float64), 0
             with torch.no_grad(), self._autocast(), self._skeleton_evaluating():
                 for s in range(0, len(eval_ds), batch_size):
@@ -295,7 +299,7 @@ class GaloreStack(Pack):
                     per_pass = self._rows_per_eval_pass(k, n, length)
                     for r in range(0, n, per_pass):
                         ids, labels = (batch[key][r : r + per_pass].to(self.device) for key in ("input_ids", "labels"))
-                        part_sums, part_counts = stacked_token_losses(self.skeleton, self.stack.tensors, self.buffers,
+                        part_sums, part_counts = stacked_token_losses(self.skeleton, weights, self.buffers,
                                                                       ids.expand(k, *ids.shape), labels.expand(k, *labels.shape))  # fmt: skip
                         sums += part_sums.double()
                         counts += part_counts
@@ -307,12 +311,16 @@ class GaloreStack(Pack):
 
     def _rows_per_eval_pass(self, slots: int, rows: int, length: int) -> int:
         """How many of a batch's rows one stacked evaluation forward takes: on a GPU, while every slot's
-        logits (bf16, their float copy and its log-softmax) stay within a quarter of the free memory."""
+        logits (bf16, their float copy and its log-softmax) and one layer's attention scores (the math
+        kernel's, bf16 and their float softmax) stay within a quarter of the memory free or cached."""
         if self.device.type != "cuda":
             return rows
-        vocab = self.skeleton.config.vocab_size  # the skeleton's own weights hold no memory
+        config = self.skeleton.config  # the skeleton's own weights hold no memory
+        heads = getattr(config, "num_attention_heads", 1)
+        per_row = slots * length * (config.vocab_size * (2 + 4 + 4) + heads * length * (2 + 4))
         free, _ = torch.cuda.mem_get_info(self.device)
-        return max(1, min(rows, int(free // 4 // (slots * length * vocab * (2 + 4 + 4)))))
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return max(1, min(rows, int(free // 4 // per_row)))
 
     @contextmanager
     def _skeleton_evaluating(self):

@@ -178,21 +178,49 @@ def test_a_cpu_stack_with_bf16_mixed_trains_in_float32(tmp_path, tiny_gemma_dir,
 
 @pytest.mark.parametrize("rows_per_pass", [None, 3])
 def test_stacked_eval_losses_equal_each_trials_own(tmp_path, tiny_smollm_dir, unified_data, monkeypatch, rows_per_pass):
-    """Trials that evaluate on the same rows share each evaluation batch in one stacked forward: each
-    gets the eval loss of its own model's pass, a short last batch included, also when a batch's rows
-    go through in parts; a trial on other rows evaluates on its own."""
+    """Trials that evaluate on the same rows share each evaluation batch in one stacked forward, in eval
+    mode: each gets the eval loss of its own model's pass, a short last batch included, also when a
+    batch's rows go through in parts, when only some stacked trials are asked, and when a trial joined
+    since the last step; a trial on other rows evaluates on its own."""
     from duetto.trainers.stacked_galore import GaloreStack
 
     common = _common(tiny_smollm_dir, unified_data, max_steps=3, learning_rate=5e-2, **{"eval.loss_examples": 11})
-    variants = [["seed=1"], ["seed=2", "galore.rank=4"], ["seed=3", "galore.layerwise=false"], ["seed=4", "eval.loss_examples=5"]]
+    variants = [["seed=4", "eval.loss_examples=5"], ["seed=1"], ["seed=2", "galore.rank=4"], ["seed=3", "galore.layerwise=false"]]
     stack = GaloreStack(torch.device("cpu"))
     if rows_per_pass:
         monkeypatch.setattr(GaloreStack, "_rows_per_eval_pass", lambda self, slots, rows, length: rows_per_pass)
     ids = [stack.join(_cfg(common, v, tmp_path / str(i))) for i, v in enumerate(variants)]
     while stack.step():
         pass
+    for layer in stack.skeleton.model.layers:  # dropout the stacked forward must not apply in evaluation
+        layer.self_attn.attention_dropout = 0.5
     alone = {t: stack.eval_loss(t) for t in ids}
-    together = stack.eval_losses(ids)
-    assert together == pytest.approx(alone, rel=1e-5)
     assert len(set(alone.values())) == len(ids)  # the trials learned apart: each loss is really its own
+    assert stack.eval_losses(ids) == pytest.approx(alone, rel=1e-5)
+    assert stack.eval_losses([ids[3], ids[2]]) == pytest.approx({t: alone[t] for t in ids[2:]}, rel=1e-5)
     assert stack.skeleton.training  # the stacked forward is back in training mode for the next step
+    late = stack.join(_cfg(common, ["seed=9"], tmp_path / "late"))  # the stack is stale until it restacks
+    assert stack.eval_losses([ids[1], late]) == pytest.approx({ids[1]: alone[ids[1]], late: stack.eval_loss(late)}, rel=1e-5)
+
+
+def test_a_stacked_evaluation_pass_takes_as_many_rows_as_a_quarter_of_free_or_cached_gpu_memory_holds(monkeypatch):
+    from types import SimpleNamespace
+
+    from duetto.trainers.stacked_galore import GaloreStack
+
+    stack = GaloreStack(torch.device("cuda"), memory=object())  # nothing here touches a GPU
+    stack.skeleton = SimpleNamespace(config=SimpleNamespace(vocab_size=1000, num_attention_heads=4))
+    # a row of 128 tokens in each of 4 slots: logits (bf16, float copy, log-softmax) and one layer's scores
+    one_row = 4 * 128 * (1000 * 10 + 4 * 128 * 6)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 5 * one_row + 7, 10**12))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    assert stack._rows_per_eval_pass(4, 32, 128) == 5
+    assert stack._rows_per_eval_pass(4, 3, 128) == 3
+    # memory the caching allocator holds but no tensor uses counts as free
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4 * 3 * one_row)
+    assert stack._rows_per_eval_pass(4, 32, 128) == 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10, 10**12))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    assert stack._rows_per_eval_pass(4, 32, 128) == 1  # a row at a time at worst
+    assert GaloreStack(torch.device("cpu"))._rows_per_eval_pass(4, 8, 64) == 8
