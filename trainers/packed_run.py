@@ -553,21 +553,38 @@ class Pack:
         out: dict[int, list[str]] = {}
         for (max_new, batch), group in groups.items():
             cfg = self.trials[group[0][0]].cfg  # template and max_seq_len are the pack's (SHARED)
-            owners = [t for t, rows in group for _ in rows]
-            prompts = [prompt_text(self.tokenizer, cfg.template, r["instruction"], r.get("input", ""))
-                       for _, rows in group for r in rows]  # fmt: skip
-            batch = batch or (256 if self.device.type == "cuda" else 16)
-            texts: list[str] = []
+            prompts = {t: [prompt_text(self.tokenizer, cfg.template, r["instruction"], r.get("input", "")) for r in rows]
+                       for t, rows in group}  # fmt: skip
             with self._decoding_weights(), by_rows(self.base, self.layers) as rows_of:
-                for s in range(0, len(prompts), batch):
-                    rows_of.owners = owners[s : s + batch]
-                    cands = generate_candidates(self.base, self.tokenizer, prompts[s : s + batch], 1, max_new_tokens=max_new,
-                                                temperature=0.0, max_prompt_tokens=cfg.max_seq_len, logprobs=False)  # fmt: skip
-                    texts += [cs[0].text for cs in cands]
-            answers = iter(texts)
-            for t, rows in group:
-                out[t] = [next(answers) for _ in rows]
+                # the default: as many rows a call for each trial as a trial alone decodes in one
+                total = batch or (256 if self.device.type == "cuda" else 16) * len(group)
+                total = min(total, self._decode_rows_that_fit(cfg.max_seq_len + max_new))
+                answers: dict[int, list[str]] = {t: [] for t, _ in group}
+                for call in decode_calls([(t, len(rows)) for t, rows in group], total):
+                    rows_of.owners = [t for t, start, stop in call for _ in range(start, stop)]
+                    cands = iter(generate_candidates(self.base, self.tokenizer, [p for t, start, stop in call for p in prompts[t][start:stop]],
+                                                     1, max_new_tokens=max_new, temperature=0.0, max_prompt_tokens=cfg.max_seq_len,
+                                                     logprobs=False))  # fmt: skip
+                    for t, start, stop in call:
+                        answers[t] += [next(cands)[0].text for _ in range(start, stop)]
+            out.update(answers)
         return out
+
+    def _decode_rows_that_fit(self, length: int) -> int:
+        """How many rows one shared decoding call may take: on a GPU, while their KV cache, one layer's
+        prefill activations and a step's float logits stay within a quarter of the memory free or
+        cached (the decoding weights already in place); no limit elsewhere."""
+        if self.device.type != "cuda":
+            return 1 << 30
+        c = self.base.config
+        c = getattr(c, "text_config", None) or c
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv = c.num_hidden_layers * 2 * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim * length * 2
+        prefill = length * (3 * getattr(c, "intermediate_size", 4 * c.hidden_size) + 4 * c.hidden_size) * 2
+        per_row = kv + prefill + c.vocab_size * 4 * 2
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return max(1, int(free // 4 // per_row))
 
     def _decoding_weights(self):
         """What the answers decode on: on a GPU, the shared base dequantized to plain layers for the
@@ -699,6 +716,31 @@ def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[dict
         pass
     done = pack.finish_all(ids)
     return [done[t] for t in ids]
+
+
+def decode_calls(sizes: Sequence[tuple[int, int]], total: int) -> list[list[tuple[int, int, int]]]:
+    """The shared decoding calls for trials with ``sizes`` [(trial, rows)], at most ``total`` rows a call:
+    each call a list of (trial, first row, end row) blocks. Trials with as many rows each share every
+    call in equal blocks (which run through the stacked adapters; at least a row of each trial a call);
+    otherwise their rows fill the calls one trial after another."""
+    counts = {n for _, n in sizes}
+    if len(counts) == 1:
+        n = counts.pop()
+        each = max(1, total // len(sizes))
+        return [[(t, start, min(start + each, n)) for t, _ in sizes] for start in range(0, n, each)]
+    calls: list[list[tuple[int, int, int]]] = [[]]
+    room = total
+    for t, n in sizes:
+        start = 0
+        while start < n:
+            if room == 0:
+                calls.append([])
+                room = total
+            stop = min(n, start + room)
+            calls[-1].append((t, start, stop))
+            room -= stop - start
+            start = stop
+    return [call for call in calls if call]
 
 
 class by_rows:

@@ -393,6 +393,72 @@ def test_interim_reports_of_several_trials_decode_together_and_match_each_alone(
     assert len({tuple(a) for a in answers.values()}) > 1
 
 
+def test_decoding_calls_give_trials_with_as_many_rows_equal_blocks_and_fill_calls_otherwise():
+    from duetto.trainers.packed_run import decode_calls
+
+    # as many rows each: every call holds an equal block of each trial (the stacked adapters' case)
+    assert decode_calls([(0, 200), (1, 200), (2, 200), (3, 200)], 1024) == [[(t, 0, 200) for t in range(4)]]
+    assert decode_calls([(5, 5), (7, 5)], 4) == [[(5, 0, 2), (7, 0, 2)], [(5, 2, 4), (7, 2, 4)], [(5, 4, 5), (7, 4, 5)]]
+    assert decode_calls([(0, 3), (1, 3), (2, 3)], 2) == [[(t, r, r + 1) for t in range(3)] for r in range(3)]  # a row each at least
+    # other counts: the rows fill calls of at most `total`, one trial after another
+    assert decode_calls([(0, 5), (1, 3)], 4) == [[(0, 0, 4)], [(0, 4, 5), (1, 0, 3)]]
+    assert decode_calls([(0, 2), (1, 0), (2, 3)], 10) == [[(0, 0, 2), (2, 0, 3)]]
+    assert decode_calls([], 4) == [] and decode_calls([(0, 0), (1, 0)], 4) == []
+
+
+@pytest.mark.parametrize("fit", [None, 4], ids=["one-call", "calls-of-four-rows"])
+def test_shared_decoding_by_default_gives_each_trials_own_answers(tmp_path, tiny_gemma_dir, unified_data, monkeypatch, fit):
+    """With the default eval batch, a pack's shared decoding calls (every trial's rows, equal blocks where
+    the trials have as many rows, also when memory allows only a few rows a call) give each trial the
+    answers it decodes alone."""
+    from duetto.config import load_config
+    from duetto.trainers.config import TrialConfig
+    from duetto.trainers.packed_run import Pack
+
+    train, test = unified_data
+    common = [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
+              "batch_size=2", "max_steps=4", "report_every_steps=0", "interim_eval_examples=0", "eval.max_new_tokens=6",
+              "scaling.num_workers=0", "learning_rate=5e-2"]  # fmt: skip
+    cfgs = [load_config(TrialConfig, None, common + [f"seed={i}", f"qlora.r={4 * (i + 1)}", f"output_dir={tmp_path / str(i)}"])
+            for i in range(3)]  # fmt: skip
+    pack = Pack(torch.device("cpu"))
+    ids = [pack.join(c) for c in cfgs]
+    while pack.step():
+        pass
+    if fit:
+        monkeypatch.setattr(Pack, "_decode_rows_that_fit", lambda self, length: fit)
+    rows = pack.trials[ids[0]].rows.generation(cfgs[0])
+    for jobs in ([(t, rows[:5]) for t in ids], [(ids[0], rows[:5]), (ids[1], rows[:3]), (ids[2], rows[2:7])]):
+        alone = {t: pack._answers([(t, r)])[t] for t, r in jobs}
+        assert pack._answers(jobs) == alone
+        assert all(len(alone[t]) == len(r) for t, r in jobs)
+        if len({len(r) for _, r in jobs}) == 1:  # the same rows: the trials learned apart, each row took its own adapter
+            assert len({tuple(a) for a in alone.values()}) > 1
+
+
+def test_a_shared_decoding_call_takes_as_many_rows_as_a_quarter_of_free_or_cached_gpu_memory_holds(monkeypatch):
+    from types import SimpleNamespace
+
+    from duetto.trainers.packed_run import Pack
+
+    pack = Pack(torch.device("cuda"), memory=object())  # nothing here touches a GPU
+    text = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                           hidden_size=16, intermediate_size=32, vocab_size=100)  # fmt: skip
+    pack.base = SimpleNamespace(config=SimpleNamespace(text_config=text))  # a multimodal config's text part
+    # a row of 96 tokens: KV cache (2 layers x K and V x 1 head x 8 dims, bf16), one layer's prefill, a step's float logits
+    one_row = 2 * 2 * 1 * 8 * 96 * 2 + 96 * (3 * 32 + 4 * 16) * 2 + 100 * 4 * 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 70 * one_row + 9, 10**12))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4 * 30 * one_row)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    assert pack._decode_rows_that_fit(96) == 100
+    pack.base = SimpleNamespace(config=SimpleNamespace(**{**vars(text), "head_dim": None, "num_attention_heads": 2}))  # 16 / 2 heads
+    assert pack._decode_rows_that_fit(96) == 100
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10, 10**12))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    assert pack._decode_rows_that_fit(96) == 1
+    assert Pack(torch.device("cpu"))._decode_rows_that_fit(96) >= 1 << 20  # no limit off a GPU
+
+
 def test_eval_losses_in_shared_passes_equal_each_trials_own(tmp_path, tiny_gemma_dir, unified_data):
     """Trials that evaluate on the same rows share each evaluation batch (one block a trial, through its
     own adapter): each gets the eval loss of its own pass, a short last batch included; a trial on
