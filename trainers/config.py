@@ -69,7 +69,7 @@ class EvalOptions:
     batch_size: int = 0
     """Prompts per generate() call; 0 = 256 on a GPU (decoding is launch-bound there: on an H100 a call of
     128 rows took 1.29 s, one of 32 rows 1.23 s), 16 on CPU; in a pack's shared calls 0 means that many
-    rows of each trial a call (within a quarter of free GPU memory), a set value the rows of a call."""
+    rows of each trial a call (fewer where GPU memory would not hold them), a set value the rows of a call."""
     loss_examples: int = 0
     """Rows of the test split used for eval_loss (0 = the whole test split)."""
 

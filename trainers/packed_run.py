@@ -544,6 +544,7 @@ class Pack:
     def _answers(self, jobs: Sequence[tuple[int, list[dict]]]) -> dict[int, list[str]]:
         """Greedy answers of each (trial, rows), as trial evaluation decodes them (the trials' template and
         max_seq_len, their eval batch size and max_new_tokens), the trials' rows in the same calls."""
+        from duetto.data.prompts import encode_prompt
         from duetto.trainers.inference import generate_candidates, prompt_text
 
         groups: dict[tuple[int, int], list[tuple[int, list[dict]]]] = {}
@@ -556,9 +557,9 @@ class Pack:
             prompts = {t: [prompt_text(self.tokenizer, cfg.template, r["instruction"], r.get("input", "")) for r in rows]
                        for t, rows in group}  # fmt: skip
             with self._decoding_weights(), by_rows(self.base, self.layers) as rows_of:
-                # the default: as many rows a call for each trial as a trial alone decodes in one
-                total = batch or (256 if self.device.type == "cuda" else 16) * len(group)
-                total = min(total, self._decode_rows_that_fit(cfg.max_seq_len + max_new))
+                longest = max((len(encode_prompt(p, self.tokenizer, cfg.max_seq_len)) for ps in prompts.values() for p in ps),
+                              default=0)  # fmt: skip
+                total = batch or self._default_decode_rows(len(group), longest + max_new)
                 answers: dict[int, list[str]] = {t: [] for t, _ in group}
                 for call in decode_calls([(t, len(rows)) for t, rows in group], total):
                     rows_of.owners = [t for t, start, stop in call for _ in range(start, stop)]
@@ -570,18 +571,27 @@ class Pack:
             out.update(answers)
         return out
 
+    def _default_decode_rows(self, trials: int, length: int) -> int:
+        """The rows of a shared decoding call when ``eval.batch_size`` is 0: as many of each trial's as a
+        trial alone decodes in one call (256 on a GPU, 16 elsewhere), fewer where the GPU memory free or
+        cached would not hold them, never fewer than a trial alone takes."""
+        alone = 256 if self.device.type == "cuda" else 16
+        return max(alone, min(alone * trials, self._decode_rows_that_fit(length)))
+
     def _decode_rows_that_fit(self, length: int) -> int:
-        """How many rows one shared decoding call may take: on a GPU, while their KV cache, one layer's
-        prefill activations and a step's float logits stay within a quarter of the memory free or
-        cached (the decoding weights already in place); no limit elsewhere."""
+        """How many rows of ``length`` tokens (prompt and answer) one decoding call may take: on a GPU,
+        while their KV cache, one layer's prefill activations and attention scores and a step's float
+        logits stay within a quarter of the memory free or cached (the decoding weights already in
+        place); no limit elsewhere."""
         if self.device.type != "cuda":
             return 1 << 30
-        c = self.base.config
-        c = getattr(c, "text_config", None) or c
+        c = self.base.config.get_text_config()
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        kv = c.num_hidden_layers * 2 * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim * length * 2
-        prefill = length * (3 * getattr(c, "intermediate_size", 4 * c.hidden_size) + 4 * c.hidden_size) * 2
-        per_row = kv + prefill + c.vocab_size * 4 * 2
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        kv = c.num_hidden_layers * 2 * kv_heads * head_dim * length * 2
+        prefill = length * (3 * (getattr(c, "intermediate_size", None) or 4 * c.hidden_size) + 4 * c.hidden_size) * 2
+        scores = c.num_attention_heads * length * length * 4  # the math attention kernel's, where it runs
+        per_row = kv + prefill + scores + c.vocab_size * 4 * 2
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return max(1, int(free // 4 // per_row))
@@ -721,10 +731,10 @@ def train_packed(cfgs: Sequence[TrialConfig], device: torch.device) -> list[dict
 def decode_calls(sizes: Sequence[tuple[int, int]], total: int) -> list[list[tuple[int, int, int]]]:
     """The shared decoding calls for trials with ``sizes`` [(trial, rows)], at most ``total`` rows a call:
     each call a list of (trial, first row, end row) blocks. Trials with as many rows each share every
-    call in equal blocks (which run through the stacked adapters; at least a row of each trial a call);
+    call in equal blocks (which run through the stacked adapters) when a call holds a row of each;
     otherwise their rows fill the calls one trial after another."""
     counts = {n for _, n in sizes}
-    if len(counts) == 1:
+    if len(counts) == 1 and total >= len(sizes):
         n = counts.pop()
         each = max(1, total // len(sizes))
         return [[(t, start, min(start + each, n)) for t, _ in sizes] for start in range(0, n, each)]

@@ -399,44 +399,64 @@ def test_decoding_calls_give_trials_with_as_many_rows_equal_blocks_and_fill_call
     # as many rows each: every call holds an equal block of each trial (the stacked adapters' case)
     assert decode_calls([(0, 200), (1, 200), (2, 200), (3, 200)], 1024) == [[(t, 0, 200) for t in range(4)]]
     assert decode_calls([(5, 5), (7, 5)], 4) == [[(5, 0, 2), (7, 0, 2)], [(5, 2, 4), (7, 2, 4)], [(5, 4, 5), (7, 4, 5)]]
-    assert decode_calls([(0, 3), (1, 3), (2, 3)], 2) == [[(t, r, r + 1) for t in range(3)] for r in range(3)]  # a row each at least
-    # other counts: the rows fill calls of at most `total`, one trial after another
+    # other counts, or calls too small for a row of each: the rows fill calls of at most `total`, one trial after another
     assert decode_calls([(0, 5), (1, 3)], 4) == [[(0, 0, 4)], [(0, 4, 5), (1, 0, 3)]]
+    assert decode_calls([(0, 3), (1, 3), (2, 3)], 2) == [[(0, 0, 2)], [(0, 2, 3), (1, 0, 1)], [(1, 1, 3)], [(2, 0, 2)], [(2, 2, 3)]]
     assert decode_calls([(0, 2), (1, 0), (2, 3)], 10) == [[(0, 0, 2), (2, 0, 3)]]
     assert decode_calls([], 4) == [] and decode_calls([(0, 0), (1, 0)], 4) == []
 
 
-@pytest.mark.parametrize("fit", [None, 4], ids=["one-call", "calls-of-four-rows"])
-def test_shared_decoding_by_default_gives_each_trials_own_answers(tmp_path, tiny_gemma_dir, unified_data, monkeypatch, fit):
-    """With the default eval batch, a pack's shared decoding calls (every trial's rows, equal blocks where
-    the trials have as many rows, also when memory allows only a few rows a call) give each trial the
-    answers it decodes alone."""
+@pytest.mark.parametrize("batch", [0, 6], ids=["default-one-call", "calls-of-six-rows"])
+def test_shared_decoding_gives_each_trial_the_answers_of_its_own_adapter_alone(tmp_path, tiny_gemma_dir, unified_data,
+                                                                                monkeypatch, batch):  # fmt: skip
+    """A pack's shared decoding calls give each trial the answers its adapter alone decodes; trials with as
+    many rows share each call in equal blocks through the stacked adapters (with the default eval batch
+    in one call, with eval.batch_size 6 in calls of 2 rows a trial), other row counts fill the calls."""
     from duetto.config import load_config
+    from duetto.trainers import packed_lora
     from duetto.trainers.config import TrialConfig
-    from duetto.trainers.packed_run import Pack
+    from duetto.trainers.inference import generate_candidates, prompt_text
+    from duetto.trainers.packed_run import Pack, only_trial
 
     train, test = unified_data
     common = [f"model={tiny_gemma_dir}", f"data.train={train}", f"data.test={test}", "method=qlora", "max_seq_len=64",
               "batch_size=2", "max_steps=4", "report_every_steps=0", "interim_eval_examples=0", "eval.max_new_tokens=6",
-              "scaling.num_workers=0", "learning_rate=5e-2"]  # fmt: skip
+              f"eval.batch_size={batch}", "scaling.num_workers=0", "learning_rate=5e-2"]  # fmt: skip
     cfgs = [load_config(TrialConfig, None, common + [f"seed={i}", f"qlora.r={4 * (i + 1)}", f"output_dir={tmp_path / str(i)}"])
             for i in range(3)]  # fmt: skip
     pack = Pack(torch.device("cpu"))
     ids = [pack.join(c) for c in cfgs]
     while pack.step():
         pass
-    if fit:
-        monkeypatch.setattr(Pack, "_decode_rows_that_fit", lambda self, length: fit)
+
+    def own(t, rows):
+        prompts = [prompt_text(pack.tokenizer, cfgs[0].template, r["instruction"], r.get("input", "")) for r in rows]
+        with only_trial(pack.base, pack.layers, t):
+            return [c[0].text for c in generate_candidates(pack.base, pack.tokenizer, prompts, 1, max_new_tokens=6,
+                                                           temperature=0.0, max_prompt_tokens=64, logprobs=False)]  # fmt: skip
+
     rows = pack.trials[ids[0]].rows.generation(cfgs[0])
-    for jobs in ([(t, rows[:5]) for t in ids], [(ids[0], rows[:5]), (ids[1], rows[:3]), (ids[2], rows[2:7])]):
-        alone = {t: pack._answers([(t, r)])[t] for t, r in jobs}
-        assert pack._answers(jobs) == alone
-        assert all(len(alone[t]) == len(r) for t, r in jobs)
-        if len({len(r) for _, r in jobs}) == 1:  # the same rows: the trials learned apart, each row took its own adapter
-            assert len({tuple(a) for a in alone.values()}) > 1
+    same = [(t, rows[:5]) for t in ids]
+    other = [(ids[0], rows[:5]), (ids[1], rows[:3]), (ids[2], rows[2:7])]
+    expected = {"same": {t: own(t, r) for t, r in same}, "other": {t: own(t, r) for t, r in other}}
+    layouts, stacked = [], []
+    real_set, real_delta = packed_lora.set_slices, packed_lora.PackedLoraLinear._stacked_delta
+    monkeypatch.setattr(packed_lora, "set_slices", lambda layers, slices: (layouts.append(tuple(slices)), real_set(layers, slices))[1])
+    monkeypatch.setattr(packed_lora.PackedLoraLinear, "_stacked_delta", lambda self, x, plan: (stacked.append(1), real_delta(self, x, plan))[1])
+    assert pack._answers(same) == expected["same"]
+    blocks = (5,) if batch == 0 else (2, 1)  # a trial's rows in a call: one call; or calls of 2, 2 and 1
+    assert set(layouts) == {tuple((t, i * n, (i + 1) * n) for i, t in enumerate(ids)) for n in blocks}
+    assert stacked  # equal blocks took the stacked adapters
+    layouts.clear()
+    assert pack._answers(other) == expected["other"]
+    if batch:  # 13 rows filling calls of at most 6, one trial after another
+        assert sorted({sum(stop - start for _, start, stop in lay) for lay in layouts}) == [1, 6]
+    else:
+        assert set(layouts) == {((ids[0], 0, 5), (ids[1], 5, 8), (ids[2], 8, 13))}
+    assert len({tuple(a) for a in pack._answers(same).values()}) > 1  # the trials learned apart: each row took its own adapter
 
 
-def test_a_shared_decoding_call_takes_as_many_rows_as_a_quarter_of_free_or_cached_gpu_memory_holds(monkeypatch):
+def test_a_shared_decoding_call_takes_each_trials_rows_of_a_call_alone_within_gpu_memory(monkeypatch):
     from types import SimpleNamespace
 
     from duetto.trainers.packed_run import Pack
@@ -444,19 +464,25 @@ def test_a_shared_decoding_call_takes_as_many_rows_as_a_quarter_of_free_or_cache
     pack = Pack(torch.device("cuda"), memory=object())  # nothing here touches a GPU
     text = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
                            hidden_size=16, intermediate_size=32, vocab_size=100)  # fmt: skip
-    pack.base = SimpleNamespace(config=SimpleNamespace(text_config=text))  # a multimodal config's text part
-    # a row of 96 tokens: KV cache (2 layers x K and V x 1 head x 8 dims, bf16), one layer's prefill, a step's float logits
-    one_row = 2 * 2 * 1 * 8 * 96 * 2 + 96 * (3 * 32 + 4 * 16) * 2 + 100 * 4 * 2
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 70 * one_row + 9, 10**12))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4 * 30 * one_row)
+    pack.base = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text))
+    # a row of 96 tokens: KV cache (2 layers x K and V x 1 head x 8 dims, bf16), one layer's prefill and
+    # float attention scores, a step's float logits
+    one_row = 2 * 2 * 1 * 8 * 96 * 2 + 96 * (3 * 32 + 4 * 16) * 2 + 4 * 96 * 96 * 4 + 100 * 4 * 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 700 * one_row + 9, 10**12))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4 * 300 * one_row)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
-    assert pack._decode_rows_that_fit(96) == 100
-    pack.base = SimpleNamespace(config=SimpleNamespace(**{**vars(text), "head_dim": None, "num_attention_heads": 2}))  # 16 / 2 heads
-    assert pack._decode_rows_that_fit(96) == 100
+    assert pack._decode_rows_that_fit(96) == 1000
+    assert pack._default_decode_rows(3, 96) == 768  # 256 rows of each trial
+    assert pack._default_decode_rows(4, 96) == 1000  # what memory holds
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10, 10**12))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     assert pack._decode_rows_that_fit(96) == 1
-    assert Pack(torch.device("cpu"))._decode_rows_that_fit(96) >= 1 << 20  # no limit off a GPU
+    assert pack._default_decode_rows(4, 96) == 256  # never fewer than a trial alone decodes in one call
+    text.head_dim, text.num_attention_heads = None, 2  # head_dim from the hidden size: 16 / 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 700 * one_row + 9, 10**12))
+    assert pack._decode_rows_that_fit(96) > 1000  # half the attention scores
+    cpu = Pack(torch.device("cpu"))
+    assert cpu._decode_rows_that_fit(96) >= 1 << 20 and cpu._default_decode_rows(3, 96) == 48
 
 
 def test_eval_losses_in_shared_passes_equal_each_trials_own(tmp_path, tiny_gemma_dir, unified_data):
