@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -443,21 +443,24 @@ class Pack:
 
     def eval_loss(self, t: int) -> float:
         """Trial t's eval_loss now, as the HF Trainer's evaluate computes it, with only its adapter."""
+        with only_trial(self.base, self.layers, t), self._autocast():
+            return evaluate_loss(self.base, self._eval_batches(t), self.device)
+
+    def _eval_batches(self, t: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Trial t's eval-loss rows as the HF Trainer's evaluation batches them (on the CPU, in order)."""
         from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
 
-        tr, cfg = self.trials[t], self.trials[t].cfg
-        eval_ds = EncodedDataset(tr.rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
-        with only_trial(self.base, self.layers, t), self._autocast():
-            return evaluate_loss(self.base, eval_ds, PaddingCollator(self.tokenizer.pad_token_id), self._eval_batch_size(cfg),
-                                 self.device)  # fmt: skip
+        cfg = self.trials[t].cfg
+        dataset = EncodedDataset(self.trials[t].rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
+        collate, size = PaddingCollator(self.tokenizer.pad_token_id), self._eval_batch_size(cfg)
+        for s in range(0, len(dataset), size):
+            yield collate([dataset[i] for i in range(s, min(s + size, len(dataset)))])
 
     def eval_losses(self, ts: Sequence[int]) -> dict[int, float]:
         """``eval_loss`` of each trial of ``ts``. Trials that evaluate on the same rows with the same batch
         size share each evaluation batch: its rows once per trial, one block each, through their own
         adapters in one forward (the base runs once for all of them), and each block's mean token loss
         is that trial's loss of the batch, as its own forward computes it."""
-        from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
-
         out: dict[int, float] = {}
         for batch_size, trials in self._eval_groups(ts):
             cfg = self.trials[trials[0]].cfg  # template and max_seq_len are the pack's (SHARED)
@@ -466,12 +469,9 @@ class Pack:
                 if len(group) == 1:
                     out[group[0]] = self.eval_loss(group[0])
                     continue
-                eval_ds = EncodedDataset(self.trials[group[0]].rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
-                collate = PaddingCollator(self.tokenizer.pad_token_id)
                 totals, rows = torch.zeros(len(group), dtype=torch.float64), 0
                 with torch.no_grad(), self._autocast(), by_rows(self.base, self.layers) as rows_of:
-                    for s in range(0, len(eval_ds), batch_size):
-                        batch = collate([eval_ds[i] for i in range(s, min(s + batch_size, len(eval_ds)))])
+                    for batch in self._eval_batches(group[0]):  # the group's rows and batch size
                         n = batch["input_ids"].shape[0]
                         joined = {k: v.to(self.device).repeat(len(group), *([1] * (v.dim() - 1))) for k, v in batch.items()}
                         rows_of.owners = [t for t in group for _ in range(n)]
@@ -592,9 +592,7 @@ class Pack:
         prefill = length * (3 * (getattr(c, "intermediate_size", None) or 4 * c.hidden_size) + 4 * c.hidden_size) * 2
         scores = c.num_attention_heads * length * length * 4  # the math attention kernel's, where it runs
         per_row = kv + prefill + scores + c.vocab_size * 4 * 2
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return max(1, int(free // 4 // per_row))
+        return max(1, int(free_gpu_bytes(self.device) // 4 // per_row))
 
     def _decoding_weights(self):
         """What the answers decode on: on a GPU, the shared base dequantized to plain layers for the
@@ -801,12 +799,19 @@ class only_trial(by_rows):
         return [(self.t, 0, rows)]
 
 
-def evaluate_loss(model: Any, dataset: Any, collate: Any, batch_size: int, device: torch.device) -> float:
+def free_gpu_bytes(device: torch.device) -> int:
+    """GPU memory a new allocation can take: the device's free memory and what PyTorch's caching
+    allocator holds but no tensor uses."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def evaluate_loss(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> float:
     """The HF Trainer's eval_loss: each batch's mean token loss, averaged with the batch's rows as weights."""
     total, rows = 0.0, 0
     with torch.no_grad():
-        for s in range(0, len(dataset), batch_size):
-            batch = {k: v.to(device) for k, v in collate([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]).items()}
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
             loss = model(**batch).loss
             n = batch["input_ids"].shape[0]
             total, rows = total + float(loss) * n, rows + n

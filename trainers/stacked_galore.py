@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from duetto.trainers.config import TrialConfig
-from duetto.trainers.packed_run import Pack, PackedTrial, evaluate_loss, total_steps, warmup_steps
+from duetto.trainers.packed_run import Pack, PackedTrial, evaluate_loss, free_gpu_bytes, total_steps, warmup_steps
 from duetto.trainers.refresh_pool import WORKERS, RefreshPool
 
 #: threads running a stack's SVD refreshes: the trials' refreshes at one step run side by side
@@ -272,18 +272,13 @@ class GaloreStack(Pack):
         size share each evaluation batch: one stacked forward without gradients (a step's, over the stack's
         slots from the first of those trials' to the last) runs its rows for all of them, and each slot's
         mean token loss over the batch is that trial's loss of the batch, as its own forward computes it."""
-        from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
-
         out: dict[int, float] = {}
-        for batch_size, trials in self._eval_groups(ts):
+        for _, trials in self._eval_groups(ts):
             if len(trials) == 1:
                 out[trials[0]] = self.eval_loss(trials[0])
                 continue
             if self.slots != sorted(self.trials) or self.stack is None:
                 self._restack()
-            cfg = self.trials[trials[0]].cfg  # template and max_seq_len are the pack's (SHARED)
-            eval_ds = EncodedDataset(self.trials[trials[0]].rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
-            collate = PaddingCollator(self.tokenizer.pad_token_id)
             # views of the stack, no copy: slots outside the span cost nothing
             where = [self.slots.index(t) for t in trials]
             first, k = min(where), max(where) - min(where) + 1
@@ -291,8 +286,7 @@ class GaloreStack(Pack):
             weights = {name: w[first : first + k] for name, w in self.stack.tensors.items()}
             totals, rows = torch.zeros(len(trials), dtype=torch.float64), 0
             with torch.no_grad(), self._autocast(), self._skeleton_evaluating():
-                for s in range(0, len(eval_ds), batch_size):
-                    batch = collate([eval_ds[i] for i in range(s, min(s + batch_size, len(eval_ds)))])
+                for batch in self._eval_batches(trials[0]):  # the group's rows and batch size
                     n, length = batch["input_ids"].shape
                     sums = torch.zeros(k, dtype=torch.float64, device=self.device)
                     counts = torch.zeros(k, dtype=torch.long, device=self.device)
@@ -318,9 +312,7 @@ class GaloreStack(Pack):
         config = self.skeleton.config  # the skeleton's own weights hold no memory
         heads = getattr(config, "num_attention_heads", 1)
         per_row = slots * length * (config.vocab_size * (2 + 4 + 4) + heads * length * (2 + 4))
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return max(1, min(rows, int(free // 4 // per_row)))
+        return max(1, min(rows, int(free_gpu_bytes(self.device) // 4 // per_row)))
 
     @contextmanager
     def _skeleton_evaluating(self):
@@ -333,14 +325,9 @@ class GaloreStack(Pack):
 
     def eval_loss(self, t: int) -> float:
         """Trial t's eval_loss now, as the HF Trainer's evaluate computes it."""
-        from duetto.trainers.trial_data import EncodedDataset, PaddingCollator
-
-        tr, cfg = self.trials[t], self.trials[t].cfg
-        eval_ds = EncodedDataset(tr.rows.loss(cfg), self.tokenizer, cfg.template, cfg.max_seq_len)
         # under the trials' autocast, as the HF Trainer's evaluation runs
         with self._evaluating(t) as model, self._autocast():
-            return evaluate_loss(model, eval_ds, PaddingCollator(self.tokenizer.pad_token_id), self._eval_batch_size(cfg),
-                                 self.device)  # fmt: skip
+            return evaluate_loss(model, self._eval_batches(t), self.device)
 
     def _answers(self, jobs: Sequence[tuple[int, list[dict]]]) -> dict[int, list[str]]:
         """Greedy answers of each (trial, rows) from the trial's own model, as trial evaluation decodes them."""
